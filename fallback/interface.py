@@ -1,0 +1,96 @@
+"""The contract every statistics engine implements (numpy here, CuPy in `gpu_kernels`).
+
+Engines know nothing about HTTP, sockets or configuration files: they receive validated float64
+arrays and answer window statistics. The conformance suite in `tests/engine/` is written against
+this interface only, so a second engine is tested by adding it to that suite's parametrization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """SPEC section 4: the hot-tier bound of one series.
+
+    Before a batch of m values is appended to a series of n values, if n + m > max_values the
+    oldest values are dropped so that min(n, keep_after_cleanup) remain. If the batch still does
+    not fit, the series becomes the newest `max_values` values of (retained ++ batch): more old
+    values go first, then the batch's oldest, so the series stays contiguous in time and never
+    exceeds `max_values`.
+    """
+
+    max_values: int = 150_000_000
+    keep_after_cleanup: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        if self.max_values < 1:
+            raise ValueError("max_values must be >= 1")
+        if not 0 <= self.keep_after_cleanup <= self.max_values:
+            raise ValueError("keep_after_cleanup must be between 0 and max_values")
+
+    def retained_after(self, current: int, incoming: int) -> tuple[int, int]:
+        """Return (old values kept, batch values kept) for appending `incoming` to `current`."""
+        if current + incoming <= self.max_values:
+            return current, incoming
+        kept_old = min(current, self.keep_after_cleanup)
+        if kept_old + incoming <= self.max_values:
+            return kept_old, incoming
+        if incoming >= self.max_values:
+            return 0, self.max_values
+        return self.max_values - incoming, incoming
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """Statistics of the last `count` values of a series.
+
+    `var` is the population variance (M2 / count); `last` is the newest value of the series.
+    """
+
+    count: int
+    min: float
+    max: float
+    last: float
+    avg: float
+    var: float
+
+
+class Series(Protocol):
+    """One symbol's bounded series of non-negative finite float64 values.
+
+    Callers guarantee that `values` passed to `append` is a 1-D, C-contiguous float64 array of
+    finite values >= 0 (validation happens once, in `appliance.validation`). Engines must not
+    keep a reference to it after `append` returns.
+    """
+
+    def append(self, values: np.ndarray) -> int:
+        """Append a batch, applying the retention policy first; return how many values were evicted."""
+        ...
+
+    def stats(self, window: int) -> WindowStats:
+        """Statistics over the last min(window, len(self)) values. Raises ValueError when empty."""
+        ...
+
+    def __len__(self) -> int:
+        """Number of retained values."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array memory the series holds (values and summaries, allocated capacity)."""
+        ...
+
+
+class Engine(Protocol):
+    """A factory of series; the appliance holds one engine and asks it for one series per symbol."""
+
+    name: str
+
+    def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> Series:
+        """Create an empty series. `starting_capacity` is an allocation hint, never a cap."""
+        ...
