@@ -1,0 +1,208 @@
+"""The Sanic application: routes, error rendering and lifecycle hooks over one `Store`.
+
+Why this shape: handlers are thin (validate -> store -> encode), every failure is rendered by
+one error handler as `{"error", "code"}` JSON with the status from `appliance.errors`, and the
+app owns all mutable state (`app.ctx.store`, `app.ctx.ready`), so a test or benchmark can build
+as many apps as it likes. One process owns the store: the CLI runs this app with
+`single_process=True`; several Sanic workers would each hold a different store.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from sanic import Request, Sanic
+from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
+from sanic.handlers import ErrorHandler
+from sanic.response import HTTPResponse
+
+from appliance.config import AppConfig
+from appliance.engine import select_engine
+from appliance.errors import ApiError
+from appliance.openapi import build_openapi
+from appliance.store import Store, SymbolLimitError, UnknownSymbolError
+from appliance.validation import BatchDecoder, parse_stats_query
+from fallback.interface import Engine, RetentionPolicy
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+DEFAULT_APP_NAME = "hft_appliance"
+
+_ENCODER = msgspec.json.Encoder()  # stateless and thread-safe; not mutable state
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None):
+    """Encode with msgspec (fast, shortest round-trip floats) and label it application/json."""
+    return HTTPResponse(_ENCODER.encode(payload), status=status, headers=headers, content_type=JSON)
+
+
+def error_response(error: ApiError, headers: dict[str, str] | None = None) -> HTTPResponse:
+    return json_response(error.to_body(), error.status, headers)
+
+
+class JsonErrorHandler(ErrorHandler):
+    """Renders every exception, Sanic's own included, as the API's JSON error body."""
+
+    def default(self, request: Request, exception: BaseException) -> HTTPResponse:
+        if isinstance(exception, ApiError):
+            return error_response(exception)
+        if isinstance(exception, NotFound):
+            path = request.path if request else "?"
+            return error_response(ApiError("not_found", f"no route for path {path!r}"))
+        if isinstance(exception, MethodNotAllowed):
+            allowed = sorted(getattr(exception, "allowed_methods", None) or ())
+            method = request.method if request else "?"
+            path = request.path if request else "?"
+            message = f"method {method} is not allowed on {path}"
+            if allowed:
+                message += f"; allowed: {', '.join(allowed)}"
+            headers = {"Allow": ", ".join(allowed)} if allowed else None
+            return error_response(ApiError("method_not_allowed", message), headers)
+        if isinstance(exception, PayloadTooLarge):
+            limit = request.app.config.REQUEST_MAX_SIZE if request else "the limit"
+            return error_response(
+                ApiError(
+                    "batch_too_large",
+                    f"request body is larger than {limit} bytes (server.max_body_bytes): "
+                    "split the batch",
+                )
+            )
+        status = getattr(exception, "status_code", 500)
+        if isinstance(exception, SanicException) and 400 <= status < 500:
+            return error_response(ApiError("bad_request", str(exception), status=status))
+        log.error(
+            "unhandled error",
+            exc_info=(type(exception), exception, exception.__traceback__),
+            extra={
+                "path": getattr(request, "path", None),
+                "method": getattr(request, "method", None),
+            },
+        )
+        return error_response(ApiError("internal_error", "internal server error (logged)"))
+
+
+def check_json_content_type(header: str | None) -> None:
+    """415 unless the media type is application/json (a `charset` parameter must be utf-8)."""
+    media_type, *params = (header or "").split(";")
+    if media_type.strip().lower() != JSON:
+        shown = header if header else "none"
+        raise ApiError(
+            "unsupported_media_type",
+            f"Content-Type must be application/json, got {shown!r}",
+        )
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            raise ApiError(
+                "unsupported_media_type", f"charset must be utf-8, got {value.strip()!r}"
+            )
+
+
+def build_store(config: AppConfig, engine: Engine) -> Store:
+    return Store(
+        engine,
+        retention=RetentionPolicy(
+            max_values=config.store.max_data_retention,
+            keep_after_cleanup=config.store.cleanup_keep_count,
+        ),
+        max_symbols=config.store.max_symbols,
+        starting_capacity=config.store.starting_capacity,
+    )
+
+
+def create_app(
+    config: AppConfig, engine: Engine | None = None, *, name: str = DEFAULT_APP_NAME
+) -> Sanic:
+    """Build the app. `engine` overrides `[engine] backend` (benchmarks inject a baseline).
+
+    `name` must be unique within a process (Sanic keeps a registry of apps by name).
+    """
+    if engine is None:
+        engine = select_engine(config.engine.backend).engine
+    app = Sanic(name, configure_logging=False, error_handler=JsonErrorHandler())
+    app.config.REQUEST_MAX_SIZE = config.max_body_bytes
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.server.graceful_shutdown_s
+    app.config.ACCESS_LOG = config.log.access_log
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.MOTD = False
+    app.ctx.config = config
+    app.ctx.engine = engine
+    app.ctx.store = build_store(config, engine)
+    app.ctx.ready = False
+    _add_routes(app, BatchDecoder(config.store.max_batch_size), build_openapi(config))
+    _add_lifecycle(app)
+    return app
+
+
+def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> None:
+    store: Store = app.ctx.store
+    openapi_body = _ENCODER.encode(openapi)
+
+    @app.get("/health", strict_slashes=False)
+    async def health(request: Request) -> HTTPResponse:
+        return json_response({"status": "ok"})
+
+    @app.get("/ready", strict_slashes=False)
+    async def ready(request: Request) -> HTTPResponse:
+        if not request.app.ctx.ready:
+            return error_response(ApiError("not_ready", "the appliance is starting or stopping"))
+        return json_response({"status": "ready"})
+
+    @app.post("/add_batch", strict_slashes=False)
+    async def add_batch(request: Request) -> HTTPResponse:
+        # Hot path: one C decode, one array conversion, vectorized checks, one locked append.
+        check_json_content_type(request.headers.get("content-type"))
+        batch = decoder.decode(request.body)
+        try:
+            added = store.ingest(batch.symbol, batch.values)
+        except SymbolLimitError as exc:
+            raise ApiError(
+                "symbol_limit", f"{exc}; existing symbols still accept batches"
+            ) from None
+        return json_response({"status": "ok", "symbol": batch.symbol, "added": added})
+
+    @app.get("/stats", strict_slashes=False)
+    async def stats(request: Request) -> HTTPResponse:
+        args = request.get_args(keep_blank_values=True)
+        query = parse_stats_query({key: args.getlist(key) for key in args})
+        try:
+            result = store.stats(query.symbol, query.exponent)
+        except UnknownSymbolError:
+            raise ApiError(
+                "unknown_symbol", f"unknown symbol {query.symbol!r}: no values were added for it"
+            ) from None
+        return json_response(
+            {
+                "min": result.min,
+                "max": result.max,
+                "last": result.last,
+                "avg": result.avg,
+                "var": result.var,
+            }
+        )
+
+    @app.get("/openapi.json", strict_slashes=False)
+    async def openapi_json(request: Request) -> HTTPResponse:
+        return HTTPResponse(openapi_body, content_type=JSON)
+
+
+def _add_lifecycle(app: Sanic) -> None:
+    @app.after_server_start
+    async def mark_ready(app: Sanic) -> None:
+        app.ctx.ready = True
+        log.info("appliance ready", extra={"symbols": len(app.ctx.store)})
+
+    @app.before_server_stop
+    async def mark_draining(app: Sanic) -> None:
+        app.ctx.ready = False
+        log.info("appliance stopping: draining in-flight requests")
+
+    @app.after_server_stop
+    async def stopped(app: Sanic) -> None:
+        log.info("appliance stopped", extra={"symbols": len(app.ctx.store)})

@@ -1,0 +1,123 @@
+"""The `hft-appliance` command line: `serve [--config PATH]`.
+
+Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
+an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
+from inside the server loop. SIGINT/SIGTERM are handled by Sanic (stop accepting, drain
+in-flight requests up to `server.graceful_shutdown_s`), after which `serve` returns 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+from appliance.config import AppConfig, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+PROG = "hft-appliance"
+
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def bind_listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on host:port (IPv4 or IPv6); raises OSError with a readable cause."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config_path: str | None) -> int:
+    """Load config, set up logging, pick the engine, bind, run until SIGINT/SIGTERM."""
+    try:
+        config: AppConfig = load_config(config_path)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+
+    from appliance.engine import EngineUnavailableError, select_engine
+    from appliance.logging_setup import setup_logging
+
+    try:
+        setup_logging(config.log)
+    except OSError as exc:
+        return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
+    try:
+        engine = select_engine(config.engine.backend).engine
+    except EngineUnavailableError as exc:
+        return _fail(str(exc))
+
+    host, port = config.server.host, config.server.port
+    try:
+        sock = bind_listen_socket(host, port)
+    except OSError as exc:
+        return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+    from appliance.app import create_app
+
+    app = create_app(config, engine)
+    log.info(
+        "appliance starting",
+        extra={
+            "host": host,
+            "port": port,
+            "engine": getattr(engine, "name", type(engine).__name__),
+            "max_symbols": config.store.max_symbols,
+            "max_body_bytes": config.max_body_bytes,
+        },
+    )
+    try:
+        app.run(
+            sock=sock,
+            single_process=True,
+            debug=False,
+            auto_reload=False,
+            access_log=config.log.access_log,
+            motd=False,
+        )
+    finally:
+        sock.close()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Low-latency market-data appliance (windowed statistics)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser("serve", help="run the REST appliance")
+    serve_parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML config file (default: ./Config.toml if present, else built-in defaults); "
+        "APP_<SECTION>__<KEY> environment variables override it",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args.config)
+    return _fail(f"unknown command {args.command!r}")  # unreachable: argparse rejects it
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Typed, frozen configuration: Config.toml, then `APP_<SECTION>__<KEY>` environment overrides.
+
+Why msgspec Structs: one declaration gives the defaults, the types, the bounds and the error text;
+`forbid_unknown_fields` turns a typo in a key into a startup error instead of a silently ignored
+setting. Every failure is a `ConfigError` whose message is one line naming the key
+(`store.max_symbols: ...`), which the CLI prints before exiting with status 2.
+
+Precedence (lowest to highest): built-in defaults (equal to the shipped Config.toml), the file,
+the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+import msgspec
+from msgspec import Meta, Struct
+
+ENV_PREFIX = "APP_"
+DEFAULT_CONFIG_FILE = "Config.toml"
+
+# Worst-case bytes one JSON value occupies in a POST body ("1.2345678901234567e-300, " is 25),
+# rounded up; used when `server.max_body_bytes` is 0 (derived from `store.max_batch_size`).
+BODY_BYTES_PER_VALUE = 32
+BODY_BYTES_OVERHEAD = 64 * 1024
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+Host = Annotated[str, Meta(min_length=1)]
+ShutdownSeconds = Annotated[float, Meta(gt=0, le=3600)]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+Backend = Literal["auto", "cpu", "gpu"]
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; the message is one line that names the key."""
+
+
+class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base for every section: immutable, and unknown keys are errors, not silently ignored."""
+
+
+class ServerConfig(_Section):
+    """[server]: where the REST API listens and how it bounds request bodies and shutdown."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 8080
+    # 0 = derived: BODY_BYTES_PER_VALUE * store.max_batch_size + BODY_BYTES_OVERHEAD.
+    max_body_bytes: NonNegativeInt = 0
+    graceful_shutdown_s: ShutdownSeconds = 15.0
+
+
+class StoreConfig(_Section):
+    """[store]: SPEC section 4, the hot-tier bounds of every series and of the symbol registry."""
+
+    max_data_retention: PositiveInt = 150_000_000
+    cleanup_keep_count: NonNegativeInt = 100_000_000
+    max_symbols: PositiveInt = 10
+    starting_capacity: PositiveInt = 1_000_000
+    max_batch_size: PositiveInt = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.cleanup_keep_count > self.max_data_retention:
+            raise ValueError(
+                f"store.cleanup_keep_count ({self.cleanup_keep_count}) must be <= "
+                f"store.max_data_retention ({self.max_data_retention})"
+            )
+
+
+class LogConfig(_Section):
+    """[log]: JSON-lines logging to stdout and a daily-rotated file ("" disables the file)."""
+
+    level: LogLevel = "info"
+    file: str = "logs/app.log"
+    access_log: bool = False
+
+
+class EngineConfig(_Section):
+    """[engine]: which statistics engine backs the store (see appliance.engine)."""
+
+    backend: Backend = "auto"
+
+
+class AppConfig(_Section):
+    """The whole configuration tree, one attribute per TOML section."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The effective request-body limit in bytes (explicit, or derived from max_batch_size)."""
+        if self.server.max_body_bytes:
+            return self.server.max_body_bytes
+        return BODY_BYTES_PER_VALUE * self.store.max_batch_size + BODY_BYTES_OVERHEAD
+
+
+def _parse_env_value(raw: str) -> Any:
+    """A TOML literal if `raw` is one (`8080`, `true`, `"x"`, `1.5`), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
+    """Collect `APP_<SECTION>__<KEY>` variables as {section: {key: (variable name, value)}}.
+
+    Names are matched case-insensitively. Variables with the prefix but without the `__`
+    separator are not ours and are ignored; `APP_A__B__C` (too deep) is an error.
+    """
+    found: dict[str, dict[str, tuple[str, Any]]] = {}
+    for name, raw in environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"{name}: expected APP_<SECTION>__<KEY> (one double underscore), e.g. "
+                "APP_SERVER__PORT"
+            )
+        section, key = parts
+        found.setdefault(section, {})[key] = (name, _parse_env_value(raw))
+    return found
+
+
+_PATH_RE = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+
+
+def _format_validation_error(
+    exc: msgspec.ValidationError, data: Mapping[str, Any], origins: Mapping[str, str]
+) -> str:
+    """Turn msgspec's `Expected ... - at `$.store.max_symbols`` into `store.max_symbols: ...`."""
+    match = _PATH_RE.match(str(exc))
+    problem = match.group("problem") if match else str(exc)
+    key = (match.group("path") or "").lstrip(".") if match else ""
+    unknown = _UNKNOWN_RE.match(problem)
+    if unknown:
+        key = f"{key}.{unknown.group('field')}" if key else unknown.group("field")
+        problem = "unknown key"
+    value: Any = data
+    for part in key.split(".") if key else ():
+        value = value.get(part) if isinstance(value, Mapping) else None
+    origin = origins.get(key)
+    where = f" (from {origin})" if origin else ""
+    shown = "" if value is None or isinstance(value, Mapping) else f" (value: {value!r})"
+    choices = _choices(key)
+    if choices and problem.startswith("Invalid enum value"):
+        problem = "must be one of " + ", ".join(repr(c) for c in choices)
+    if key and key.count(".") == 0 and problem.startswith(f"{key}."):
+        return f"{problem}{where}"  # a cross-field check whose message already names its keys
+    return f"{key or 'config'}{where}: {problem}{shown}"
+
+
+def _choices(key: str) -> tuple[Any, ...]:
+    """The allowed values of a Literal-typed key such as `log.level` (empty for other keys)."""
+    section, _, field = key.partition(".")
+    section_type = get_type_hints(AppConfig).get(section)
+    if section_type is None or not field:
+        return ()
+    annotation = get_type_hints(section_type).get(field)
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def build_config(
+    file_data: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> AppConfig:
+    """Merge parsed TOML with environment overrides and validate; raises ConfigError."""
+    data: dict[str, Any] = {}
+    for section, body in (file_data or {}).items():
+        data[section] = dict(body) if isinstance(body, Mapping) else body
+    origins: dict[str, str] = {}
+    for section, keys in env_overrides(environ if environ is not None else {}).items():
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a table, got {target!r}")
+        for key, (name, value) in keys.items():
+            target[key] = value
+            origins[f"{section}.{key}"] = name
+    try:
+        return msgspec.convert(data, AppConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, data, origins)) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; an unreadable or malformed file is a one-line ConfigError."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> AppConfig:
+    """`--config PATH`, else `./Config.toml` if present, else built-in defaults; then the env."""
+    if path is not None:
+        file_data = read_toml(Path(path))
+    else:
+        candidate = Path(cwd if cwd is not None else os.getcwd()) / DEFAULT_CONFIG_FILE
+        file_data = read_toml(candidate) if candidate.is_file() else {}
+    return build_config(file_data, os.environ if environ is None else environ)

@@ -1,0 +1,98 @@
+"""The one error type the REST layer speaks, and the table of every machine-readable code.
+
+Why a table: the HTTP status, the OpenAPI document and the tests all derive from this single
+mapping, so a code cannot exist in one place and be missing in another. `ApiError` carries only
+a code and a human message; its status comes from the table, never from the raiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCode:
+    """One row of SPEC section 5's error table (plus the service's own protocol-level rows)."""
+
+    code: str
+    status: int
+    description: str
+
+
+_ROWS = (
+    ErrorCode(
+        "invalid_json",
+        400,
+        "The body is not valid JSON (includes NaN/Infinity tokens and "
+        "numbers that overflow a float64).",
+    ),
+    ErrorCode(
+        "invalid_body",
+        400,
+        "The body is not a JSON object, or a field is missing or has the wrong type.",
+    ),
+    ErrorCode(
+        "invalid_symbol",
+        400,
+        "The symbol is empty, longer than 64 UTF-8 bytes, or contains control characters.",
+    ),
+    ErrorCode("empty_batch", 400, "`values` is an empty array."),
+    ErrorCode(
+        "invalid_value",
+        400,
+        "A value is negative, non-finite, boolean, string, null or "
+        "nested; the message names the first bad index.",
+    ),
+    ErrorCode(
+        "invalid_exponent", 400, "`exponent` is missing, not a plain integer, or outside 1..8."
+    ),
+    ErrorCode("missing_parameter", 400, "A required query parameter (`symbol`) is missing."),
+    ErrorCode(
+        "bad_request",
+        400,
+        "The HTTP request itself is malformed (rejected by the server before routing).",
+    ),
+    ErrorCode("not_found", 404, "No route matches the path."),
+    ErrorCode("unknown_symbol", 404, "No values were ever accepted for this symbol."),
+    ErrorCode("method_not_allowed", 405, "The path exists but not for this HTTP method."),
+    ErrorCode(
+        "symbol_limit",
+        409,
+        "The batch would create a new symbol but `store.max_symbols` symbols already exist.",
+    ),
+    ErrorCode(
+        "batch_too_large",
+        413,
+        "More values than `store.max_batch_size`, or a body larger than `server.max_body_bytes`.",
+    ),
+    ErrorCode(
+        "unsupported_media_type",
+        415,
+        "POST body Content-Type is not application/json (charset, if given, must be utf-8).",
+    ),
+    ErrorCode(
+        "internal_error",
+        500,
+        "An unexpected server fault; it is logged. Client input never causes it.",
+    ),
+    ErrorCode("not_ready", 503, "The appliance is still starting (readiness probe)."),
+)
+
+ERROR_CODES: dict[str, ErrorCode] = {row.code: row for row in _ROWS}
+
+
+class ApiError(Exception):
+    """A client-visible error, rendered as `{"error": message, "code": code}` + table status."""
+
+    def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
+        if code not in ERROR_CODES:
+            raise KeyError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        # Only protocol errors relayed from the HTTP server (code bad_request) may carry a status of
+        # their own (e.g. 408, 431); every service error uses its table status.
+        self.status = status if status is not None else ERROR_CODES[code].status
+
+    def to_body(self) -> dict[str, str]:
+        return {"error": self.message, "code": self.code}

@@ -1,0 +1,226 @@
+"""The OpenAPI 3.1 document of the REST API, built in code from the same tables the app uses.
+
+Why in code: error codes come from `appliance.errors.ERROR_CODES` and limits from the running
+configuration, so the document cannot drift from the behaviour; tests check that every route
+the app registers and every error code appear here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from appliance.config import AppConfig
+from appliance.errors import ERROR_CODES
+from appliance.validation import MAX_EXPONENT, MAX_SYMBOL_BYTES, MIN_EXPONENT
+
+_JSON = "application/json"
+
+# Errors any route can produce (an unknown method on it, a malformed request, a server fault).
+_COMMON = ("method_not_allowed", "bad_request", "internal_error")
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": _ref(schema)}}}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    """One response per status, listing each code it can carry, with an example per code."""
+    by_status: dict[int, list[str]] = defaultdict(list)
+    for code in (*codes, *_COMMON):
+        by_status[ERROR_CODES[code].status].append(code)
+    responses: dict[str, Any] = {}
+    for status, status_codes in sorted(by_status.items()):
+        lines = "; ".join(f"`{c}`: {ERROR_CODES[c].description}" for c in status_codes)
+        responses[str(status)] = {
+            "description": lines,
+            "content": {
+                _JSON: {
+                    "schema": _ref("Error"),
+                    "examples": {
+                        c: {"value": {"error": ERROR_CODES[c].description, "code": c}}
+                        for c in status_codes
+                    },
+                }
+            },
+        }
+    return responses
+
+
+def _schemas(config: AppConfig) -> dict[str, Any]:
+    symbol = {
+        "type": "string",
+        "minLength": 1,
+        "description": f"1 to {MAX_SYMBOL_BYTES} UTF-8 bytes, no control characters "
+        "(C0, DEL, C1), e.g. `EUR/USD`, `BRK.B`, `SPY INDEX`.",
+    }
+    number = {"type": "number", "minimum": 0, "description": "finite, >= 0 (-0.0 counts as 0)"}
+    return {
+        "Symbol": symbol,
+        "AddBatchRequest": {
+            "type": "object",
+            "required": ["symbol", "values"],
+            "properties": {
+                "symbol": _ref("Symbol"),
+                "values": {
+                    "type": "array",
+                    "items": number,
+                    "minItems": 1,
+                    "maxItems": config.store.max_batch_size,
+                    "description": "Oldest first. Integers are accepted; booleans, strings, "
+                    "null, nested arrays, NaN and infinities are not.",
+                },
+            },
+        },
+        "AddBatchResponse": {
+            "type": "object",
+            "required": ["status", "symbol", "added"],
+            "properties": {
+                "status": {"type": "string", "const": "ok"},
+                "symbol": _ref("Symbol"),
+                "added": {"type": "integer", "minimum": 1},
+            },
+        },
+        "StatsResponse": {
+            "type": "object",
+            "required": ["min", "max", "last", "avg", "var"],
+            "additionalProperties": False,
+            "properties": {
+                "min": {"type": "number"},
+                "max": {"type": "number"},
+                "last": {"type": "number", "description": "the newest value of the series"},
+                "avg": {"type": "number", "description": "arithmetic mean"},
+                "var": {"type": "number", "description": "population variance (M2 / count)"},
+            },
+        },
+        "Status": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}},
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error", "code"],
+            "properties": {
+                "error": {"type": "string", "description": "what went wrong and how to fix it"},
+                "code": {"type": "string", "enum": sorted(ERROR_CODES)},
+            },
+        },
+    }
+
+
+def build_openapi(config: AppConfig) -> dict[str, Any]:
+    """The document served at GET /openapi.json (paths also answer without the trailing slash)."""
+    window = (
+        f"the last min(10^exponent, series length) values; exponent {MIN_EXPONENT}..{MAX_EXPONENT}"
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hft-appliance",
+            "version": "0.1.0",
+            "description": "Windowed statistics over per-symbol price series. Every response is "
+            'JSON; errors are `{"error": message, "code": code}`. Paths work with and without '
+            "the trailing slash. Requests to unknown paths answer 404 `not_found`.",
+        },
+        "paths": {
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Liveness",
+                    "responses": {"200": _ok('alive: `{"status": "ok"}`', "Status"), **_errors()},
+                }
+            },
+            "/ready": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Readiness: 200 once startup is done, 503 before and while stopping",
+                    "responses": {
+                        "200": _ok('ready: `{"status": "ready"}`', "Status"),
+                        **_errors("not_ready"),
+                    },
+                }
+            },
+            "/add_batch/": {
+                "post": {
+                    "operationId": "addBatch",
+                    "summary": "Append a batch of values to a symbol's series (all or nothing)",
+                    "requestBody": {
+                        "required": True,
+                        "description": f"At most {config.store.max_batch_size} values and "
+                        f"{config.max_body_bytes} bytes. Content-Type application/json "
+                        "(charset utf-8 if given).",
+                        "content": {_JSON: {"schema": _ref("AddBatchRequest")}},
+                    },
+                    "responses": {
+                        "200": _ok("accepted", "AddBatchResponse"),
+                        **_errors(
+                            "invalid_json",
+                            "invalid_body",
+                            "invalid_symbol",
+                            "empty_batch",
+                            "invalid_value",
+                            "symbol_limit",
+                            "batch_too_large",
+                            "unsupported_media_type",
+                        ),
+                    },
+                }
+            },
+            "/stats/": {
+                "get": {
+                    "operationId": "stats",
+                    "summary": f"Statistics over {window}",
+                    "parameters": [
+                        {
+                            "name": "symbol",
+                            "in": "query",
+                            "required": True,
+                            "schema": _ref("Symbol"),
+                        },
+                        {
+                            "name": "exponent",
+                            "in": "query",
+                            "required": True,
+                            "description": "window = 10^exponent values (a plain decimal integer)",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": MIN_EXPONENT,
+                                "maximum": MAX_EXPONENT,
+                            },
+                        },
+                    ],
+                    "responses": {
+                        "200": _ok("window statistics", "StatsResponse"),
+                        **_errors(
+                            "missing_parameter",
+                            "invalid_exponent",
+                            "invalid_symbol",
+                            "unknown_symbol",
+                        ),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "the OpenAPI document",
+                            "content": {_JSON: {"schema": {"type": "object"}}},
+                        },
+                        **_errors(),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": _schemas(config),
+            "responses": {"NotFound": _errors("not_found")["404"]},
+        },
+    }

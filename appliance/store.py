@@ -1,0 +1,124 @@
+"""The symbol registry: one engine series per symbol, serialized writers, consistent readers.
+
+Why the locks: transports append from their own threads while REST reads from the event loop.
+Each symbol has one `threading.Lock` held for the whole `append` and for every computation of
+`stats`, so concurrent writers never interleave inside a batch and a reader never observes half
+of one. A registry lock serializes only the creation of new symbols.
+
+Why the cache: dashboards poll the same (symbol, exponent) far more often than ticks arrive.
+Each symbol keeps a small dict of computed stats that every append replaces with a fresh empty
+dict (under the symbol lock), so a repeated poll costs one lock-free dict lookup and a result is
+never served after an append that followed it.
+
+The store never knows about HTTP: it raises `UnknownSymbolError` / `SymbolLimitError`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from fallback.interface import Engine, RetentionPolicy, Series, WindowStats
+
+
+class UnknownSymbolError(KeyError):
+    """No values were ever accepted for this symbol."""
+
+
+class SymbolLimitError(Exception):
+    """Accepting the batch would create a symbol beyond `max_symbols`."""
+
+
+class _Entry:
+    """One symbol: its series, the lock serializing access to it, and its stats cache."""
+
+    __slots__ = ("cache", "lock", "series")
+
+    def __init__(self, series: Series) -> None:
+        self.series = series
+        self.lock = threading.Lock()
+        # Replaced (never mutated in place by writers) on every append; see the module docstring.
+        self.cache: dict[int, WindowStats] = {}
+
+
+class Store:
+    """Symbols -> series, bounded by `max_symbols`; thread-safe for any mix of callers."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retention: RetentionPolicy,
+        max_symbols: int,
+        starting_capacity: int,
+    ) -> None:
+        if max_symbols < 1:
+            raise ValueError("max_symbols must be >= 1")
+        self.engine = engine
+        self.retention = retention
+        self.max_symbols = max_symbols
+        self.starting_capacity = starting_capacity
+        self._entries: dict[str, _Entry] = {}
+        self._registry_lock = threading.Lock()
+
+    def ingest(self, symbol: str, values: np.ndarray) -> int:
+        """Append a validated batch (1-D float64, finite, >= 0, non-empty); return its length.
+
+        A batch for a new symbol is appended before the symbol is published, so a failure
+        (the limit, or the engine raising) leaves no trace: no symbol, no partial batch.
+        """
+        entry = self._entries.get(symbol)
+        if entry is None:
+            entry = self._create_with(symbol, values)
+            if entry is not None:
+                return int(values.shape[0])
+            entry = self._entries[symbol]
+        with entry.lock:
+            entry.series.append(values)
+            entry.cache = {}
+        return int(values.shape[0])
+
+    def _create_with(self, symbol: str, values: np.ndarray) -> _Entry | None:
+        """Create `symbol` holding `values`; None if another thread created it first."""
+        with self._registry_lock:
+            if symbol in self._entries:
+                return None
+            if len(self._entries) >= self.max_symbols:
+                raise SymbolLimitError(
+                    f"symbol limit reached: {len(self._entries)} symbols exist and "
+                    f"store.max_symbols is {self.max_symbols}"
+                )
+            entry = _Entry(self.engine.new_series(self.retention, self.starting_capacity))
+            entry.series.append(values)
+            self._entries[symbol] = entry
+            return entry
+
+    def stats(self, symbol: str, exponent: int) -> WindowStats:
+        """Statistics over the last min(10**exponent, len) values of `symbol`."""
+        entry = self._entries.get(symbol)
+        if entry is None:
+            raise UnknownSymbolError(symbol)
+        cached = entry.cache.get(exponent)  # lock-free: a dict lookup is atomic under the GIL
+        if cached is not None:
+            return cached
+        with entry.lock:
+            result = entry.series.stats(10**exponent)
+            # Stored under the lock, so it cannot land in a cache created by a later append.
+            entry.cache[exponent] = result
+        return result
+
+    def symbols(self) -> list[str]:
+        """Known symbols, in creation order."""
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def length(self, symbol: str) -> int:
+        """Number of retained values of `symbol`."""
+        entry = self._entries.get(symbol)
+        if entry is None:
+            raise UnknownSymbolError(symbol)
+        with entry.lock:
+            return len(entry.series)

@@ -1,0 +1,154 @@
+"""Turn untrusted request input into validated domain values, or an ApiError with a SPEC code.
+
+Why msgspec's typed decoder: it parses and type-checks in one C pass, is strict about booleans,
+strings, null and nesting where `float` is expected, rejects NaN/Infinity tokens, and refuses
+numbers that overflow a float64, so the only per-value work left in Python is a single
+`np.array(..., float64)` call. No Python-level loop ever runs per value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+import numpy as np
+from msgspec import Meta
+
+from appliance.errors import ApiError
+
+MAX_SYMBOL_BYTES = 64
+MIN_EXPONENT = 1
+MAX_EXPONENT = 8
+
+# C0 controls, DEL and C1 controls: none may appear in a symbol (SPEC section 3).
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_VALUE_AT = re.compile(r" - at `\$\.values\[(\d+)\]`$")
+_PLAIN_INT = re.compile(r"[0-9]{1,3}", re.ASCII)
+
+
+class AddBatchBody(msgspec.Struct):
+    """The POST /add_batch/ body. Unknown extra fields are ignored, as by the original service."""
+
+    symbol: str
+    values: list[Annotated[float, Meta(ge=0)]]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A legal symbol and a 1-D C-contiguous float64 array of finite values >= 0."""
+
+    symbol: str
+    values: np.ndarray
+
+
+class BatchDecoder:
+    """Decodes and validates POST bodies; one instance per app (the msgspec Decoder is reusable)."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self._decoder = msgspec.json.Decoder(AddBatchBody)
+
+    def decode(self, body: bytes) -> Batch:
+        """Hot path: one C decode, one array conversion, a few vectorized checks."""
+        try:
+            parsed = self._decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            raise _validation_error(exc) from None
+        except msgspec.DecodeError as exc:
+            raise ApiError("invalid_json", f"body is not valid JSON: {exc}") from None
+        symbol = validate_symbol(parsed.symbol)
+        count = len(parsed.values)
+        if count == 0:
+            raise ApiError("empty_batch", "`values` is empty: send at least one value")
+        if count > self.max_batch_size:
+            raise ApiError(
+                "batch_too_large",
+                f"batch has {count} values; at most {self.max_batch_size} are accepted per "
+                "request (store.max_batch_size): split it",
+            )
+        values = np.array(parsed.values, dtype=np.float64)
+        # The decoder already guarantees finite values >= 0; this vectorized check keeps the
+        # engine's contract even if a future decoder change let something through.
+        finite = np.isfinite(values)
+        if not finite.all():
+            index = int(np.flatnonzero(~finite)[0])
+            raise ApiError("invalid_value", f"values[{index}] is not a finite number")
+        values += 0.0  # -0.0 + 0.0 == +0.0: SPEC counts -0.0 as 0
+        return Batch(symbol, values)
+
+
+def _validation_error(exc: msgspec.ValidationError) -> ApiError:
+    """Map msgspec's ValidationError to invalid_json / invalid_value / invalid_body."""
+    message = str(exc)
+    at_value = _VALUE_AT.search(message)
+    if at_value is None:
+        return ApiError(
+            "invalid_body",
+            f'body must be an object {{"symbol": string, "values": [number, ...]}}: {message}',
+        )
+    index = int(at_value.group(1))
+    problem = message[: at_value.start()]
+    if problem.startswith("Number out of range"):
+        # SPEC section 5: a number that overflows to inf makes the body invalid JSON.
+        return ApiError(
+            "invalid_json", f"values[{index}] overflows a float64 (number out of range)"
+        )
+    if problem.startswith("Expected `float` >="):
+        problem = "must be >= 0"
+    return ApiError(
+        "invalid_value",
+        f"values[{index}] is invalid ({problem}); every value must be a finite number >= 0",
+    )
+
+
+def validate_symbol(symbol: str) -> str:
+    """1..64 UTF-8 bytes, no control characters (C0, DEL, C1)."""
+    try:
+        size = len(symbol.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ApiError("invalid_symbol", "symbol is not valid UTF-8 text") from None
+    if size == 0:
+        raise ApiError("invalid_symbol", "symbol is empty")
+    if size > MAX_SYMBOL_BYTES:
+        raise ApiError(
+            "invalid_symbol", f"symbol is {size} UTF-8 bytes long; at most {MAX_SYMBOL_BYTES}"
+        )
+    bad = _CONTROL_CHARS.search(symbol)
+    if bad is not None:
+        raise ApiError(
+            "invalid_symbol",
+            f"symbol contains control character U+{ord(bad.group()):04X} at position {bad.start()}",
+        )
+    return symbol
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    symbol: str
+    exponent: int
+
+
+def parse_stats_query(args: Mapping[str, Sequence[str]]) -> StatsQuery:
+    """`symbol` (required, a legal symbol) and `exponent` (a plain integer string in 1..8)."""
+    symbols = args.get("symbol")
+    if not symbols:
+        raise ApiError("missing_parameter", "query parameter `symbol` is required")
+    symbol = validate_symbol(symbols[0])
+    exponents = args.get("exponent")
+    if not exponents:
+        raise ApiError(
+            "invalid_exponent",
+            f"query parameter `exponent` is required (an integer {MIN_EXPONENT}..{MAX_EXPONENT})",
+        )
+    raw = exponents[0]
+    if _PLAIN_INT.fullmatch(raw) is None or not MIN_EXPONENT <= int(raw) <= MAX_EXPONENT:
+        shown = raw if len(raw) <= 20 else raw[:20] + "..."
+        raise ApiError(
+            "invalid_exponent",
+            f"exponent {shown!r} is not an integer in {MIN_EXPONENT}..{MAX_EXPONENT} "
+            "(the window is the last 10^exponent values)",
+        )
+    return StatsQuery(symbol, int(raw))
