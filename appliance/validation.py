@@ -59,6 +59,10 @@ class BatchDecoder:
             raise _validation_error(exc) from None
         except msgspec.DecodeError as exc:
             raise ApiError("invalid_json", f"body is not valid JSON: {exc}") from None
+        except UnicodeDecodeError as exc:  # msgspec raises this for bad UTF-8 inside a string
+            raise ApiError("invalid_json", f"body is not valid UTF-8: {exc.reason}") from None
+        except RecursionError:
+            raise ApiError("invalid_json", "body is nested too deeply") from None
         symbol = validate_symbol(parsed.symbol)
         count = len(parsed.values)
         if count == 0:

@@ -1,0 +1,154 @@
+"""Test harness: start the appliance the way a user does (a subprocess), talk over a real socket.
+
+Each server gets a fresh temporary working directory (so `logs/app.log` and any `Config.toml`
+are its own) and a free port passed through `APP_SERVER__PORT`, which also exercises the
+environment override. Everything is xdist-safe: no fixed ports, no shared directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def appliance_command(*args: str) -> list[str]:
+    """`python -m appliance ...` with the venv's interpreter (same as the console script)."""
+    return [sys.executable, "-m", "appliance", *args]
+
+
+def subprocess_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The parent's environment minus any APP_* settings, plus the repo on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("APP_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(overrides or {})
+    return env
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Server:
+    """A running `python -m appliance serve` subprocess with its port and working directory."""
+
+    def __init__(self, cwd: Path, env: Mapping[str, str] | None = None, args: tuple = ()) -> None:
+        self.cwd = cwd
+        self.port = free_port()
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = cwd / "stdout.log"
+        self.stderr_path = cwd / "stderr.log"
+        overrides = {"APP_SERVER__PORT": str(self.port), **(env or {})}
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                appliance_command("serve", *args),
+                cwd=cwd,
+                env=subprocess_env(overrides),
+                stdout=out,
+                stderr=err,
+            )
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode} before ready: {self.stderr()}"
+                )
+            with contextlib.suppress(OSError):
+                if self.request("GET", "/ready").status == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"server not ready after {timeout_s}s: {self.stderr()}")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            raw = conn.getresponse()
+            return Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
+        finally:
+            conn.close()
+
+    def post_batch(self, symbol: str, values: Any, **kwargs: Any) -> Response:
+        body = json.dumps({"symbol": symbol, "values": values}).encode()
+        return self.request("POST", "/add_batch/", body, {"Content-Type": "application/json"})
+
+    def stats(self, symbol: str, exponent: int | str) -> Response:
+        from urllib.parse import urlencode
+
+        return self.request("GET", "/stats/?" + urlencode({"symbol": symbol, "exponent": exponent}))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def running_server(cwd: Path, env: Mapping[str, str] | None = None) -> Iterator[Server]:
+    server = Server(cwd, env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def run_cli(cwd: Path, *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 30):
+    """Run the CLI to completion (for invocations that must fail fast)."""
+    return subprocess.run(
+        appliance_command(*args),
+        cwd=cwd,
+        env=subprocess_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )

@@ -1,0 +1,157 @@
+"""Starting and stopping the appliance as a user does: config sources, exit codes, logs, limits."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+from server_harness import Server, free_port, run_cli, running_server
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_with_exit_0_and_json_logs(tmp_path: Path, sig: int) -> None:
+    server = Server(tmp_path)
+    try:
+        server.wait_ready()
+        assert server.post_batch("AAPL", [1.0, 2.0]).status == 200
+    finally:
+        code = server.stop(sig)
+    assert code == 0, server.stderr()
+    stdout_records = _json_lines(server.stdout())
+    file_records = _json_lines((tmp_path / "logs" / "app.log").read_text(encoding="utf-8"))
+    for records in (stdout_records, file_records):
+        messages = [r["message"] for r in records]
+        assert "appliance ready" in messages
+        assert "appliance stopped" in messages
+        assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    # Sanic's own loggers come out through the same JSON handlers.
+    assert any(r["logger"].startswith("sanic") for r in stdout_records)
+    # Access logging is off by default: no request lines.
+    assert not any(r["logger"] == "sanic.access" for r in stdout_records)
+
+
+def test_config_file_in_cwd_is_used_and_env_beats_it(tmp_path: Path) -> None:
+    file_port = free_port()
+    (tmp_path / "Config.toml").write_text(
+        f'[server]\nport = {file_port}\n\n[store]\nmax_symbols = 2\n\n[log]\nfile = "x/app.log"\n'
+    )
+    # Server() sets APP_SERVER__PORT to another free port: the environment must win.
+    with running_server(tmp_path) as server:
+        assert server.port != file_port
+        assert server.post_batch("A", [1.0]).status == 200
+        assert server.post_batch("B", [1.0]).status == 200
+        assert server.post_batch("C", [1.0]).status == 409  # max_symbols = 2 from the file
+    assert (tmp_path / "x" / "app.log").is_file()
+
+
+def test_explicit_config_path_and_access_log(tmp_path: Path) -> None:
+    config = tmp_path / "conf" / "custom.toml"
+    config.parent.mkdir()
+    config.write_text('[log]\naccess_log = true\nfile = ""\n')
+    server = Server(tmp_path / "run", args=("--config", str(config)))
+    try:
+        server.wait_ready()
+        assert server.request("GET", "/health").status == 200
+    finally:
+        assert server.stop() == 0
+    assert any(r["logger"] == "sanic.access" for r in _json_lines(server.stdout()))
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_symbol_limit_409_while_existing_symbols_keep_working(tmp_path: Path) -> None:
+    with running_server(tmp_path, {"APP_STORE__MAX_SYMBOLS": "3"}) as server:
+        for name in ("S1", "S2", "S3"):
+            assert server.post_batch(name, [1.0]).status == 200
+        response = server.post_batch("S4", [1.0])
+        assert response.status == 409
+        assert response.json["code"] == "symbol_limit"
+        assert server.stats("S4", 1).json["code"] == "unknown_symbol"
+        for name in ("S1", "S2", "S3"):
+            assert server.post_batch(name, [3.0]).status == 200
+            assert server.stats(name, 1).json == {
+                "min": 1.0,
+                "max": 3.0,
+                "last": 3.0,
+                "avg": 2.0,
+                "var": 1.0,
+            }
+
+
+def test_retention_settings_from_env_are_applied(tmp_path: Path) -> None:
+    env = {"APP_STORE__MAX_DATA_RETENTION": "100", "APP_STORE__CLEANUP_KEEP_COUNT": "50"}
+    with running_server(tmp_path, env) as server:
+        assert server.post_batch("R", list(range(1, 101))).status == 200
+        assert server.post_batch("R", [1000.0]).status == 200
+        # 100 + 1 > 100: keep the newest 50 (51..100), then append 1000.
+        body = server.stats("R", 3).json
+        assert body["min"] == 51.0
+        assert body["max"] == 1000.0
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"APP_STORE__MAX_SYMBOLS": "0"}, "store.max_symbols"),
+        ({"app_store__max_symbols": "many"}, "store.max_symbols"),
+        ({"APP_SERVER__PORT": "70000"}, "server.port"),
+        ({"APP_LOG__LEVEL": "loud"}, "log.level"),
+        ({"APP_STORE__NOPE": "1"}, "store.nope"),
+        ({"APP_STORE__CLEANUP_KEEP_COUNT": "200000000"}, "store.cleanup_keep_count"),
+    ],
+)
+def test_bad_config_value_exits_2_with_one_line_naming_the_key(
+    tmp_path: Path, env: dict[str, str], key: str
+) -> None:
+    result = run_cli(tmp_path, "serve", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0]
+
+
+def test_bad_config_file_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text("[store]\nmax_symbols = -5\n")
+    result = run_cli(tmp_path, "serve", "--config", "bad.toml")
+    assert result.returncode == 2
+    assert "store.max_symbols" in result.stderr
+    (tmp_path / "broken.toml").write_text("[store\n")
+    result = run_cli(tmp_path, "serve", "--config", "broken.toml")
+    assert result.returncode == 2
+    assert "broken.toml" in result.stderr
+    result = run_cli(tmp_path, "serve", "--config", "missing.toml")
+    assert result.returncode == 2
+    assert "missing.toml" in result.stderr
+
+
+def test_port_in_use_exits_2_naming_host_and_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(tmp_path, "serve", env={"APP_SERVER__PORT": str(port)})
+    assert result.returncode == 2
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_backend_without_gpu_engine_exits_2(tmp_path: Path) -> None:
+    import gpu_kernels
+
+    if hasattr(gpu_kernels, "CupyEngine"):
+        pytest.skip("this build has a GPU engine; the unavailable path is tested in-process")
+    env = {"APP_ENGINE__BACKEND": "gpu", "APP_SERVER__PORT": str(free_port())}
+    result = run_cli(tmp_path, "serve", env=env)
+    assert result.returncode == 2
+    assert "GPU engine not available" in result.stderr
+
+
+def test_usage_error_exits_2(tmp_path: Path) -> None:
+    assert run_cli(tmp_path).returncode == 2
+    assert run_cli(tmp_path, "serve", "--bogus").returncode == 2
