@@ -1,0 +1,91 @@
+"""CLI exit codes for start-up failures (in-process) and the JSON log format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import socket
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import bind_listen_socket, main
+from appliance.config import LogConfig
+from appliance.logging_setup import setup_logging
+
+
+@pytest.fixture
+def restore_root_logger():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        if handler not in handlers:
+            handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_bad_env_value_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("APP_STORE__MAX_SYMBOLS", "-1")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "store.max_symbols" in err
+
+
+def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_bind_failure_raises_oserror() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):
+            bind_listen_socket("127.0.0.1", taken.getsockname()[1])
+
+
+def test_bind_listen_socket_listens() -> None:
+    sock = bind_listen_socket("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=5):
+            pass
+    finally:
+        sock.close()
+
+
+def test_json_lines_to_stdout_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_root_logger: None
+) -> None:
+    log_file = tmp_path / "nested" / "dir" / "app.log"
+    handlers = setup_logging(LogConfig(level="debug", file=str(log_file)))
+    logging.getLogger("appliance.test").info("hello", extra={"symbol": "AAPL"})
+    logging.getLogger("sanic.root").warning("from sanic")
+    for handler in handlers:
+        handler.flush()
+    stdout_lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    file_lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+    for lines in (stdout_lines, file_lines):
+        assert lines[0]["message"] == "hello"
+        assert lines[0]["symbol"] == "AAPL"
+        assert lines[0]["level"] == "INFO"
+        assert lines[0]["logger"] == "appliance.test"
+        assert "time" in lines[0]
+        assert lines[1]["logger"] == "sanic.root"
+    rotating = [h for h in handlers if isinstance(h, logging.handlers.TimedRotatingFileHandler)]
+    assert rotating and rotating[0].when == "MIDNIGHT"
+
+
+def test_empty_log_file_means_stdout_only(tmp_path: Path, restore_root_logger: None) -> None:
+    handlers = setup_logging(LogConfig(file=""))
+    assert len(handlers) == 1
+    assert not any(tmp_path.iterdir())

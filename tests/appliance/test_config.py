@@ -1,0 +1,174 @@
+"""Config loading: defaults, file, environment, precedence and one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import (
+    AppConfig,
+    ConfigError,
+    StoreConfig,
+    build_config,
+    env_overrides,
+    load_config,
+    read_toml,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_toml_equals_builtin_defaults() -> None:
+    shipped = build_config(read_toml(REPO_ROOT / "Config.toml"), environ={})
+    assert shipped == AppConfig()
+
+
+def test_shipped_config_toml_sets_every_key_explicitly() -> None:
+    data = read_toml(REPO_ROOT / "Config.toml")
+    defaults = AppConfig()
+    for section in ("server", "store", "log", "engine"):
+        fields = set(type(getattr(defaults, section)).__struct_fields__)
+        assert set(data[section]) == fields, section
+
+
+def test_spec_defaults() -> None:
+    config = AppConfig()
+    assert (config.server.host, config.server.port, config.log.level) == ("127.0.0.1", 8080, "info")
+    assert config.store == StoreConfig(
+        max_data_retention=150_000_000,
+        cleanup_keep_count=100_000_000,
+        max_symbols=10,
+        starting_capacity=1_000_000,
+        max_batch_size=1_000_000,
+    )
+    assert config.log.access_log is False
+    assert config.log.file == "logs/app.log"
+    assert config.engine.backend == "auto"
+
+
+def test_without_file_or_env_the_defaults_apply(tmp_path: Path) -> None:
+    assert load_config(None, environ={}, cwd=tmp_path) == AppConfig()
+
+
+def test_config_toml_in_cwd_is_read(tmp_path: Path) -> None:
+    (tmp_path / "Config.toml").write_text("[server]\nport = 9000\n")
+    assert load_config(None, environ={}, cwd=tmp_path).server.port == 9000
+
+
+def test_explicit_path_beats_cwd_file(tmp_path: Path) -> None:
+    (tmp_path / "Config.toml").write_text("[server]\nport = 9000\n")
+    other = tmp_path / "other.toml"
+    other.write_text("[server]\nport = 9001\n")
+    assert load_config(other, environ={}, cwd=tmp_path).server.port == 9001
+
+
+def test_env_beats_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 9000\n[store]\nmax_symbols = 5\n")
+    config = load_config(path, environ={"APP_SERVER__PORT": "9090"})
+    assert config.server.port == 9090
+    assert config.store.max_symbols == 5
+
+
+@pytest.mark.parametrize(
+    "name", ["APP_STORE__MAX_SYMBOLS", "app_store__max_symbols", "App_Store__Max_Symbols"]
+)
+def test_env_names_are_case_insensitive(name: str) -> None:
+    assert build_config({}, {name: "20"}).store.max_symbols == 20
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("0.0.0.0", "0.0.0.0"), ('"::1"', "::1"), ("localhost", "localhost")],
+)
+def test_env_values_are_toml_literals_else_strings(raw: str, expected: str) -> None:
+    assert build_config({}, {"APP_SERVER__HOST": raw}).server.host == expected
+
+
+def test_env_value_types() -> None:
+    config = build_config(
+        {},
+        {
+            "APP_LOG__ACCESS_LOG": "true",
+            "APP_SERVER__GRACEFUL_SHUTDOWN_S": "2.5",
+            "APP_STORE__MAX_BATCH_SIZE": "1_000",
+            "APP_LOG__FILE": "",
+            "APP_ENGINE__BACKEND": "cpu",
+        },
+    )
+    assert config.log.access_log is True
+    assert config.server.graceful_shutdown_s == 2.5
+    assert config.store.max_batch_size == 1000
+    assert config.log.file == ""
+    assert config.engine.backend == "cpu"
+
+
+def test_unrelated_app_variables_are_ignored() -> None:
+    assert env_overrides({"APP_HOME": "/x", "PATH": "/bin"}) == {}
+    assert build_config({}, {"APP_HOME": "/x"}) == AppConfig()
+
+
+@pytest.mark.parametrize(
+    ("file_data", "env", "key"),
+    [
+        ({}, {"APP_STORE__MAX_SYMBOLS": "0"}, "store.max_symbols"),
+        ({}, {"APP_STORE__MAX_SYMBOLS": "ten"}, "store.max_symbols"),
+        ({}, {"APP_STORE__MAX_SYMBOLS": "1.5"}, "store.max_symbols"),
+        ({}, {"APP_SERVER__PORT": "0"}, "server.port"),
+        ({}, {"APP_SERVER__PORT": "65536"}, "server.port"),
+        ({}, {"APP_SERVER__HOST": '""'}, "server.host"),
+        ({}, {"APP_SERVER__GRACEFUL_SHUTDOWN_S": "0"}, "server.graceful_shutdown_s"),
+        ({}, {"APP_SERVER__MAX_BODY_BYTES": "-1"}, "server.max_body_bytes"),
+        ({}, {"APP_LOG__LEVEL": "INFO"}, "log.level"),
+        ({}, {"APP_LOG__ACCESS_LOG": "yes"}, "log.access_log"),
+        ({}, {"APP_ENGINE__BACKEND": "tpu"}, "engine.backend"),
+        ({}, {"APP_STORE__TYPO": "1"}, "store.typo"),
+        ({}, {"APP_NOSECTION__KEY": "1"}, "nosection"),
+        ({}, {"APP_STORE__CLEANUP_KEEP_COUNT": "200000000"}, "store.cleanup_keep_count"),
+        ({"store": {"max_symbols": True}}, {}, "store.max_symbols"),
+        ({"store": {"max_data_retention": 10}}, {}, "store.cleanup_keep_count"),
+        ({"store": 3}, {}, "store"),
+        ({"extra": {"x": 1}}, {}, "extra"),
+    ],
+)
+def test_bad_values_raise_one_line_config_error_naming_the_key(
+    file_data: dict, env: dict, key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(file_data, env)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(key), message
+
+
+def test_error_names_the_environment_variable_it_came_from() -> None:
+    with pytest.raises(ConfigError, match="APP_STORE__MAX_SYMBOLS"):
+        build_config({}, {"APP_STORE__MAX_SYMBOLS": "0"})
+
+
+def test_too_deep_env_name_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="APP_STORE__A__B"):
+        build_config({}, {"APP_STORE__A__B": "1"})
+
+
+def test_missing_and_malformed_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
+        load_config(tmp_path / "missing.toml", environ={})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[store\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml: invalid TOML"):
+        load_config(broken, environ={})
+
+
+def test_config_is_frozen() -> None:
+    config = AppConfig()
+    with pytest.raises(AttributeError):
+        config.server.port = 1  # type: ignore[misc]
+
+
+def test_max_body_bytes_is_derived_unless_explicit() -> None:
+    derived = build_config({}, {"APP_STORE__MAX_BATCH_SIZE": "1000"})
+    assert derived.max_body_bytes == 32 * 1000 + 64 * 1024
+    explicit = build_config({}, {"APP_SERVER__MAX_BODY_BYTES": "5000"})
+    assert explicit.max_body_bytes == 5000

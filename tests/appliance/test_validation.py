@@ -1,0 +1,185 @@
+"""Request validation: every bad input maps to its SPEC code, and valid input arrives intact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.errors import ApiError
+from appliance.validation import BatchDecoder, parse_stats_query, validate_symbol
+
+DECODER = BatchDecoder(max_batch_size=100)
+
+
+def body(symbol: object = "S", values: object = (1.0,)) -> bytes:
+    return json.dumps(
+        {"symbol": symbol, "values": list(values) if isinstance(values, tuple) else values}
+    ).encode()
+
+
+def code_of(raw: bytes, decoder: BatchDecoder = DECODER) -> str:
+    with pytest.raises(ApiError) as info:
+        decoder.decode(raw)
+    return info.value.code
+
+
+def test_valid_batch_becomes_a_contiguous_float64_array() -> None:
+    batch = DECODER.decode(body("EUR/USD", (1, 2.5, 0, 1e300)))
+    assert batch.symbol == "EUR/USD"
+    assert batch.values.dtype == np.float64
+    assert batch.values.flags.c_contiguous
+    assert batch.values.tolist() == [1.0, 2.5, 0.0, 1e300]
+
+
+def test_negative_zero_is_normalized() -> None:
+    values = DECODER.decode(b'{"symbol": "S", "values": [-0.0, -0]}').values
+    assert not np.signbit(values).any()
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"", "invalid_json"),
+        (b"{", "invalid_json"),
+        (b'{"symbol": "S", "values": [NaN]}', "invalid_json"),
+        (b'{"symbol": "S", "values": [Infinity]}', "invalid_json"),
+        (b'{"symbol": "S", "values": [1e400]}', "invalid_json"),
+        (b'{"symbol": "S", "values": [-1e400]}', "invalid_json"),
+        (b'{"symbol": "\xff", "values": [1]}', "invalid_json"),
+        (b'{"symbol": "\\ud800", "values": [1]}', "invalid_json"),
+        (
+            b'{"symbol": "S", "values": [1], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "invalid_json",
+        ),
+        (b"[]", "invalid_body"),
+        (b"1", "invalid_body"),
+        (b"{}", "invalid_body"),
+        (b'{"symbol": null, "values": [1]}', "invalid_body"),
+        (b'{"symbol": "S", "values": null}', "invalid_body"),
+        (b'{"symbol": ["S"], "values": [1]}', "invalid_body"),
+        (b'{"symbol": "", "values": [1]}', "invalid_symbol"),
+        (b'{"symbol": "S", "values": []}', "empty_batch"),
+        (b'{"symbol": "S", "values": [-1]}', "invalid_value"),
+        (b'{"symbol": "S", "values": [-1e-300]}', "invalid_value"),
+        (b'{"symbol": "S", "values": [true]}', "invalid_value"),
+        (b'{"symbol": "S", "values": ["1"]}', "invalid_value"),
+        (b'{"symbol": "S", "values": [null]}', "invalid_value"),
+        (b'{"symbol": "S", "values": [[1]]}', "invalid_value"),
+        (b'{"symbol": "S", "values": [{}]}', "invalid_value"),
+    ],
+)
+def test_bad_bodies_map_to_spec_codes(raw: bytes, code: str) -> None:
+    assert code_of(raw) == code
+
+
+def test_empty_symbol_is_checked_before_values() -> None:
+    assert code_of(b'{"symbol": "", "values": []}') == "invalid_symbol"
+
+
+def test_batch_over_max_batch_size_is_batch_too_large_with_413() -> None:
+    with pytest.raises(ApiError) as info:
+        BatchDecoder(max_batch_size=3).decode(body(values=(1, 2, 3, 4)))
+    assert (info.value.code, info.value.status) == ("batch_too_large", 413)
+    assert BatchDecoder(max_batch_size=3).decode(body(values=(1, 2, 3))).values.size == 3
+
+
+@given(
+    st.lists(st.floats(min_value=0, allow_nan=False, allow_infinity=False), max_size=50),
+    st.integers(min_value=0, max_value=50),
+    st.sampled_from([-1.5, True, False, None, "x", [1.0], {"a": 1}]),
+)
+def test_invalid_value_names_the_first_bad_index(
+    good: list[float], position: int, bad: object
+) -> None:
+    position = min(position, len(good))
+    values = [*good[:position], bad, *good[position:], bad]
+    with pytest.raises(ApiError) as info:
+        DECODER.decode(json.dumps({"symbol": "S", "values": values}).encode())
+    assert info.value.code == "invalid_value"
+    assert f"values[{position}]" in info.value.message
+
+
+@given(
+    st.lists(
+        st.floats(min_value=0, allow_nan=False, allow_infinity=False), min_size=1, max_size=100
+    )
+)
+def test_any_valid_batch_round_trips_exactly(values: list[float]) -> None:
+    decoded = DECODER.decode(json.dumps({"symbol": "S", "values": values}).encode()).values
+    np.testing.assert_array_equal(decoded, np.array(values, dtype=np.float64) + 0.0)
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_escape_as_anything_but_api_error(raw: bytes) -> None:
+    try:
+        DECODER.decode(raw)
+    except ApiError as exc:
+        assert exc.status in (400, 413)
+
+
+@given(st.text(max_size=80))
+def test_arbitrary_symbols_are_accepted_or_invalid_symbol(symbol: str) -> None:
+    raw = json.dumps({"symbol": symbol, "values": [1]}).encode()
+    try:
+        assert DECODER.decode(raw).symbol == symbol
+    except ApiError as exc:
+        assert exc.code in ("invalid_symbol", "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "symbol", ["EUR/USD", "BRK.B", "SPY INDEX", "日本円-USD", "x" * 64, "é" * 32]
+)
+def test_spec_symbols_are_valid(symbol: str) -> None:
+    assert validate_symbol(symbol) == symbol
+
+
+@pytest.mark.parametrize(
+    "symbol", ["", "x" * 65, "é" * 33, "a\tb", "a\x00", "\x1f", "a\x7f", "a\x80", "a\x9f", "\ud800"]
+)
+def test_bad_symbols_are_invalid_symbol(symbol: str) -> None:
+    with pytest.raises(ApiError) as info:
+        validate_symbol(symbol)
+    assert info.value.code == "invalid_symbol"
+
+
+def test_stats_query_ok() -> None:
+    query = parse_stats_query({"symbol": ["AAPL"], "exponent": ["8"]})
+    assert (query.symbol, query.exponent) == ("AAPL", 8)
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        ({}, "missing_parameter"),
+        ({"exponent": ["1"]}, "missing_parameter"),
+        ({"symbol": [], "exponent": ["1"]}, "missing_parameter"),
+        ({"symbol": [""], "exponent": ["1"]}, "invalid_symbol"),
+        ({"symbol": ["S"]}, "invalid_exponent"),
+        *[
+            ({"symbol": ["S"], "exponent": [raw]}, "invalid_exponent")
+            for raw in [
+                "",
+                "0",
+                "9",
+                "10",
+                "-1",
+                "+1",
+                " 1",
+                "1 ",
+                "1.0",
+                "1e0",
+                "\uff10",
+                "\u0661",
+                "x",
+            ]
+        ],
+    ],
+)
+def test_stats_query_errors(args: dict, code: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_stats_query(args)
+    assert info.value.code == code
