@@ -68,7 +68,8 @@ setup() {
     [ -f "$STAMP" ] && have="$(cat "$STAMP")"
     if [ "$want" != "$have" ]; then
         say "installing the project and its test extras into .venv (pyproject.toml changed)"
-        "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip \
+            || say "could not upgrade pip; continuing with $("$VENV/bin/python" -m pip --version)"
         "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[test]"
         printf '%s\n' "$want" >"$STAMP"
     fi
