@@ -69,7 +69,8 @@ class Series(Protocol):
     """
 
     def append(self, values: np.ndarray) -> int:
-        """Append a batch, applying the retention policy first; return how many values were evicted."""
+        """Append a batch, applying the retention policy first; return how many old values
+        were evicted."""
         ...
 
     def stats(self, window: int) -> WindowStats:

@@ -1,0 +1,109 @@
+"""Pure array kernels of the segment tree, shared by the numpy and CuPy engines.
+
+Every function takes its array module as `xp` (numpy or cupy) and works on whole arrays: no
+Python loop per value. A node summary is one row of five float64 columns
+(count, ref, mean, M2, min, max), where M2 is the sum of squared deviations from the node's mean.
+
+Anchored means: a node stores its mean as REF + MEAN, where REF is one of its own values (the
+first) and MEAN the mean of (x - REF). Prices sit far from zero relative to their spread
+(1e9 + noise of 1e-3): a mean stored as one float64 near 1e9 carries a rounding error of ~1e-7,
+which is 1e-3 of the deviations the variance is made of, and such errors do not cancel across
+nodes. x - REF is exact for x within a factor of two of REF (Sterbenz), and where it is not,
+the spread dominates the variance, so anchored means keep full relative precision. min and max
+are selections and stay bit-exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+COUNT, REF, MEAN, M2, MIN, MAX = range(6)
+ROW_WIDTH = 6
+# The summary of no values: merging it changes nothing (count 0 carries no weight; the min/max
+# identities are +inf/-inf). Fresh summary pages are filled with it.
+IDENTITY_ROW = np.array([0.0, 0.0, 0.0, 0.0, np.inf, -np.inf])
+
+
+def summarize_blocks(blocks: Any, out: Any, xp: Any = np) -> None:
+    """Write the summaries of the rows of a (k, B) array of values into `out`, shape (k, 6)."""
+    width = blocks.shape[1]
+    out[:, COUNT] = width
+    ref = out[:, REF]
+    ref[:] = blocks[:, 0]
+    shifted = blocks - ref[:, None]
+    mean = out[:, MEAN]
+    shifted.sum(axis=1, out=mean)
+    mean *= 1.0 / width  # exact: width is a power of two
+    shifted -= mean[:, None]
+    out[:, M2] = xp.einsum("ij,ij->i", shifted, shifted)
+    blocks.min(axis=1, out=out[:, MIN])
+    blocks.max(axis=1, out=out[:, MAX])
+
+
+def summarize_run(values: Any, out: Any) -> None:
+    """Write the summary of a short non-empty 1-D run of values into the (6,) row `out`.
+
+    Same numerics as `summarize_blocks`, with scalar arithmetic: a partial block is a handful
+    of values, where fixed per-call costs dominate.
+    """
+    count = values.shape[0]
+    ref = float(values[0])
+    dev = values - ref
+    mean = float(dev.sum()) / count
+    dev -= mean
+    out[:] = (count, ref, mean, float(dev @ dev), float(values.min()), float(values.max()))
+
+
+def merge_groups(groups: Any, out: Any, xp: Any = np) -> None:
+    """Merge each group of child summaries, (m, F, 6), writing the (m, 6) parents into `out`.
+
+    A parent is anchored at its first child's REF. Every merged group's first child holds
+    values (appends only merge ancestors of written nodes), so its count is never 0; empty
+    children (IDENTITY rows past the newest value) carry no weight.
+    """
+    counts = groups[:, :, COUNT]
+    ref = groups[:, 0, REF]
+    means = groups[:, :, REF] - ref[:, None]
+    means += groups[:, :, MEAN]
+    # Column sums give the count and the children's M2 in one pass (the other columns are
+    # scratch, overwritten below).
+    groups.sum(axis=1, out=out)
+    mean = out[:, MEAN]
+    xp.divide(xp.einsum("ij,ij->i", counts, means), out[:, COUNT], out=mean)
+    means -= mean[:, None]
+    out[:, M2] += xp.einsum("ij,ij,ij->i", counts, means, means)
+    out[:, REF] = ref
+    groups[:, :, MIN].min(axis=1, out=out[:, MIN])
+    groups[:, :, MAX].max(axis=1, out=out[:, MAX])
+
+
+def combine(values: Any, rows: Any) -> tuple[int, float, float, float, float]:
+    """Merge raw values (r,) and node summaries (q, 6) into (count, mean, M2, min, max).
+
+    This is the query-side merge: a window is a few raw values at its old edge plus whole
+    nodes. Returns Python scalars. At least one input must be non-empty, and every row must
+    hold values.
+    """
+    n_values = values.shape[0]
+    anchor = float(values[0]) if n_values else float(rows[0, REF])
+    counts = rows[:, COUNT]
+    means = rows[:, REF] - anchor
+    means += rows[:, MEAN]
+    column_sums = rows.sum(axis=0)
+    n = n_values + float(column_sums[COUNT])
+    dev_values = values - anchor
+    mean = (float(dev_values.sum()) + float(counts @ means)) / n
+    dev_values -= mean
+    means -= mean
+    m2 = float(dev_values @ dev_values) + float(column_sums[M2]) + float(counts @ (means * means))
+    lo = np.inf
+    hi = -np.inf
+    if n_values:
+        lo = float(values.min())
+        hi = float(values.max())
+    if rows.shape[0]:
+        lo = min(lo, float(rows[:, MIN].min()))
+        hi = max(hi, float(rows[:, MAX].max()))
+    return int(n), anchor + mean, m2, lo, hi

@@ -1,0 +1,289 @@
+"""The numpy segment-tree series: a paged, B-ary summary pyramid over raw float64 values.
+
+Layout (all positions are absolute: the i-th value ever appended has index i forever):
+
+    level 0   raw values, in pages of `chunk` values (8 MiB by default)
+    level 1   one summary row per block of `block` values
+    level i   one summary row per `fanout` rows of level i-1
+
+Each level is a dict of fixed-size pages keyed by page number. Growth allocates a new page and
+never copies the series; retention drops whole pages from the front, O(dropped pages), and only
+moves `head` inside the first page. Summaries exist only from block level up, so memory is
+8 bytes per value plus 48/block bytes (+1/fanout of that per level above): about 8.19 B at the
+default geometry.
+
+Invariants the code relies on:
+- Summary pages start as IDENTITY rows, so a group of children may be merged whole even where
+  it runs past the newest value.
+- The newest (partial) node of every level is kept current on each append, so a window needs no
+  decomposition at its new end: only its old edge is split into raw values plus sibling runs.
+- A node that contains `head` (the oldest retained value) may summarise dropped values. Queries
+  never read such a node (they round the window start *up* at every level), and appends only
+  rewrite nodes at the tail, whose children all lie in pages that are still allocated.
+- Sibling groups never cross a page: every page holds a multiple of `fanout` rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fallback.interface import RetentionPolicy, WindowStats
+from fallback.kernels import (
+    IDENTITY_ROW,
+    ROW_WIDTH,
+    combine,
+    merge_groups,
+    summarize_blocks,
+    summarize_run,
+)
+
+_NO_ROWS = np.empty((0, ROW_WIDTH))
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Shape of the pyramid. The defaults are tuned by benches/bench_engine.py.
+
+    `chunk` must equal block * fanout**j for some j >= 0 so that every in-chunk level's nodes
+    tile a page exactly.
+    """
+
+    block: int = 256
+    fanout: int = 64
+    chunk: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("block", "fanout", "chunk"):
+            if not _is_power_of_two(getattr(self, name)):
+                raise ValueError(f"{name} must be a power of two")
+        if self.block < 2 or self.fanout < 2:
+            raise ValueError("block and fanout must be >= 2")
+        per_block = self.chunk // self.block
+        while per_block > 1 and per_block % self.fanout == 0:
+            per_block //= self.fanout
+        if self.chunk < self.block or per_block != 1:
+            raise ValueError("chunk must be block * fanout**j")
+
+    def summary_spans(self, max_values: int) -> list[int]:
+        """Spans (values per node) of levels 1..L: up to the first level whose fanout**2 nodes
+        cover `max_values`. The top level then contributes at most fanout**2 rows to a window
+        (one vectorised pass), and an append merges one level fewer than a full pyramid."""
+        spans = [self.block]
+        while spans[-1] * self.fanout * self.fanout < max_values:
+            spans.append(spans[-1] * self.fanout)
+        return spans
+
+
+class _Level:
+    """One level of the pyramid: rows addressed by absolute index, stored in fixed-size pages."""
+
+    __slots__ = ("first_page", "pages", "rows_per_page", "span")
+
+    def __init__(self, span: int, rows_per_page: int) -> None:
+        self.span = span
+        self.rows_per_page = rows_per_page
+        self.pages: dict[int, np.ndarray] = {}
+        self.first_page = 0
+
+    def page(self, number: int) -> np.ndarray:
+        page = self.pages.get(number)
+        if page is None:
+            page = self._new_page()
+            self.pages[number] = page
+        return page
+
+    def _new_page(self) -> np.ndarray:
+        page = np.empty((self.rows_per_page, ROW_WIDTH))
+        page[:] = IDENTITY_ROW
+        return page
+
+    def run(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi), which the caller guarantees lie in one page."""
+        number, offset = divmod(lo, self.rows_per_page)
+        return self.pages[number][offset : offset + hi - lo]
+
+    def runs(self, lo: int, hi: int) -> list[np.ndarray]:
+        """Rows [lo, hi) as one view per page they touch."""
+        out = []
+        while lo < hi:
+            number, offset = divmod(lo, self.rows_per_page)
+            take = min(hi - lo, self.rows_per_page - offset)
+            out.append(self.pages[number][offset : offset + take])
+            lo += take
+        return out
+
+    def drop_pages_before(self, index: int) -> None:
+        """Free every page that lies wholly before row `index`."""
+        keep_from = index // self.rows_per_page
+        while self.first_page < keep_from:
+            self.pages.pop(self.first_page, None)
+            self.first_page += 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(page.nbytes for page in self.pages.values())
+
+
+class _ValueLevel(_Level):
+    """Level 0: raw values. Pages are allocated uninitialised; only written slots are read."""
+
+    __slots__ = ()
+
+    def _new_page(self) -> np.ndarray:
+        return np.empty(self.rows_per_page)
+
+
+class SegmentTreeSeries:
+    """A bounded series with O(log N) window statistics; see the module docstring for layout."""
+
+    def __init__(
+        self,
+        retention: RetentionPolicy,
+        starting_capacity: int = 0,
+        geometry: Geometry | None = None,
+    ) -> None:
+        self.retention = retention
+        self.geometry = geometry or Geometry()
+        g = self.geometry
+        self._values = _ValueLevel(1, g.chunk)
+        self._levels: list[_Level] = [self._values]
+        for span in g.summary_spans(retention.max_values):
+            self._levels.append(_Level(span, max(g.chunk // span, g.fanout)))
+        self._head = 0  # absolute index of the oldest retained value
+        self._end = 0  # absolute index one past the newest value
+        # starting_capacity is a hint: pre-create the value pages it asks for (np.empty maps
+        # them lazily, so untouched pages cost address space, not memory).
+        hint = min(max(starting_capacity, 0), retention.max_values)
+        for number in range(-(-hint // g.chunk)):
+            self._values.page(number)
+
+    def __len__(self) -> int:
+        return self._end - self._head
+
+    @property
+    def nbytes(self) -> int:
+        return sum(level.nbytes for level in self._levels)
+
+    # -- append ---------------------------------------------------------------------------
+
+    def append(self, values: np.ndarray) -> int:
+        incoming = values.shape[0]
+        if incoming == 0:
+            return 0
+        current = len(self)
+        kept_old, kept_new = self.retention.retained_after(current, incoming)
+        evicted = current - kept_old
+        if evicted:
+            self._drop_oldest(evicted)
+
+        if kept_new < incoming:
+            values = values[incoming - kept_new :]
+        chunk = self.geometry.chunk
+        pos = 0
+        while pos < kept_new:
+            room = chunk - self._end % chunk
+            take = min(room, kept_new - pos)
+            self._append_within_chunk(values[pos : pos + take])
+            pos += take
+        return evicted
+
+    def _drop_oldest(self, count: int) -> None:
+        self._head += count
+        for level in self._levels:
+            level.drop_pages_before(self._head // level.span)
+
+    def _append_within_chunk(self, segment: np.ndarray) -> None:
+        g = self.geometry
+        start = self._end
+        stop = start + segment.shape[0]
+        chunk_base = start - start % g.chunk
+        page = self._values.page(start // g.chunk)
+        page[start - chunk_base : stop - chunk_base] = segment
+        self._end = stop
+
+        # Level 1: recompute every block the segment touched, from the raw values (the first
+        # one may hold earlier values too; the last one may be partial).
+        blocks = self._levels[1]
+        first_block = start // g.block
+        full_end = stop // g.block
+        block_page = blocks.page(first_block // blocks.rows_per_page)
+        page_base = first_block - first_block % blocks.rows_per_page
+        if full_end > first_block:
+            raw = page[first_block * g.block - chunk_base : full_end * g.block - chunk_base]
+            summarize_blocks(
+                raw.reshape(-1, g.block),
+                block_page[first_block - page_base : full_end - page_base],
+            )
+        if stop % g.block:
+            raw = page[full_end * g.block - chunk_base : stop - chunk_base]
+            summarize_run(raw, block_page[full_end - page_base])
+
+        # Levels 2..L: recompute the parents of every rewritten node, one vectorised merge per
+        # level. Children [lo*F, hi*F) lie in one page of the level below (see invariants).
+        lo, hi = first_block, -(-stop // g.block)
+        for child, parent in zip(self._levels[1:], self._levels[2:], strict=False):
+            lo, hi = lo // g.fanout, -(-hi // g.fanout)
+            children = child.page(lo * g.fanout // child.rows_per_page)
+            child_base = (lo * g.fanout) - (lo * g.fanout) % child.rows_per_page
+            groups = children[lo * g.fanout - child_base : hi * g.fanout - child_base]
+            parent_page = parent.page(lo // parent.rows_per_page)
+            parent_base = lo - lo % parent.rows_per_page
+            merge_groups(
+                groups.reshape(hi - lo, g.fanout, ROW_WIDTH),
+                parent_page[lo - parent_base : hi - parent_base],
+            )
+
+    # -- query ----------------------------------------------------------------------------
+
+    def stats(self, window: int) -> WindowStats:
+        size = len(self)
+        if size == 0:
+            raise ValueError("series is empty")
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        count = min(window, size)
+        raw, rows = self._window_parts(self._end - count)
+        n, mean, m2, lo, hi = combine(raw, rows)
+        last_index = self._end - 1
+        last = float(
+            self._values.pages[last_index // self.geometry.chunk][last_index % self.geometry.chunk]
+        )
+        return WindowStats(count=n, min=lo, max=hi, last=last, avg=mean, var=m2 / n)
+
+    def _window_parts(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """Split [start, end) into raw values at its old edge and the fewest whole nodes.
+
+        At each level take the siblings from the window start up to the parent boundary, then
+        step up a level; the newest partial nodes are current, so the new end needs no split.
+        """
+        g = self.geometry
+        end = self._end
+        raw_end = min(-(-start // g.block) * g.block, end)
+        offset = start % g.chunk
+        raw = self._values.pages[start // g.chunk][offset : offset + raw_end - start]
+        if raw_end == end:
+            return raw, _NO_ROWS
+        pieces: list[np.ndarray] = []
+        index = raw_end // g.block
+        top = len(self._levels) - 1
+        for depth in range(1, top + 1):
+            level = self._levels[depth]
+            nodes = -(-end // level.span)
+            if depth == top:
+                pieces.extend(level.runs(index, nodes))
+                break
+            boundary = min(-(-index // g.fanout) * g.fanout, nodes)
+            if boundary > index:
+                pieces.append(level.run(index, boundary))
+            if boundary == nodes:
+                break
+            index = boundary // g.fanout
+        if len(pieces) == 1:
+            return raw, pieces[0]
+        return raw, np.concatenate(pieces) if pieces else _NO_ROWS

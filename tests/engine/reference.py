@@ -1,0 +1,51 @@
+"""The numpy model every engine result is checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fallback import RetentionPolicy, Series
+
+WINDOW_EXPONENTS = range(1, 9)
+
+
+class ModelSeries:
+    """The retention policy applied to a plain numpy array, the slow obvious way."""
+
+    def __init__(self, retention: RetentionPolicy) -> None:
+        self.retention = retention
+        self.values = np.empty(0)
+
+    def append(self, batch: np.ndarray) -> int:
+        kept_old, kept_new = self.retention.retained_after(len(self.values), len(batch))
+        evicted = len(self.values) - kept_old
+        self.values = np.concatenate(
+            [self.values[len(self.values) - kept_old :], batch[len(batch) - kept_new :]]
+        )
+        return evicted
+
+
+def assert_window_matches(series: Series, model: np.ndarray, window: int, rel: float = 1e-9):
+    """Check one window of `series` against numpy on the same values."""
+    expected = model[-window:]
+    got = series.stats(window)
+    assert got.count == len(expected)
+    # min, max and last are selections, never arithmetic: they must be bit-exact.
+    assert got.min == expected.min()
+    assert got.max == expected.max()
+    assert got.last == expected[-1]
+    mean = expected.mean()
+    assert abs(got.avg - mean) <= rel * abs(mean) + 1e-300
+    var = expected.var()
+    # A variance of exactly 0 must come out as 0; otherwise relative to the true value, with a
+    # floor for windows whose variance is pure rounding noise at the data's magnitude.
+    noise_floor = (np.finfo(float).eps * float(np.abs(expected).max())) ** 2 * 16
+    assert abs(got.var - var) <= rel * var + noise_floor, (got.var, var, window)
+
+
+def assert_all_windows_match(series: Series, model: np.ndarray, rel: float = 1e-9) -> None:
+    assert len(series) == len(model)
+    for exponent in WINDOW_EXPONENTS:
+        if 10 ** (exponent - 1) > len(model):
+            break
+        assert_window_matches(series, model, 10**exponent, rel)
