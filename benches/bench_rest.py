@@ -469,7 +469,15 @@ def render_markdown(report: dict) -> str:
             f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f} | {speedup:.1f}x |"
         )
     errors = sum(e["errors"] for s in summary.values() for e in s.values())
-    out += ["", f"Non-2xx responses and socket errors over all runs: {errors}.", ""]
+    loads = sorted(r["loadavg_1m"] for r in report["runs"])
+    out += ["", f"Non-2xx responses and socket errors over all runs: {errors}."]
+    if loads:
+        out.append(
+            f"Load average (1 min) at the start of each run: min {loads[0]:.2f}, median "
+            f"{median(loads):.2f}, max {loads[-1]:.2f} (about 1 = quiet for this benchmark: "
+            "its own server or wrk; higher means other work shared the cores)."
+        )
+    out.append("")
     out += ["Targets (tree):", "", *verdicts(summary, sizes), ""]
     return "\n".join(out)
 
