@@ -43,10 +43,24 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> HT
     return json_response(error.to_body(), error.status, headers)
 
 
+def close_if_draining(request: Request | None) -> None:
+    """While stopping, answer with `Connection: close` so drained keep-alive clients let go.
+
+    Sanic closes idle connections when shutdown starts, then waits for the others until
+    `graceful_shutdown_s`; a keep-alive connection whose in-flight request finishes would hold
+    the process until that timeout. One attribute check per request.
+    """
+    if request is not None and not request.app.ctx.ready:
+        stream = getattr(request, "stream", None)
+        if stream is not None and hasattr(stream, "keep_alive"):
+            stream.keep_alive = False
+
+
 class JsonErrorHandler(ErrorHandler):
     """Renders every exception, Sanic's own included, as the API's JSON error body."""
 
     def default(self, request: Request, exception: BaseException) -> HTTPResponse:
+        close_if_draining(request)
         if isinstance(exception, ApiError):
             return error_response(exception)
         if isinstance(exception, NotFound):
@@ -146,10 +160,12 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
 
     @app.get("/health", strict_slashes=False)
     async def health(request: Request) -> HTTPResponse:
+        close_if_draining(request)
         return json_response({"status": "ok"})
 
     @app.get("/ready", strict_slashes=False)
     async def ready(request: Request) -> HTTPResponse:
+        close_if_draining(request)
         if not request.app.ctx.ready:
             return error_response(ApiError("not_ready", "the appliance is starting or stopping"))
         return json_response({"status": "ready"})
@@ -157,6 +173,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
     @app.post("/add_batch", strict_slashes=False)
     async def add_batch(request: Request) -> HTTPResponse:
         # Hot path: one C decode, one array conversion, vectorized checks, one locked append.
+        close_if_draining(request)
         check_json_content_type(request.headers.get("content-type"))
         batch = decoder.decode(request.body)
         try:
@@ -171,6 +188,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
     async def stats(request: Request) -> HTTPResponse:
         args = request.get_args(keep_blank_values=True)
         query = parse_stats_query({key: args.getlist(key) for key in args})
+        close_if_draining(request)
         try:
             result = store.stats(query.symbol, query.exponent)
         except UnknownSymbolError:
@@ -189,6 +207,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
 
     @app.get("/openapi.json", strict_slashes=False)
     async def openapi_json(request: Request) -> HTTPResponse:
+        close_if_draining(request)
         return HTTPResponse(openapi_body, content_type=JSON)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -114,3 +116,18 @@ def test_api_error_status_comes_from_the_table() -> None:
         assert ApiError(code, "m").status == row.status
     with pytest.raises(KeyError):
         ApiError("no_such_code", "m")
+
+
+def _handler(app, path: str):
+    return next(r.handler for r in app.router.routes if r.path.strip("/") == path)
+
+
+def test_ready_is_503_until_startup_completes() -> None:
+    app = new_app()
+    request = SimpleNamespace(app=app, stream=None)
+    response = asyncio.run(_handler(app, "ready")(request))
+    assert response.status == 503
+    assert json.loads(response.body)["code"] == "not_ready"
+    app.ctx.ready = True
+    response = asyncio.run(_handler(app, "ready")(request))
+    assert (response.status, json.loads(response.body)) == (200, {"status": "ready"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,35 @@ def test_gpu_backend_without_gpu_engine_exits_2(tmp_path: Path) -> None:
 def test_usage_error_exits_2(tmp_path: Path) -> None:
     assert run_cli(tmp_path).returncode == 2
     assert run_cli(tmp_path, "serve", "--bogus").returncode == 2
+
+
+def test_sigterm_drains_an_in_flight_upload_then_exits_0(tmp_path: Path) -> None:
+    """The request in flight when SIGTERM arrives completes; the drain does not wait out the
+    graceful timeout (30 s here) because the drained connection is answered with close."""
+    server = Server(tmp_path, {"APP_SERVER__GRACEFUL_SHUTDOWN_S": "30"})
+    try:
+        server.wait_ready()
+        body = json.dumps({"symbol": "DRAIN", "values": [1.5] * 100_000}).encode()
+        head = (
+            b"POST /add_batch/ HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + body[:1000])
+            time.sleep(0.3)  # the server has the request in progress
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert server.proc.poll() is None  # still draining
+            sock.sendall(body[1000:])
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head_out, _, payload = raw.partition(b"\r\n\r\n")
+        assert head_out.startswith(b"HTTP/1.1 200")
+        assert b"connection: close" in head_out.lower()
+        assert json.loads(payload) == {"status": "ok", "symbol": "DRAIN", "added": 100_000}
+        started = time.monotonic()
+        assert server.proc.wait(20) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
