@@ -25,6 +25,12 @@ class ModelSeries:
         return evicted
 
 
+def rounding_floor(x: np.ndarray) -> float:
+    """M2 below this is rounding noise at the data's magnitude: numpy's own mean is off by an
+    ulp or so, which it squares into every deviation; an engine may be *closer* to exact."""
+    return len(x) * (4 * np.finfo(float).eps * float(x.max())) ** 2
+
+
 def assert_window_matches(series: Series, model: np.ndarray, window: int, rel: float = 1e-9):
     """Check one window of `series` against numpy on the same values."""
     expected = model[-window:]
@@ -37,9 +43,7 @@ def assert_window_matches(series: Series, model: np.ndarray, window: int, rel: f
     mean = expected.mean()
     assert abs(got.avg - mean) <= rel * abs(mean) + 1e-300
     var = expected.var()
-    # A variance of exactly 0 must come out as 0; otherwise relative to the true value, with a
-    # floor for windows whose variance is pure rounding noise at the data's magnitude.
-    noise_floor = (np.finfo(float).eps * float(np.abs(expected).max())) ** 2 * 16
+    noise_floor = rounding_floor(expected) / len(expected)
     assert abs(got.var - var) <= rel * var + noise_floor, (got.var, var, window)
 
 
