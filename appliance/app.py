@@ -23,7 +23,12 @@ from appliance.engine import select_engine
 from appliance.errors import ApiError
 from appliance.openapi import build_openapi
 from appliance.store import Store, SymbolLimitError, UnknownSymbolError
-from appliance.validation import BatchDecoder, parse_stats_query
+from appliance.validation import (
+    BatchDecoder,
+    parse_query_string,
+    parse_stats_query,
+    validate_symbol,
+)
 from fallback.interface import Engine, RetentionPolicy
 
 log = logging.getLogger(__name__)
@@ -186,12 +191,13 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
 
     @app.get("/stats", strict_slashes=False)
     async def stats(request: Request) -> HTTPResponse:
-        args = request.get_args(keep_blank_values=True)
-        query = parse_stats_query({key: args.getlist(key) for key in args})
+        # Hot path: a hand-rolled query parse, dict lookups, and the store's per-symbol cache.
+        query = parse_stats_query(parse_query_string(request.query_string))
         close_if_draining(request)
         try:
             result = store.stats(query.symbol, query.exponent)
         except UnknownSymbolError:
+            validate_symbol(query.symbol)  # an invalid symbol gets the more useful error
             raise ApiError(
                 "unknown_symbol", f"unknown symbol {query.symbol!r}: no values were added for it"
             ) from None

@@ -9,9 +9,10 @@ numbers that overflow a float64, so the only per-value work left in Python is a 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import unquote_plus
 
 import msgspec
 import numpy as np
@@ -26,7 +27,6 @@ MAX_EXPONENT = 8
 # C0 controls, DEL and C1 controls: none may appear in a symbol (SPEC section 3).
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _VALUE_AT = re.compile(r" - at `\$\.values\[(\d+)\]`$")
-_PLAIN_INT = re.compile(r"[0-9]{1,3}", re.ASCII)
 
 
 class AddBatchBody(msgspec.Struct):
@@ -131,28 +131,58 @@ def validate_symbol(symbol: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class StatsQuery:
+    """`symbol` is present but not yet validated: see `parse_stats_query`."""
+
     symbol: str
     exponent: int
 
 
-def parse_stats_query(args: Mapping[str, Sequence[str]]) -> StatsQuery:
-    """`symbol` (required, a legal symbol) and `exponent` (a plain integer string in 1..8)."""
-    symbols = args.get("symbol")
-    if not symbols:
+# The only accepted spellings of the exponent: plain ASCII decimal 1..8.
+_EXPONENTS = {str(k): k for k in range(MIN_EXPONENT, MAX_EXPONENT + 1)}
+_DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
+
+
+def parse_query_string(query_string: str) -> dict[str, str]:
+    """The first value of each query parameter, blank values kept.
+
+    Hot path of GET /stats/: about ten times cheaper than `urllib.parse.parse_qs`, because the
+    common query (`symbol=AAPL&exponent=1`) needs no percent-decoding at all.
+    """
+    params: dict[str, str] = {}
+    if not query_string:
+        return params
+    for part in query_string.split("&"):
+        name, _, value = part.partition("=")
+        if "%" in part or "+" in part:
+            name, value = unquote_plus(name), unquote_plus(value)
+        params.setdefault(name, value)
+    return params
+
+
+def parse_stats_query(params: Mapping[str, str]) -> StatsQuery:
+    """`symbol` (required) and `exponent` (required, ASCII decimal digits, value 1..8).
+
+    The symbol is checked for presence only: callers look it up first and call
+    `validate_symbol` only on a miss, since every symbol in the store was validated when
+    created. That keeps the per-poll cost of GET /stats/ to a few dict lookups.
+    """
+    symbol = params.get("symbol")
+    if symbol is None:
         raise ApiError("missing_parameter", "query parameter `symbol` is required")
-    symbol = validate_symbol(symbols[0])
-    exponents = args.get("exponent")
-    if not exponents:
+    raw = params.get("exponent")
+    if raw is None:
         raise ApiError(
             "invalid_exponent",
             f"query parameter `exponent` is required (an integer {MIN_EXPONENT}..{MAX_EXPONENT})",
         )
-    raw = exponents[0]
-    if _PLAIN_INT.fullmatch(raw) is None or not MIN_EXPONENT <= int(raw) <= MAX_EXPONENT:
+    exponent = _EXPONENTS.get(raw)
+    if exponent is None and _DIGITS.fullmatch(raw):  # leading zeros: "01"
+        exponent = _EXPONENTS.get(str(int(raw)))
+    if exponent is None:
         shown = raw if len(raw) <= 20 else raw[:20] + "..."
         raise ApiError(
             "invalid_exponent",
             f"exponent {shown!r} is not an integer in {MIN_EXPONENT}..{MAX_EXPONENT} "
             "(the window is the last 10^exponent values)",
         )
-    return StatsQuery(symbol, int(raw))
+    return StatsQuery(symbol, exponent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qs, urlencode
 
 import numpy as np
 import pytest
@@ -10,7 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.errors import ApiError
-from appliance.validation import BatchDecoder, parse_stats_query, validate_symbol
+from appliance.validation import (
+    BatchDecoder,
+    parse_query_string,
+    parse_stats_query,
+    validate_symbol,
+)
 
 DECODER = BatchDecoder(max_batch_size=100)
 
@@ -146,40 +152,56 @@ def test_bad_symbols_are_invalid_symbol(symbol: str) -> None:
     assert info.value.code == "invalid_symbol"
 
 
-def test_stats_query_ok() -> None:
-    query = parse_stats_query({"symbol": ["AAPL"], "exponent": ["8"]})
-    assert (query.symbol, query.exponent) == ("AAPL", 8)
+@pytest.mark.parametrize(("raw", "exponent"), [("1", 1), ("8", 8), ("01", 1), ("0008", 8)])
+def test_stats_query_ok(raw: str, exponent: int) -> None:
+    query = parse_stats_query({"symbol": "AAPL", "exponent": raw})
+    assert (query.symbol, query.exponent) == ("AAPL", exponent)
+
+
+@pytest.mark.parametrize("raw", ["\uff10", "\u0661", "\uff11", "9" * 40, "1" * 25])
+def test_non_ascii_or_huge_exponents_are_invalid(raw: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_stats_query({"symbol": "S", "exponent": raw})
+    assert info.value.code == "invalid_exponent"
 
 
 @pytest.mark.parametrize(
-    ("args", "code"),
+    ("params", "code"),
     [
         ({}, "missing_parameter"),
-        ({"exponent": ["1"]}, "missing_parameter"),
-        ({"symbol": [], "exponent": ["1"]}, "missing_parameter"),
-        ({"symbol": [""], "exponent": ["1"]}, "invalid_symbol"),
-        ({"symbol": ["S"]}, "invalid_exponent"),
+        ({"exponent": "1"}, "missing_parameter"),
+        ({"symbol": "S"}, "invalid_exponent"),
         *[
-            ({"symbol": ["S"], "exponent": [raw]}, "invalid_exponent")
-            for raw in [
-                "",
-                "0",
-                "9",
-                "10",
-                "-1",
-                "+1",
-                " 1",
-                "1 ",
-                "1.0",
-                "1e0",
-                "\uff10",
-                "\u0661",
-                "x",
-            ]
+            ({"symbol": "S", "exponent": raw}, "invalid_exponent")
+            for raw in ["", "0", "00", "9", "10", "-1", "+1", " 1", "1 ", "1.0", "1e0", "x"]
         ],
     ],
 )
-def test_stats_query_errors(args: dict, code: str) -> None:
+def test_stats_query_errors(params: dict, code: str) -> None:
     with pytest.raises(ApiError) as info:
-        parse_stats_query(args)
+        parse_stats_query(params)
     assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("query_string", "expected"),
+    [
+        ("", {}),
+        ("symbol=AAPL&exponent=1", {"symbol": "AAPL", "exponent": "1"}),
+        ("symbol=A&symbol=B", {"symbol": "A"}),
+        ("symbol=&exponent", {"symbol": "", "exponent": ""}),
+        ("symbol=EUR%2FUSD&x=a+b", {"symbol": "EUR/USD", "x": "a b"}),
+        ("symbol=%E6%97%A5%E6%9C%AC", {"symbol": "日本"}),
+        ("symbol=%00", {"symbol": "\x00"}),
+        ("exponent=%2B1", {"exponent": "+1"}),
+    ],
+)
+def test_parse_query_string(query_string: str, expected: dict) -> None:
+    assert parse_query_string(query_string) == expected
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=5))
+def test_parse_query_string_agrees_with_parse_qs(params: dict[str, str]) -> None:
+    query_string = urlencode(params)
+    reference = {k: v[0] for k, v in parse_qs(query_string, keep_blank_values=True).items()}
+    assert parse_query_string(query_string) == reference
