@@ -84,26 +84,36 @@ def combine(values: Any, rows: Any) -> tuple[int, float, float, float, float]:
 
     This is the query-side merge: a window is a few raw values at its old edge plus whole
     nodes. Returns Python scalars. At least one input must be non-empty, and every row must
-    hold values.
+    hold values. Each part is skipped when empty: small windows are raw values only, and
+    fixed per-call costs dominate there.
     """
     n_values = values.shape[0]
+    n_rows = rows.shape[0]
     anchor = float(values[0]) if n_values else float(rows[0, REF])
-    counts = rows[:, COUNT]
-    means = rows[:, REF] - anchor
-    means += rows[:, MEAN]
-    column_sums = rows.sum(axis=0)
-    n = n_values + float(column_sums[COUNT])
-    dev_values = values - anchor
-    mean = (float(dev_values.sum()) + float(counts @ means)) / n
-    dev_values -= mean
-    means -= mean
-    m2 = float(dev_values @ dev_values) + float(column_sums[M2]) + float(counts @ (means * means))
+    n = n_values
+    total = 0.0
+    if n_values:
+        dev_values = values - anchor
+        total = float(dev_values.sum())
+    if n_rows:
+        counts = rows[:, COUNT]
+        means = rows[:, REF] - anchor
+        means += rows[:, MEAN]
+        column_sums = rows.sum(axis=0)
+        n += int(column_sums[COUNT])
+        total += float(counts @ means)
+    mean = total / n
+    m2 = 0.0
     lo = np.inf
     hi = -np.inf
     if n_values:
+        dev_values -= mean
+        m2 += float(dev_values @ dev_values)
         lo = float(values.min())
         hi = float(values.max())
-    if rows.shape[0]:
+    if n_rows:
+        means -= mean
+        m2 += float(column_sums[M2]) + float(counts @ (means * means))
         lo = min(lo, float(rows[:, MIN].min()))
         hi = max(hi, float(rows[:, MAX].max()))
-    return int(n), anchor + mean, m2, lo, hi
+    return n, anchor + mean, m2, lo, hi
