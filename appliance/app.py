@@ -144,7 +144,8 @@ def create_app(
     """
     if engine is None:
         engine = select_engine(config.engine.backend).engine
-    app = Sanic(name, configure_logging=False, error_handler=JsonErrorHandler())
+    # env_prefix=None: Sanic's own SANIC_* variables are ignored; APP_* is the one mechanism.
+    app = Sanic(name, configure_logging=False, error_handler=JsonErrorHandler(), env_prefix=None)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.server.graceful_shutdown_s
     app.config.ACCESS_LOG = config.log.access_log

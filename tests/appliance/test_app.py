@@ -131,3 +131,8 @@ def test_ready_is_503_until_startup_completes() -> None:
     app.ctx.ready = True
     response = asyncio.run(_handler(app, "ready")(request))
     assert (response.status, json.loads(response.body)) == (200, {"status": "ready"})
+
+
+def test_sanic_environment_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANIC_HFT_PROBE", "1")
+    assert "HFT_PROBE" not in new_app().config
