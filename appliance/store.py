@@ -75,8 +75,10 @@ class Store:
                 return int(values.shape[0])
             entry = self._entries[symbol]
         with entry.lock:
-            entry.series.append(values)
-            entry.cache = {}
+            try:
+                entry.series.append(values)
+            finally:
+                entry.cache = {}  # even if the engine raised: never serve pre-append results
         return int(values.shape[0])
 
     def _create_with(self, symbol: str, values: np.ndarray) -> _Entry | None:
