@@ -58,4 +58,8 @@ def make_series(engine) -> SeriesFactory:
     def make(max_values: int = 150_000_000, keep: int = 100_000_000, capacity: int = 0):
         return engine.new_series(RetentionPolicy(max_values, keep), capacity)
 
+    # A batch this long spans several of the engine's storage pages (the unit its appends are
+    # split at); tiny test geometries get a small one so the suite stays fast.
+    geometry = getattr(engine, "geometry", None)
+    make.multi_page_batch = int(2.5 * geometry.chunk) if geometry else 2_500_000
     return make
