@@ -55,7 +55,10 @@ def close_if_draining(request: Request | None) -> None:
     `graceful_shutdown_s`; a keep-alive connection whose in-flight request finishes would hold
     the process until that timeout. One attribute check per request.
     """
-    if request is not None and not request.app.ctx.ready:
+    # getattr chain: also called from the error handler with half-built or absent requests,
+    # where raising would replace the JSON error with Sanic's plain-text fallback.
+    ctx = getattr(getattr(request, "app", None), "ctx", None)
+    if ctx is not None and not getattr(ctx, "ready", True):
         stream = getattr(request, "stream", None)
         if stream is not None and hasattr(stream, "keep_alive"):
             stream.keep_alive = False
@@ -80,6 +83,11 @@ class JsonErrorHandler(ErrorHandler):
                 message += f"; allowed: {', '.join(allowed)}"
             headers = {"Allow": ", ".join(allowed)} if allowed else None
             return error_response(ApiError("method_not_allowed", message), headers)
+        if isinstance(exception, PayloadTooLarge) and "header" in str(exception).lower():
+            # Sanic raises PayloadTooLarge for an oversized request line + headers as well.
+            return error_response(
+                ApiError("bad_request", "request line and headers are too large", status=431)
+            )
         if isinstance(exception, PayloadTooLarge):
             limit = request.app.config.REQUEST_MAX_SIZE if request else "the limit"
             return error_response(

@@ -290,3 +290,41 @@ def test_every_exponent_1_to_8_is_accepted(server: Server) -> None:
     for exponent in range(1, 9):
         window = values[-min(10**exponent, values.size) :]
         assert_stats_match(server.stats(symbol, exponent).json, window)
+
+
+def _raw_exchange(server: Server, data: bytes) -> tuple[bytes, dict]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(data)
+        raw = b""
+        while b"\r\n\r\n" not in raw or not raw.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower()
+    return head, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+        (
+            b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+            431,
+            "bad_request",
+        ),
+        (
+            b"POST /add_batch/ HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+    ],
+)
+def test_malformed_http_gets_a_json_error(
+    server: Server, data: bytes, status: int, code: str
+) -> None:
+    head, body = _raw_exchange(server, data)
+    assert head.startswith(b"HTTP/1.1 %d" % status)
+    assert body["code"] == code
