@@ -50,7 +50,8 @@ _ROWS = (
     ErrorCode(
         "bad_request",
         400,
-        "The HTTP request itself is malformed (rejected by the server before routing).",
+        "The HTTP request itself is malformed, rejected before routing (status 400, or "
+        "431 when the request line and headers are too large).",
     ),
     ErrorCode("not_found", 404, "No route matches the path."),
     ErrorCode("unknown_symbol", 404, "No values were ever accepted for this symbol."),

@@ -100,9 +100,14 @@ class Server:
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             raw = conn.getresponse()
-            return Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
+            response = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
         finally:
             conn.close()
+        # SPEC section 5: every response body is JSON, labelled so. Checked on every request.
+        content_type = response.headers.get("content-type", "")
+        assert content_type.split(";")[0].strip() == "application/json", response
+        json.loads(response.body)
+        return response
 
     def post_batch(self, symbol: str, values: Any, **kwargs: Any) -> Response:
         body = json.dumps({"symbol": symbol, "values": values}).encode()
