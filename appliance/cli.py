@@ -62,12 +62,14 @@ def serve(config_path: str | None) -> int:
     try:
         engine = select_engine(config.engine.backend).engine
     except EngineUnavailableError as exc:
+        log.error("engine unavailable", extra={"reason": str(exc)})
         return _fail(str(exc))
 
     host, port = config.server.host, config.server.port
     try:
         sock = bind_listen_socket(host, port)
     except OSError as exc:
+        log.error("cannot listen", extra={"host": host, "port": port, "reason": str(exc)})
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from appliance.app import create_app
