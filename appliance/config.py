@@ -106,9 +106,11 @@ class AppConfig(_Section):
 def _parse_env_value(raw: str) -> Any:
     """A TOML literal if `raw` is one (`8080`, `true`, `"x"`, `1.5`), else the raw string."""
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        parsed = tomllib.loads(f"v = {raw}")
     except tomllib.TOMLDecodeError:
         return raw
+    # "1\nother = 2" parses as two keys: that is not one literal, so keep the raw string.
+    return parsed["v"] if len(parsed) == 1 else raw
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:

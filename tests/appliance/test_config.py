@@ -172,3 +172,8 @@ def test_max_body_bytes_is_derived_unless_explicit() -> None:
     assert derived.max_body_bytes == 32 * 1000 + 64 * 1024
     explicit = build_config({}, {"APP_SERVER__MAX_BODY_BYTES": "5000"})
     assert explicit.max_body_bytes == 5000
+
+
+def test_env_value_must_be_a_single_toml_literal() -> None:
+    with pytest.raises(ConfigError, match=r"^server\.port"):
+        build_config({}, {"APP_SERVER__PORT": "9090\nhost = 'x'"})
