@@ -10,19 +10,27 @@ WINDOW_EXPONENTS = range(1, 9)
 
 
 class ModelSeries:
-    """The retention policy applied to a plain numpy array, the slow obvious way."""
+    """SPEC section 4 applied to a plain numpy array, the slow obvious way.
+
+    Written from the SPEC's words, independently of `RetentionPolicy.retained_after`, so the
+    suite can catch a bug in the engine's rule as well as in the engine.
+    """
 
     def __init__(self, retention: RetentionPolicy) -> None:
-        self.retention = retention
+        self.max_values = retention.max_values
+        self.keep = retention.keep_after_cleanup
         self.values = np.empty(0)
 
     def append(self, batch: np.ndarray) -> int:
-        kept_old, kept_new = self.retention.retained_after(len(self.values), len(batch))
-        evicted = len(self.values) - kept_old
-        self.values = np.concatenate(
-            [self.values[len(self.values) - kept_old :], batch[len(batch) - kept_new :]]
-        )
-        return evicted
+        before = len(self.values)
+        old = self.values
+        if before + len(batch) > self.max_values:
+            old = old[before - min(before, self.keep) :]  # cleanup: keep min(n, keep) newest
+        combined = np.concatenate([old, batch])
+        overflow = max(0, len(combined) - self.max_values)  # still too long: newest win
+        self.values = combined[overflow:]
+        old_left = max(0, len(old) - overflow)
+        return before - old_left
 
 
 def rounding_floor(x: np.ndarray) -> float:

@@ -32,6 +32,26 @@ def test_seed_example_matches_numpy_and_the_documented_variance(make_series):
     assert stats.var == pytest.approx(0.5201, rel=1e-9)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    current=st.integers(0, 1000),
+    incoming=st.integers(1, 1000),
+    max_values=st.integers(1, 1000),
+    keep_fraction=st.floats(0.0, 1.0),
+)
+def test_retention_rule_matches_the_spec_model(current, incoming, max_values, keep_fraction):
+    """The rule itself, against the model written from SPEC section 4 (no engine involved)."""
+    current = min(current, max_values)
+    policy = RetentionPolicy(max_values, int(max_values * keep_fraction))
+    model = ModelSeries(policy)
+    model.values = np.arange(float(current))
+    evicted = model.append(np.arange(float(current), float(current + incoming)))
+    kept_old, kept_new = policy.retained_after(current, incoming)
+    assert evicted == current - kept_old
+    assert len(model.values) == kept_old + kept_new <= max_values
+    assert model.values[-1] == current + incoming - 1  # the newest value always survives
+
+
 @_hypothesis
 @given(batches=batches)
 def test_random_batches_match_numpy_for_every_window(make_series, batches):
