@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from appliance.config import AppConfig, ConfigError, load_config
+from fallback.interface import Engine
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -45,8 +46,11 @@ def bind_listen_socket(host: str, port: int, backlog: int = 1024) -> socket.sock
     return sock
 
 
-def serve(config_path: str | None) -> int:
-    """Load config, set up logging, pick the engine, bind, run until SIGINT/SIGTERM."""
+def serve(config_path: str | None, engine: Engine | None = None) -> int:
+    """Load config, set up logging, pick the engine, bind, run until SIGINT/SIGTERM.
+
+    `engine` replaces `[engine] backend`: benchmarks start a baseline engine on this exact path.
+    """
     try:
         config: AppConfig = load_config(config_path)
     except ConfigError as exc:
@@ -59,11 +63,12 @@ def serve(config_path: str | None) -> int:
         setup_logging(config.log)
     except OSError as exc:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
-    try:
-        engine = select_engine(config.engine.backend).engine
-    except EngineUnavailableError as exc:
-        log.error("engine unavailable", extra={"reason": str(exc)})
-        return _fail(str(exc))
+    if engine is None:
+        try:
+            engine = select_engine(config.engine.backend).engine
+        except EngineUnavailableError as exc:
+            log.error("engine unavailable", extra={"reason": str(exc)})
+            return _fail(str(exc))
 
     host, port = config.server.host, config.server.port
     try:

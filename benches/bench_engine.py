@@ -39,7 +39,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} vCPU, Python {platform.python_version()}, numpy {np.__version__}"
+    versions = f"Python {platform.python_version()}, numpy {np.__version__}"
+    return f"{model}, {os.cpu_count()} vCPU, {versions}"
 
 
 def fill(series, target: int, rng: np.random.Generator) -> None:
@@ -163,9 +164,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(
-        f"Machine: {result['machine']}  \nDate: {result['date']}  \nCommand: `{result['command']}`\n"
-    )
+    print(f"Machine: {result['machine']}  \nDate: {result['date']}  ")
+    print(f"Command: `{result['command']}`\n")
     print("| append 10k values | median us | p99 us | flat-array copy median us | target |")
     print("|---|---|---|---|---|")
     for row in result["append"]:
@@ -181,13 +181,12 @@ def main() -> None:
     for row in result["stats"]:
         print(
             f"| k = {row['k']} | {row['median_us']:.1f} | {row['p99_us']:.1f} | "
-            f"{row['baseline_median_us']:.1f} | {row['baseline_median_us'] / row['median_us']:.1f}x "
-            f"| <= 10 us median |"
+            f"{row['baseline_median_us']:.1f} | "
+            f"{row['baseline_median_us'] / row['median_us']:.1f}x | <= 10 us median |"
         )
     c = result["cleanup"]
-    print(
-        f"\nBytes per retained value at N = {big:.0e}: {result['bytes_per_value']:.3f} (target <= 9)"
-    )
+    bpv = result["bytes_per_value"]
+    print(f"\nBytes per retained value at N = {big:.0e}: {bpv:.3f} (target <= 9)")
     print(
         f"\nCleanup boundary (max {c['max_values']:.1e}): median append {c['median_us']:.1f} us, "
         f"the cleanup append {c['cleanup_append_us']:.1f} us, slowest {c['max_us']:.1f} us, "
