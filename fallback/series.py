@@ -2,7 +2,7 @@
 
 Layout (all positions are absolute: the i-th value ever appended has index i forever):
 
-    level 0   raw values, in pages of `chunk` values (8 MiB by default)
+    level 0   raw values, in pages of `chunk` values (32 MiB by default)
     level 1   one summary row per block of `block` values
     level i   one summary row per `fanout` rows of level i-1
 
@@ -40,6 +40,7 @@ from fallback.kernels import (
 )
 
 _NO_ROWS = np.empty((0, ROW_WIDTH))
+_PAGES_FREED_PER_APPEND = 2
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -50,13 +51,15 @@ def _is_power_of_two(n: int) -> bool:
 class Geometry:
     """Shape of the pyramid. The defaults are tuned by benches/bench_engine.py.
 
-    `chunk` must equal block * fanout**j for some j >= 0 so that every in-chunk level's nodes
-    tile a page exactly.
+    All three are powers of two with chunk >= block, so a chunk always lies inside one page of
+    every level and every page holds a whole number of sibling groups. `chunk` is the unit of
+    growth and of retention; 4 Mi values (32 MiB) makes a batch of 10k values cross a page only
+    once in ~420 appends, and costs at most two part-filled pages (64 MiB) per series.
     """
 
     block: int = 256
     fanout: int = 64
-    chunk: int = 1 << 20
+    chunk: int = 1 << 22
 
     def __post_init__(self) -> None:
         for name in ("block", "fanout", "chunk"):
@@ -64,11 +67,8 @@ class Geometry:
                 raise ValueError(f"{name} must be a power of two")
         if self.block < 2 or self.fanout < 2:
             raise ValueError("block and fanout must be >= 2")
-        per_block = self.chunk // self.block
-        while per_block > 1 and per_block % self.fanout == 0:
-            per_block //= self.fanout
-        if self.chunk < self.block or per_block != 1:
-            raise ValueError("chunk must be block * fanout**j")
+        if self.chunk < self.block:
+            raise ValueError("chunk must be >= block")
 
     def summary_spans(self, max_values: int) -> list[int]:
         """Spans (values per node) of levels 1..L: up to the first level whose fanout**2 nodes
@@ -118,11 +118,13 @@ class _Level:
             lo += take
         return out
 
-    def drop_pages_before(self, index: int) -> None:
-        """Free every page that lies wholly before row `index`."""
+    def drop_pages_before(self, index: int, retired: list[np.ndarray]) -> None:
+        """Move every page that lies wholly before row `index` to `retired`."""
         keep_from = index // self.rows_per_page
         while self.first_page < keep_from:
-            self.pages.pop(self.first_page, None)
+            page = self.pages.pop(self.first_page, None)
+            if page is not None:
+                retired.append(page)
             self.first_page += 1
 
     @property
@@ -155,6 +157,10 @@ class SegmentTreeSeries:
         self._levels: list[_Level] = [self._values]
         for span in g.summary_spans(retention.max_values):
             self._levels.append(_Level(span, max(g.chunk // span, g.fanout)))
+        # Pages dropped by retention, freed a few per append: freeing many 32 MiB pages at
+        # once (munmap of resident memory) would make the cleanup append several times slower
+        # than the others. Bounded: a cleanup retires at most max_values / chunk pages.
+        self._retired: list[np.ndarray] = []
         self._head = 0  # absolute index of the oldest retained value
         self._end = 0  # absolute index one past the newest value
         # starting_capacity is a hint: pre-create the value pages it asks for (np.empty maps
@@ -168,7 +174,8 @@ class SegmentTreeSeries:
 
     @property
     def nbytes(self) -> int:
-        return sum(level.nbytes for level in self._levels)
+        retired = sum(page.nbytes for page in self._retired)
+        return retired + sum(level.nbytes for level in self._levels)
 
     # -- append ---------------------------------------------------------------------------
 
@@ -191,12 +198,13 @@ class SegmentTreeSeries:
             take = min(room, kept_new - pos)
             self._append_within_chunk(values[pos : pos + take])
             pos += take
+        del self._retired[-_PAGES_FREED_PER_APPEND:]
         return evicted
 
     def _drop_oldest(self, count: int) -> None:
         self._head += count
         for level in self._levels:
-            level.drop_pages_before(self._head // level.span)
+            level.drop_pages_before(self._head // level.span, self._retired)
 
     def _append_within_chunk(self, segment: np.ndarray) -> None:
         g = self.geometry

@@ -20,6 +20,7 @@ _NUMPY_GEOMETRIES = {
     "numpy-default": Geometry(),
     "numpy-b4f4c64": Geometry(block=4, fanout=4, chunk=64),
     "numpy-b8f2c64": Geometry(block=8, fanout=2, chunk=64),
+    "numpy-b4f8c32": Geometry(block=4, fanout=8, chunk=32),  # chunk is not block * fanout**j
 }
 
 

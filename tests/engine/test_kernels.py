@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from fallback import Geometry
 from fallback.kernels import (
     COUNT,
     IDENTITY_ROW,
@@ -90,3 +91,11 @@ def test_identity_row_changes_nothing():
     parent = np.empty((1, ROW_WIDTH))
     merge_groups(group, parent)
     np.testing.assert_array_equal(parent[0], summary(x))
+
+
+@pytest.mark.parametrize(
+    ("block", "fanout", "chunk"), [(3, 4, 64), (4, 6, 64), (4, 4, 48), (8, 4, 4), (1, 4, 64)]
+)
+def test_geometry_rejects_shapes_the_paging_cannot_hold(block, fanout, chunk):
+    with pytest.raises(ValueError):
+        Geometry(block=block, fanout=fanout, chunk=chunk)
