@@ -2,7 +2,7 @@
 
 Layout (all positions are absolute: the i-th value ever appended has index i forever):
 
-    level 0   raw values, in pages of `chunk` values (32 MiB by default)
+    level 0   raw values, in pages of `chunk` values (8 MiB by default)
     level 1   one summary row per block of `block` values
     level i   one summary row per `fanout` rows of level i-1
 
@@ -40,7 +40,7 @@ from fallback.kernels import (
 )
 
 _NO_ROWS = np.empty((0, ROW_WIDTH))
-_PAGES_FREED_PER_APPEND = 2
+_FREE_BYTES_PER_APPEND = 8 << 20
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -53,13 +53,14 @@ class Geometry:
 
     All three are powers of two with chunk >= block, so a chunk always lies inside one page of
     every level and every page holds a whole number of sibling groups. `chunk` is the unit of
-    growth and of retention; 4 Mi values (32 MiB) makes a batch of 10k values cross a page only
-    once in ~420 appends, and costs at most two part-filled pages (64 MiB) per series.
+    growth and of retention. 1 Mi values (8 MiB) keeps the cost of freeing one retired page
+    (munmap of resident memory, ~40 us here) well under an append; larger pages cross less often
+    but each one costs more to free.
     """
 
     block: int = 256
     fanout: int = 64
-    chunk: int = 1 << 22
+    chunk: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name in ("block", "fanout", "chunk"):
@@ -157,9 +158,10 @@ class SegmentTreeSeries:
         self._levels: list[_Level] = [self._values]
         for span in g.summary_spans(retention.max_values):
             self._levels.append(_Level(span, max(g.chunk // span, g.fanout)))
-        # Pages dropped by retention, freed a few per append: freeing many 32 MiB pages at
-        # once (munmap of resident memory) would make the cleanup append several times slower
-        # than the others. Bounded: a cleanup retires at most max_values / chunk pages.
+        # Pages dropped by retention, freed at most _FREE_BYTES_PER_APPEND per append: freeing
+        # tens of 8 MiB pages at once (munmap of resident memory) would make the cleanup append
+        # many times slower than the others. Bounded: a cleanup retires at most
+        # max_values / chunk value pages and their summaries, all freed within ~50 appends.
         self._retired: list[np.ndarray] = []
         self._head = 0  # absolute index of the oldest retained value
         self._end = 0  # absolute index one past the newest value
@@ -198,8 +200,13 @@ class SegmentTreeSeries:
             take = min(room, kept_new - pos)
             self._append_within_chunk(values[pos : pos + take])
             pos += take
-        del self._retired[-_PAGES_FREED_PER_APPEND:]
+        self._free_some_retired_pages()
         return evicted
+
+    def _free_some_retired_pages(self) -> None:
+        freed = 0
+        while self._retired and freed < _FREE_BYTES_PER_APPEND:
+            freed += self._retired.pop().nbytes
 
     def _drop_oldest(self, count: int) -> None:
         self._head += count
