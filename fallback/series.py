@@ -200,7 +200,8 @@ class SegmentTreeSeries:
             take = min(room, kept_new - pos)
             self._append_within_chunk(values[pos : pos + take])
             pos += take
-        self._free_some_retired_pages()
+        if not evicted:  # the cleanup append already paid for retiring; later ones free
+            self._free_some_retired_pages()
         return evicted
 
     def _free_some_retired_pages(self) -> None:
