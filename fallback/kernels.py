@@ -1,7 +1,7 @@
 """Pure array kernels of the segment tree, shared by the numpy and CuPy engines.
 
 Every function takes its array module as `xp` (numpy or cupy) and works on whole arrays: no
-Python loop per value. A node summary is one row of five float64 columns
+Python loop per value. A node summary is one row of six float64 columns
 (count, ref, mean, M2, min, max), where M2 is the sum of squared deviations from the node's mean.
 
 Anchored means: a node stores its mean as REF + MEAN, where REF is one of its own values (the
@@ -59,9 +59,9 @@ def summarize_run(values: Any, out: Any) -> None:
 def merge_groups(groups: Any, out: Any, xp: Any = np) -> None:
     """Merge each group of child summaries, (m, F, 6), writing the (m, 6) parents into `out`.
 
-    A parent is anchored at its first child's REF. Every merged group's first child holds
-    values (appends only merge ancestors of written nodes), so its count is never 0; empty
-    children (IDENTITY rows past the newest value) carry no weight.
+    A parent is anchored at its first child's REF. Children past the newest value are IDENTITY
+    rows and carry no weight; a group of only such rows (left by an append's roll-back) merges
+    to count 0, mean 0, M2 0 and the min/max identities, i.e. to IDENTITY again.
     """
     counts = groups[:, :, COUNT]
     ref = groups[:, 0, REF]
@@ -71,7 +71,7 @@ def merge_groups(groups: Any, out: Any, xp: Any = np) -> None:
     # scratch, overwritten below).
     groups.sum(axis=1, out=out)
     mean = out[:, MEAN]
-    xp.divide(xp.einsum("ij,ij->i", counts, means), out[:, COUNT], out=mean)
+    xp.divide(xp.einsum("ij,ij->i", counts, means), xp.maximum(out[:, COUNT], 1.0), out=mean)
     means -= mean[:, None]
     out[:, M2] += xp.einsum("ij,ij,ij->i", counts, means, means)
     out[:, REF] = ref

@@ -182,27 +182,49 @@ class SegmentTreeSeries:
     # -- append ---------------------------------------------------------------------------
 
     def append(self, values: np.ndarray) -> int:
+        """All or nothing: pages are allocated before anything changes, and a failure while
+        writing (MemoryError in a temporary) restores the summaries before re-raising, so a
+        series never holds part of a batch or summaries that disagree with its values."""
         incoming = values.shape[0]
         if incoming == 0:
             return 0
         current = len(self)
         kept_old, kept_new = self.retention.retained_after(current, incoming)
+        if kept_new < incoming:
+            values = values[incoming - kept_new :]
+        start = self._end
+        segments = self._chunk_segments(start, start + kept_new)
+        for lo, hi in segments:
+            self._reserve_pages(lo, hi)
+        try:
+            for lo, hi in segments:
+                self._write(lo, values[lo - start : hi - start])
+        except BaseException:
+            self._roll_back(segments)
+            raise
+        self._end = start + kept_new
+        # Retention runs last: it only moves `head` and retires pages, which cannot fail.
         evicted = current - kept_old
         if evicted:
             self._drop_oldest(evicted)
-
-        if kept_new < incoming:
-            values = values[incoming - kept_new :]
-        chunk = self.geometry.chunk
-        pos = 0
-        while pos < kept_new:
-            room = chunk - self._end % chunk
-            take = min(room, kept_new - pos)
-            self._append_within_chunk(values[pos : pos + take])
-            pos += take
-        if not evicted:  # the cleanup append already paid for retiring; later ones free
+        else:  # the cleanup append already paid for retiring; later ones free
             self._free_some_retired_pages()
         return evicted
+
+    def _chunk_segments(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """[start, stop) split at chunk boundaries: each piece lies in one page of every level."""
+        chunk = self.geometry.chunk
+        segments = []
+        while start < stop:
+            end = min(stop, start - start % chunk + chunk)
+            segments.append((start, end))
+            start = end
+        return segments
+
+    def _reserve_pages(self, start: int, stop: int) -> None:
+        """Allocate every page that writing [start, stop) will touch (one per level)."""
+        for level in self._levels:
+            level.page(start // level.span // level.rows_per_page)
 
     def _free_some_retired_pages(self) -> None:
         freed = 0
@@ -214,21 +236,25 @@ class SegmentTreeSeries:
         for level in self._levels:
             level.drop_pages_before(self._head // level.span, self._retired)
 
-    def _append_within_chunk(self, segment: np.ndarray) -> None:
+    def _write(self, start: int, segment: np.ndarray) -> None:
+        """Write one chunk segment at absolute `start` and bring its summaries up to date."""
         g = self.geometry
-        start = self._end
         stop = start + segment.shape[0]
-        chunk_base = start - start % g.chunk
-        page = self._values.page(start // g.chunk)
-        page[start - chunk_base : stop - chunk_base] = segment
-        self._end = stop
+        page = self._values.pages[start // g.chunk]
+        page[start % g.chunk : start % g.chunk + segment.shape[0]] = segment
+        self._summarize(start, stop)
+        self._propagate(start // g.block, -(-stop // g.block))
 
-        # Level 1: recompute every block the segment touched, from the raw values (the first
-        # one may hold earlier values too; the last one may be partial).
+    def _summarize(self, start: int, stop: int) -> None:
+        """Level 1: recompute every block that [start, stop) touches from the raw values up to
+        `stop` (the first block may hold earlier values too; the last one may be partial)."""
+        g = self.geometry
+        chunk_base = start - start % g.chunk
+        page = self._values.pages[start // g.chunk]
         blocks = self._levels[1]
         first_block = start // g.block
         full_end = stop // g.block
-        block_page = blocks.page(first_block // blocks.rows_per_page)
+        block_page = blocks.pages[first_block // blocks.rows_per_page]
         page_base = first_block - first_block % blocks.rows_per_page
         if full_end > first_block:
             raw = page[first_block * g.block - chunk_base : full_end * g.block - chunk_base]
@@ -240,20 +266,36 @@ class SegmentTreeSeries:
             raw = page[full_end * g.block - chunk_base : stop - chunk_base]
             summarize_run(raw, block_page[full_end - page_base])
 
-        # Levels 2..L: recompute the parents of every rewritten node, one vectorised merge per
-        # level. Children [lo*F, hi*F) lie in one page of the level below (see invariants).
-        lo, hi = first_block, -(-stop // g.block)
+    def _propagate(self, lo: int, hi: int) -> None:
+        """Levels 2..L: recompute the ancestors of level-1 rows [lo, hi), one vectorised merge
+        per level. Children [lo*F, hi*F) lie in one page of the level below (see invariants)."""
+        fanout = self.geometry.fanout
         for child, parent in zip(self._levels[1:], self._levels[2:], strict=False):
-            lo, hi = lo // g.fanout, -(-hi // g.fanout)
-            children = child.page(lo * g.fanout // child.rows_per_page)
-            child_base = (lo * g.fanout) - (lo * g.fanout) % child.rows_per_page
-            groups = children[lo * g.fanout - child_base : hi * g.fanout - child_base]
-            parent_page = parent.page(lo // parent.rows_per_page)
+            lo, hi = lo // fanout, -(-hi // fanout)
+            children = child.pages[lo * fanout // child.rows_per_page]
+            child_base = (lo * fanout) - (lo * fanout) % child.rows_per_page
+            groups = children[lo * fanout - child_base : hi * fanout - child_base]
+            parent_page = parent.pages[lo // parent.rows_per_page]
             parent_base = lo - lo % parent.rows_per_page
             merge_groups(
-                groups.reshape(hi - lo, g.fanout, ROW_WIDTH),
+                groups.reshape(hi - lo, fanout, ROW_WIDTH),
                 parent_page[lo - parent_base : hi - parent_base],
             )
+
+    def _roll_back(self, segments: list[tuple[int, int]]) -> None:
+        """Undo a partly written append: blocks wholly past the old end become IDENTITY again,
+        the old partial block is re-summarised from the values it held, and every touched
+        ancestor is recomputed. Raw values past the old end need no undo: nothing reads them."""
+        g = self.geometry
+        blocks = self._levels[1]
+        for start, stop in segments:
+            first_new = -(-start // g.block)
+            number, offset = divmod(first_new, blocks.rows_per_page)
+            blocks.pages[number][offset : offset + -(-stop // g.block) - first_new] = IDENTITY_ROW
+            if start % g.block:
+                self._summarize(start - start % g.block, start)
+        for start, stop in segments:
+            self._propagate(start // g.block, -(-stop // g.block))
 
     # -- query ----------------------------------------------------------------------------
 
