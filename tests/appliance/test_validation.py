@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from appliance.errors import ApiError
 from appliance.validation import (
     BatchDecoder,
+    count_array_elements,
     parse_query_string,
     parse_stats_query,
     validate_symbol,
@@ -205,3 +206,54 @@ def test_parse_query_string_agrees_with_parse_qs(params: dict[str, str]) -> None
     query_string = urlencode(params)
     reference = {k: v[0] for k, v in parse_qs(query_string, keep_blank_values=True).items()}
     assert parse_query_string(query_string) == reference
+
+
+@pytest.mark.parametrize(
+    ("raw", "count"),
+    [
+        (b"[]", 0),
+        (b"[ ]", 0),
+        (b"[1]", 1),
+        (b"[1, 2,3]", 3),
+        (b'[1, "a,b,\\",c", 2]', 3),
+        (b'[1, [2, 3], {"a": 1, "b": [4, 5]}, 6]', 4),
+        (b'[["x,y"], "]"]', 2),
+        (b"{}", 0),
+    ],
+)
+def test_count_array_elements_counts_top_level_only(raw: bytes, count: int) -> None:
+    assert count_array_elements(raw) == count
+
+
+@pytest.mark.parametrize("bad", [b"-1", b'"x"', b"null", b"[1, 2]", b'{"a": 1}', b"true", b"1e400"])
+def test_oversized_batch_is_413_even_with_a_bad_value(bad: bytes) -> None:
+    raw = b'{"symbol": "S", "values": [' + b"1," * 100 + bad + b"]}"
+    with pytest.raises(ApiError) as info:
+        DECODER.decode(raw)
+    assert (info.value.code, info.value.status) == ("batch_too_large", 413)
+    assert "101 values" in info.value.message
+
+
+def test_oversized_batch_is_413_without_decoding_the_values(monkeypatch) -> None:
+    decoder = BatchDecoder(max_batch_size=100)
+    monkeypatch.setattr(decoder, "_decoder", None)  # the typed decode must not run
+    with pytest.raises(ApiError) as info:
+        decoder.decode(body(values=(1.0,) * 101))
+    assert info.value.code == "batch_too_large"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Many commas elsewhere (a long symbol, an extra field) but few values: accepted.
+        b'{"symbol": "S", "x": "' + b"," * 300 + b'", "values": [1, 2]}',
+        b'{"symbol": "S", "x": [' + b"0," * 300 + b'0], "values": [1, 2]}',
+    ],
+)
+def test_commas_outside_values_do_not_count(raw: bytes) -> None:
+    assert DECODER.decode(raw).values.tolist() == [1.0, 2.0]
+
+
+def test_oversized_invalid_json_is_invalid_json_not_413() -> None:
+    # The exact count needs valid JSON: broken JSON is still invalid_json.
+    assert code_of(b'{"symbol": "S", "values": [' + b"1," * 200 + b"]") == "invalid_json"
