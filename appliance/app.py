@@ -14,7 +14,13 @@ from typing import Any
 
 import msgspec
 from sanic import Request, Sanic
-from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
+from sanic.exceptions import (
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestCancelled,
+    SanicException,
+)
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse
 
@@ -37,6 +43,10 @@ JSON = "application/json"
 DEFAULT_APP_NAME = "hft_appliance"
 
 _ENCODER = msgspec.json.Encoder()  # stateless and thread-safe; not mutable state
+
+# The client went away (closed mid-upload, reset the connection): nothing is wrong with the
+# server, and any client can cause it at will, so it must never reach the error log.
+CLIENT_GONE = (RequestCancelled, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None):
@@ -71,6 +81,8 @@ class JsonErrorHandler(ErrorHandler):
         close_if_draining(request)
         if isinstance(exception, ApiError):
             return error_response(exception)
+        if isinstance(exception, CLIENT_GONE):
+            return client_gone_response(request, exception)
         if isinstance(exception, NotFound):
             path = request.path if request else "?"
             return error_response(ApiError("not_found", f"no route for path {path!r}"))
@@ -109,6 +121,22 @@ class JsonErrorHandler(ErrorHandler):
             },
         )
         return error_response(ApiError("internal_error", "internal server error (logged)"))
+
+
+def client_gone_response(request: Request | None, exception: BaseException) -> HTTPResponse:
+    """Debug line, no traceback: a disconnecting client is routine, not a server fault.
+
+    The response is rendered only because Sanic expects one; nobody is left to read it.
+    """
+    log.debug(
+        "client disconnected before the response",
+        extra={
+            "path": getattr(request, "path", None),
+            "method": getattr(request, "method", None),
+            "reason": type(exception).__name__,
+        },
+    )
+    return error_response(ApiError("bad_request", "the client closed the connection"))
 
 
 def check_json_content_type(header: str | None) -> None:

@@ -188,3 +188,23 @@ def test_sigterm_drains_an_in_flight_upload_then_exits_0(tmp_path: Path) -> None
         assert time.monotonic() - started < 10
     finally:
         server.stop()
+
+
+def test_client_disconnecting_mid_upload_is_not_an_error(tmp_path: Path) -> None:
+    # Any client can do this: announce a body, send part of it, close. That must not write an
+    # ERROR (with a traceback) to the log, or anyone could flood the error log.
+    with running_server(tmp_path, {"APP_LOG__LEVEL": "debug"}) as server:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /add_batch/ HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100000\r\n\r\n" + b'{"symbol": "S", "values": [1,'
+                )
+                time.sleep(0.2)  # the handler is now waiting for the rest of the body
+        time.sleep(0.3)
+        assert server.request("GET", "/health").status == 200
+    records = _json_lines(server.stdout())
+    assert [r for r in records if r["level"] in ("ERROR", "CRITICAL")] == []
+    assert "Traceback" not in server.stdout() + server.stderr()
+    gone = [r for r in records if r["message"] == "client disconnected before the response"]
+    assert gone and all(r["level"] == "DEBUG" and "exc_info" not in r for r in gone)
