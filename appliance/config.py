@@ -103,14 +103,37 @@ class AppConfig(_Section):
         return BODY_BYTES_PER_VALUE * self.store.max_batch_size + BODY_BYTES_OVERHEAD
 
 
-def _parse_env_value(raw: str) -> Any:
-    """A TOML literal if `raw` is one (`8080`, `true`, `"x"`, `1.5`), else the raw string."""
+def _parse_env_value(raw: str, annotation: Any = None) -> Any:
+    """A TOML literal if `raw` is one (`8080`, `true`, `"x"`, `1.5`), else the raw string.
+
+    For a text key (`log.file`, `server.host`, `log.level`) only a quoted TOML string is
+    unquoted; anything else is taken verbatim, so `APP_LOG__FILE=123` is the file "123", not
+    the integer 123 that the key would then reject.
+    """
     try:
         parsed = tomllib.loads(f"v = {raw}")
     except tomllib.TOMLDecodeError:
         return raw
     # "1\nother = 2" parses as two keys: that is not one literal, so keep the raw string.
-    return parsed["v"] if len(parsed) == 1 else raw
+    if len(parsed) != 1:
+        return raw
+    if _is_text(annotation) and not isinstance(parsed["v"], str):
+        return raw
+    return parsed["v"]
+
+
+def _field_type(section: str, key: str) -> Any:
+    """The declared type of `section.key` with `Annotated` bounds removed (None if unknown)."""
+    section_type = get_type_hints(AppConfig).get(section)
+    if section_type is None or not key:
+        return None
+    annotation = get_type_hints(section_type).get(key)
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _is_text(annotation: Any) -> bool:
+    """True for `str` keys and for enum-like `Literal["a", "b"]` keys."""
+    return annotation is str or get_origin(annotation) is Literal
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
@@ -130,7 +153,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, 
                 "APP_SERVER__PORT"
             )
         section, key = parts
-        found.setdefault(section, {})[key] = (name, _parse_env_value(raw))
+        found.setdefault(section, {})[key] = (name, _parse_env_value(raw, _field_type(*parts)))
     return found
 
 
@@ -165,12 +188,18 @@ def _format_validation_error(
 
 def _choices(key: str) -> tuple[Any, ...]:
     """The allowed values of a Literal-typed key such as `log.level` (empty for other keys)."""
-    section, _, field = key.partition(".")
-    section_type = get_type_hints(AppConfig).get(section)
-    if section_type is None or not field:
-        return ()
-    annotation = get_type_hints(section_type).get(field)
+    annotation = _field_type(*key.partition(".")[::2])
     return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def _normalize_choices(data: dict[str, Any]) -> None:
+    """Lower-case enum-like values (`INFO`, `CPU`): people write them either way, file or env."""
+    for section, body in data.items():
+        if not isinstance(body, dict):
+            continue
+        for key, value in body.items():
+            if isinstance(value, str) and get_origin(_field_type(section, key)) is Literal:
+                body[key] = value.lower()
 
 
 def build_config(
@@ -188,6 +217,8 @@ def build_config(
         for key, (name, value) in keys.items():
             target[key] = value
             origins[f"{section}.{key}"] = name
+            origins.setdefault(section, name)  # an unknown section is named by its variable
+    _normalize_choices(data)
     try:
         return msgspec.convert(data, AppConfig)
     except msgspec.ValidationError as exc:
@@ -203,6 +234,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition; tomllib does not wrap this
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def load_config(

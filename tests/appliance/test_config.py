@@ -120,7 +120,7 @@ def test_unrelated_app_variables_are_ignored() -> None:
         ({}, {"APP_SERVER__HOST": '""'}, "server.host"),
         ({}, {"APP_SERVER__GRACEFUL_SHUTDOWN_S": "0"}, "server.graceful_shutdown_s"),
         ({}, {"APP_SERVER__MAX_BODY_BYTES": "-1"}, "server.max_body_bytes"),
-        ({}, {"APP_LOG__LEVEL": "INFO"}, "log.level"),
+        ({}, {"APP_LOG__LEVEL": "LOUD"}, "log.level"),
         ({}, {"APP_LOG__ACCESS_LOG": "yes"}, "log.access_log"),
         ({}, {"APP_ENGINE__BACKEND": "tpu"}, "engine.backend"),
         ({}, {"APP_STORE__TYPO": "1"}, "store.typo"),
@@ -177,3 +177,43 @@ def test_max_body_bytes_is_derived_unless_explicit() -> None:
 def test_env_value_must_be_a_single_toml_literal() -> None:
     with pytest.raises(ConfigError, match=r"^server\.port"):
         build_config({}, {"APP_SERVER__PORT": "9090\nhost = 'x'"})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "get"),
+    [
+        ("APP_LOG__FILE", "123", lambda c: c.log.file),
+        ("APP_SERVER__HOST", "1", lambda c: c.server.host),
+        ("APP_LOG__FILE", "1.5", lambda c: c.log.file),
+        ("APP_LOG__FILE", "true", lambda c: c.log.file),
+    ],
+)
+def test_text_keys_take_the_raw_string_even_if_it_looks_like_a_number(
+    name: str, raw: str, get
+) -> None:
+    assert get(build_config({}, {name: raw})) == raw
+
+
+@pytest.mark.parametrize(
+    ("file_data", "env"),
+    [
+        ({}, {"APP_LOG__LEVEL": "INFO", "APP_ENGINE__BACKEND": "CPU"}),
+        ({"log": {"level": "Info"}, "engine": {"backend": "cPu"}}, {}),
+    ],
+)
+def test_enum_values_are_case_insensitive_in_file_and_env(file_data: dict, env: dict) -> None:
+    config = build_config(file_data, env)
+    assert (config.log.level, config.engine.backend) == ("info", "cpu")
+
+
+def test_unknown_section_from_env_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^foo \(from APP_FOO__BAR\): unknown key"):
+        build_config({}, {"APP_FOO__BAR": "1"})
+
+
+def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[server]\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not UTF-8") as info:
+        load_config(bad, environ={})
+    assert "\n" not in str(info.value)

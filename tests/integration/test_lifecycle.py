@@ -129,6 +129,11 @@ def test_bad_config_file_exits_2(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "serve", "--config", "missing.toml")
     assert result.returncode == 2
     assert "missing.toml" in result.stderr
+    (tmp_path / "latin.toml").write_bytes(b"\xff\xfe[server]\n")
+    result = run_cli(tmp_path, "serve", "--config", "latin.toml")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "latin.toml" in result.stderr
 
 
 def test_port_in_use_exits_2_naming_host_and_port(tmp_path: Path) -> None:
