@@ -34,7 +34,8 @@ _ROWS = (
     ErrorCode(
         "invalid_symbol",
         400,
-        "The symbol is empty, longer than 64 UTF-8 bytes, or contains control characters.",
+        "The symbol is empty, longer than 64 UTF-8 bytes, or contains control characters "
+        "(in a query string: also percent-encoded bytes that are not valid UTF-8).",
     ),
     ErrorCode("empty_batch", 400, "`values` is an empty array."),
     ErrorCode(
@@ -51,7 +52,8 @@ _ROWS = (
         "bad_request",
         400,
         "The HTTP request itself is malformed, rejected before routing (status 400, or "
-        "431 when the request line and headers are too large).",
+        "431 when the request line and headers are too large); also a query parameter other "
+        "than `symbol`/`exponent` (or a name) whose percent-encoded bytes are not UTF-8.",
     ),
     ErrorCode("not_found", 404, "No route matches the path."),
     ErrorCode("unknown_symbol", 404, "No values were ever accepted for this symbol."),

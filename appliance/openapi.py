@@ -180,13 +180,16 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "name": "symbol",
                             "in": "query",
                             "required": True,
+                            "description": "URL-encoded UTF-8 (`EUR%2FUSD`); percent-encoded "
+                            "bytes that are not valid UTF-8 (`%FF`) are 400 `invalid_symbol`",
                             "schema": _ref("Symbol"),
                         },
                         {
                             "name": "exponent",
                             "in": "query",
                             "required": True,
-                            "description": "window = 10^exponent values (a plain decimal integer)",
+                            "description": "window = 10^exponent values (a plain decimal integer); "
+                            "percent-encoded non-UTF-8 bytes are 400 `invalid_exponent`",
                             "schema": {
                                 "type": "integer",
                                 "minimum": MIN_EXPONENT,

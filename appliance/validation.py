@@ -216,9 +216,29 @@ def parse_query_string(query_string: str) -> dict[str, str]:
     for part in query_string.split("&"):
         name, _, value = part.partition("=")
         if "%" in part or "+" in part:
-            name, value = unquote_plus(name), unquote_plus(value)
+            name = _unquote(name, None)
+            value = _unquote(value, name)
         params.setdefault(name, value)
     return params
+
+
+# Percent-encoded bytes that are not UTF-8, per parameter (any other parameter: bad_request).
+_BAD_ENCODING_CODES = {"symbol": "invalid_symbol", "exponent": "invalid_exponent"}
+
+
+def _unquote(text: str, name: str | None) -> str:
+    """Strict percent-decoding: `%FF` is a 400, never U+FFFD (which could match a real symbol).
+
+    `name` is the parameter whose value this is, or None when decoding a parameter name.
+    """
+    try:
+        return unquote_plus(text, errors="strict")
+    except UnicodeDecodeError:
+        what = "a query parameter name" if name is None else f"query parameter `{name}`"
+        raise ApiError(
+            _BAD_ENCODING_CODES.get(name or "", "bad_request"),
+            f"{what} has percent-encoded bytes that are not valid UTF-8",
+        ) from None
 
 
 def parse_stats_query(params: Mapping[str, str]) -> StatsQuery:

@@ -201,6 +201,23 @@ def test_parse_query_string(query_string: str, expected: dict) -> None:
     assert parse_query_string(query_string) == expected
 
 
+@pytest.mark.parametrize(
+    ("query_string", "code"),
+    [
+        ("symbol=%FF&exponent=1", "invalid_symbol"),
+        ("symbol=A%C3&exponent=1", "invalid_symbol"),  # truncated sequence
+        ("symbol=%ED%A0%80&exponent=1", "invalid_symbol"),  # an encoded surrogate
+        ("symbol=A&exponent=%FF", "invalid_exponent"),
+        ("symbol=A&exponent=1&x=%FE", "bad_request"),
+        ("%FF=1&symbol=A&exponent=1", "bad_request"),
+    ],
+)
+def test_percent_encoded_bytes_that_are_not_utf8_are_rejected(query_string: str, code: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_query_string(query_string)
+    assert (info.value.code, info.value.status) == (code, 400)
+
+
 @given(st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=5))
 def test_parse_query_string_agrees_with_parse_qs(params: dict[str, str]) -> None:
     query_string = urlencode(params)

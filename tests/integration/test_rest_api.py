@@ -275,6 +275,15 @@ def test_invalid_symbol_parameter_is_invalid_symbol(server: Server, symbol: str)
     assert_error(response, 400, "invalid_symbol")
 
 
+def test_percent_encoded_non_utf8_symbol_is_invalid_symbol_not_a_match(server: Server) -> None:
+    # errors="replace" would turn %FF into U+FFFD and find a series stored under that symbol.
+    assert server.post_batch("\ufffd", [1.0]).status == 200
+    assert server.request("GET", "/stats/?symbol=%EF%BF%BD&exponent=1").status == 200
+    for query in ("symbol=%FF&exponent=1", "symbol=%EF%BF&exponent=1"):
+        assert_error(server.request("GET", "/stats/?" + query), 400, "invalid_symbol")
+    assert_error(server.request("GET", "/stats/?symbol=S&exponent=%FF"), 400, "invalid_exponent")
+
+
 def test_every_exponent_1_to_8_is_accepted(server: Server) -> None:
     symbol = unique()
     values = np.arange(1, 2001, dtype=np.float64)
