@@ -59,6 +59,16 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
         "(C0, DEL, C1), e.g. `EUR/USD`, `BRK.B`, `SPY INDEX`.",
     }
     number = {"type": "number", "minimum": 0, "description": "finite, >= 0 (-0.0 counts as 0)"}
+    # Engine arithmetic is float64: values near its maximum can overflow a sum. The engine is
+    # left as it is and the document says so rather than promising a number that is not sent.
+    avg_null = (
+        "; null only when float64 arithmetic overflows, which needs values near the float64 "
+        "maximum (about 1.8e308): e.g. [0, 1.7e308, 1.7e308]"
+    )
+    var_null = (
+        "; null when the variance exceeds the float64 maximum (about 1.8e308), i.e. values "
+        "spread by more than about 1.3e154 (e.g. [0, 1e200]), or with values near 1.8e308"
+    )
     return {
         "Symbol": symbol,
         "AddBatchRequest": {
@@ -90,11 +100,14 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
             "required": ["min", "max", "last", "avg", "var"],
             "additionalProperties": False,
             "properties": {
-                "min": {"type": "number"},
-                "max": {"type": "number"},
+                "min": {"type": "number", "description": "never null: a stored value"},
+                "max": {"type": "number", "description": "never null: a stored value"},
                 "last": {"type": "number", "description": "the newest value of the series"},
-                "avg": {"type": "number", "description": "arithmetic mean"},
-                "var": {"type": "number", "description": "population variance (M2 / count)"},
+                "avg": {"type": ["number", "null"], "description": "arithmetic mean" + avg_null},
+                "var": {
+                    "type": ["number", "null"],
+                    "description": "population variance (M2 / count)" + var_null,
+                },
             },
         },
         "Status": {

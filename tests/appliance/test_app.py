@@ -41,6 +41,15 @@ def test_every_registered_route_is_documented_with_its_methods() -> None:
     assert set(documented) == set(registered)
 
 
+def test_stats_avg_and_var_are_documented_as_nullable() -> None:
+    properties = build_openapi(AppConfig())["components"]["schemas"]["StatsResponse"]["properties"]
+    for name in ("avg", "var"):
+        assert properties[name]["type"] == ["number", "null"]
+        assert "null" in properties[name]["description"]
+    for name in ("min", "max", "last"):
+        assert properties[name]["type"] == "number"
+
+
 def test_every_error_code_appears_in_the_document() -> None:
     text = json.dumps(build_openapi(AppConfig()))
     for code in ERROR_CODES:

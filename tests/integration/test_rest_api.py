@@ -284,6 +284,27 @@ def test_percent_encoded_non_utf8_symbol_is_invalid_symbol_not_a_match(server: S
     assert_error(server.request("GET", "/stats/?symbol=S&exponent=%FF"), 400, "invalid_exponent")
 
 
+def test_results_overflowing_float64_are_null_not_a_500(server: Server) -> None:
+    # Valid finite inputs whose exact mean/variance exceed float64: documented as null.
+    symbol = unique()
+    assert server.post_batch(symbol, [0.0, 1.7e308, 1.7e308]).status == 200
+    response = server.stats(symbol, 1)
+    assert response.status == 200
+    body = response.json
+    assert (body["min"], body["max"], body["last"]) == (0.0, 1.7e308, 1.7e308)
+    assert body["var"] is None
+    assert body["avg"] is None or body["avg"] == pytest.approx(1.7e308 * 2 / 3)
+    spread = unique()  # the exact variance (2.5e399) overflows: null, not a 500
+    assert server.post_batch(spread, [0.0, 1e200]).status == 200
+    assert server.stats(spread, 1).json == {
+        "min": 0.0,
+        "max": 1e200,
+        "last": 1e200,
+        "avg": 5e199,
+        "var": None,
+    }
+
+
 def test_every_exponent_1_to_8_is_accepted(server: Server) -> None:
     symbol = unique()
     values = np.arange(1, 2001, dtype=np.float64)
