@@ -6,6 +6,9 @@
 #   ./dev.sh setup                              only create/refresh .venv
 #   ./dev.sh run CMD [args]                     run CMD with .venv/bin first on PATH
 #
+# serve and run stay in the caller's directory: `--config my.toml`, ./Config.toml and logs/ are
+# the caller's, as with the installed command. test runs from the repository root.
+#
 # Set-up: creates .venv with $PYTHON (default python3, must be >= 3.11) if it is missing and
 # runs `pip install -e '.[test]'` whenever pyproject.toml differs from the one last installed
 # (a stamp file inside .venv). On Debian, where `python3 -m venv` needs the separate python3-venv
@@ -13,7 +16,6 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")" && pwd)"
-cd "$ROOT"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.hft-appliance-installed"
 PYTHON="${PYTHON:-python3}"
@@ -22,7 +24,7 @@ say() { printf 'dev.sh: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
 
 usage() {
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,8p' "$ROOT/$(basename "$0")" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -79,7 +81,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
     serve) setup; exec "$VENV/bin/hft-appliance" serve "$@" ;;
-    test) setup; exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
+    test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
     setup) setup ;;
     run)
         [ $# -gt 0 ] || usage
