@@ -14,6 +14,7 @@ from appliance.errors import ApiError
 from appliance.validation import (
     BatchDecoder,
     count_array_elements,
+    count_commas,
     parse_query_string,
     parse_stats_query,
     validate_symbol,
@@ -274,3 +275,14 @@ def test_commas_outside_values_do_not_count(raw: bytes) -> None:
 def test_oversized_invalid_json_is_invalid_json_not_413() -> None:
     # The exact count needs valid JSON: broken JSON is still invalid_json.
     assert code_of(b'{"symbol": "S", "values": [' + b"1," * 200 + b"]") == "invalid_json"
+
+
+@given(st.binary(max_size=300))
+def test_count_commas_agrees_with_bytes_count(data: bytes) -> None:
+    assert count_commas(data) == data.count(b",")
+
+
+def test_a_batch_of_exactly_max_values_skips_the_exact_count(monkeypatch) -> None:
+    decoder = BatchDecoder(max_batch_size=100)
+    monkeypatch.setattr(decoder, "_probe", None)  # the exact (Raw) count must not run
+    assert decoder.decode(body(values=(1.0,) * 100)).values.size == 100
