@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 from openapi_spec_validator import validate
-from server_harness import Response, Server
+from server_harness import REPO_ROOT, Response, Server
 
 SEED = [150.1, 150.5, 151.0, 149.8, 150.2, 151.1, 151.2, 152.0, 151.5, 151.9]
 JSON_CT = {"Content-Type": "application/json"}
@@ -54,6 +54,16 @@ def test_seed_example_gives_population_variance_0_5201(server: Server) -> None:
     assert_json(response)
     assert_stats_match(response.json, np.array(SEED))
     assert response.json["var"] == pytest.approx(0.5201, rel=1e-9)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/api.md"])
+def test_documented_stats_example_is_the_real_output(server: Server, doc: str) -> None:
+    # The docs show the exact bytes of GET /stats/ for the seed batch; they must be the server's.
+    text = (REPO_ROOT / doc).read_text(encoding="utf-8")
+    shown = text.split("/stats/?symbol=AAPL&exponent=1'\n# ", 1)[1].split("\n", 1)[0]
+    symbol = unique("AAPL")
+    assert server.post_batch(symbol, SEED).status == 200
+    assert server.stats(symbol, 1).body.decode() == shown
 
 
 def test_health_ready_and_openapi(server: Server) -> None:
