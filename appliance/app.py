@@ -44,6 +44,10 @@ DEFAULT_APP_NAME = "hft_appliance"
 
 _ENCODER = msgspec.json.Encoder()  # stateless and thread-safe; not mutable state
 
+# Every GET route also answers HEAD (monitoring probes use it): Sanic runs the GET handler and
+# sends only the status line and headers, Content-Length included, never the body.
+GET_AND_HEAD = ["GET", "HEAD"]
+
 # The client went away (closed mid-upload, reset the connection): nothing is wrong with the
 # server, and any client can cause it at will, so it must never reach the error log.
 CLIENT_GONE = (RequestCancelled, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
@@ -200,12 +204,12 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
     store: Store = app.ctx.store
     openapi_body = _ENCODER.encode(openapi)
 
-    @app.get("/health", strict_slashes=False)
+    @app.route("/health", methods=GET_AND_HEAD, strict_slashes=False)
     async def health(request: Request) -> HTTPResponse:
         close_if_draining(request)
         return json_response({"status": "ok"})
 
-    @app.get("/ready", strict_slashes=False)
+    @app.route("/ready", methods=GET_AND_HEAD, strict_slashes=False)
     async def ready(request: Request) -> HTTPResponse:
         close_if_draining(request)
         if not request.app.ctx.ready:
@@ -226,7 +230,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             ) from None
         return json_response({"status": "ok", "symbol": batch.symbol, "added": added})
 
-    @app.get("/stats", strict_slashes=False)
+    @app.route("/stats", methods=GET_AND_HEAD, strict_slashes=False)
     async def stats(request: Request) -> HTTPResponse:
         # Hot path: a hand-rolled query parse, dict lookups, and the store's per-symbol cache.
         query = parse_stats_query(parse_query_string(request.query_string))
@@ -248,7 +252,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             }
         )
 
-    @app.get("/openapi.json", strict_slashes=False)
+    @app.route("/openapi.json", methods=GET_AND_HEAD, strict_slashes=False)
     async def openapi_json(request: Request) -> HTTPResponse:
         close_if_draining(request)
         return HTTPResponse(openapi_body, content_type=JSON)

@@ -51,6 +51,23 @@ def _errors(*codes: str) -> dict[str, Any]:
     return responses
 
 
+def _add_head_operations(paths: dict[str, Any]) -> None:
+    """A HEAD operation beside every GET: same statuses and headers, no body is sent."""
+    for path_item in paths.values():
+        get = path_item.get("get")
+        if get is None:
+            continue
+        path_item["head"] = {
+            "operationId": get["operationId"] + "Head",
+            "summary": get["summary"] + " (HEAD: status and headers only, no body)",
+            **({"parameters": get["parameters"]} if "parameters" in get else {}),
+            "responses": {
+                status: {"description": response["description"]}
+                for status, response in get["responses"].items()
+            },
+        }
+
+
 def _schemas(config: AppConfig) -> dict[str, Any]:
     symbol = {
         "type": "string",
@@ -131,7 +148,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
     window = (
         f"the last min(10^exponent, series length) values; exponent {MIN_EXPONENT}..{MAX_EXPONENT}"
     )
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "hft-appliance",
@@ -240,3 +257,5 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
             "responses": {"NotFound": _errors("not_found")["404"]},
         },
     }
+    _add_head_operations(document["paths"])
+    return document

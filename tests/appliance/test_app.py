@@ -50,6 +50,16 @@ def test_stats_avg_and_var_are_documented_as_nullable() -> None:
         assert properties[name]["type"] == "number"
 
 
+def test_every_get_route_also_answers_and_documents_head() -> None:
+    app = new_app()
+    paths = build_openapi(AppConfig())["paths"]
+    for route in app.router.routes:
+        if "GET" in route.methods:
+            assert "HEAD" in route.methods, route.path
+    for path, operations in paths.items():
+        assert ("get" in operations) == ("head" in operations), path
+
+
 def test_every_error_code_appears_in_the_document() -> None:
     text = json.dumps(build_openapi(AppConfig()))
     for code in ERROR_CODES:

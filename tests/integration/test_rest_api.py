@@ -360,3 +360,32 @@ def test_malformed_http_gets_a_json_error(
     head, body = _raw_exchange(server, data)
     assert head.startswith(b"HTTP/1.1 %d" % status)
     assert body["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/health", 200),
+        ("/ready/", 200),
+        ("/openapi.json", 200),
+        ("/stats/?symbol=NEVER-SEEN&exponent=1", 404),
+        ("/stats/?symbol=S&exponent=9", 400),
+    ],
+)
+def test_head_sends_the_get_headers_and_no_body(server: Server, path: str, status: int) -> None:
+    get = server.request("GET", path)
+    # HEAD, then a pipelined GET on the same connection: a stray HEAD body would be read as
+    # the start of the second response.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n"
+            "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+        )
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status)
+    assert b"content-length: %d" % len(get.body) in head.lower()
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:80]
+    assert rest.endswith(b'{"status":"ok"}')
