@@ -36,6 +36,12 @@ Host = Annotated[str, Meta(min_length=1)]
 ShutdownSeconds = Annotated[float, Meta(gt=0, le=3600)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 Backend = Literal["auto", "cpu", "gpu"]
+# ZeroMQ endpoints the appliance binds: TCP or IPC (inproc is meaningless across processes).
+Endpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc)://.+")]
+OptionalEndpoint = Annotated[str, Meta(pattern=r"^((tcp|ipc)://.+)?$")]
+ConnectEndpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc|pgm|epgm)://.+")]
+PowerOfTwo = Annotated[int, Meta(ge=2, le=1 << 24)]
+SlotBytes = Annotated[int, Meta(ge=256, le=1 << 30, multiple_of=64)]
 
 
 class ConfigError(Exception):
@@ -87,6 +93,66 @@ class EngineConfig(_Section):
     backend: Backend = "auto"
 
 
+class ZmqConfig(_Section):
+    """[transport.zmq]: ZeroMQ ingest (SPEC section 7). An empty endpoint disables that socket."""
+
+    enabled: bool = True
+    # DEALER publishers, acked frame by frame.
+    router_endpoint: Endpoint = "tcp://127.0.0.1:5555"
+    # PUSH publishers, fire-and-forget; back-pressure through the high-water mark.
+    pull_endpoint: OptionalEndpoint = "tcp://127.0.0.1:5556"
+    # REP socket for control requests (shared-memory rings, later RDMA queue pairs).
+    control_endpoint: OptionalEndpoint = "tcp://127.0.0.1:5557"
+    # External PUB endpoints to SUB-connect to (all topics).
+    sub_connect: tuple[ConnectEndpoint, ...] = ()
+    # Messages queued per socket before senders block (DEALER, PUSH) or PUB drops.
+    rcvhwm: PositiveInt = 10_000
+    # Most messages handled per poll wakeup before the loop yields to other sockets.
+    batch_messages: PositiveInt = 256
+
+
+class ShmConfig(_Section):
+    """[transport.shm]: shared-memory rings, one per publisher, created over the control socket."""
+
+    enabled: bool = True
+    # Default and largest ring a publisher may ask for.
+    slots: PowerOfTwo = 1024
+    slot_bytes: SlotBytes = 65_536
+    max_slots: PowerOfTwo = 65_536
+    max_slot_bytes: SlotBytes = 1 << 20
+    # Most rings at once (one per publisher).
+    max_rings: PositiveInt = 64
+    # The poller spins this long after the last frame, then sleeps with doubling back-off.
+    spin_us: NonNegativeInt = 200
+    backoff_max_us: PositiveInt = 1_000
+
+
+class RdmaConfig(_Section):
+    """[transport.rdma]: RDMA verbs ingest (issue 6): false, true (if a device exists), "required"."""
+
+    enabled: bool | Literal["required"] = False
+
+
+class TransportConfig(_Section):
+    """[transport.*]: the binary ingest paths; all end in the same store call as REST."""
+
+    zmq: ZmqConfig = msgspec.field(default_factory=ZmqConfig)
+    shm: ShmConfig = msgspec.field(default_factory=ShmConfig)
+    rdma: RdmaConfig = msgspec.field(default_factory=RdmaConfig)
+
+    def __post_init__(self) -> None:
+        if self.shm.enabled and not (self.zmq.enabled and self.zmq.control_endpoint):
+            raise ValueError(
+                "transport.shm.enabled needs transport.zmq.enabled and "
+                "transport.zmq.control_endpoint: rings are created over the control socket"
+            )
+        if self.shm.slots > self.shm.max_slots or self.shm.slot_bytes > self.shm.max_slot_bytes:
+            raise ValueError(
+                "transport.shm.slots / slot_bytes must be <= transport.shm.max_slots / "
+                "max_slot_bytes"
+            )
+
+
 class AppConfig(_Section):
     """The whole configuration tree, one attribute per TOML section."""
 
@@ -94,6 +160,7 @@ class AppConfig(_Section):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
 
     @property
     def max_body_bytes(self) -> int:
@@ -122,13 +189,23 @@ def _parse_env_value(raw: str, annotation: Any = None) -> Any:
     return parsed["v"]
 
 
-def _field_type(section: str, key: str) -> Any:
-    """The declared type of `section.key` with `Annotated` bounds removed (None if unknown)."""
-    section_type = get_type_hints(AppConfig).get(section)
-    if section_type is None or not key:
-        return None
-    annotation = get_type_hints(section_type).get(key)
-    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+def _field_type(*path: str) -> Any:
+    """The declared type at `path` (e.g. "transport", "zmq", "enabled"), bounds removed.
+
+    None if the path names no field.
+    """
+    owner: Any = AppConfig
+    annotation: Any = None
+    for name in path:
+        if not (isinstance(owner, type) and issubclass(owner, Struct)) or not name:
+            return None
+        annotation = get_type_hints(owner).get(name)
+        if annotation is None:
+            return None
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        owner = annotation
+    return annotation
 
 
 def _is_text(annotation: Any) -> bool:
@@ -136,24 +213,24 @@ def _is_text(annotation: Any) -> bool:
     return annotation is str or get_origin(annotation) is Literal
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
-    """Collect `APP_<SECTION>__<KEY>` variables as {section: {key: (variable name, value)}}.
+def env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """Collect `APP_<SECTION>__<KEY>` variables as {(section, ..., key): (variable, value)}.
 
-    Names are matched case-insensitively. Variables with the prefix but without the `__`
-    separator are not ours and are ignored; `APP_A__B__C` (too deep) is an error.
+    Names are matched case-insensitively; each further double underscore goes one table deeper
+    (`APP_TRANSPORT__ZMQ__ENABLED` is `[transport.zmq] enabled`). Variables with the prefix but
+    without `__` are not ours and are ignored; an empty part (`APP_A____B`) is an error.
     """
-    found: dict[str, dict[str, tuple[str, Any]]] = {}
+    found: dict[tuple[str, ...], tuple[str, Any]] = {}
     for name, raw in environ.items():
         if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
             continue
-        parts = name[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) != 2 or not all(parts):
+        parts = tuple(name[len(ENV_PREFIX) :].lower().split("__"))
+        if not all(parts):
             raise ConfigError(
-                f"{name}: expected APP_<SECTION>__<KEY> (one double underscore), e.g. "
-                "APP_SERVER__PORT"
+                f"{name}: expected APP_<SECTION>__<KEY> (double underscores between parts), "
+                "e.g. APP_SERVER__PORT or APP_TRANSPORT__ZMQ__ENABLED"
             )
-        section, key = parts
-        found.setdefault(section, {})[key] = (name, _parse_env_value(raw, _field_type(*parts)))
+        found[parts] = (name, _parse_env_value(raw, _field_type(*parts)))
     return found
 
 
@@ -188,41 +265,49 @@ def _format_validation_error(
 
 def _choices(key: str) -> tuple[Any, ...]:
     """The allowed values of a Literal-typed key such as `log.level` (empty for other keys)."""
-    annotation = _field_type(*key.partition(".")[::2])
+    annotation = _field_type(*key.split("."))
     return get_args(annotation) if get_origin(annotation) is Literal else ()
 
 
-def _normalize_choices(data: dict[str, Any]) -> None:
+def _normalize_choices(data: dict[str, Any], path: tuple[str, ...] = ()) -> None:
     """Lower-case enum-like values (`INFO`, `CPU`): people write them either way, file or env."""
-    for section, body in data.items():
-        if not isinstance(body, dict):
-            continue
-        for key, value in body.items():
-            if isinstance(value, str) and get_origin(_field_type(section, key)) is Literal:
-                body[key] = value.lower()
+    for key, value in data.items():
+        if isinstance(value, dict):
+            _normalize_choices(value, (*path, key))
+        elif isinstance(value, str) and _choices(".".join((*path, key))):
+            data[key] = value.lower()
 
 
 def build_config(
     file_data: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> AppConfig:
     """Merge parsed TOML with environment overrides and validate; raises ConfigError."""
-    data: dict[str, Any] = {}
-    for section, body in (file_data or {}).items():
-        data[section] = dict(body) if isinstance(body, Mapping) else body
+    data = _deep_copy_tables(file_data or {})
     origins: dict[str, str] = {}
-    for section, keys in env_overrides(environ if environ is not None else {}).items():
-        target = data.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{section}: expected a table, got {target!r}")
-        for key, (name, value) in keys.items():
-            target[key] = value
-            origins[f"{section}.{key}"] = name
-            origins.setdefault(section, name)  # an unknown section is named by its variable
+    for path, (name, value) in env_overrides(environ if environ is not None else {}).items():
+        target = data
+        for depth, part in enumerate(path[:-1]):
+            table = target.setdefault(part, {})
+            if not isinstance(table, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"{where}: expected a table, got {table!r}")
+            origins.setdefault(".".join(path[: depth + 1]), name)  # unknown tables too
+            target = table
+        target[path[-1]] = value
+        origins[".".join(path)] = name
     _normalize_choices(data)
     try:
         return msgspec.convert(data, AppConfig)
     except msgspec.ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, data, origins)) from None
+
+
+def _deep_copy_tables(tables: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy nested tables so environment overrides never mutate the caller's mapping."""
+    return {
+        key: _deep_copy_tables(value) if isinstance(value, Mapping) else value
+        for key, value in tables.items()
+    }
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -114,6 +114,9 @@ class Store:
         """Known symbols, in creation order."""
         return list(self._entries)
 
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -1,0 +1,286 @@
+"""The binary frame format shared by every transport (ZeroMQ, shared memory, RDMA).
+
+Why this shape (byte table and a worked example in docs/wire-format.md):
+- Self-delimiting: a frame says its own header length and value count, so several frames can be
+  packed into one message or one ring slot and split again without a separate index.
+- The header is padded to a multiple of 8 bytes, so the float64 payload of a frame is 8-byte
+  aligned whenever the frame starts on an 8-byte boundary, and `np.frombuffer` views it without
+  copying.
+- CRC32C (hardware path via the `crc32c` package) covers the whole frame, header and payload, with
+  the CRC field itself taken as zero. A torn write, a bit flip or a wrong length is detected
+  before anything of the frame reaches the store.
+
+Decoding never reads out of bounds and raises exactly one exception type, `WireError`, which
+carries a `Reason` code that the transports send back in nacks.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import crc32c
+import numpy as np
+
+MAGIC = b"HFTW"
+VERSION = 1
+
+MAX_SYMBOL_BYTES = 64
+MAX_SEQUENCE = (1 << 64) - 1
+
+# magic, version, kind, flags, header_len, symbol_len, reason, count,
+# publisher_id, sequence, applied, crc32c, reserved
+_FIXED = struct.Struct("<4sBBHHBBIQQQII")
+FIXED_HEADER_BYTES = _FIXED.size  # 48
+_CRC_OFFSET = 40
+_ZERO_CRC = b"\x00\x00\x00\x00"
+VALUE_BYTES = 8
+
+assert FIXED_HEADER_BYTES == 48
+
+
+class Kind(enum.IntEnum):
+    """Frame type (byte 5)."""
+
+    DATA = 1  # publisher -> appliance: values for one symbol
+    ACK = 2  # appliance -> publisher: `sequence` was applied (or was a harmless duplicate)
+    NACK = 3  # appliance -> publisher: `sequence` was not applied, `reason` says why
+
+
+class Reason(enum.IntEnum):
+    """Why a frame was not applied (byte 11 of a NACK). Retryable reasons are marked."""
+
+    NONE = 0
+    BAD_MAGIC = 1
+    BAD_VERSION = 2
+    BAD_LENGTH = 3  # truncated frame, header length or count inconsistent with the bytes
+    BAD_CRC = 4  # retryable: the bytes were damaged on the way
+    BAD_HEADER = 5  # unknown kind, non-zero reserved fields or flags, zero sequence
+    INVALID_SYMBOL = 6
+    INVALID_VALUE = 7  # a value is negative, NaN or infinite
+    EMPTY_BATCH = 8
+    BATCH_TOO_LARGE = 9
+    DUPLICATE = 10  # already applied: not applied again (sent as an ACK where acks exist)
+    GAP = 11  # retryable: earlier sequences are missing; resend from `applied` + 1
+    SYMBOL_LIMIT = 12
+    INTERNAL = 13  # retryable: the appliance failed (logged); nothing was applied
+    UNAVAILABLE = 14  # retryable: the appliance is stopping or cannot accept now
+
+
+RETRYABLE = frozenset({Reason.BAD_CRC, Reason.GAP, Reason.INTERNAL, Reason.UNAVAILABLE})
+
+
+class WireError(Exception):
+    """Malformed bytes. `reason` is the nack code; `offset` is where in the message it was."""
+
+    def __init__(self, reason: Reason, message: str, offset: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.offset = offset
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame. For DATA frames `values` is a read-only view into the message."""
+
+    kind: Kind
+    publisher_id: int
+    sequence: int
+    symbol: str
+    values: np.ndarray
+    applied: int = 0
+    reason: Reason = Reason.NONE
+
+
+def header_bytes(symbol_len: int) -> int:
+    """Fixed header plus the symbol, padded to a multiple of 8 (the payload alignment)."""
+    return FIXED_HEADER_BYTES + ((symbol_len + 7) & ~7)
+
+
+def frame_bytes(symbol_len: int, count: int) -> int:
+    """Total size of a DATA frame."""
+    return header_bytes(symbol_len) + VALUE_BYTES * count
+
+
+def max_values_in(frame_capacity: int, symbol_len: int) -> int:
+    """How many values fit in a frame of at most `frame_capacity` bytes."""
+    return max(0, (frame_capacity - header_bytes(symbol_len)) // VALUE_BYTES)
+
+
+def _pack(
+    kind: Kind,
+    publisher_id: int,
+    sequence: int,
+    symbol: bytes,
+    payload: bytes | memoryview | np.ndarray,
+    count: int,
+    applied: int = 0,
+    reason: Reason = Reason.NONE,
+) -> bytes:
+    head_len = header_bytes(len(symbol))
+    out = bytearray(head_len + VALUE_BYTES * count)
+    _FIXED.pack_into(
+        out, 0, MAGIC, VERSION, kind, 0, head_len, len(symbol), reason, count,
+        publisher_id, sequence, applied, 0, 0,
+    )  # fmt: skip
+    out[FIXED_HEADER_BYTES : FIXED_HEADER_BYTES + len(symbol)] = symbol
+    if count:
+        out[head_len:] = memoryview(payload).cast("B")
+    struct.pack_into("<I", out, _CRC_OFFSET, crc32c.crc32c(out))
+    return bytes(out)
+
+
+def encode_data(publisher_id: int, sequence: int, symbol: str, values: np.ndarray) -> bytes:
+    """One DATA frame. `values` is converted to little-endian float64 (a copy only if needed).
+
+    Raises ValueError for an argument no frame can carry (the appliance would nack the rest:
+    negative or non-finite values are the receiver's to reject, so a test can send them).
+    """
+    encoded = symbol.encode("utf-8")
+    if not 1 <= len(encoded) <= MAX_SYMBOL_BYTES:
+        raise ValueError(f"symbol must be 1..{MAX_SYMBOL_BYTES} UTF-8 bytes, got {len(encoded)}")
+    _check_ids(publisher_id, sequence)
+    array = np.ascontiguousarray(values, dtype="<f8").reshape(-1)
+    if array.shape[0] > 0xFFFFFFFF:
+        raise ValueError("a frame holds at most 2**32 - 1 values")
+    return _pack(Kind.DATA, publisher_id, sequence, encoded, array, array.shape[0])
+
+
+def encode_ack(publisher_id: int, sequence: int, applied: int) -> bytes:
+    """`sequence` is applied (or was already); `applied` is the highest in-order sequence."""
+    return _pack(Kind.ACK, publisher_id, sequence, b"", b"", 0, applied)
+
+
+def encode_nack(publisher_id: int, sequence: int, applied: int, reason: Reason) -> bytes:
+    """`sequence` was not applied because of `reason`; `applied` as in `encode_ack`."""
+    return _pack(Kind.NACK, publisher_id, sequence, b"", b"", 0, applied, reason)
+
+
+def _check_ids(publisher_id: int, sequence: int) -> None:
+    if not 0 <= publisher_id <= MAX_SEQUENCE:
+        raise ValueError("publisher_id must fit in an unsigned 64-bit integer")
+    if not 1 <= sequence <= MAX_SEQUENCE:
+        raise ValueError("sequence must be 1..2**64-1 (0 means 'none' in acks)")
+
+
+def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Frame, int]:
+    """Decode the frame starting at `offset`; return it and the offset just past it.
+
+    Every check happens before any field is trusted: length first (no read past the end),
+    then magic, version, header fields, and the CRC over the exact bytes of the frame.
+    """
+    view = memoryview(buffer).cast("B")
+    total = len(view)
+    if total - offset < FIXED_HEADER_BYTES:
+        raise WireError(
+            Reason.BAD_LENGTH,
+            f"truncated frame: {total - offset} bytes, a header needs {FIXED_HEADER_BYTES}",
+            offset,
+        )
+    (magic, version, kind, flags, head_len, symbol_len, reason, count,
+     publisher_id, sequence, applied, crc, reserved) = _FIXED.unpack_from(view, offset)  # fmt: skip
+    if magic != MAGIC:
+        raise WireError(Reason.BAD_MAGIC, f"bad magic {bytes(magic)!r}, expected {MAGIC!r}", offset)
+    if version != VERSION:
+        raise WireError(
+            Reason.BAD_VERSION, f"unsupported version {version}, expected {VERSION}", offset
+        )
+    if head_len != header_bytes(symbol_len):
+        raise WireError(
+            Reason.BAD_LENGTH,
+            f"header length {head_len} does not match a {symbol_len}-byte symbol "
+            f"(expected {header_bytes(symbol_len)})",
+            offset,
+        )
+    end = offset + head_len + VALUE_BYTES * count
+    if end > total:
+        raise WireError(
+            Reason.BAD_LENGTH,
+            f"frame claims {end - offset} bytes ({count} values) but only {total - offset} remain",
+            offset,
+        )
+    actual = crc32c.crc32c(view[offset + _CRC_OFFSET + 4 : end], crc32c.crc32c(_ZERO_CRC,
+        crc32c.crc32c(view[offset : offset + _CRC_OFFSET])))  # fmt: skip
+    if actual != crc:
+        raise WireError(
+            Reason.BAD_CRC, f"CRC32C mismatch: frame says {crc:#010x}, bytes give {actual:#010x}",
+            offset,
+        )  # fmt: skip
+    frame_kind = _check_header(kind, flags, reason, reserved, symbol_len, count, sequence, offset)
+    symbol = _decode_symbol(view[offset + FIXED_HEADER_BYTES : offset + FIXED_HEADER_BYTES +
+                                 symbol_len], offset)  # fmt: skip
+    values = np.frombuffer(view, dtype="<f8", count=count, offset=offset + head_len)
+    return (
+        Frame(frame_kind, publisher_id, sequence, symbol, values, applied, Reason(reason)),
+        end,
+    )
+
+
+def _check_header(
+    kind: int, flags: int, reason: int, reserved: int, symbol_len: int, count: int,
+    sequence: int, offset: int,
+) -> Kind:  # fmt: skip
+    """Field checks that the CRC cannot catch (a buggy publisher computes a valid CRC)."""
+    try:
+        frame_kind = Kind(kind)
+    except ValueError:
+        raise WireError(Reason.BAD_HEADER, f"unknown frame kind {kind}", offset) from None
+    if flags or reserved:
+        raise WireError(
+            Reason.BAD_HEADER, f"flags ({flags}) and reserved ({reserved}) must be 0", offset
+        )
+    if frame_kind is Kind.DATA:
+        if reason:
+            raise WireError(Reason.BAD_HEADER, "a DATA frame carries reason 0", offset)
+        if sequence == 0:
+            raise WireError(Reason.BAD_HEADER, "sequence 0 is reserved (start at 1)", offset)
+        if not 1 <= symbol_len <= MAX_SYMBOL_BYTES:
+            raise WireError(
+                Reason.INVALID_SYMBOL,
+                f"symbol is {symbol_len} bytes; 1..{MAX_SYMBOL_BYTES} are allowed",
+                offset,
+            )
+    else:
+        if symbol_len or count:
+            raise WireError(Reason.BAD_HEADER, "ACK/NACK frames carry no symbol or values", offset)
+        if reason not in Reason.__members__.values():
+            raise WireError(Reason.BAD_HEADER, f"unknown reason code {reason}", offset)
+    return frame_kind
+
+
+def _decode_symbol(raw: memoryview, offset: int) -> str:
+    try:
+        return str(raw, "utf-8")
+    except UnicodeDecodeError:
+        raise WireError(Reason.INVALID_SYMBOL, "symbol is not valid UTF-8", offset) from None
+
+
+def decode_message(buffer: bytes | bytearray | memoryview) -> list[Frame]:
+    """All frames of a message, or WireError for the first malformed one.
+
+    All or nothing: a message is decoded completely before any frame is handed on, so a bad
+    frame in the middle never lets the frames before it through while the rest is lost.
+    """
+    view = memoryview(buffer).cast("B")
+    if len(view) == 0:
+        raise WireError(Reason.BAD_LENGTH, "empty message")
+    frames: list[Frame] = []
+    offset = 0
+    while offset < len(view):
+        frame, offset = decode_frame(view, offset)
+        frames.append(frame)
+    return frames
+
+
+def peek_identity(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int]:
+    """(publisher_id, sequence) of a frame header without validating it: only for nacks.
+
+    Used to address a nack for a frame that failed to decode; returns (0, 0) when even the
+    fixed header is incomplete. The values are untrusted and never used for anything else.
+    """
+    view = memoryview(buffer).cast("B")
+    if len(view) - offset < FIXED_HEADER_BYTES:
+        return 0, 0
+    fields = _FIXED.unpack_from(view, offset)
+    return fields[8], fields[9]
