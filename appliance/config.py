@@ -128,7 +128,7 @@ class ShmConfig(_Section):
 
 
 class RdmaConfig(_Section):
-    """[transport.rdma]: RDMA verbs ingest (issue 6): false, true (if a device exists), "required"."""
+    """[transport.rdma]: RDMA verbs ingest: false, true (when a device exists), "required"."""
 
     enabled: bool | Literal["required"] = False
 

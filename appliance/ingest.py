@@ -33,8 +33,7 @@ def make_sink(store: Store, max_batch_size: int) -> Sink:
             if values.shape[0] > max_batch_size:
                 raise ApiError(
                     "batch_too_large",
-                    f"frame has {values.shape[0]} values; store.max_batch_size is "
-                    f"{max_batch_size}",
+                    f"frame has {values.shape[0]} values; store.max_batch_size is {max_batch_size}",
                 )
             if symbol not in store:
                 validate_symbol(symbol)  # every stored symbol was validated when created

@@ -128,7 +128,8 @@ def check_values(values: np.ndarray) -> np.ndarray:
         index = int(np.flatnonzero(bad)[0])
         raise ApiError(
             "invalid_value",
-            f"values[{index}] is {float(values[index])!r}; every value must be a finite number >= 0",
+            f"values[{index}] is {float(values[index])!r}; "
+            "every value must be a finite number >= 0",
         )
     if low == 0.0 and np.signbit(values).any():
         return values + 0.0  # -0.0 + 0.0 == +0.0

@@ -203,7 +203,9 @@ class FrameProcessor:
     def _reject(self, frame: Frame, reason: Reason, message: str) -> Outcome:
         self.counters.rejected[reason.name.lower()] += 1
         self._log.warn(frame.publisher_id, reason, message, sequence=frame.sequence)
-        return Outcome(frame.publisher_id, frame.sequence, self.consumed(frame.publisher_id), reason)
+        return Outcome(
+            frame.publisher_id, frame.sequence, self.consumed(frame.publisher_id), reason
+        )
 
     def _advance(self, publisher_id: int, sequence: int) -> None:
         self._consumed[publisher_id] = sequence
