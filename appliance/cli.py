@@ -1,4 +1,4 @@
-"""The `hft-appliance` command line: `serve [--config PATH]`.
+"""The `hft-appliance` command line: `serve`, `publish`, `replay` (each takes `--config PATH`).
 
 Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
 an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML config file (default: ./Config.toml if present, else built-in defaults); "
         "APP_<SECTION>__<KEY> environment variables override it",
     )
+    from appliance.publish_commands import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -123,6 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args.config)
+    if args.command in ("publish", "replay"):
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(f"config error: {exc}")
+        from appliance.publish_commands import run_publish, run_replay
+
+        return run_publish(args, config) if args.command == "publish" else run_replay(args, config)
     return _fail(f"unknown command {args.command!r}")  # unreachable: argparse rejects it
 
 

@@ -1,0 +1,179 @@
+"""`hft-appliance publish` and `hft-appliance replay`: push ticks from a shell or a CSV file.
+
+Why in the appliance's CLI: an operator checking a deployment wants to push a few ticks over
+the real binary path with the endpoints of the same Config.toml the server reads (the
+`--config` file and `APP_*` variables give the defaults), not write a script.
+
+Both commands flush before they report: the numbers printed are frames the appliance
+acknowledged (zmq, shm), except with `zmq-push`, which has no acknowledgements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from appliance.config import AppConfig
+from appliance.replay import Layout, ReplayError, read_batches
+from transport.control import ControlError
+from transport.publisher import Publisher, PublishError
+from transport.publishers import TRANSPORTS, connect
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="zmq",
+        help="zmq: DEALER with acks (default); zmq-push: PUSH, no acks; shm: shared-memory ring",
+    )
+    parser.add_argument(
+        "--endpoint",
+        help="ZeroMQ endpoint (default: transport.zmq.router_endpoint, or pull_endpoint for "
+        "zmq-push, from the config)",
+    )
+    parser.add_argument(
+        "--control-endpoint",
+        help="control socket for shm (default: transport.zmq.control_endpoint from the config)",
+    )
+    parser.add_argument(
+        "--publisher-id", type=int, help="64-bit publisher id (default: random per run)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for acks (default 30)"
+    )
+
+
+def open_publisher(args: argparse.Namespace, config: AppConfig) -> Publisher:
+    zmq_config = config.transport.zmq
+    default = (
+        zmq_config.pull_endpoint if args.transport == "zmq-push" else zmq_config.router_endpoint
+    )
+    return connect(
+        args.transport,
+        endpoint=args.endpoint or default,
+        control_endpoint=args.control_endpoint or zmq_config.control_endpoint,
+        publisher_id=args.publisher_id,
+    )
+
+
+@dataclass
+class Summary:
+    """What a run sent, for the closing line."""
+
+    values: int = 0
+    frames: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    def line(self, what: str) -> str:
+        rate = self.values / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"{what}: {self.values} values in {self.batches} batches ({self.frames} frames) "
+            f"in {self.seconds:.3f} s: {rate:,.0f} values/s, "
+            f"{self.frames / self.seconds if self.seconds > 0 else float('inf'):,.0f} frames/s"
+        )
+
+
+def read_values(tokens: list[str], stdin: TextIO) -> np.ndarray:
+    """Values from the command line, or whitespace/comma-separated from stdin for `-`."""
+    if tokens == ["-"]:
+        tokens = stdin.read().replace(",", " ").split()
+    try:
+        return np.array([float(token) for token in tokens], dtype=np.float64)
+    except ValueError as exc:
+        raise ReplayError(f"not a number: {exc}") from None
+
+
+@contextmanager
+def _reporting(command: str) -> Iterator[None]:
+    """Turn the expected failures into one line on stderr (raised as SystemExit(1))."""
+    try:
+        yield
+    except (PublishError, ControlError, ReplayError, ValueError, OSError) as exc:
+        print(f"hft-appliance {command}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_FAILED) from None
+
+
+def run_publish(args: argparse.Namespace, config: AppConfig, stdin: TextIO = sys.stdin) -> int:
+    with _reporting("publish"):
+        values = read_values(args.values, stdin)
+        started = time.perf_counter()
+        with open_publisher(args, config) as publisher:
+            last = publisher.publish(args.symbol, values)
+            publisher.flush(args.timeout)
+            frames = publisher.frames_sent
+        summary = Summary(values.shape[0], frames, 1, time.perf_counter() - started)
+        print(f"{summary.line(f'published {args.symbol!r}')}; last sequence {last}")
+    return EXIT_OK
+
+
+def _progress(lines: Iterable[str], total_bytes: int, enabled: bool) -> Iterator[str]:
+    """Yield lines while advancing a tqdm bar by their size (bytes read is the honest unit)."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="replay", disable=not enabled,
+        file=sys.stderr, mininterval=0.25,
+    ) as bar:  # fmt: skip
+        for line in lines:
+            bar.update(len(line))
+            yield line
+
+
+def run_replay(args: argparse.Namespace, config: AppConfig) -> int:
+    path = Path(args.file)
+    with _reporting("replay"):
+        summary = Summary()
+        layout: Layout = args.layout
+        started = time.perf_counter()
+        with path.open(encoding="utf-8", newline="") as handle, open_publisher(
+            args, config
+        ) as publisher:  # fmt: skip
+            lines = _progress(handle, path.stat().st_size, not args.quiet)
+            for symbol, values in read_batches(lines, batch=args.batch, layout=layout):
+                publisher.publish(symbol, values)
+                summary.values += values.shape[0]
+                summary.batches += 1
+            publisher.flush(args.timeout)
+            summary.frames = publisher.frames_sent
+        summary.seconds = time.perf_counter() - started
+        print(summary.line(f"replayed {path.name}"))
+    return EXIT_OK
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `publish` and `replay` on the CLI's subcommand parser."""
+    publish = commands.add_parser(
+        "publish", help="publish values for one symbol over a binary transport"
+    )
+    add_transport_arguments(publish)
+    publish.add_argument("symbol", help="the symbol (1..64 UTF-8 bytes)")
+    publish.add_argument("values", nargs="+", help="values, or - to read them from stdin")
+
+    replay = commands.add_parser(
+        "replay", help="publish a CSV file (symbol,value rows or one column per symbol)"
+    )
+    add_transport_arguments(replay)
+    replay.add_argument("file", help="CSV file")
+    replay.add_argument(
+        "--layout", choices=("auto", "long", "wide"), default="auto",
+        help="long: symbol,value rows; wide: a header of symbols (default: detect)",
+    )  # fmt: skip
+    replay.add_argument(
+        "--batch", type=int, default=10_000, help="values per batch and symbol (default 10000)"
+    )
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    for sub in (publish, replay):
+        sub.add_argument("--config", metavar="PATH", help="config file for default endpoints")

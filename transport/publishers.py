@@ -1,0 +1,52 @@
+"""Publishers for every transport behind one API: the module a feed handler imports.
+
+    from transport.publishers import connect
+
+    with connect("zmq", endpoint="tcp://127.0.0.1:5555") as pub:
+        pub.publish("EUR/USD", [1.0850, 1.0851])
+    # leaving the block flushed: every frame was applied (or PublishError was raised)
+
+`connect` picks the class; each class can also be constructed directly with its own options
+(`ZmqPublisher(..., window=256)`, `ShmPublisher(..., slots=4096)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from transport.publisher import Publisher, PublishError, Rejection
+
+TransportName = Literal["zmq", "zmq-push", "shm"]
+TRANSPORTS: tuple[str, ...] = ("zmq", "zmq-push", "shm")
+
+__all__ = ["TRANSPORTS", "PublishError", "Publisher", "Rejection", "connect"]
+
+
+def connect(
+    transport: TransportName,
+    *,
+    endpoint: str | None = None,
+    control_endpoint: str | None = None,
+    **options: Any,
+) -> Publisher:
+    """A publisher on `transport`:
+
+    - `zmq`: DEALER to the ROUTER `endpoint`, every frame acknowledged (the default choice);
+    - `zmq-push`: PUSH to the PULL `endpoint`, fire-and-forget (no acks, `flush` cannot report
+      rejections; back-pressure only through the high-water mark);
+    - `shm`: a shared-memory ring negotiated over `control_endpoint` (same host only).
+    """
+    if transport in ("zmq", "zmq-push"):
+        if not endpoint:
+            raise ValueError(f"transport {transport!r} needs endpoint=")
+        from transport.zmq.publisher import ZmqPublisher
+
+        mode = "dealer" if transport == "zmq" else "push"
+        return ZmqPublisher(endpoint, mode=mode, **options)
+    if transport == "shm":
+        if not control_endpoint:
+            raise ValueError("transport 'shm' needs control_endpoint=")
+        from transport.shm.publisher import ShmPublisher
+
+        return ShmPublisher(control_endpoint, **options)
+    raise ValueError(f"unknown transport {transport!r}; one of {', '.join(TRANSPORTS)}")
