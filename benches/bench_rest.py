@@ -527,7 +527,12 @@ def make_servers(tmpdir: Path, cli: Path) -> list[Server]:
     for name, argv in (("tree", [str(cli), "serve"]), ("baseline", baseline)):
         workdir = tmpdir / name
         workdir.mkdir()
-        env = {"APP_ENGINE__BACKEND": "cpu"}
+        # REST only: both servers run at once and would compete for the default ZeroMQ ports.
+        env = {
+            "APP_ENGINE__BACKEND": "cpu",
+            "APP_TRANSPORT__ZMQ__ENABLED": "false",
+            "APP_TRANSPORT__SHM__ENABLED": "false",
+        }
         servers.append(Server(name, argv, free_port(), workdir, extra_env=env))
     return servers
 
