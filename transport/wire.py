@@ -211,6 +211,7 @@ def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tup
     symbol = _decode_symbol(view[offset + FIXED_HEADER_BYTES : offset + FIXED_HEADER_BYTES +
                                  symbol_len], offset)  # fmt: skip
     values = np.frombuffer(view, dtype="<f8", count=count, offset=offset + head_len)
+    values.flags.writeable = False  # also over writable memory (a ring slot), as documented
     return (
         Frame(frame_kind, publisher_id, sequence, symbol, values, applied, Reason(reason)),
         end,
