@@ -94,18 +94,23 @@ class _ThrottledLog:
         self.transport = transport
         self._last: dict[tuple[int, Reason], tuple[float, int]] = {}
 
-    def warn(self, publisher_id: int, reason: Reason, message: str, **fields: object) -> None:
+    def warn(
+        self, publisher_id: int, reason: Reason, message: str, *, exc_info: bool = False,
+        **fields: object,
+    ) -> None:  # fmt: skip
+        """A warning, or with `exc_info` an error with the current traceback."""
         key = (publisher_id, reason)
         now = time.monotonic()
-        last, suppressed = self._last.get(key, (0.0, 0))
+        last, suppressed = self._last.get(key, (-LOG_EVERY_S, 0))
         if now - last < LOG_EVERY_S:
             self._last[key] = (last, suppressed + 1)
             return
         if len(self._last) > MAX_TRACKED_PUBLISHERS:
             self._last.clear()
         self._last[key] = (now, 0)
-        log.warning(
+        (log.error if exc_info else log.warning)(
             message,
+            exc_info=exc_info,
             extra={
                 "transport": self.transport,
                 "publisher_id": publisher_id,
@@ -174,6 +179,8 @@ class FrameProcessor:
                 return Outcome(publisher_id, sequence, consumed, Reason.GAP)
         reason = self._apply(frame)
         if reason in RETRYABLE and self.strict_order:
+            if not known:  # fix the baseline: a pipelined next frame is then a gap, not a start
+                self._advance(publisher_id, consumed)
             return Outcome(publisher_id, sequence, consumed, reason)
         self._advance(publisher_id, sequence)
         return Outcome(publisher_id, sequence, sequence, reason)
@@ -190,10 +197,9 @@ class FrameProcessor:
             return exc.reason
         except Exception:
             self.counters.rejected["internal"] += 1
-            log.exception(
-                "ingest sink failed; frame not applied",
-                extra={"transport": self.transport, "publisher_id": frame.publisher_id,
-                       "sequence": frame.sequence, "symbol": frame.symbol},
+            self._log.warn(
+                frame.publisher_id, Reason.INTERNAL, "ingest sink failed; frame not applied",
+                exc_info=True, sequence=frame.sequence, symbol=frame.symbol,
             )  # fmt: skip
             return Reason.INTERNAL
         self.counters.frames_applied += 1
