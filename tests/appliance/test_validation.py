@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from appliance.errors import ApiError
 from appliance.validation import (
     BatchDecoder,
+    check_values,
     count_array_elements,
     count_commas,
     parse_query_string,
@@ -286,3 +287,81 @@ def test_a_batch_of_exactly_max_values_skips_the_exact_count(monkeypatch) -> Non
     decoder = BatchDecoder(max_batch_size=100)
     monkeypatch.setattr(decoder, "_probe", None)  # the exact (Raw) count must not run
     assert decoder.decode(body(values=(1.0,) * 100)).values.size == 100
+
+
+# --- check_values: the value check shared by REST and the binary transports -----------------
+
+
+def check_code(values: np.ndarray) -> str:
+    with pytest.raises(ApiError) as info:
+        check_values(values)
+    return info.value.code
+
+
+def test_check_values_returns_a_valid_array_itself() -> None:
+    values = np.array([0.0, 1.5, 1e308, 5e-324])
+    assert check_values(values) is values
+
+
+def test_check_values_accepts_a_read_only_view_without_copying() -> None:
+    raw = np.array([1.0, 2.0]).tobytes()
+    values = np.frombuffer(raw, dtype=np.float64)
+    assert not values.flags.writeable
+    assert check_values(values) is values
+
+
+@pytest.mark.parametrize("writeable", [True, False])
+def test_check_values_normalizes_negative_zero_in_a_copy(writeable: bool) -> None:
+    values = np.array([1.0, -0.0, 0.0, -0.0])
+    values.flags.writeable = writeable
+    result = check_values(values)
+    assert result is not values
+    assert result.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert not np.signbit(result).any()
+    assert np.signbit(values).tolist() == [False, True, False, True]  # the input is untouched
+
+
+@pytest.mark.parametrize(
+    ("values", "index"),
+    [
+        ([-1.0], 0),
+        ([1.0, 2.0, -5e-324], 2),
+        ([1.0, np.nan, -1.0], 1),
+        ([np.inf], 0),
+        ([0.0, -np.inf], 1),
+        ([3.0, 2.0, 1.0, np.nan], 3),
+    ],
+)
+def test_check_values_names_the_first_bad_index(values: list[float], index: int) -> None:
+    with pytest.raises(ApiError) as info:
+        check_values(np.array(values))
+    assert info.value.code == "invalid_value"
+    assert f"values[{index}]" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("values", "code"),
+    [
+        (np.array([], dtype=np.float64), "empty_batch"),
+        (np.array([1, 2], dtype=np.int64), "invalid_value"),
+        (np.array([1.0], dtype=np.float32), "invalid_value"),
+        (np.ones((2, 2)), "invalid_value"),
+        (np.float64(1.0).reshape(()), "invalid_value"),
+    ],
+)
+def test_check_values_rejects_empty_and_non_flat_float64(values: np.ndarray, code: str) -> None:
+    assert check_code(values) == code
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=30))
+def test_check_values_agrees_with_a_plain_loop(values: list[float]) -> None:
+    array = np.array(values, dtype=np.float64)
+    bad = [i for i, v in enumerate(values) if not (np.isfinite(v) and v >= 0)]
+    if bad:
+        with pytest.raises(ApiError) as info:
+            check_values(array)
+        assert f"values[{bad[0]}]" in info.value.message
+    else:
+        result = check_values(array)
+        assert result.tolist() == [v + 0.0 for v in values]
+        assert not np.signbit(result).any()
