@@ -141,6 +141,10 @@ class TransportConfig(_Section):
     rdma: RdmaConfig = msgspec.field(default_factory=RdmaConfig)
 
     def __post_init__(self) -> None:
+        for name in ("slots", "max_slots"):  # the ring indexes slots with a mask
+            value = getattr(self.shm, name)
+            if value & (value - 1):
+                raise ValueError(f"transport.shm.{name} must be a power of two, got {value}")
         if self.shm.enabled and not (self.zmq.enabled and self.zmq.control_endpoint):
             raise ValueError(
                 "transport.shm.enabled needs transport.zmq.enabled and "
@@ -250,9 +254,10 @@ def _format_validation_error(
         key = f"{key}.{unknown.group('field')}" if key else unknown.group("field")
         problem = "unknown key"
     value: Any = data
-    for part in key.split(".") if key else ():
+    table_key = re.sub(r"\[\d+\]", "", key)  # `sub_connect[0]`: the key is `sub_connect`
+    for part in table_key.split(".") if key else ():
         value = value.get(part) if isinstance(value, Mapping) else None
-    origin = origins.get(key)
+    origin = origins.get(table_key)
     where = f" (from {origin})" if origin else ""
     shown = "" if value is None or isinstance(value, Mapping) else f" (value: {value!r})"
     choices = _choices(key)
