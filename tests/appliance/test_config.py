@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from appliance.config import (
     AppConfig,
     ConfigError,
     StoreConfig,
+    ZmqConfig,
     build_config,
     env_overrides,
     load_config,
@@ -24,12 +26,41 @@ def test_shipped_config_toml_equals_builtin_defaults() -> None:
     assert shipped == AppConfig()
 
 
+def _leaf_keys(struct: msgspec.Struct, prefix: str = "") -> set[str]:
+    keys = set()
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        if isinstance(value, msgspec.Struct):
+            keys |= _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def _toml_keys(table: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in table.items():
+        if isinstance(value, dict):
+            keys |= _toml_keys(value, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
 def test_shipped_config_toml_sets_every_key_explicitly() -> None:
     data = read_toml(REPO_ROOT / "Config.toml")
-    defaults = AppConfig()
-    for section in ("server", "store", "log", "engine"):
-        fields = set(type(getattr(defaults, section)).__struct_fields__)
-        assert set(data[section]) == fields, section
+    expected = _leaf_keys(AppConfig())
+    assert {"transport.zmq.router_endpoint", "transport.shm.slots", "transport.rdma.enabled"} <= (
+        expected
+    )
+    assert _toml_keys(data) == expected
+
+
+def test_every_shipped_key_is_commented() -> None:
+    lines = (REPO_ROOT / "Config.toml").read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        if "=" in line and not line.startswith("#"):
+            assert lines[number - 1].startswith("#"), f"Config.toml:{number + 1}: {line}"
 
 
 def test_spec_defaults() -> None:
@@ -147,8 +178,8 @@ def test_error_names_the_environment_variable_it_came_from() -> None:
         build_config({}, {"APP_STORE__MAX_SYMBOLS": "0"})
 
 
-def test_too_deep_env_name_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="APP_STORE__A__B"):
+def test_unknown_nested_env_key_names_the_key_and_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^store\.a \(from APP_STORE__A__B\): unknown key"):
         build_config({}, {"APP_STORE__A__B": "1"})
 
 
@@ -217,3 +248,154 @@ def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"bad\.toml: not UTF-8") as info:
         load_config(bad, environ={})
     assert "\n" not in str(info.value)
+
+
+# --- [transport.*] ----------------------------------------------------------------------------
+
+
+def test_transport_defaults_follow_the_spec() -> None:
+    transport = AppConfig().transport
+    assert transport.zmq == ZmqConfig(
+        enabled=True,
+        router_endpoint="tcp://127.0.0.1:5555",
+        pull_endpoint="tcp://127.0.0.1:5556",
+        control_endpoint="tcp://127.0.0.1:5557",
+        sub_connect=(),
+    )
+    assert transport.shm.enabled is True
+    assert transport.rdma.enabled is False
+
+
+def test_env_overrides_nest_one_table_per_double_underscore() -> None:
+    assert env_overrides(
+        {
+            "APP_TRANSPORT__ZMQ__ENABLED": "false",
+            "app_transport__shm__slots": "2048",
+            "APP_SERVER__PORT": "9090",
+        }
+    ) == {
+        ("transport", "zmq", "enabled"): ("APP_TRANSPORT__ZMQ__ENABLED", False),
+        ("transport", "shm", "slots"): ("app_transport__shm__slots", 2048),
+        ("server", "port"): ("APP_SERVER__PORT", 9090),
+    }
+
+
+def test_three_level_env_overrides() -> None:
+    config = build_config(
+        {"transport": {"zmq": {"rcvhwm": 5}}},
+        {
+            "APP_TRANSPORT__ZMQ__ENABLED": "false",
+            "APP_TRANSPORT__SHM__ENABLED": "false",
+            "APP_TRANSPORT__ZMQ__ROUTER_ENDPOINT": "ipc:///tmp/hft-router",
+            "APP_TRANSPORT__ZMQ__PULL_ENDPOINT": "",
+            "APP_TRANSPORT__ZMQ__SUB_CONNECT": '["tcp://feed-a:6000", "tcp://feed-b:6000"]',
+            "APP_TRANSPORT__SHM__SLOTS": "4096",
+            "APP_TRANSPORT__SHM__SPIN_US": "0",
+            "APP_TRANSPORT__RDMA__ENABLED": "true",
+        },
+    )
+    zmq, shm = config.transport.zmq, config.transport.shm
+    assert (zmq.enabled, zmq.router_endpoint, zmq.pull_endpoint) == (
+        False, "ipc:///tmp/hft-router", "",
+    )  # fmt: skip
+    assert zmq.sub_connect == ("tcp://feed-a:6000", "tcp://feed-b:6000")
+    assert zmq.rcvhwm == 5  # the file's value, not overridden
+    assert (shm.enabled, shm.slots, shm.spin_us) == (False, 4096, 0)
+    assert config.transport.rdma.enabled is True
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("required", "required"), ("false", False)])
+def test_rdma_enabled_takes_a_bool_or_required(raw: str, expected: object) -> None:
+    config = build_config({}, {"APP_TRANSPORT__RDMA__ENABLED": raw})
+    assert config.transport.rdma.enabled == expected
+    from_file = build_config({"transport": {"rdma": {"enabled": expected}}}, {})
+    assert from_file.transport.rdma.enabled == expected
+
+
+def test_env_beats_file_in_nested_tables(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[transport.zmq]\nrouter_endpoint = "tcp://0.0.0.0:7000"\n')
+    assert load_config(path, environ={}).transport.zmq.router_endpoint == "tcp://0.0.0.0:7000"
+    config = load_config(
+        path, environ={"APP_TRANSPORT__ZMQ__ROUTER_ENDPOINT": "tcp://127.0.0.1:7001"}
+    )
+    assert config.transport.zmq.router_endpoint == "tcp://127.0.0.1:7001"
+
+
+def test_env_overrides_do_not_mutate_the_file_data() -> None:
+    file_data = {"transport": {"zmq": {"rcvhwm": 5}}}
+    build_config(file_data, {"APP_TRANSPORT__ZMQ__RCVHWM": "6"})
+    assert file_data == {"transport": {"zmq": {"rcvhwm": 5}}}
+
+
+@pytest.mark.parametrize(
+    "name", ["APP_A____B", "APP_TRANSPORT____ENABLED", "APP_TRANSPORT__ZMQ__", "APP___PORT"]
+)
+def test_an_empty_part_in_an_env_name_is_an_error(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({}, {name: "1"})
+    message = str(info.value)
+    assert message.startswith(name) and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("file_data", "env", "key"),
+    [
+        (
+            {},
+            {"APP_TRANSPORT__ZMQ__ROUTER_ENDPOINT": "http://x:1"},
+            "transport.zmq.router_endpoint",
+        ),
+        ({}, {"APP_TRANSPORT__ZMQ__ROUTER_ENDPOINT": ""}, "transport.zmq.router_endpoint"),
+        ({}, {"APP_TRANSPORT__ZMQ__PULL_ENDPOINT": "inproc://x"}, "transport.zmq.pull_endpoint"),
+        ({}, {"APP_TRANSPORT__ZMQ__ENABLED": "maybe"}, "transport.zmq.enabled"),
+        ({}, {"APP_TRANSPORT__ZMQ__SUB_CONNECT": "tcp://a:1"}, "transport.zmq.sub_connect"),
+        ({}, {"APP_TRANSPORT__ZMQ__SUB_CONNECT": '["udp://a:1"]'}, "transport.zmq.sub_connect"),
+        ({}, {"APP_TRANSPORT__ZMQ__RCVHWM": "0"}, "transport.zmq.rcvhwm"),
+        ({}, {"APP_TRANSPORT__ZMQ__TYPO": "1"}, "transport.zmq.typo"),
+        ({}, {"APP_TRANSPORT__SHM__SLOTS": "1"}, "transport.shm.slots"),
+        ({}, {"APP_TRANSPORT__SHM__SLOTS": "1000"}, "transport.shm.slots"),
+        ({}, {"APP_TRANSPORT__SHM__SLOTS": "many"}, "transport.shm.slots"),
+        ({}, {"APP_TRANSPORT__SHM__MAX_SLOTS": "3000"}, "transport.shm.max_slots"),
+        ({}, {"APP_TRANSPORT__SHM__SLOT_BYTES": "100"}, "transport.shm.slot_bytes"),
+        ({}, {"APP_TRANSPORT__SHM__SLOT_BYTES": "1000"}, "transport.shm.slot_bytes"),
+        ({}, {"APP_TRANSPORT__SHM__SPIN_US": "-1"}, "transport.shm.spin_us"),
+        ({}, {"APP_TRANSPORT__RDMA__ENABLED": "maybe"}, "transport.rdma.enabled"),
+        ({}, {"APP_TRANSPORT__NOPE__X": "1"}, "transport.nope"),
+        ({}, {"APP_TRANSPORT__ZMQ": "1"}, "transport.zmq"),
+        ({"transport": {"shm": {"slots": 1 << 20}}}, {}, "transport.shm.slots"),
+        ({"transport": {"zmq": []}}, {}, "transport.zmq"),
+    ],
+)
+def test_bad_transport_values_name_the_key(file_data: dict, env: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(file_data, env)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(key), message
+    for name in env:
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"APP_TRANSPORT__ZMQ__ENABLED": "false"},
+        {"APP_TRANSPORT__ZMQ__CONTROL_ENDPOINT": ""},
+    ],
+)
+def test_shm_needs_the_zmq_control_socket(env: dict) -> None:
+    with pytest.raises(ConfigError, match=r"^transport\.shm\.enabled needs .*control_endpoint"):
+        build_config({}, env)
+    config = build_config({}, {**env, "APP_TRANSPORT__SHM__ENABLED": "false"})
+    assert config.transport.shm.enabled is False
+
+
+def test_the_largest_default_ring_must_fit_the_maximum() -> None:
+    with pytest.raises(ConfigError, match=r"^transport\.shm\.slots / slot_bytes"):
+        build_config({}, {"APP_TRANSPORT__SHM__SLOT_BYTES": str(1 << 21)})
+    config = build_config(
+        {}, {"APP_TRANSPORT__SHM__SLOT_BYTES": str(1 << 21), "APP_TRANSPORT__SHM__MAX_SLOT_BYTES":
+             str(1 << 21)},
+    )  # fmt: skip
+    assert config.transport.shm.slot_bytes == 1 << 21
