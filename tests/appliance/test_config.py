@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
@@ -399,3 +400,16 @@ def test_the_largest_default_ring_must_fit_the_maximum() -> None:
              str(1 << 21)},
     )  # fmt: skip
     assert config.transport.shm.slot_bytes == 1 << 21
+
+
+def test_readme_configuration_table_lists_every_key() -> None:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names = re.findall(r"`([a-z_.]+)`", line.split("|")[1])
+        table = names[0].rpartition(".")[0]
+        documented |= {name if "." in name else f"{table}.{name}" for name in names}
+    assert documented == _leaf_keys(AppConfig())
