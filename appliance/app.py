@@ -2,13 +2,14 @@
 
 Why this shape: handlers are thin (validate -> store -> encode), every failure is rendered by
 one error handler as `{"error", "code"}` JSON with the status from `appliance.errors`, and the
-app owns all mutable state (`app.ctx.store`, `app.ctx.ready`), so a test or benchmark can build
-as many apps as it likes. One process owns the store: the CLI runs this app with
-`single_process=True`; several Sanic workers would each hold a different store.
+app owns all mutable state (`app.ctx.store`, `app.ctx.ready`, `app.ctx.transports`), so a test
+or benchmark can build as many apps as it likes. One process owns the store: the CLI runs this
+app with `single_process=True`; several Sanic workers would each hold a different store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 DEFAULT_APP_NAME = "hft_appliance"
+TRANSPORT_STOP_TIMEOUT_S = 5.0
 
 _ENCODER = msgspec.json.Encoder()  # stateless and thread-safe; not mutable state
 
@@ -195,6 +197,10 @@ def create_app(
     app.ctx.engine = engine
     app.ctx.store = build_store(config, engine)
     app.ctx.ready = False
+    # The binary ingest transports (appliance.transports.Transports), set by the CLI once their
+    # endpoints are bound; None in apps built without them (tests, benchmarks): GET /ingest
+    # then reports no transports.
+    app.ctx.transports = None
     _add_routes(app, BatchDecoder(config.store.max_batch_size), build_openapi(config))
     _add_lifecycle(app)
     return app
@@ -252,6 +258,12 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             }
         )
 
+    @app.route("/ingest", methods=GET_AND_HEAD, strict_slashes=False)
+    async def ingest(request: Request) -> HTTPResponse:
+        close_if_draining(request)
+        transports = request.app.ctx.transports
+        return json_response({"transports": transports.snapshot() if transports else {}})
+
     @app.route("/openapi.json", methods=GET_AND_HEAD, strict_slashes=False)
     async def openapi_json(request: Request) -> HTTPResponse:
         close_if_draining(request)
@@ -261,6 +273,9 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
 def _add_lifecycle(app: Sanic) -> None:
     @app.after_server_start
     async def mark_ready(app: Sanic) -> None:
+        # Transports start before `ready`: a client that waits for /ready can publish at once.
+        if app.ctx.transports is not None:
+            app.ctx.transports.start()
         app.ctx.ready = True
         log.info("appliance ready", extra={"symbols": len(app.ctx.store)})
 
@@ -268,6 +283,9 @@ def _add_lifecycle(app: Sanic) -> None:
     async def mark_draining(app: Sanic) -> None:
         app.ctx.ready = False
         log.info("appliance stopping: draining in-flight requests")
+        if app.ctx.transports is not None:
+            # Ingest stops first (bounded wait, off the loop so REST keeps draining meanwhile).
+            await asyncio.to_thread(app.ctx.transports.stop, TRANSPORT_STOP_TIMEOUT_S)
 
     @app.after_server_stop
     async def stopped(app: Sanic) -> None:

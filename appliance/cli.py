@@ -2,8 +2,11 @@
 
 Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
 an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
-from inside the server loop. SIGINT/SIGTERM are handled by Sanic (stop accepting, drain
-in-flight requests up to `server.graceful_shutdown_s`), after which `serve` returns 0.
+from inside the server loop. The ingest transports' endpoints (ZeroMQ) are bound here too, right
+after the REST socket and with the same one-line failure naming the endpoint; their threads start
+in the app's `after_server_start` hook, before /ready turns 200. SIGINT/SIGTERM are handled by
+Sanic (stop accepting, stop the transports, drain in-flight requests up to
+`server.graceful_shutdown_s`), after which `serve` returns 0.
 """
 
 from __future__ import annotations
@@ -78,8 +81,18 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from appliance.app import create_app
+    from appliance.transports import Transports
+    from transport.errors import TransportStartError
 
     app = create_app(config, engine)
+    transports = Transports(config, app.ctx.store)
+    try:
+        transports.bind()
+    except TransportStartError as exc:
+        sock.close()
+        log.error("cannot start transports", extra={"reason": str(exc)})
+        return _fail(str(exc))
+    app.ctx.transports = transports
     log.info(
         "appliance starting",
         extra={
@@ -88,6 +101,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
             "engine": getattr(engine, "name", type(engine).__name__),
             "max_symbols": config.store.max_symbols,
             "max_body_bytes": config.max_body_bytes,
+            "zmq_endpoints": transports.zmq.bound_endpoints if transports.zmq else {},
         },
     )
     try:
@@ -100,6 +114,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
             motd=False,
         )
     finally:
+        transports.stop()  # already stopped by the app's hook unless Sanic failed to start
         sock.close()
     return EXIT_OK
 

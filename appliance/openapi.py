@@ -127,6 +127,61 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                 },
             },
         },
+        "IngestCounters": {
+            "type": "object",
+            "description": "One socket kind's frame processor (since the appliance started).",
+            "required": ["messages", "frames_applied", "values_applied", "rejected"],
+            "properties": {
+                "messages": {"type": "integer", "minimum": 0, "description": "received"},
+                "frames_applied": {"type": "integer", "minimum": 0},
+                "values_applied": {"type": "integer", "minimum": 0},
+                "rejected": {
+                    "type": "object",
+                    "description": "frames per reason, lower-case wire reason names (`gap`, "
+                    "`duplicate`, `bad_crc`, `invalid_value`, ...); duplicates are acked but "
+                    "never applied twice, gaps on PULL/SUB are counted and still applied",
+                    "additionalProperties": {"type": "integer", "minimum": 0},
+                },
+                "acks_dropped": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "ROUTER only: replies not delivered (publisher gone or not "
+                    "reading its acks)",
+                },
+            },
+        },
+        "IngestResponse": {
+            "type": "object",
+            "required": ["transports"],
+            "properties": {
+                "transports": {
+                    "type": "object",
+                    "description": "One entry per enabled transport (`zmq`, `shm`, `rdma`); "
+                    "empty when none is enabled.",
+                    "properties": {
+                        "zmq": {
+                            "type": "object",
+                            "description": "`endpoints` (bound addresses), `running`, one "
+                            "IngestCounters per configured socket (`router`, `pull`, `sub`), "
+                            "`control` (`requests`, `ops`) and `loop_errors`.",
+                            "properties": {
+                                "endpoints": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "running": {"type": "boolean"},
+                                "router": _ref("IngestCounters"),
+                                "pull": _ref("IngestCounters"),
+                                "sub": _ref("IngestCounters"),
+                                "loop_errors": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                        "shm": {"type": "object", "description": "shared-memory rings"},
+                        "rdma": {"type": "object", "description": "`status` and `reason`"},
+                    },
+                },
+            },
+        },
         "Status": {
             "type": "object",
             "required": ["status"],
@@ -235,6 +290,16 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "invalid_symbol",
                             "unknown_symbol",
                         ),
+                    },
+                }
+            },
+            "/ingest": {
+                "get": {
+                    "operationId": "ingest",
+                    "summary": "Counters of the binary ingest transports (ZeroMQ, shared memory)",
+                    "responses": {
+                        "200": _ok("counters per transport", "IngestResponse"),
+                        **_errors(),
                     },
                 }
             },

@@ -1,0 +1,129 @@
+"""The appliance's binary ingest transports, built from `[transport.*]` over one store.
+
+Why a class between the CLI and the transports: the CLI needs one `bind()` that either binds
+every endpoint or raises one error type naming the endpoint (exit status 2), the app needs
+`start()` / `stop()` for its lifecycle hooks and `snapshot()` for GET /ingest, and neither should
+know which transports exist. Every transport gets the same sink (`appliance.ingest.make_sink`):
+the validation and store call of POST /add_batch/.
+
+Order matters: the shared-memory transport creates rings through control requests, so its ops
+are registered on the ZeroMQ control socket before that socket starts answering.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from appliance.config import AppConfig
+from appliance.ingest import make_sink
+from appliance.store import Store
+from transport.control import ControlHandler
+from transport.errors import TransportStartError
+from transport.ingest import Sink
+from transport.zmq.server import ZmqIngest
+
+log = logging.getLogger(__name__)
+
+RDMA_MISSING = "RDMA transport is not part of this build yet"
+DEFAULT_STOP_TIMEOUT_S = 5.0
+
+
+class _Polling(Protocol):
+    """What this class needs of a transport that only polls (shared memory)."""
+
+    def control_handlers(self) -> dict[str, ControlHandler]: ...
+    def start(self) -> None: ...
+    def stop(self, timeout_s: float) -> Any: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+class Transports:
+    """Every enabled transport of one appliance; `bind()`, `start()`, `stop()`, `snapshot()`."""
+
+    def __init__(self, config: AppConfig, store: Store) -> None:
+        self.config = config.transport
+        sink = make_sink(store, config.store.max_batch_size)
+        zmq_config = self.config.zmq
+        self.zmq: ZmqIngest | None = None
+        if zmq_config.enabled:
+            self.zmq = ZmqIngest(
+                sink,
+                router_endpoint=zmq_config.router_endpoint,
+                pull_endpoint=zmq_config.pull_endpoint,
+                control_endpoint=zmq_config.control_endpoint,
+                sub_connect=zmq_config.sub_connect,
+                rcvhwm=zmq_config.rcvhwm,
+                batch_messages=zmq_config.batch_messages,
+            )
+        self.shm: _Polling | None = self._make_shm(sink) if self.config.shm.enabled else None
+        self._started = False
+
+    def _make_shm(self, sink: Sink) -> _Polling:
+        # Imported here: only an appliance with shared memory enabled needs it.
+        from transport.shm.server import ShmIngest
+
+        shm = self.config.shm
+        return ShmIngest(
+            sink,
+            slots=shm.slots,
+            slot_bytes=shm.slot_bytes,
+            max_slots=shm.max_slots,
+            max_slot_bytes=shm.max_slot_bytes,
+            max_rings=shm.max_rings,
+            spin_us=shm.spin_us,
+            backoff_max_us=shm.backoff_max_us,
+        )
+
+    @property
+    def rdma_status(self) -> str:
+        """ "disabled", or "unavailable" (enabled but not in this build)."""
+        return "disabled" if self.config.rdma.enabled is False else "unavailable"
+
+    def bind(self) -> None:
+        """Bind every endpoint; raises TransportStartError (one line, naming the endpoint)."""
+        if self.config.rdma.enabled == "required":
+            raise TransportStartError(
+                f'transport.rdma.enabled = "required": {RDMA_MISSING} (set it to false, or '
+                "true to start without it)"
+            )
+        if self.config.rdma.enabled is True:
+            log.warning(f"{RDMA_MISSING}; other transports keep working")
+        if self.zmq is not None:
+            if self.shm is not None:
+                self.zmq.add_control_handlers(self.shm.control_handlers())
+            self.zmq.bind()
+
+    def start(self) -> None:
+        """Start polling (after `bind()`); ZeroMQ first, then shared memory."""
+        if self._started:
+            return
+        self._started = True
+        if self.zmq is not None:
+            self.zmq.start()
+        if self.shm is not None:
+            self.shm.start()
+        log.info("ingest transports started", extra={"transports": sorted(self.snapshot())})
+
+    def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+        """Stop every transport, each waiting at most `timeout_s`. Safe before `start()`.
+
+        ZeroMQ stops first: once its control socket is closed no `shm.open` can race the
+        shared-memory transport's stop, which then applies what the rings still hold.
+        """
+        if self.zmq is not None:
+            self.zmq.stop(timeout_s)
+        if self.shm is not None:
+            self.shm.stop(timeout_s)
+        self._started = False
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters per enabled transport, for GET /ingest."""
+        out: dict[str, Any] = {}
+        if self.zmq is not None:
+            out["zmq"] = self.zmq.snapshot()
+        if self.shm is not None:
+            out["shm"] = self.shm.snapshot()
+        if self.config.rdma.enabled is not False:
+            out["rdma"] = {"status": self.rdma_status, "reason": RDMA_MISSING}
+        return out
