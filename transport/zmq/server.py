@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 # The wake socket ends a poll at once; this only bounds how long a lost wake-up could delay stop.
 POLL_SAFETY_MS = 1000
 ERROR_LOG_EVERY_S = 1.0
+# Replies queued per publisher before one is dropped. Far above any window: a publisher blocked
+# in a send (the appliance's RCVHWM reached) reads no acks meanwhile, and a reply dropped then
+# would cost it a retry timeout. Replies are small (48 bytes per frame), so this bounds memory
+# only against a publisher that never reads its acks.
+REPLY_SNDHWM = 100_000
 IPC_PREFIX = "ipc://"
 
 Buffer = bytes | memoryview
@@ -156,7 +161,7 @@ class ZmqIngest:
                 router = self._bind("router", zmq.ROUTER, self.router_endpoint)
                 # Replies never block the loop: a full or vanished peer raises instead of waiting.
                 router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                router.setsockopt(zmq.SNDHWM, self.rcvhwm)
+                router.setsockopt(zmq.SNDHWM, REPLY_SNDHWM)
             if self.pull_endpoint:
                 self._bind("pull", zmq.PULL, self.pull_endpoint)
             if self.control_endpoint:
