@@ -2,7 +2,9 @@
 
 Each server gets a fresh temporary working directory (so `logs/app.log` and any `Config.toml`
 are its own) and a free port passed through `APP_SERVER__PORT`, which also exercises the
-environment override. Everything is xdist-safe: no fixed ports, no shared directories.
+environment override. Its ZeroMQ endpoints (ROUTER, PULL, control) are its own too: ipc socket
+files in that directory, or free TCP ports when the path is too long for a unix socket.
+Everything is xdist-safe: no fixed ports, no shared directories.
 """
 
 from __future__ import annotations
@@ -24,12 +26,41 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
+# sun_path holds 108 bytes on Linux (104 on macOS); stay well under both.
+MAX_IPC_PATH = 100
+ENDPOINT_VARS = {
+    "router": "APP_TRANSPORT__ZMQ__ROUTER_ENDPOINT",
+    "pull": "APP_TRANSPORT__ZMQ__PULL_ENDPOINT",
+    "control": "APP_TRANSPORT__ZMQ__CONTROL_ENDPOINT",
+}
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def transport_env(cwd: Path) -> dict[str, str]:
+    """ZeroMQ endpoints of their own for a server running in `cwd` (never the shared defaults).
+
+    ipc files in `cwd` cannot collide between servers; TCP ports (the fallback for a long `cwd`)
+    are free when chosen and bound by the server moments later.
+    """
+    base = cwd.resolve()
+    if len(str(base / "control.sock")) <= MAX_IPC_PATH:
+        endpoints = {name: f"ipc://{base / name}.sock" for name in ENDPOINT_VARS}
+    else:
+        endpoints = {name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINT_VARS}
+    return {ENDPOINT_VARS[name]: endpoint for name, endpoint in endpoints.items()}
+
+
+def _env_get(env: Mapping[str, str], name: str) -> str | None:
+    """The value of `name` in `env`, matched case-insensitively as the appliance does."""
+    for key, value in env.items():
+        if key.upper() == name:
+            return value
+    return None
 
 
 def appliance_command(*args: str) -> list[str]:
@@ -65,7 +96,11 @@ class Server:
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.stdout_path = cwd / "stdout.log"
         self.stderr_path = cwd / "stderr.log"
-        overrides = {"APP_SERVER__PORT": str(self.port), **(env or {})}
+        overrides = {"APP_SERVER__PORT": str(self.port), **transport_env(cwd), **(env or {})}
+        # The endpoints in effect (the caller's env wins), for tests that publish to this server.
+        self.router_endpoint = _env_get(overrides, ENDPOINT_VARS["router"]) or ""
+        self.pull_endpoint = _env_get(overrides, ENDPOINT_VARS["pull"]) or ""
+        self.control_endpoint = _env_get(overrides, ENDPOINT_VARS["control"]) or ""
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
                 appliance_command("serve", *args),
@@ -118,6 +153,12 @@ class Server:
 
         return self.request("GET", "/stats/?" + urlencode({"symbol": symbol, "exponent": exponent}))
 
+    def ingest_counters(self) -> dict[str, Any]:
+        """GET /ingest: the counters of every transport, by transport name."""
+        response = self.request("GET", "/ingest")
+        assert response.status == 200, response
+        return response.json["transports"]
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -152,7 +193,7 @@ def run_cli(cwd: Path, *args: str, env: Mapping[str, str] | None = None, timeout
     return subprocess.run(
         appliance_command(*args),
         cwd=cwd,
-        env=subprocess_env(env),
+        env=subprocess_env({**transport_env(cwd), **(env or {})}),
         capture_output=True,
         text=True,
         timeout=timeout_s,
