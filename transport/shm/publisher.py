@@ -1,0 +1,186 @@
+"""`ShmPublisher`: the Publisher API over a shared-memory ring, for engines on the same host.
+
+Why a ring per publisher and a control request: the appliance owns the memory (it creates,
+sizes and unlinks the file), so a publisher cannot fill /dev/shm or outlive its welcome; the
+publisher id names the ring, so a publisher that crashed and restarts with the same id gets the
+same ring back and resumes exactly after the last slot its predecessor published (see
+`RingProducer`), with its wire sequence numbers continuing from there.
+
+Back-pressure and liveness: `publish` blocks while the ring is full, spinning briefly and then
+sleeping with doubling back-off; if the consumer position does not move for `timeout_s` the
+appliance is presumed dead or stuck and `PublishError` is raised. `flush` waits until the
+consumer reached the producer, then reports the rejections the consumer logged in the ring
+header. Nothing here talks to a socket after `shm.open`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transport.control import ControlError, request
+from transport.publisher import Publisher, PublishError, Rejection
+from transport.shm.ring import STATE_CLOSED, RingError, RingProducer
+from transport.wire import Reason
+
+ControlClient = Callable[[dict[str, Any]], dict[str, Any]]
+
+FIRST_BACKOFF_S = 10e-6
+SPIN_YIELD_EVERY = 64
+
+
+class ShmPublisher(Publisher):
+    """Publishes into a ring the appliance created for `publisher_id`. Not thread-safe.
+
+    `control` is the appliance's ZeroMQ control endpoint, or a callable that answers control
+    requests (tests, or an application that already holds the reply).
+    """
+
+    transport = "shm"
+
+    def __init__(
+        self,
+        control: str | ControlClient,
+        *,
+        publisher_id: int | None = None,
+        slots: int | None = None,
+        slot_bytes: int | None = None,
+        timeout_s: float = 5.0,
+        spin_us: int = 50,
+        backoff_max_us: int = 1_000,
+    ) -> None:
+        super().__init__(publisher_id=publisher_id, max_frame_bytes=0)
+        self.timeout_s = timeout_s
+        self._spin_s = spin_us / 1e6
+        self._backoff_max_s = backoff_max_us / 1e6
+        self._control: ControlClient = (
+            _endpoint_client(control, timeout_s) if isinstance(control, str) else control
+        )
+        self._release_on_close = False
+        reply = self._call({
+            "op": "shm.open", "publisher_id": self.publisher_id,
+            "slots": slots, "slot_bytes": slot_bytes,
+        })  # fmt: skip
+        self.ring_name = str(reply["name"])
+        self.ring_path = Path(reply.get("path") or Path("/dev/shm") / self.ring_name)
+        self._memory = _map(self.ring_path, int(reply["size"]))
+        try:
+            self._producer = RingProducer(self._memory, pid=os.getpid())
+        except RingError as exc:
+            self._memory.close()
+            raise PublishError(f"ring {self.ring_path} is unusable: {exc}") from None
+        self.max_frame_bytes = self._producer.frame_capacity
+        self.slots = self._producer.slots
+        self.slot_bytes = self._producer.slot_bytes
+        owner, sequence = self._producer.last_published()
+        if owner == self.publisher_id:
+            self.last_sequence = sequence  # resume the predecessor's numbering
+
+    @property
+    def producer_position(self) -> int:
+        """Slots published so far over the ring's life (all producers of this id)."""
+        return self._producer.position
+
+    @property
+    def consumer_position(self) -> int:
+        """Slots the appliance has finished with (applied or rejected)."""
+        return self._producer.consumer_position
+
+    def close(self, release: bool = False) -> None:
+        """Unmap the ring; with `release`, also ask the appliance to drain and delete it."""
+        self._release_on_close = release
+        super().close()
+
+    def _call(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._control(body)
+        except ControlError as exc:
+            raise PublishError(f"{body['op']} refused: {exc}") from None
+
+    def _send_frame(self, sequence: int, symbol: str, frame: bytes) -> None:
+        producer = self._producer
+        if producer.consumer_state == STATE_CLOSED:
+            raise PublishError(f"the appliance closed ring {self.ring_name}; nothing is applied")
+        if not producer.try_write(frame):
+            self._wait(lambda: producer.try_write(frame), None, "a free slot")
+
+    def _flush(self, timeout: float | None) -> None:
+        producer = self._producer
+        target = producer.position
+        self._wait(lambda: producer.consumer_position >= target, timeout, "the appliance")
+        found, lost = producer.take_rejections()
+        for entry in found:
+            symbol = producer.symbol_at(entry.position)
+            self.rejections.append(Rejection(entry.sequence, symbol, entry.reason))
+        if lost:
+            self.rejections.append(
+                Rejection(0, "", Reason.NONE, f"and {lost} more not kept in the ring's log")
+            )
+
+    def _wait(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
+        """Spin, then sleep with doubling back-off, until `ready()`.
+
+        PublishError when the consumer has not moved for `timeout_s` (appliance dead or stuck),
+        when the appliance closed the ring, or after `timeout` seconds in all.
+        """
+        producer = self._producer
+        start = last_move = time.monotonic()
+        last_position = producer.consumer_position
+        backoff = FIRST_BACKOFF_S
+        passes = 0
+        while not ready():
+            now = time.monotonic()
+            position = producer.consumer_position
+            if position != last_position:
+                last_position, last_move, backoff = position, now, FIRST_BACKOFF_S
+            elif producer.consumer_state == STATE_CLOSED:
+                raise PublishError(f"the appliance closed ring {self.ring_name} while waiting")
+            elif now - last_move > self.timeout_s:
+                raise PublishError(
+                    f"waited {now - last_move:.1f} s for {what}: the appliance has not consumed "
+                    f"from ring {self.ring_name} (stopped or stuck?)"
+                )
+            if timeout is not None and now - start > timeout:
+                raise PublishError(f"flush timed out after {timeout} s waiting for {what}")
+            if now - last_move < self._spin_s:
+                passes += 1
+                if passes % SPIN_YIELD_EVERY == 0:
+                    time.sleep(0)
+                continue
+            time.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max_s)
+
+    def _close(self) -> None:
+        self._producer.release()
+        self._memory.close()
+        if self._release_on_close:
+            self._call({"op": "shm.close", "publisher_id": self.publisher_id})
+
+
+def _endpoint_client(endpoint: str, timeout_s: float) -> ControlClient:
+    def call(body: dict[str, Any]) -> dict[str, Any]:
+        return request(endpoint, body, timeout_s=timeout_s)
+
+    return call
+
+
+def _map(path: Path, size: int) -> mmap.mmap:
+    """Map the appliance's ring file (it must be on this host)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PublishError(
+            f"cannot open ring {path}: {exc.strerror} (the appliance must run on this host)"
+        ) from None
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < size:
+            raise PublishError(f"ring {path} holds {actual} bytes; the appliance said {size}")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)

@@ -1,0 +1,405 @@
+"""The appliance side of the shared-memory transport: rings on request, one poller thread.
+
+Why files in /dev/shm mapped with `mmap` rather than `multiprocessing.shared_memory`: that
+class registers every segment with Python's resource tracker in each process that attaches, and
+the tracker of a publisher that exits unlinks the appliance's segment and warns about a "leak".
+A plain file in a tmpfs directory has no such side effects, its path is what a publisher in any
+language opens, and the mapping is page-aligned, so it can be registered as an RDMA memory
+region or page-locked for a GPU as it is.
+
+Ownership: the appliance creates, sizes (with `posix_fallocate`, so a full /dev/shm is a clear
+refusal at `shm.open` rather than a SIGBUS on first write), maps and unlinks every ring; a
+publisher only maps it. Files are created 0600: only the appliance's user can publish.
+
+Threads: control handlers run on the ZeroMQ control thread, the poller on its own thread. The
+registry is guarded by a lock, but the poller never takes it per frame: it iterates a tuple of
+bound `poll` methods that the handlers replace wholesale (copy on write). A ring being closed is
+moved to a `retired` list and unmapped by the poller itself at the start of its next pass, so a
+ring is never unmapped while the poller is inside it.
+
+Sequence rules: one `FrameProcessor` per ring, `strict_order=False`: nobody resends on a ring,
+and a lossless ring cannot have gaps, but duplicates or garbage from a buggy producer are still
+counted and reported in the ring's rejection log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transport.control import ControlError, ControlHandler
+from transport.ingest import FrameProcessor, Sink
+from transport.shm.ring import (
+    MIN_SLOT_BYTES,
+    RingConsumer,
+    RingGeometry,
+    init_ring,
+)
+from transport.wire import MAX_SEQUENCE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIRECTORY = Path("/dev/shm")
+NAME_PREFIX = "hft-ring-"  # then "<pid>-<random>-<n>": the pid lets a later start sweep stale ones
+TRANSPORT = "shm"
+POLL_BUDGET = 64  # slots per ring per pass, so one busy ring cannot starve the others
+SPIN_YIELD_EVERY = 32  # empty passes between time.sleep(0) while spinning (lets REST run)
+FIRST_BACKOFF_US = 10
+
+
+@dataclass(eq=False)
+class _Ring:
+    """One publisher's ring: its file, mapping, consumer and sequence state."""
+
+    publisher_id: int
+    name: str
+    path: Path
+    geometry: RingGeometry
+    memory: mmap.mmap
+    processor: FrameProcessor
+    consumer: RingConsumer
+
+    def describe(self) -> dict[str, Any]:
+        """The `shm.open` reply."""
+        return {
+            "publisher_id": self.publisher_id,
+            "name": self.name,
+            "path": str(self.path),
+            "size": self.geometry.total_bytes,
+            "slots": self.geometry.slots,
+            "slot_bytes": self.geometry.slot_bytes,
+        }
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "slots": self.geometry.slots,
+            "slot_bytes": self.geometry.slot_bytes,
+            "consumer_position": self.consumer.position,
+            "producer_position": self.consumer.producer_position,
+            "oversized": self.consumer.oversized,
+            **self.processor.counters.snapshot(),
+        }
+
+    def drain(self) -> None:
+        """Apply whatever the producer published before the ring goes away."""
+        while self.consumer.poll(POLL_BUDGET):
+            pass
+
+    def destroy(self) -> None:
+        """Mark closed, unmap and unlink. Only the thread that polls may call this."""
+        self.consumer.close()
+        self.consumer.release()
+        try:
+            self.memory.close()
+        except BufferError:
+            # A view escaped (a sink kept values); the mapping is freed when it is collected.
+            log.warning("ring %s still referenced at close; unmapped later", self.name)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class ShmIngest:
+    """Creates rings over the control socket and applies their frames on one poller thread."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        slots: int = 1024,
+        slot_bytes: int = 65_536,
+        max_slots: int = 65_536,
+        max_slot_bytes: int = 1 << 20,
+        max_rings: int = 64,
+        spin_us: int = 200,
+        backoff_max_us: int = 1_000,
+        directory: str | os.PathLike[str] = DEFAULT_DIRECTORY,
+    ) -> None:
+        RingGeometry(max_slots, max_slot_bytes)  # validates both limits
+        self.default_geometry = RingGeometry(slots, slot_bytes)
+        if slots > max_slots or slot_bytes > max_slot_bytes:
+            raise ValueError("default slots / slot_bytes exceed max_slots / max_slot_bytes")
+        if max_rings < 1 or spin_us < 0 or backoff_max_us < 1:
+            raise ValueError("max_rings and backoff_max_us must be >= 1, spin_us >= 0")
+        self.sink = sink
+        self.max_slots = max_slots
+        self.max_slot_bytes = max_slot_bytes
+        self.max_rings = max_rings
+        self.spin_us = spin_us
+        self.backoff_max_us = backoff_max_us
+        self.directory = Path(directory)
+        # pid and a random token keep names unique across appliances sharing /dev/shm.
+        self._prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._lock = threading.Lock()
+        self._rings: dict[int, _Ring] = {}  # publisher id -> ring; under _lock
+        self._retired: list[_Ring] = []  # closed, to be unmapped by the poller; under _lock
+        self._pollers: tuple[Any, ...] = ()  # bound RingConsumer.poll of every open ring
+        self._closed_totals: Counter[str] = Counter()
+        self._created = 0
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._stopped = False
+
+    # -- control handlers (ZeroMQ control thread) --------------------------------------------
+
+    def control_handlers(self) -> dict[str, ControlHandler]:
+        return {"shm.open": self._handle_open, "shm.close": self._handle_close}
+
+    def _handle_open(self, request: dict[str, Any]) -> dict[str, Any]:
+        publisher_id = _int_field(request, "publisher_id", 0, MAX_SEQUENCE)
+        slots = _int_field(request, "slots", 2, self.max_slots, self.default_geometry.slots)
+        slot_bytes = _int_field(
+            request, "slot_bytes", MIN_SLOT_BYTES, self.max_slot_bytes,
+            self.default_geometry.slot_bytes,
+        )  # fmt: skip
+        try:
+            geometry = RingGeometry(slots, slot_bytes)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        with self._lock:
+            if self._stopped:
+                raise ControlError("the shared-memory transport is stopping")
+            ring = self._rings.get(publisher_id)
+            if ring is not None:
+                return self._reattach(ring, request)
+            if len(self._rings) >= self.max_rings:
+                raise ControlError(
+                    f"{len(self._rings)} rings are open; transport.shm.max_rings is "
+                    f"{self.max_rings} (close one with shm.close)"
+                )
+            ring = self._create(publisher_id, geometry)
+            self._rings[publisher_id] = ring
+            self._publish_pollers()
+        log.info(
+            "shared-memory ring created",
+            extra={"transport": TRANSPORT, "publisher_id": publisher_id, "ring": ring.name,
+                   "slots": slots, "slot_bytes": slot_bytes},
+        )  # fmt: skip
+        return ring.describe()
+
+    @staticmethod
+    def _reattach(ring: _Ring, request: dict[str, Any]) -> dict[str, Any]:
+        """Same publisher id again (a restarted publisher): the existing ring, same size."""
+        for key, have in (("slots", ring.geometry.slots), ("slot_bytes", ring.geometry.slot_bytes)):
+            if request.get(key) is not None and request[key] != have:
+                raise ControlError(
+                    f"publisher {ring.publisher_id} already has a ring of {ring.geometry.slots} "
+                    f"slots x {ring.geometry.slot_bytes} bytes; re-open it with those sizes or "
+                    "none"
+                )
+        return ring.describe()
+
+    def _handle_close(self, request: dict[str, Any]) -> dict[str, Any]:
+        publisher_id = _int_field(request, "publisher_id", 0, MAX_SEQUENCE)
+        with self._lock:
+            ring = self._rings.pop(publisher_id, None)
+            if ring is None:
+                return {"closed": False}
+            self._publish_pollers()
+            if self._running:
+                self._retired.append(ring)  # the poller drains and unmaps it
+            else:
+                self._retire(ring)
+        return {"closed": True}
+
+    def _create(self, publisher_id: int, geometry: RingGeometry) -> _Ring:
+        """File, size, map, initialise. Called under the lock (creation is rare)."""
+        self._created += 1
+        name = f"{self._prefix}-{self._created}"
+        path = self.directory / name
+        size = geometry.total_bytes
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ControlError(f"cannot create ring file {path}: {exc.strerror}") from None
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                hint = " (is /dev/shm too small?)" if exc.errno == errno.ENOSPC else ""
+                raise ControlError(
+                    f"cannot allocate {size} bytes for ring {path}: {exc.strerror}{hint}"
+                ) from None
+            # MAP_POPULATE pre-faults the pages: no page fault on the poller's first lap.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            memory = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        init_ring(memory, geometry, publisher_id)
+        processor = FrameProcessor(self.sink, TRANSPORT, strict_order=False)
+        consumer = RingConsumer(memory, processor.process_message)
+        return _Ring(publisher_id, name, path, geometry, memory, processor, consumer)
+
+    def _publish_pollers(self) -> None:
+        """Replace the poller's tuple (a single reference store; called under the lock)."""
+        self._pollers = tuple(ring.consumer.poll for ring in self._rings.values())
+
+    def _retire(self, ring: _Ring) -> None:
+        """Drain, keep its counters in the totals, unmap and unlink (poller thread or stopped)."""
+        ring.drain()
+        counters = ring.processor.counters
+        self._closed_totals.update(
+            frames_applied=counters.frames_applied, values_applied=counters.values_applied,
+            messages=counters.messages,
+        )  # fmt: skip
+        self._closed_totals.update({f"rejected.{k}": v for k, v in counters.rejected.items()})
+        ring.destroy()
+        log.info(
+            "shared-memory ring closed",
+            extra={"transport": TRANSPORT, "publisher_id": ring.publisher_id, "ring": ring.name},
+        )
+
+    # -- poller thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Sweep rings left by dead appliances, then start the poller thread."""
+        removed = sweep_stale_rings(self.directory)
+        if removed:
+            log.info(
+                "removed %d ring file(s) of appliances that are no longer running", removed,
+                extra={"transport": TRANSPORT, "directory": str(self.directory)},
+            )  # fmt: skip
+        with self._lock:
+            if self._thread is not None or self._stopped:
+                raise RuntimeError("ShmIngest.start() may be called once")
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="shm-poller", daemon=True)
+            self._thread.start()
+
+    def poll_once(self) -> int:
+        """One pass over every ring (the poller's unit of work; also for tests without it)."""
+        if self._retired:
+            self._release_retired()
+        work = 0
+        for poll in self._pollers:
+            work += poll(POLL_BUDGET)
+        return work
+
+    def _run(self) -> None:
+        """Busy-spin for spin_us after the last frame seen, then sleep with doubling back-off.
+
+        Spinning holds the GIL, so every SPIN_YIELD_EVERY empty passes it yields with
+        time.sleep(0); sleeping releases it. The loop never dies: an unexpected error is logged
+        and the poller backs off before the next pass.
+        """
+        spin_ns = self.spin_us * 1_000
+        backoff_max = self.backoff_max_us / 1e6
+        first_backoff = min(FIRST_BACKOFF_US, self.backoff_max_us) / 1e6
+        backoff = first_backoff
+        idle_since = 0
+        empty_passes = 0
+        while self._running:
+            try:
+                work = self.poll_once()
+            except Exception:
+                log.exception("shared-memory poller pass failed", extra={"transport": TRANSPORT})
+                time.sleep(backoff_max)
+                continue
+            if work:
+                idle_since = 0
+                backoff = first_backoff
+                continue
+            now = time.monotonic_ns()
+            if idle_since == 0:
+                idle_since = now
+            if now - idle_since < spin_ns:
+                empty_passes += 1
+                if empty_passes % SPIN_YIELD_EVERY == 0:
+                    time.sleep(0)
+                continue
+            time.sleep(backoff)
+            backoff = min(backoff * 2, backoff_max)
+
+    def _release_retired(self) -> None:
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for ring in retired:
+            self._retire(ring)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop polling, apply what was published, mark every ring closed, unmap and unlink."""
+        with self._lock:
+            self._stopped = True
+            self._running = False
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.error(
+                    "shared-memory poller did not stop in %.1f s; rings left mapped",
+                    timeout_s, extra={"transport": TRANSPORT},
+                )  # fmt: skip
+                return
+        with self._lock:
+            rings = [*self._retired, *self._rings.values()]
+            self._retired = []
+            self._rings = {}
+            self._pollers = ()
+        for ring in rings:
+            self._retire(ring)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters per open ring (keyed by publisher id) and totals including closed rings."""
+        with self._lock:
+            rings = list(self._rings.values())
+            totals = Counter(self._closed_totals)
+        per_ring = {}
+        for ring in rings:
+            counters = ring.counters()
+            per_ring[str(ring.publisher_id)] = counters
+            totals.update(
+                frames_applied=counters["frames_applied"],
+                values_applied=counters["values_applied"], messages=counters["messages"],
+            )  # fmt: skip
+            totals.update({f"rejected.{k}": v for k, v in counters["rejected"].items()})
+        return {"rings_open": len(rings), "rings": per_ring, "totals": dict(totals)}
+
+
+def sweep_stale_rings(directory: Path) -> int:
+    """Unlink ring files whose creating process is gone (an appliance killed with SIGKILL
+    cannot unlink its rings, and tmpfs keeps them until reboot). Returns how many."""
+    removed = 0
+    for path in directory.glob(f"{NAME_PREFIX}*"):
+        pid_text = path.name[len(NAME_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_exists(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _int_field(
+    request: dict[str, Any], key: str, low: int, high: int, default: int | None = None
+) -> int:
+    value = request.get(key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"{key} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ControlError(f"{key} must be in {low}..{high}, got {value}")
+    return value
