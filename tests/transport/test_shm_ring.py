@@ -6,6 +6,8 @@ is exactly what two processes see through a mapping, minus the timing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -324,3 +326,37 @@ def test_interleavings_keep_fifo_and_credits(
     drain(consumer)
     assert sink.firsts() == [float(s) for s in range(1, sent + 1)]
     assert [len(values) for _, values in sink.batches] == [1 + i % 3 for i in range(sent)]
+
+
+def test_documented_layout_matches_the_code(repo_root: Path) -> None:
+    """docs/wire-format.md is what publishers in other languages implement: keep it true."""
+    text = (repo_root / "docs" / "wire-format.md").read_text(encoding="utf-8")
+    section = text.split("## Shared-memory ring layout", 1)[1]
+    rows = {
+        cells[3].strip("` "): (int(cells[0]), int(cells[1]))
+        for line in section.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+        and cells[0].isdigit() and cells[1].isdigit()
+    }  # fmt: skip
+    assert rows["magic"] == (ring.OFF_MAGIC, len(ring.RING_MAGIC))
+    for name, offset, size in [
+        ("version", ring.OFF_VERSION, 4), ("header_bytes", ring.OFF_HEADER_BYTES, 4),
+        ("slots", ring.OFF_SLOTS, 4), ("slot_bytes", ring.OFF_SLOT_BYTES, 4),
+        ("slot_header_bytes", ring.OFF_SLOT_HEADER_BYTES, 4),
+        ("log_entries", ring.OFF_LOG_ENTRIES, 4), ("total_bytes", ring.OFF_TOTAL_BYTES, 8),
+        ("publisher_id", ring.OFF_PUBLISHER_ID, 8),
+        ("producer_position", ring.OFF_PRODUCER_POSITION, 8),
+        ("producer_pid", ring.OFF_PRODUCER_PID, 8),
+        ("consumer_position", ring.OFF_CONSUMER_POSITION, 8),
+        ("applied_sequence", ring.OFF_APPLIED_SEQUENCE, 8),
+        ("rejected_total", ring.OFF_REJECTED_TOTAL, 8),
+        ("consumer_state", ring.OFF_CONSUMER_STATE, 8),
+        ("consumer_generation", ring.OFF_CONSUMER_GENERATION, 8),
+        ("rejection log", ring.OFF_LOG, ring.LOG_ENTRIES * ring.LOG_ENTRY_BYTES),
+        ("slot_sequence", 0, 8), ("length", 8, 4),
+    ]:  # fmt: skip
+        assert rows[name] == (offset, size), name
+    assert f"`{ring.HEADER_BYTES}`: slots start here" in section
+    assert f"| `{ring.SLOT_HEADER_BYTES}` |" in section
+    assert ring.RING_MAGIC == b"HFTRING\x00"
+    assert "ASCII `HFTRING` and a zero byte" in section
