@@ -229,6 +229,7 @@ def test_open_requests_are_validated(make_ingest: Callable[..., ShmIngest]) -> N
     control({"op": "shm.open", "publisher_id": 2})
     with pytest.raises(ControlError, match="max_rings is 2"):
         control({"op": "shm.open", "publisher_id": 3})
+    assert control({"op": "shm.open", "publisher_id": 1}) == reply  # re-attach: no new ring
     assert control({"op": "shm.close", "publisher_id": 1})["closed"] is True
     assert not Path(reply["path"]).exists()  # not started: closed at once
     assert control({"op": "shm.close", "publisher_id": 1})["closed"] is False

@@ -140,6 +140,7 @@ class ShmIngest:
         self.directory = Path(directory)
         # pid and a random token keep names unique across appliances sharing /dev/shm.
         self._prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._open_lock = threading.Lock()  # serializes control ops (see _handle_open)
         self._lock = threading.Lock()
         self._rings: dict[int, _Ring] = {}  # publisher id -> ring; under _lock
         self._retired: list[_Ring] = []  # closed, to be unmapped by the poller; under _lock
@@ -166,26 +167,40 @@ class ShmIngest:
             geometry = RingGeometry(slots, slot_bytes)
         except ValueError as exc:
             raise ControlError(str(exc)) from None
-        with self._lock:
-            if self._stopped:
-                raise ControlError("the shared-memory transport is stopping")
-            ring = self._rings.get(publisher_id)
-            if ring is not None:
-                return self._reattach(ring, request)
-            if len(self._rings) >= self.max_rings:
-                raise ControlError(
-                    f"{len(self._rings)} rings are open; transport.shm.max_rings is "
-                    f"{self.max_rings} (close one with shm.close)"
-                )
+        # Control ops are serialized by _open_lock; _lock (which GET /ingest and the poller's
+        # retirement take) is held only around registry reads and writes, never while a file
+        # is allocated and pre-faulted (tens of ms for a large ring).
+        with self._open_lock:
+            with self._lock:
+                if self._stopped:
+                    raise ControlError("the shared-memory transport is stopping")
+                existing = self._rings.get(publisher_id)
+                if existing is not None:
+                    return self._reattach(existing, request)
+                self._check_room()
             ring = self._create(publisher_id, geometry)
-            self._rings[publisher_id] = ring
-            self._publish_pollers()
+            with self._lock:
+                stopped = self._stopped
+                if not stopped:
+                    self._rings[publisher_id] = ring
+                    self._publish_pollers()
+            if stopped:
+                ring.destroy()
+                raise ControlError("the shared-memory transport is stopping")
         log.info(
             "shared-memory ring created",
             extra={"transport": TRANSPORT, "publisher_id": publisher_id, "ring": ring.name,
                    "slots": slots, "slot_bytes": slot_bytes},
         )  # fmt: skip
         return ring.describe()
+
+    def _check_room(self) -> None:
+        """Refuse a new ring at max_rings (called under _lock; re-attaching is always allowed)."""
+        if len(self._rings) >= self.max_rings:
+            raise ControlError(
+                f"{len(self._rings)} rings are open; transport.shm.max_rings is "
+                f"{self.max_rings} (close one with shm.close)"
+            )
 
     @staticmethod
     def _reattach(ring: _Ring, request: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +216,7 @@ class ShmIngest:
 
     def _handle_close(self, request: dict[str, Any]) -> dict[str, Any]:
         publisher_id = _int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        with self._lock:
+        with self._open_lock, self._lock:
             ring = self._rings.pop(publisher_id, None)
             if ring is None:
                 return {"closed": False}
@@ -213,7 +228,7 @@ class ShmIngest:
         return {"closed": True}
 
     def _create(self, publisher_id: int, geometry: RingGeometry) -> _Ring:
-        """File, size, map, initialise. Called under the lock (creation is rare)."""
+        """File, size, map, initialise (under _open_lock only)."""
         self._created += 1
         name = f"{self._prefix}-{self._created}"
         path = self.directory / name
