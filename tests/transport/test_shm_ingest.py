@@ -361,3 +361,36 @@ def test_start_sweeps_ring_files_of_dead_appliances(model: Model, tmp_path: Path
     ingest.start()
     ingest.stop()
     assert not stale.exists() and alive.exists() and unrelated.exists()
+
+
+def test_snapshot_while_rings_open_and_close(ingest: ShmIngest, model: Model) -> None:
+    """GET /ingest runs on another thread than the control ops and the poller: never a read
+    of an unmapped ring, never a 'dictionary changed size' from the totals."""
+    control = local_control(ingest)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                ingest.snapshot()
+        except BaseException as exc:  # re-raised in the test thread
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(60):
+            publisher = ShmPublisher(control, slots=2, slot_bytes=128)
+            publisher.publish(f"CHURN{i % 7}", [float(i)])
+            publisher.publish("CHURN", [-1.0])  # a rejection: a rejected.* total
+            publisher.close(release=True)
+    finally:
+        done.set()
+        reader.join(DEADLINE_S)
+    assert not errors
+    wait_for(lambda: ingest.snapshot()["rings_open"] == 0, "every ring to close")
+    wait_for(lambda: ingest.snapshot()["totals"].get("messages") == 120, "the final drains")
+    assert ingest.snapshot()["totals"] == {
+        "messages": 120, "frames_applied": 60, "values_applied": 60, "rejected.invalid_value": 60,
+    }  # fmt: skip

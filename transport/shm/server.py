@@ -216,15 +216,17 @@ class ShmIngest:
 
     def _handle_close(self, request: dict[str, Any]) -> dict[str, Any]:
         publisher_id = _int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        with self._open_lock, self._lock:
-            ring = self._rings.pop(publisher_id, None)
-            if ring is None:
-                return {"closed": False}
-            self._publish_pollers()
-            if self._running:
-                self._retired.append(ring)  # the poller drains and unmaps it
-            else:
-                self._retire(ring)
+        with self._open_lock:
+            with self._lock:
+                ring = self._rings.pop(publisher_id, None)
+                if ring is None:
+                    return {"closed": False}
+                self._publish_pollers()
+                deferred = self._running
+                if deferred:
+                    self._retired.append(ring)  # the poller drains and unmaps it
+            if not deferred:
+                self._retire(ring)  # no poller thread: nobody else touches the ring
         return {"closed": True}
 
     def _create(self, publisher_id: int, geometry: RingGeometry) -> _Ring:
@@ -265,12 +267,8 @@ class ShmIngest:
     def _retire(self, ring: _Ring) -> None:
         """Drain, keep its counters in the totals, unmap and unlink (poller thread or stopped)."""
         ring.drain()
-        counters = ring.processor.counters
-        self._closed_totals.update(
-            frames_applied=counters.frames_applied, values_applied=counters.values_applied,
-            messages=counters.messages,
-        )  # fmt: skip
-        self._closed_totals.update({f"rejected.{k}": v for k, v in counters.rejected.items()})
+        with self._lock:  # snapshot() copies the totals under the same lock
+            _add_totals(self._closed_totals, ring.processor.counters.snapshot())
         ring.destroy()
         log.info(
             "shared-memory ring closed",
@@ -367,20 +365,25 @@ class ShmIngest:
             self._retire(ring)
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters per open ring (keyed by publisher id) and totals including closed rings."""
+        """Counters per open ring (keyed by publisher id) and totals including closed rings.
+
+        Read under the lock: a ring in the registry is never unmapped (it is removed first),
+        so its header can be read; the counters themselves are the poller's, read racily.
+        """
         with self._lock:
-            rings = list(self._rings.values())
+            per_ring = {str(ring.publisher_id): ring.counters() for ring in self._rings.values()}
             totals = Counter(self._closed_totals)
-        per_ring = {}
-        for ring in rings:
-            counters = ring.counters()
-            per_ring[str(ring.publisher_id)] = counters
-            totals.update(
-                frames_applied=counters["frames_applied"],
-                values_applied=counters["values_applied"], messages=counters["messages"],
-            )  # fmt: skip
-            totals.update({f"rejected.{k}": v for k, v in counters["rejected"].items()})
-        return {"rings_open": len(rings), "rings": per_ring, "totals": dict(totals)}
+        for counters in per_ring.values():
+            _add_totals(totals, counters)
+        return {"rings_open": len(per_ring), "rings": per_ring, "totals": dict(totals)}
+
+
+def _add_totals(totals: Counter[str], counters: dict[str, Any]) -> None:
+    """Fold one ring's FrameProcessor counters into `totals` (rejections as rejected.<reason>)."""
+    for key in ("messages", "frames_applied", "values_applied"):
+        totals[key] += counters[key]
+    for reason, count in counters["rejected"].items():
+        totals[f"rejected.{reason}"] += count
 
 
 def sweep_stale_rings(directory: Path) -> int:
