@@ -140,16 +140,17 @@ class TransportConfig(_Section):
     shm: ShmConfig = msgspec.field(default_factory=ShmConfig)
     rdma: RdmaConfig = msgspec.field(default_factory=RdmaConfig)
 
+    @property
+    def shm_active(self) -> bool:
+        """Shared memory runs only with a control socket to create rings over; without one it
+        is off (with a warning at start), so `APP_TRANSPORT__ZMQ__ENABLED=false` alone works."""
+        return self.shm.enabled and self.zmq.enabled and bool(self.zmq.control_endpoint)
+
     def __post_init__(self) -> None:
         for name in ("slots", "max_slots"):  # the ring indexes slots with a mask
             value = getattr(self.shm, name)
             if value & (value - 1):
                 raise ValueError(f"transport.shm.{name} must be a power of two, got {value}")
-        if self.shm.enabled and not (self.zmq.enabled and self.zmq.control_endpoint):
-            raise ValueError(
-                "transport.shm.enabled needs transport.zmq.enabled and "
-                "transport.zmq.control_endpoint: rings are created over the control socket"
-            )
         if self.shm.slots > self.shm.max_slots or self.shm.slot_bytes > self.shm.max_slot_bytes:
             raise ValueError(
                 "transport.shm.slots / slot_bytes must be <= transport.shm.max_slots / "

@@ -56,7 +56,7 @@ class Transports:
                 rcvhwm=zmq_config.rcvhwm,
                 batch_messages=zmq_config.batch_messages,
             )
-        self.shm: _Polling | None = self._make_shm(sink) if self.config.shm.enabled else None
+        self.shm: _Polling | None = self._make_shm(sink) if self.config.shm_active else None
         self._started = False
 
     def _make_shm(self, sink: Sink) -> _Polling:
@@ -89,6 +89,11 @@ class Transports:
             )
         if self.config.rdma.enabled is True:
             log.warning(f"{RDMA_MISSING}; other transports keep working")
+        if self.config.shm.enabled and not self.config.shm_active:
+            log.warning(
+                "shared-memory transport off: rings are created over the ZeroMQ control "
+                "socket, and transport.zmq.enabled is false or control_endpoint is empty"
+            )
         if self.zmq is not None:
             if self.shm is not None:
                 self.zmq.add_control_handlers(self.shm.control_handlers())

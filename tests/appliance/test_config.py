@@ -385,11 +385,11 @@ def test_bad_transport_values_name_the_key(file_data: dict, env: dict, key: str)
         {"APP_TRANSPORT__ZMQ__CONTROL_ENDPOINT": ""},
     ],
 )
-def test_shm_needs_the_zmq_control_socket(env: dict) -> None:
-    with pytest.raises(ConfigError, match=r"^transport\.shm\.enabled needs .*control_endpoint"):
-        build_config({}, env)
-    config = build_config({}, {**env, "APP_TRANSPORT__SHM__ENABLED": "false"})
-    assert config.transport.shm.enabled is False
+def test_shm_is_inactive_without_the_zmq_control_socket(env: dict) -> None:
+    config = build_config({}, env)
+    assert config.transport.shm.enabled is True
+    assert config.transport.shm_active is False
+    assert build_config({}, {}).transport.shm_active is True
 
 
 def test_the_largest_default_ring_must_fit_the_maximum() -> None:
