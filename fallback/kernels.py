@@ -42,20 +42,6 @@ def summarize_blocks(blocks: Any, out: Any, xp: Any = np) -> None:
     blocks.max(axis=1, out=out[:, MAX])
 
 
-def summarize_run(values: Any, out: Any) -> None:
-    """Write the summary of a short non-empty 1-D run of values into the (6,) row `out`.
-
-    Same numerics as `summarize_blocks`, with scalar arithmetic: a partial block is a handful
-    of values, where fixed per-call costs dominate.
-    """
-    count = values.shape[0]
-    ref = float(values[0])
-    dev = values - ref
-    mean = float(dev.sum()) / count
-    dev -= mean
-    out[:] = (count, ref, mean, float(dev @ dev), float(values.min()), float(values.max()))
-
-
 def merge_groups(groups: Any, out: Any, xp: Any = np) -> None:
     """Merge each group of child summaries, (m, F, 6), writing the (m, 6) parents into `out`.
 

@@ -19,8 +19,13 @@ rolled back (`_roll_back`), and retention, which cannot fail, runs last.
 Invariants the code relies on:
 - Summary pages start as IDENTITY rows, so a group of children may be merged whole even where
   it runs past the newest value.
-- The newest (partial) node of every level is kept current on each append, so a window needs no
-  decomposition at its new end: only its old edge is split into raw values plus sibling runs.
+- Summaries cover whole blocks only. The newest partial block (fewer than `block` values) has
+  no summary yet, its row stays IDENTITY, and a window reads those values raw. An append that
+  completes no block therefore only copies values (a 1-value tick costs a few microseconds,
+  not a summary and a merge per level); an append that completes blocks summarizes exactly
+  those and merges their ancestors. Every partial node above level 1 is current for the whole
+  blocks under it, so a window is: raw values at its old edge, sibling runs up to the last
+  whole block, raw values of the partial block at its new end.
 - A node that contains `head` (the oldest retained value) may summarise dropped values. Queries
   never read such a node (they round the window start *up* at every level), and appends only
   rewrite nodes at the tail, whose children all lie in pages that are still allocated.
@@ -34,14 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fallback.interface import RetentionPolicy, WindowStats
-from fallback.kernels import (
-    IDENTITY_ROW,
-    ROW_WIDTH,
-    combine,
-    merge_groups,
-    summarize_blocks,
-    summarize_run,
-)
+from fallback.kernels import IDENTITY_ROW, ROW_WIDTH, combine, merge_groups, summarize_blocks
 
 _NO_ROWS = np.empty((0, ROW_WIDTH))
 _FREE_BYTES_PER_APPEND = 8 << 20
@@ -241,34 +239,29 @@ class SegmentTreeSeries:
             level.drop_pages_before(self._head // level.span, self._retired)
 
     def _write(self, start: int, segment: np.ndarray) -> None:
-        """Write one chunk segment at absolute `start` and bring its summaries up to date."""
+        """Write one chunk segment at absolute `start`; summarize the blocks it completes."""
         g = self.geometry
         stop = start + segment.shape[0]
         page = self._values.pages[start // g.chunk]
         page[start % g.chunk : start % g.chunk + segment.shape[0]] = segment
-        self._summarize(start, stop)
-        self._propagate(start // g.block, -(-stop // g.block))
+        first, full_end = start // g.block, stop // g.block
+        if full_end > first:
+            self._summarize(first, full_end)
+            self._propagate(first, full_end)
 
-    def _summarize(self, start: int, stop: int) -> None:
-        """Level 1: recompute every block that [start, stop) touches from the raw values up to
-        `stop` (the first block may hold earlier values too; the last one may be partial)."""
+    def _summarize(self, first: int, full_end: int) -> None:
+        """Level 1: summarize whole blocks [first, full_end) from the raw values (the first may
+        hold values of earlier appends). Blocks never cross a value page (chunk >= block)."""
         g = self.geometry
-        chunk_base = start - start % g.chunk
-        page = self._values.pages[start // g.chunk]
+        page = self._values.pages[first * g.block // g.chunk]
+        chunk_base = first * g.block - first * g.block % g.chunk
         blocks = self._levels[1]
-        first_block = start // g.block
-        full_end = stop // g.block
-        block_page = blocks.pages[first_block // blocks.rows_per_page]
-        page_base = first_block - first_block % blocks.rows_per_page
-        if full_end > first_block:
-            raw = page[first_block * g.block - chunk_base : full_end * g.block - chunk_base]
-            summarize_blocks(
-                raw.reshape(-1, g.block),
-                block_page[first_block - page_base : full_end - page_base],
-            )
-        if stop % g.block:
-            raw = page[full_end * g.block - chunk_base : stop - chunk_base]
-            summarize_run(raw, block_page[full_end - page_base])
+        block_page = blocks.pages[first // blocks.rows_per_page]
+        page_base = first - first % blocks.rows_per_page
+        raw = page[first * g.block - chunk_base : full_end * g.block - chunk_base]
+        summarize_blocks(
+            raw.reshape(-1, g.block), block_page[first - page_base : full_end - page_base]
+        )
 
     def _propagate(self, lo: int, hi: int) -> None:
         """Levels 2..L: recompute the ancestors of level-1 rows [lo, hi), one vectorised merge
@@ -287,19 +280,18 @@ class SegmentTreeSeries:
             )
 
     def _roll_back(self, segments: list[tuple[int, int]]) -> None:
-        """Undo a partly written append: blocks wholly past the old end become IDENTITY again,
-        the old partial block is re-summarised from the values it held, and every touched
-        ancestor is recomputed. Raw values past the old end need no undo: nothing reads them."""
+        """Undo a partly written append: every block it could have completed becomes IDENTITY
+        again (before the append, a block at or past the old end was partial, so unsummarized)
+        and the touched ancestors are recomputed. Raw values past the old end need no undo:
+        nothing reads them."""
         g = self.geometry
         blocks = self._levels[1]
         for start, stop in segments:
-            first_new = -(-start // g.block)
-            number, offset = divmod(first_new, blocks.rows_per_page)
-            blocks.pages[number][offset : offset + -(-stop // g.block) - first_new] = IDENTITY_ROW
-            if start % g.block:
-                self._summarize(start - start % g.block, start)
-        for start, stop in segments:
-            self._propagate(start // g.block, -(-stop // g.block))
+            first, full_end = start // g.block, stop // g.block
+            if full_end > first:
+                number, offset = divmod(first, blocks.rows_per_page)
+                blocks.pages[number][offset : offset + full_end - first] = IDENTITY_ROW
+                self._propagate(first, full_end)
 
     # -- query ----------------------------------------------------------------------------
 
@@ -319,24 +311,24 @@ class SegmentTreeSeries:
         return WindowStats(count=n, min=lo, max=hi, last=last, avg=mean, var=m2 / n)
 
     def _window_parts(self, start: int) -> tuple[np.ndarray, np.ndarray]:
-        """Split [start, end) into raw values at its old edge and the fewest whole nodes.
+        """Split [start, end) into raw values (its old edge and the newest partial block) and
+        the fewest whole nodes between them.
 
         At each level take the siblings from the window start up to the parent boundary, then
-        step up a level; the newest partial nodes are current, so the new end needs no split.
+        step up a level, up to the last whole block (partial nodes above it are current).
         """
         g = self.geometry
         end = self._end
+        full_end = end - end % g.block  # summaries cover values before this index
         raw_end = min(-(-start // g.block) * g.block, end)
-        offset = start % g.chunk
-        raw = self._values.pages[start // g.chunk][offset : offset + raw_end - start]
-        if raw_end == end:
-            return raw, _NO_ROWS
+        if raw_end >= full_end:  # no whole block inside the window: all raw
+            return self._raw(start, end), _NO_ROWS
         pieces: list[np.ndarray] = []
         index = raw_end // g.block
         top = len(self._levels) - 1
         for depth in range(1, top + 1):
             level = self._levels[depth]
-            nodes = -(-end // level.span)
+            nodes = -(-full_end // level.span)
             if depth == top:
                 pieces.extend(level.runs(index, nodes))
                 break
@@ -346,6 +338,19 @@ class SegmentTreeSeries:
             if boundary == nodes:
                 break
             index = boundary // g.fanout
-        if len(pieces) == 1:
-            return raw, pieces[0]
-        return raw, np.concatenate(pieces) if pieces else _NO_ROWS
+        rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else _NO_ROWS
+        if full_end == end:
+            return self._raw(start, raw_end), rows
+        if raw_end == start:
+            return self._raw(full_end, end), rows
+        return np.concatenate((self._raw(start, raw_end), self._raw(full_end, end))), rows
+
+    def _raw(self, lo: int, hi: int) -> np.ndarray:
+        """Raw values [lo, hi), a view unless they cross a value page (at most two blocks)."""
+        chunk = self.geometry.chunk
+        pages = self._values.pages
+        if lo == hi or (hi - 1) // chunk == lo // chunk:
+            offset = lo % chunk
+            return pages[lo // chunk][offset : offset + hi - lo]
+        split = hi - hi % chunk
+        return np.concatenate((self._raw(lo, split), self._raw(split, hi)))
