@@ -13,7 +13,15 @@ is a fault of the appliance: logged, nacked as INTERNAL (retryable), and the loo
 Sequence rules, per publisher id:
 - `consumed` is the highest sequence that the appliance has finished with in order: every
   sequence up to it was applied or definitively rejected. It is what acks call `applied`.
-- The first frame from an unknown publisher sets the baseline, whatever its sequence.
+- Where a publisher starts: with `strict_order` (transports with acks) only a frame flagged
+  FIRST sets the baseline (`consumed = sequence - 1`); any other frame from a publisher the
+  appliance does not know is nacked UNKNOWN_PUBLISHER and not applied, and the publisher
+  resends from its oldest unacked frame, flagged FIRST. Guessing instead would be silent loss:
+  if the first message were lost, the next one would become the baseline and the resent first
+  frame would be acked as a duplicate without ever being applied. A FIRST frame from a known
+  publisher that would leave a gap moves the baseline too (the publisher says everything
+  before it is finished, e.g. after the appliance restarted). Without acks (PULL, SUB) the
+  first frame seen from a publisher sets the baseline, flagged or not.
 - `sequence <= consumed`: a duplicate. Never applied twice; acked (the data is in) and counted.
 - `sequence > consumed + 1`: a gap. With `strict_order` (transports with acks) the frame is
   nacked GAP and not applied, so the publisher resends from `consumed + 1` and order is kept;
@@ -161,7 +169,17 @@ class FrameProcessor:
         if frame.kind is not Kind.DATA:
             return self._reject(frame, Reason.BAD_HEADER, "only DATA frames are accepted")
         known = publisher_id in self._consumed
+        if not known and self.strict_order and not frame.first:
+            self.counters.rejected["unknown_publisher"] += 1
+            self._log.warn(
+                publisher_id, Reason.UNKNOWN_PUBLISHER,
+                "frame from an unknown publisher without FLAG_FIRST; asking for a restart",
+                sequence=sequence,
+            )  # fmt: skip
+            return Outcome(publisher_id, sequence, 0, Reason.UNKNOWN_PUBLISHER)
         consumed = self._consumed.get(publisher_id, sequence - 1)
+        if known and frame.first and sequence > consumed + 1:
+            consumed = sequence - 1  # the publisher restarts its session here
         if known and sequence <= consumed:
             self.counters.rejected["duplicate"] += 1
             self._log.warn(

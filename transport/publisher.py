@@ -71,7 +71,12 @@ class Publisher(ABC):
         array = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
         for chunk in self._chunks(symbol, array):
             self.last_sequence = _next_sequence(self.last_sequence)
-            frame = encode_data(self.publisher_id, self.last_sequence, symbol, chunk)
+            # The first frame of a publisher's life carries FLAG_FIRST: the appliance starts
+            # tracking its sequence there (see transport.ingest).
+            frame = encode_data(
+                self.publisher_id, self.last_sequence, symbol, chunk,
+                first=self.frames_sent == 0,
+            )  # fmt: skip
             self._send_frame(self.last_sequence, symbol, frame)
             self.frames_sent += 1
             self.values_sent += chunk.shape[0]

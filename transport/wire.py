@@ -66,9 +66,21 @@ class Reason(enum.IntEnum):
     SYMBOL_LIMIT = 12
     INTERNAL = 13  # retryable: the appliance failed (logged); nothing was applied
     UNAVAILABLE = 14  # retryable: the appliance is stopping or cannot accept now
+    # retryable: the appliance has no sequence state for this publisher (its first frame was
+    # lost, or the appliance restarted): resend from the oldest unacked frame, flagged FIRST.
+    UNKNOWN_PUBLISHER = 15
 
 
-RETRYABLE = frozenset({Reason.BAD_CRC, Reason.GAP, Reason.INTERNAL, Reason.UNAVAILABLE})
+RETRYABLE = frozenset(
+    {Reason.BAD_CRC, Reason.GAP, Reason.INTERNAL, Reason.UNAVAILABLE, Reason.UNKNOWN_PUBLISHER}
+)
+
+# DATA flag: "every earlier sequence of mine is finished; start tracking me here". Set by a
+# publisher on its first frame, and on its oldest unacked frame when it resends after
+# UNKNOWN_PUBLISHER. Without it, a transport with acks never guesses where a publisher starts,
+# since a guess made after a lost first message would ack that message as a duplicate.
+FLAG_FIRST = 0x0001
+_DATA_FLAGS = FLAG_FIRST
 
 
 class WireError(Exception):
@@ -91,6 +103,7 @@ class Frame:
     values: np.ndarray
     applied: int = 0
     reason: Reason = Reason.NONE
+    first: bool = False  # FLAG_FIRST (DATA frames only)
 
 
 def header_bytes(symbol_len: int) -> int:
@@ -117,11 +130,12 @@ def _pack(
     count: int,
     applied: int = 0,
     reason: Reason = Reason.NONE,
+    flags: int = 0,
 ) -> bytes:
     head_len = header_bytes(len(symbol))
     out = bytearray(head_len + VALUE_BYTES * count)
     _FIXED.pack_into(
-        out, 0, MAGIC, VERSION, kind, 0, head_len, len(symbol), reason, count,
+        out, 0, MAGIC, VERSION, kind, flags, head_len, len(symbol), reason, count,
         publisher_id, sequence, applied, 0, 0,
     )  # fmt: skip
     out[FIXED_HEADER_BYTES : FIXED_HEADER_BYTES + len(symbol)] = symbol
@@ -131,8 +145,11 @@ def _pack(
     return bytes(out)
 
 
-def encode_data(publisher_id: int, sequence: int, symbol: str, values: np.ndarray) -> bytes:
+def encode_data(
+    publisher_id: int, sequence: int, symbol: str, values: np.ndarray, *, first: bool = False
+) -> bytes:
     """One DATA frame. `values` is converted to little-endian float64 (a copy only if needed).
+    `first` sets FLAG_FIRST (see there).
 
     Raises ValueError for an argument no frame can carry (the appliance would nack the rest:
     negative or non-finite values are the receiver's to reject, so a test can send them).
@@ -144,7 +161,17 @@ def encode_data(publisher_id: int, sequence: int, symbol: str, values: np.ndarra
     array = np.ascontiguousarray(values, dtype="<f8").reshape(-1)
     if array.shape[0] > 0xFFFFFFFF:
         raise ValueError("a frame holds at most 2**32 - 1 values")
-    return _pack(Kind.DATA, publisher_id, sequence, encoded, array, array.shape[0])
+    flags = FLAG_FIRST if first else 0
+    return _pack(Kind.DATA, publisher_id, sequence, encoded, array, array.shape[0], flags=flags)
+
+
+def mark_first(frame: bytes) -> bytes:
+    """A copy of the valid DATA frame `frame` with FLAG_FIRST set and its CRC recomputed."""
+    out = bytearray(frame)
+    struct.pack_into("<H", out, 6, struct.unpack_from("<H", out, 6)[0] | FLAG_FIRST)
+    struct.pack_into("<I", out, _CRC_OFFSET, 0)
+    struct.pack_into("<I", out, _CRC_OFFSET, crc32c.crc32c(out))
+    return bytes(out)
 
 
 def encode_ack(publisher_id: int, sequence: int, applied: int) -> bytes:
@@ -213,7 +240,16 @@ def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tup
     values = np.frombuffer(view, dtype="<f8", count=count, offset=offset + head_len)
     values.flags.writeable = False  # also over writable memory (a ring slot), as documented
     return (
-        Frame(frame_kind, publisher_id, sequence, symbol, values, applied, Reason(reason)),
+        Frame(
+            frame_kind,
+            publisher_id,
+            sequence,
+            symbol,
+            values,
+            applied,
+            Reason(reason),
+            bool(flags & FLAG_FIRST),
+        ),  # fmt: skip
         end,
     )
 
@@ -227,9 +263,13 @@ def _check_header(
         frame_kind = Kind(kind)
     except ValueError:
         raise WireError(Reason.BAD_HEADER, f"unknown frame kind {kind}", offset) from None
-    if flags or reserved:
+    allowed = _DATA_FLAGS if frame_kind is Kind.DATA else 0
+    if flags & ~allowed or reserved:
         raise WireError(
-            Reason.BAD_HEADER, f"flags ({flags}) and reserved ({reserved}) must be 0", offset
+            Reason.BAD_HEADER,
+            f"flags ({flags:#06x}; allowed {allowed:#06x}) and reserved ({reserved}) must not "
+            "carry unknown bits",
+            offset,
         )
     if frame_kind is Kind.DATA:
         if reason:

@@ -142,7 +142,7 @@ def test_an_engine_failure_is_not_turned_into_a_content_rejection() -> None:
     with pytest.raises(RuntimeError):
         sink("S", arr(1.0))
     processor = FrameProcessor(sink, "test", strict_order=True)
-    (outcome,) = processor.process_message(encode_data(1, 1, "S", arr(1.0)))
+    (outcome,) = processor.process_message(encode_data(1, 1, "S", arr(1.0), first=True))
     assert (outcome.reason, outcome.applied) == (Reason.INTERNAL, 0)
 
 
@@ -150,7 +150,7 @@ def test_frames_through_the_processor_reach_the_store_all_or_nothing() -> None:
     store = make_store()
     processor = FrameProcessor(make_sink(store, max_batch_size=10), "test", strict_order=True)
     message = (
-        encode_data(1, 1, "S", arr(1.0, 2.0))
+        encode_data(1, 1, "S", arr(1.0, 2.0), first=True)
         + encode_data(1, 2, "S", arr(3.0, -1.0))  # refused whole
         + encode_data(1, 3, "bad\x01", arr(9.0))
         + encode_data(1, 4, "S", arr(4.0))

@@ -101,8 +101,12 @@ def exchange(dealer: zmq.Socket, message: bytes) -> list[tuple[Kind, int, int, R
     return [(f.kind, f.sequence, f.applied, f.reason) for f in frames]
 
 
-def frame(publisher_id: int, sequence: int, symbol: str, values: list[float]) -> bytes:
-    return encode_data(publisher_id, sequence, symbol, np.array(values, dtype=np.float64))
+def frame(
+    publisher_id: int, sequence: int, symbol: str, values: list[float], *, first: bool = False
+) -> bytes:
+    """A DATA frame; `first` flags the start of a publisher's session (the ROUTER needs it)."""
+    array = np.array(values, dtype=np.float64)
+    return encode_data(publisher_id, sequence, symbol, array, first=first)
 
 
 def stats(server: Server, symbol: str, exponent: int) -> dict[str, Any]:
@@ -143,7 +147,7 @@ def test_acks_carry_each_frames_sequence_and_the_applied_mark(
 ) -> None:
     dealer = sockets.dealer(zserver.router_endpoint)
     pid, symbol = secrets.randbits(62), unique("ACK")
-    packed = b"".join(frame(pid, seq, symbol, [float(seq)]) for seq in (1, 2, 3))
+    packed = b"".join(frame(pid, seq, symbol, [float(seq)], first=seq == 1) for seq in (1, 2, 3))
     assert exchange(dealer, packed) == [(Kind.ACK, s, s, Reason.NONE) for s in (1, 2, 3)]
     assert exchange(dealer, frame(pid, 4, symbol, [4.0])) == [(Kind.ACK, 4, 4, Reason.NONE)]
     assert_stats_equal_numpy(zserver, symbol, np.array([1.0, 2.0, 3.0, 4.0]))
@@ -155,7 +159,7 @@ def test_negative_value_and_bad_crc_are_nacked_and_change_nothing(
     dealer = sockets.dealer(zserver.router_endpoint)
     pid, fresh, known = secrets.randbits(62), unique("NEG"), unique("CRC")
     before = counters(zserver, "router")["rejected"]
-    assert exchange(dealer, frame(pid, 1, fresh, [1.0, -0.5])) == [
+    assert exchange(dealer, frame(pid, 1, fresh, [1.0, -0.5], first=True)) == [
         (Kind.NACK, 1, 1, Reason.INVALID_VALUE)
     ]
     unknown = zserver.stats(fresh, 1)
@@ -179,7 +183,9 @@ def test_gaps_are_nacked_and_duplicates_acked_without_applying_twice(
     dealer = sockets.dealer(zserver.router_endpoint)
     pid, symbol = secrets.randbits(62), unique("SEQ")
     before = counters(zserver, "router")["rejected"]
-    assert exchange(dealer, frame(pid, 1, symbol, [1.0])) == [(Kind.ACK, 1, 1, Reason.NONE)]
+    assert exchange(dealer, frame(pid, 1, symbol, [1.0], first=True)) == [
+        (Kind.ACK, 1, 1, Reason.NONE)
+    ]
     # Sequence 2 skipped: 3 is not applied, and the nack says to resend from applied + 1 = 2.
     assert exchange(dealer, frame(pid, 3, symbol, [3.0])) == [(Kind.NACK, 3, 1, Reason.GAP)]
     assert stats(zserver, symbol, 1)["last"] == 1.0

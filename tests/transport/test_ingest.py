@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import transport.ingest as ingest_module
@@ -42,9 +42,13 @@ class RecordingSink:
         return [values[0] for _, values in self.applied]
 
 
-def frame(sequence: int, publisher_id: int = PID, symbol: str = "S", n: int = 1) -> bytes:
-    """A DATA frame whose values start with its own sequence number (to see what was applied)."""
-    return encode_data(publisher_id, sequence, symbol, np.arange(sequence, sequence + n, 1.0))
+def frame(
+    sequence: int, publisher_id: int = PID, symbol: str = "S", n: int = 1, *, first: bool = False
+) -> bytes:
+    """A DATA frame whose values start with its own sequence number (to see what was applied);
+    `first` sets FLAG_FIRST, as a publisher does on the first frame of its session."""
+    values = np.arange(sequence, sequence + n, 1.0)
+    return encode_data(publisher_id, sequence, symbol, values, first=first)
 
 
 def make(strict: bool = True) -> tuple[FrameProcessor, RecordingSink]:
@@ -52,11 +56,15 @@ def make(strict: bool = True) -> tuple[FrameProcessor, RecordingSink]:
     return FrameProcessor(sink, "test", strict_order=strict), sink
 
 
-def send(processor: FrameProcessor, *sequences: int, publisher_id: int = PID) -> list[Outcome]:
-    """Each sequence in its own message; the outcomes in order."""
+def send(
+    processor: FrameProcessor, *sequences: int, publisher_id: int = PID, first: bool = False
+) -> list[Outcome]:
+    """Each sequence in its own message; the outcomes in order. With `first`, the first of them
+    is flagged FIRST (where a publisher starts: required by strict transports)."""
     outcomes = []
-    for sequence in sequences:
-        outcomes += processor.process_message(frame(sequence, publisher_id))
+    for index, sequence in enumerate(sequences):
+        message = frame(sequence, publisher_id, first=first and index == 0)
+        outcomes += processor.process_message(message)
     return outcomes
 
 
@@ -70,7 +78,7 @@ def reasons(outcomes: list[Outcome]) -> list[Reason]:
 @pytest.mark.parametrize("strict", [True, False])
 def test_in_order_frames_are_applied_in_order(strict: bool) -> None:
     processor, sink = make(strict)
-    outcomes = send(processor, 1, 2, 3)
+    outcomes = send(processor, 1, 2, 3, first=True)
     assert sink.firsts == [1.0, 2.0, 3.0]
     assert outcomes == [Outcome(PID, s, s, Reason.NONE) for s in (1, 2, 3)]
     assert all(o.ok for o in outcomes)
@@ -82,7 +90,7 @@ def test_in_order_frames_are_applied_in_order(strict: bool) -> None:
 
 def test_several_frames_in_one_message_get_one_outcome_each() -> None:
     processor, sink = make()
-    message = frame(1, n=3) + frame(2, symbol="T", n=2) + frame(3)
+    message = frame(1, n=3, first=True) + frame(2, symbol="T", n=2) + frame(3)
     outcomes = processor.process_message(message)
     assert [(o.sequence, o.applied, o.reason) for o in outcomes] == [
         (1, 1, Reason.NONE), (2, 2, Reason.NONE), (3, 3, Reason.NONE),
@@ -94,7 +102,7 @@ def test_several_frames_in_one_message_get_one_outcome_each() -> None:
 def test_the_first_frame_sets_the_baseline() -> None:
     processor, sink = make()
     assert processor.consumed(PID) == 0
-    assert send(processor, 100, 101) == [
+    assert send(processor, 100, 101, first=True) == [
         Outcome(PID, 100, 100, Reason.NONE), Outcome(PID, 101, 101, Reason.NONE),
     ]  # fmt: skip
     assert send(processor, 99) == [Outcome(PID, 99, 101, Reason.DUPLICATE)]
@@ -103,12 +111,121 @@ def test_the_first_frame_sets_the_baseline() -> None:
 
 def test_publishers_are_independent() -> None:
     processor, sink = make()
-    send(processor, 1, 2, publisher_id=1)
-    send(processor, 1, publisher_id=2)
+    send(processor, 1, 2, publisher_id=1, first=True)
+    send(processor, 1, publisher_id=2, first=True)
     assert send(processor, 3, publisher_id=1)[0].reason is Reason.NONE
     assert send(processor, 3, publisher_id=2)[0].reason is Reason.GAP
     assert (processor.consumed(1), processor.consumed(2)) == (3, 1)
     assert sink.firsts == [1.0, 2.0, 1.0, 3.0]
+
+
+# --- where a publisher starts: FLAG_FIRST -----------------------------------------------------
+
+
+def test_strict_an_unknown_publisher_without_first_is_told_so_and_nothing_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    processor, sink = make(strict=True)
+    with caplog.at_level(logging.WARNING, logger="transport.ingest"):
+        outcomes = send(processor, 5)
+    assert outcomes == [Outcome(PID, 5, 0, Reason.UNKNOWN_PUBLISHER)]
+    assert not outcomes[0].ok
+    (record,) = caplog.records
+    assert (record.publisher_id, record.reason, record.sequence) == (PID, "unknown_publisher", 5)
+    # Every frame of a message is answered; none becomes a baseline, so none is applied.
+    outcomes = processor.process_message(frame(6) + frame(7))
+    assert outcomes == [Outcome(PID, s, 0, Reason.UNKNOWN_PUBLISHER) for s in (6, 7)]
+    assert sink.applied == []
+    assert processor.consumed(PID) == 0
+    assert processor.counters.snapshot() == {
+        "messages": 2, "frames_applied": 0, "values_applied": 0,
+        "rejected": {"unknown_publisher": 3},
+    }  # fmt: skip
+
+
+def test_strict_a_first_frame_sets_the_baseline_whatever_its_sequence() -> None:
+    processor, sink = make(strict=True)
+    assert send(processor, 5, first=True) == [Outcome(PID, 5, 5, Reason.NONE)]
+    assert send(processor, 6, 4, 8) == [
+        Outcome(PID, 6, 6, Reason.NONE),
+        Outcome(PID, 4, 6, Reason.DUPLICATE),  # before the start: finished, says the publisher
+        Outcome(PID, 8, 6, Reason.GAP),
+    ]
+    assert sink.firsts == [5.0, 6.0]
+    assert processor.counters.rejected == {"duplicate": 1, "gap": 1}
+
+
+@pytest.mark.parametrize("one_message", [False, True], ids=["separately", "one message"])
+def test_a_lost_first_message_is_asked_for_again_and_applied_exactly_once(
+    one_message: bool,
+) -> None:
+    # The publisher sent 1 (FIRST), 2, 3; the message with 1 was lost. Guessing a baseline at
+    # 2 would ack the resent 1 as a duplicate without ever applying it: silent loss.
+    processor, sink = make(strict=True)
+    assert send(processor, 2, 3) == [
+        Outcome(PID, 2, 0, Reason.UNKNOWN_PUBLISHER), Outcome(PID, 3, 0, Reason.UNKNOWN_PUBLISHER),
+    ]  # fmt: skip
+    assert sink.applied == []
+    # The publisher resends everything unacked, its oldest frame flagged FIRST.
+    if one_message:
+        outcomes = processor.process_message(frame(1, first=True) + frame(2) + frame(3))
+    else:
+        outcomes = send(processor, 1, 2, 3, first=True)
+    assert outcomes == [Outcome(PID, s, s, Reason.NONE) for s in (1, 2, 3)]
+    assert sink.firsts == [1.0, 2.0, 3.0]
+    # Copies still in flight are duplicates: acked, not applied again.
+    assert reasons(send(processor, 1, 2, 3, first=True)) == [Reason.DUPLICATE] * 3
+    assert sink.firsts == [1.0, 2.0, 3.0]
+    assert processor.counters.rejected == {"unknown_publisher": 2, "duplicate": 3}
+
+
+def test_after_an_appliance_restart_the_publisher_restarts_its_session() -> None:
+    before, old_sink = make(strict=True)
+    assert reasons(send(before, 1, 2, 3, 4, 5, first=True)) == [Reason.NONE] * 5
+    assert old_sink.firsts == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # The appliance restarts: a fresh processor (and store) that never heard of the publisher.
+    after, sink = make(strict=True)
+    assert send(after, 6, 7) == [
+        Outcome(PID, 6, 0, Reason.UNKNOWN_PUBLISHER), Outcome(PID, 7, 0, Reason.UNKNOWN_PUBLISHER),
+    ]  # fmt: skip
+    assert sink.applied == []
+    # Resend from the oldest unacked frame, flagged FIRST: everything before it was acked.
+    assert send(after, 6, 7, first=True) == [
+        Outcome(PID, 6, 6, Reason.NONE), Outcome(PID, 7, 7, Reason.NONE),
+    ]  # fmt: skip
+    assert sink.firsts == [6.0, 7.0]
+    assert after.consumed(PID) == 7
+    assert after.counters.rejected == {"unknown_publisher": 2}
+
+
+def test_a_known_publisher_flagging_first_past_a_gap_moves_the_baseline() -> None:
+    processor, sink = make(strict=True)
+    send(processor, 1, 2, first=True)
+    # FIRST says every earlier sequence is finished: 3 and 4 are not waited for.
+    assert send(processor, 5, first=True) == [Outcome(PID, 5, 5, Reason.NONE)]
+    assert processor.consumed(PID) == 5
+    assert send(processor, 3, 6) == [
+        Outcome(PID, 3, 5, Reason.DUPLICATE), Outcome(PID, 6, 6, Reason.NONE),
+    ]  # fmt: skip
+    assert sink.firsts == [1.0, 2.0, 5.0, 6.0]
+    # Without the flag the same jump is a gap, as always.
+    assert send(processor, 9) == [Outcome(PID, 9, 6, Reason.GAP)]
+    # A FIRST frame that leaves no gap moves nothing: a resent start is still a duplicate, and
+    # the next frame is applied as usual.
+    assert send(processor, 6, first=True) == [Outcome(PID, 6, 6, Reason.DUPLICATE)]
+    assert send(processor, 7, first=True) == [Outcome(PID, 7, 7, Reason.NONE)]
+    assert sink.firsts == [1.0, 2.0, 5.0, 6.0, 7.0]
+    assert processor.counters.rejected == {"duplicate": 2, "gap": 1}
+
+
+def test_non_strict_the_first_frame_seen_sets_the_baseline_flagged_or_not() -> None:
+    # PULL and SUB: nobody can resend, so nothing is asked for; an unflagged start is taken.
+    processor, sink = make(strict=False)
+    assert send(processor, 5) == [Outcome(PID, 5, 5, Reason.NONE)]
+    assert send(processor, 3, first=True, publisher_id=2) == [Outcome(2, 3, 3, Reason.NONE)]
+    assert send(processor, 6) == [Outcome(PID, 6, 6, Reason.NONE)]
+    assert sink.firsts == [5.0, 3.0, 6.0]
+    assert processor.counters.rejected == {}
 
 
 # --- duplicates and gaps ---------------------------------------------------------------------
@@ -117,7 +234,7 @@ def test_publishers_are_independent() -> None:
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_duplicate_is_acked_and_not_applied_twice(strict: bool) -> None:
     processor, sink = make(strict)
-    send(processor, 1, 2)
+    send(processor, 1, 2, first=True)
     outcomes = send(processor, 2, 1, 2)
     assert outcomes == [Outcome(PID, s, 2, Reason.DUPLICATE) for s in (2, 1, 2)]
     assert all(o.ok for o in outcomes)
@@ -128,14 +245,14 @@ def test_a_duplicate_is_acked_and_not_applied_twice(strict: bool) -> None:
 
 def test_a_duplicate_inside_a_message_is_skipped_alone() -> None:
     processor, sink = make()
-    outcomes = processor.process_message(frame(1) + frame(1) + frame(2))
+    outcomes = processor.process_message(frame(1, first=True) + frame(1) + frame(2))
     assert reasons(outcomes) == [Reason.NONE, Reason.DUPLICATE, Reason.NONE]
     assert sink.firsts == [1.0, 2.0]
 
 
 def test_gap_in_strict_mode_is_nacked_then_accepted_after_the_resend() -> None:
     processor, sink = make(strict=True)
-    send(processor, 1)
+    send(processor, 1, first=True)
     outcomes = send(processor, 3, 4)
     assert outcomes == [Outcome(PID, 3, 1, Reason.GAP), Outcome(PID, 4, 1, Reason.GAP)]
     assert not any(o.ok for o in outcomes)
@@ -169,7 +286,7 @@ def test_gap_in_non_strict_mode_is_applied_and_counted() -> None:
 def test_a_content_rejection_advances_applied(strict: bool, reason: Reason) -> None:
     processor, sink = make(strict)
     sink.fail_with[2.0] = Rejected(reason, "no")
-    outcomes = send(processor, 1, 2, 3)
+    outcomes = send(processor, 1, 2, 3, first=True)
     assert outcomes == [
         Outcome(PID, 1, 1, Reason.NONE),
         Outcome(PID, 2, 2, reason),
@@ -195,7 +312,7 @@ def test_a_retryable_failure_does_not_advance_in_strict_mode(
     error: Exception, reason: Reason
 ) -> None:
     processor, sink = make(strict=True)
-    send(processor, 1)
+    send(processor, 1, first=True)
     sink.fail_next.append(error)
     assert send(processor, 2, 3) == [Outcome(PID, 2, 1, reason), Outcome(PID, 3, 1, Reason.GAP)]
     assert processor.consumed(PID) == 1
@@ -221,8 +338,9 @@ def test_a_failed_first_frame_still_fixes_the_baseline() -> None:
     # that one must be a gap, not a new baseline that would turn the resend into a duplicate.
     processor, sink = make(strict=True)
     sink.fail_next.append(RuntimeError("engine broke"))
-    assert reasons(send(processor, 1, 2)) == [Reason.INTERNAL, Reason.GAP]
-    assert reasons(send(processor, 1, 2)) == [Reason.NONE, Reason.NONE]
+    assert reasons(send(processor, 1, 2, first=True)) == [Reason.INTERNAL, Reason.GAP]
+    # the resend carries the same bytes: 1 still flagged FIRST
+    assert reasons(send(processor, 1, 2, first=True)) == [Reason.NONE, Reason.NONE]
     assert sink.firsts == [1.0, 2.0]
 
 
@@ -230,7 +348,7 @@ def test_the_sink_failure_is_logged_with_its_traceback(caplog: pytest.LogCapture
     processor, sink = make()
     sink.fail_next.append(RuntimeError("engine broke"))
     with caplog.at_level(logging.WARNING, logger="transport.ingest"):
-        send(processor, 1)
+        send(processor, 1, first=True)
     (record,) = caplog.records
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None and "engine broke" in str(record.exc_info[1])
@@ -242,7 +360,7 @@ def test_the_sink_failure_is_logged_with_its_traceback(caplog: pytest.LogCapture
 
 def test_a_malformed_message_gets_one_outcome_and_applies_nothing() -> None:
     processor, sink = make()
-    send(processor, 1)
+    send(processor, 1, first=True)
     message = bytearray(frame(2) + frame(3) + frame(4))
     message[-1] ^= 0x01  # damage the last frame only
     outcomes = processor.process_message(bytes(message))
@@ -275,13 +393,13 @@ def test_malformed_messages_are_addressed_from_the_untrusted_header(
 
 def test_malformed_message_outcome_carries_the_known_applied() -> None:
     processor, _ = make()
-    send(processor, 1, 2)
+    send(processor, 1, 2, first=True)
     assert processor.process_message(frame(3)[:-8]) == [Outcome(PID, 3, 2, Reason.BAD_LENGTH)]
 
 
 def test_acks_sent_to_the_appliance_are_rejected_without_effect() -> None:
     processor, sink = make()
-    send(processor, 1)
+    send(processor, 1, first=True)
     outcomes = processor.process_message(encode_ack(PID, 2, 2) + frame(2))
     assert outcomes == [Outcome(PID, 2, 1, Reason.BAD_HEADER), Outcome(PID, 2, 2, Reason.NONE)]
     assert sink.firsts == [1.0, 2.0]
@@ -292,7 +410,8 @@ def test_invalid_content_reaches_the_sink_which_decides() -> None:
     # The wire carries negative and empty batches; rejecting them is the sink's job.
     processor, sink = make()
     outcomes = processor.process_message(
-        encode_data(PID, 1, "S", np.array([-1.0])) + encode_data(PID, 2, "S", np.array([]))
+        encode_data(PID, 1, "S", np.array([-1.0]), first=True)
+        + encode_data(PID, 2, "S", np.array([]))
     )
     assert reasons(outcomes) == [Reason.NONE, Reason.NONE]
     assert sink.applied == [("S", [-1.0]), ("S", [])]
@@ -307,16 +426,18 @@ def test_the_publisher_table_is_bounded_least_recently_seen_first(
     monkeypatch.setattr(ingest_module, "MAX_TRACKED_PUBLISHERS", 4)
     processor, _ = make()
     for pid in (1, 2, 3, 4):
-        send(processor, 10, publisher_id=pid)
+        send(processor, 10, publisher_id=pid, first=True)
     send(processor, 11, publisher_id=1)  # 1 is now the most recently seen
-    send(processor, 10, publisher_id=5)  # evicts 2, the least recently seen
+    send(processor, 10, publisher_id=5, first=True)  # evicts 2, the least recently seen
     assert [processor.consumed(pid) for pid in (1, 2, 3, 4, 5)] == [11, 0, 10, 10, 10]
     assert len(processor._consumed) == 4
-    # a forgotten publisher starts again from a new baseline
-    assert reasons(send(processor, 10, publisher_id=2)) == [Reason.NONE]
+    # a forgotten publisher is unknown: told so, and it restarts its session flagged FIRST
+    assert reasons(send(processor, 11, publisher_id=2)) == [Reason.UNKNOWN_PUBLISHER]
+    assert processor.consumed(2) == 0
+    assert reasons(send(processor, 11, publisher_id=2, first=True)) == [Reason.NONE]
     assert processor.consumed(3) == 0
     for pid in range(100, 200):
-        send(processor, 1, publisher_id=pid)
+        send(processor, 1, publisher_id=pid, first=True)
     assert len(processor._consumed) == 4
 
 
@@ -344,7 +465,7 @@ def test_throttled_logging_does_not_flood(
     caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:
     processor, _ = make()
-    send(processor, 1)
+    send(processor, 1, first=True)
     with caplog.at_level(logging.WARNING, logger="transport.ingest"):
         send(processor, *[1] * 1000)
         assert len(warnings_of(caplog)) == 1
@@ -361,8 +482,8 @@ def test_throttling_is_per_publisher_and_reason(
     caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:
     processor, _ = make()
-    send(processor, 1, publisher_id=1)
-    send(processor, 1, publisher_id=2)
+    send(processor, 1, publisher_id=1, first=True)
+    send(processor, 1, publisher_id=2, first=True)
     with caplog.at_level(logging.WARNING, logger="transport.ingest"):
         for _ in range(50):
             send(processor, 1, publisher_id=1)  # duplicate
@@ -407,18 +528,19 @@ def test_non_strict_applies_each_sequence_at_most_once_in_increasing_order(
 class GoBackN:
     """A publisher with a window of unacknowledged frames that resends from `applied + 1`.
 
-    Its first frame goes alone and is resent until acknowledged: until then the appliance does
-    not know where the numbering starts (docs/wire-format.md, sequence rules).
+    Like ZmqPublisher: its first frame is flagged FIRST and it pipelines at once; when told
+    UNKNOWN_PUBLISHER (its start never arrived, or the appliance restarted) it flags its oldest
+    unacknowledged frame FIRST and goes back to it (docs/wire-format.md, sequence rules).
     """
 
     total: int
     window: int
     base: int = 1  # lowest sequence not yet confirmed
     next: int = 1  # next sequence to send
+    firsts: set[int] = field(default_factory=lambda: {1})  # sequences flagged FIRST
 
     def sendable(self, count: int) -> list[int]:
-        limit = self.base if self.base == 1 else self.base + self.window - 1
-        last = min(self.next + count - 1, limit, self.total)
+        last = min(self.next + count - 1, self.base + self.window - 1, self.total)
         sequences = list(range(self.next, last + 1))
         self.next = max(self.next, last + 1)
         return sequences
@@ -427,6 +549,8 @@ class GoBackN:
         if outcome.publisher_id != PID:
             return  # a nack addressed from a damaged header
         self.base = max(self.base, outcome.applied + 1)
+        if outcome.reason is Reason.UNKNOWN_PUBLISHER:
+            self.firsts.add(self.base)  # everything before it was confirmed
         if not outcome.ok:
             self.next = self.base  # go back N
         self.next = max(self.next, self.base)
@@ -436,22 +560,44 @@ class GoBackN:
 
 
 class FaultyChannel:
-    """A FIFO link (like one ZeroMQ connection) between a GoBackN publisher and a processor."""
+    """A FIFO link (like one ZeroMQ connection) between a GoBackN publisher and a processor.
 
-    def __init__(self, processor: FrameProcessor, sink: RecordingSink, publisher: GoBackN):
-        self.processor, self.sink, self.publisher = processor, sink, publisher
+    `restart` replaces the appliance (a fresh processor and store; what was in transit is
+    lost). Each incarnation must apply a contiguous run of sequences, in order, each once,
+    starting where the publisher stood when it came up.
+    """
+
+    def __init__(self, publisher: GoBackN, *, lose_first: bool = False) -> None:
+        self.processor, self.sink = make(strict=True)
+        self.publisher = publisher
         self.queue: list[bytes] = []
+        self.lose_first = lose_first  # the very first message never arrives
+        self.start = 1  # the first sequence the current incarnation must apply
+        self.incarnations: list[tuple[int, list[int]]] = []  # earlier (start, applied)
 
     def send(self, count: int) -> None:
         sequences = self.publisher.sendable(count)
         if sequences:
-            self.queue.append(b"".join(frame(s) for s in sequences))
+            message = b"".join(frame(s, first=s in self.publisher.firsts) for s in sequences)
+            if self.lose_first:
+                self.lose_first = False
+            else:
+                self.queue.append(message)
+
+    def applied(self) -> list[int]:
+        return [int(x) for x in self.sink.firsts]
 
     def deliver(self, message: bytes) -> None:
         for outcome in self.processor.process_message(message):
             self.publisher.answer(outcome)
-        applied = [int(x) for x in self.sink.firsts]
-        assert applied == list(range(1, len(applied) + 1))  # always a prefix, never twice
+        applied = self.applied()
+        assert applied == list(range(self.start, self.start + len(applied)))  # never twice
+
+    def restart(self) -> None:
+        self.incarnations.append((self.start, self.applied()))
+        self.processor, self.sink = make(strict=True)
+        self.queue.clear()
+        self.start = self.publisher.base
 
     def act(self, action: str, arg: int) -> None:
         if action == "send":
@@ -460,6 +606,8 @@ class FaultyChannel:
             self.publisher.timeout()
         elif action == "fail":
             self.sink.fail_next.append(RuntimeError("transient"))
+        elif action == "restart":
+            self.restart()
         elif self.queue:
             message = self.queue.pop(0)
             if action == "duplicate":
@@ -472,26 +620,34 @@ class FaultyChannel:
                 self.deliver(message)
 
 
-ACTIONS = ("send", "deliver", "drop", "duplicate", "corrupt", "fail", "timeout")
+ACTIONS = ("send", "deliver", "drop", "duplicate", "corrupt", "fail", "timeout", "restart")
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(
     total=st.integers(1, 12),
     window=st.integers(1, 4),
+    lose_first=st.booleans(),
     script=st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 1 << 16)), max_size=80),
 )
+@example(total=3, window=3, lose_first=True, script=[("send", 2), ("deliver", 0)])
+@example(
+    total=5,
+    window=4,
+    lose_first=False,
+    script=[("send", 2), ("deliver", 0), ("send", 1), ("restart", 0), ("send", 1)],
+)
 def test_go_back_n_over_a_faulty_channel_applies_everything_once_in_order(
-    total: int, window: int, script: list[tuple[str, int]]
+    total: int, window: int, lose_first: bool, script: list[tuple[str, int]]
 ) -> None:
-    processor, sink = make(strict=True)
     publisher = GoBackN(total, window)
-    channel = FaultyChannel(processor, sink, publisher)
+    channel = FaultyChannel(publisher, lose_first=lose_first)
     for action, arg in script:
         channel.act(action, arg)
 
     # From here on the channel is clean: everything must complete.
-    sink.fail_next.clear()
+    channel.sink.fail_next.clear()
+    channel.lose_first = False
     for _ in range(len(channel.queue) + 10 * total + 10):
         if publisher.base > total:
             break
@@ -500,5 +656,12 @@ def test_go_back_n_over_a_faulty_channel_applies_everything_once_in_order(
             channel.send(window)
         channel.deliver(channel.queue.pop(0))
     assert publisher.base == total + 1
-    assert sink.firsts == [float(s) for s in range(1, total + 1)]
-    assert processor.consumed(PID) == total
+    # The last incarnation applied everything from where it started, in order, once ...
+    assert channel.applied() == list(range(channel.start, total + 1))
+    assert channel.processor.consumed(PID) == (total if channel.start <= total else 0)
+    # ... and each earlier one reached at least the next one's start: nothing was skipped
+    # (frames applied but not yet acked when the appliance went down are applied again).
+    starts = [start for start, _ in channel.incarnations] + [channel.start]
+    assert starts[0] == 1
+    for (start, applied), next_start in zip(channel.incarnations, starts[1:], strict=True):
+        assert start + len(applied) >= next_start

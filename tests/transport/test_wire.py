@@ -20,6 +20,7 @@ from hypothesis.extra import numpy as hnp
 from tests.conftest import REPO_ROOT
 from transport.wire import (
     FIXED_HEADER_BYTES,
+    FLAG_FIRST,
     MAGIC,
     MAX_SEQUENCE,
     MAX_SYMBOL_BYTES,
@@ -35,6 +36,7 @@ from transport.wire import (
     encode_nack,
     frame_bytes,
     header_bytes,
+    mark_first,
     max_values_in,
     peek_identity,
 )
@@ -152,6 +154,46 @@ def test_ack_and_nack_layout() -> None:
     assert (fields_of(nack)["kind"], fields_of(nack)["reason"]) == (3, 11)
     assert ack == build(b"", b"", kind=Kind.ACK, applied=1)
     assert nack == build(b"", b"", kind=Kind.NACK, sequence=3, applied=1, reason=Reason.GAP)
+
+
+def test_encode_data_first_sets_only_flag_bit_0() -> None:
+    flagged = encode_data(7, 1, "EUR/USD", np.array([1.0850, 1.0851]), first=True)
+    assert fields_of(flagged)["flags"] == FLAG_FIRST == 1
+    assert flagged == build(flags=FLAG_FIRST)  # the independent builder agrees, CRC included
+    assert flagged[:6] + flagged[8:40] + flagged[44:] == SMALL[:6] + SMALL[8:40] + SMALL[44:]
+    (frame,) = decode_message(flagged)
+    assert frame.first is True
+    (plain,) = decode_message(SMALL)
+    assert plain.first is False
+
+
+def test_mark_first_round_trip() -> None:
+    original = encode_data(9, 42, "日本円-USD", np.array([1.5, 2.5, 3.5]))
+    marked = mark_first(original)
+    assert marked == encode_data(9, 42, "日本円-USD", np.array([1.5, 2.5, 3.5]), first=True)
+    assert original != marked and fields_of(original)["flags"] == 0  # a copy; bytes untouched
+    assert fields_of(marked) | {"flags": 0, "crc": 0} == fields_of(original) | {"crc": 0}
+    zeroed = bytearray(marked)
+    zeroed[40:44] = bytes(4)
+    assert fields_of(marked)["crc"] == crc32c.crc32c(zeroed)
+    (before,), (after,) = decode_message(original), decode_message(marked)
+    assert after.first and not before.first
+    assert (after.kind, after.publisher_id, after.sequence, after.symbol, after.applied,
+            after.reason) == (before.kind, before.publisher_id, before.sequence, before.symbol,
+                              before.applied, before.reason)  # fmt: skip
+    assert after.values.tobytes() == before.values.tobytes()
+    assert mark_first(marked) == marked  # idempotent
+    # inside a message of several frames it is decoded like any other
+    message = marked + SMALL + mark_first(SMALL)
+    assert [f.first for f in decode_message(message)] == [True, False, True]
+
+
+@given(data_frames, st.booleans())
+def test_first_round_trips(frame: tuple[int, int, str, np.ndarray], first: bool) -> None:
+    encoded = encode_data(*frame, first=first)
+    (decoded,) = decode_message(encoded)
+    assert decoded.first is first
+    assert mark_first(encode_data(*frame)) == encode_data(*frame, first=True)
 
 
 def test_sizes() -> None:
@@ -366,7 +408,8 @@ def test_every_single_bit_flip_of_an_ack_is_detected() -> None:
         ({"kind": 0}, Reason.BAD_HEADER),
         ({"kind": 4}, Reason.BAD_HEADER),
         ({"kind": 255}, Reason.BAD_HEADER),
-        ({"flags": 1}, Reason.BAD_HEADER),
+        ({"flags": 2}, Reason.BAD_HEADER),  # bit 0 (FIRST) is the only DATA flag
+        ({"flags": FLAG_FIRST | 2}, Reason.BAD_HEADER),
         ({"flags": 0x8000}, Reason.BAD_HEADER),
         ({"reserved": 1}, Reason.BAD_HEADER),
         ({"reserved": 0xFFFFFFFF}, Reason.BAD_HEADER),
@@ -425,7 +468,18 @@ def test_ack_and_nack_carry_no_symbol_or_values(overrides: dict) -> None:
     assert reason_of(build(b"", struct.pack("<d", 1.0), **overrides)) is Reason.BAD_HEADER
 
 
-@pytest.mark.parametrize("code", [15, 99, 255])
+@pytest.mark.parametrize("kind", [Kind.ACK, Kind.NACK])
+@pytest.mark.parametrize("flags", [FLAG_FIRST, 2, 0x8000])
+def test_ack_and_nack_carry_no_flags(kind: Kind, flags: int) -> None:
+    reason = int(Reason.GAP) if kind is Kind.NACK else 0
+    (control,) = decode_message(build(b"", b"", kind=kind, reason=reason, applied=1))
+    assert (control.kind, control.first) == (kind, False)  # the same frame without flags
+    frame = build(b"", b"", kind=kind, reason=reason, applied=1, flags=flags)
+    assert reason_of(frame) is Reason.BAD_HEADER
+    assert reason_of(SMALL + frame) is Reason.BAD_HEADER
+
+
+@pytest.mark.parametrize("code", [16, 99, 255])
 def test_nack_with_an_unknown_reason(code: int) -> None:
     assert reason_of(build(b"", b"", kind=Kind.NACK, reason=code)) is Reason.BAD_HEADER
 
@@ -507,9 +561,12 @@ def test_reason_codes_are_stable() -> None:
         "NONE": 0, "BAD_MAGIC": 1, "BAD_VERSION": 2, "BAD_LENGTH": 3, "BAD_CRC": 4,
         "BAD_HEADER": 5, "INVALID_SYMBOL": 6, "INVALID_VALUE": 7, "EMPTY_BATCH": 8,
         "BATCH_TOO_LARGE": 9, "DUPLICATE": 10, "GAP": 11, "SYMBOL_LIMIT": 12, "INTERNAL": 13,
-        "UNAVAILABLE": 14,
+        "UNAVAILABLE": 14, "UNKNOWN_PUBLISHER": 15,
     }  # fmt: skip
-    assert {r.name for r in RETRYABLE} == {"BAD_CRC", "GAP", "INTERNAL", "UNAVAILABLE"}
+    assert {r.name for r in RETRYABLE} == {
+        "BAD_CRC", "GAP", "INTERNAL", "UNAVAILABLE", "UNKNOWN_PUBLISHER",
+    }  # fmt: skip
+    assert FLAG_FIRST == 0x0001
     assert {k.name: k.value for k in Kind} == {"DATA": 1, "ACK": 2, "NACK": 3}
 
 

@@ -116,8 +116,12 @@ def reply(sock: zmq.Socket) -> list[Frame]:
     return decode_message(sock.recv())
 
 
-def data(sequence: int, symbol: str, values: list[float], publisher_id: int = 7) -> bytes:
-    return encode_data(publisher_id, sequence, symbol, np.array(values, dtype=np.float64))
+def data(
+    sequence: int, symbol: str, values: list[float], publisher_id: int = 7, *, first: bool = False
+) -> bytes:
+    """A DATA frame; `first` flags the start of a publisher's session (the ROUTER needs it)."""
+    array = np.array(values, dtype=np.float64)
+    return encode_data(publisher_id, sequence, symbol, array, first=first)
 
 
 def outcomes(frames: list[Frame]) -> list[tuple[Kind, int, int, Reason]]:
@@ -128,7 +132,9 @@ def test_router_answers_one_message_with_one_ack_per_frame(clients: Clients) -> 
     sink = Recorder()
     with running_ingest(sink) as ingest:
         dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])
-        dealer.send(data(1, "A", [1.0, 2.0]) + data(2, "B", [3.0]) + data(3, "A", [4.0]))
+        dealer.send(
+            data(1, "A", [1.0, 2.0], first=True) + data(2, "B", [3.0]) + data(3, "A", [4.0])
+        )
         assert outcomes(reply(dealer)) == [
             (Kind.ACK, 1, 1, Reason.NONE),
             (Kind.ACK, 2, 2, Reason.NONE),
@@ -146,7 +152,7 @@ def test_bad_value_and_bad_crc_are_nacked_and_never_reach_the_sink(clients: Clie
     sink = Recorder()
     with running_ingest(sink) as ingest:
         dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])
-        dealer.send(data(1, "NEG", [1.0, -2.0]))
+        dealer.send(data(1, "NEG", [1.0, -2.0], first=True))
         # A content error is final: `applied` moves past it (resending cannot help).
         assert outcomes(reply(dealer)) == [(Kind.NACK, 1, 1, Reason.INVALID_VALUE)]
         damaged = bytearray(data(2, "CRC", [5.0]))
@@ -166,7 +172,7 @@ def test_gap_is_nacked_and_a_duplicate_acked_but_not_applied_twice(clients: Clie
     sink = Recorder()
     with running_ingest(sink) as ingest:
         dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])
-        dealer.send(data(1, "G", [1.0]))
+        dealer.send(data(1, "G", [1.0], first=True))
         assert outcomes(reply(dealer)) == [(Kind.ACK, 1, 1, Reason.NONE)]
         dealer.send(data(3, "G", [3.0]))
         assert outcomes(reply(dealer)) == [(Kind.NACK, 3, 1, Reason.GAP)]
@@ -177,6 +183,22 @@ def test_gap_is_nacked_and_a_duplicate_acked_but_not_applied_twice(clients: Clie
         assert outcomes(reply(dealer)) == [(Kind.ACK, 2, 3, Reason.NONE)]
         np.testing.assert_array_equal(sink.values("G"), [1.0, 2.0, 3.0])
         assert ingest.snapshot()["router"]["rejected"] == {"gap": 1, "duplicate": 1}
+
+
+def test_router_asks_an_unknown_publisher_for_its_start(clients: Clients) -> None:
+    sink = Recorder()
+    with running_ingest(sink) as ingest:
+        dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])
+        dealer.send(data(2, "U", [2.0]) + data(3, "U", [3.0]))  # the message with 1 was lost
+        assert outcomes(reply(dealer)) == [
+            (Kind.NACK, 2, 0, Reason.UNKNOWN_PUBLISHER),
+            (Kind.NACK, 3, 0, Reason.UNKNOWN_PUBLISHER),
+        ]
+        assert sink.batches == []
+        dealer.send(data(1, "U", [1.0], first=True) + data(2, "U", [2.0]) + data(3, "U", [3.0]))
+        assert outcomes(reply(dealer)) == [(Kind.ACK, s, s, Reason.NONE) for s in (1, 2, 3)]
+        np.testing.assert_array_equal(sink.values("U"), [1.0, 2.0, 3.0])
+        assert ingest.snapshot()["router"]["rejected"] == {"unknown_publisher": 2}
 
 
 @pytest.mark.parametrize("message", [b"", b"garbage", b"HFTW" + bytes(60)])
@@ -190,7 +212,7 @@ def test_malformed_messages_get_one_nack_and_the_loop_goes_on(
         (nack,) = reply(dealer)
         assert nack.kind is Kind.NACK
         assert nack.reason in (Reason.BAD_LENGTH, Reason.BAD_CRC, Reason.BAD_VERSION)
-        dealer.send(data(1, "OK", [1.0]))
+        dealer.send(data(1, "OK", [1.0], first=True))
         assert outcomes(reply(dealer)) == [(Kind.ACK, 1, 1, Reason.NONE)]
         assert sink.batches == [("OK", pytest.approx(np.array([1.0])))]
 
@@ -208,9 +230,9 @@ def test_a_failing_sink_is_nacked_internal_and_the_frame_can_be_resent(
     sink = Recorder(fail_once)
     with running_ingest(sink) as ingest:
         dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])
-        dealer.send(data(1, "S", [1.0]))
+        dealer.send(data(1, "S", [1.0], first=True))
         assert outcomes(reply(dealer)) == [(Kind.NACK, 1, 0, Reason.INTERNAL)]
-        dealer.send(data(1, "S", [1.0]))
+        dealer.send(data(1, "S", [1.0], first=True))
         assert outcomes(reply(dealer)) == [(Kind.ACK, 1, 1, Reason.NONE)]
         np.testing.assert_array_equal(sink.values("S"), [1.0])
 
@@ -231,10 +253,10 @@ def test_an_unexpected_error_in_the_loop_still_answers_and_the_loop_survives(
 
         monkeypatch.setattr(processor, "process_message", broken_once)
         dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])
-        dealer.send(data(1, "L", [1.0]))
+        dealer.send(data(1, "L", [1.0], first=True))
         # Still exactly one reply: a retryable NACK, so a publisher resends.
         assert outcomes(reply(dealer)) == [(Kind.NACK, 1, 0, Reason.INTERNAL)]
-        dealer.send(data(1, "L", [1.0]))
+        dealer.send(data(1, "L", [1.0], first=True))
         assert outcomes(reply(dealer)) == [(Kind.ACK, 1, 1, Reason.NONE)]
         assert ingest.snapshot()["loop_errors"] == 1
         assert ingest.running
@@ -244,7 +266,7 @@ def test_a_req_client_gets_its_envelope_back(clients: Clients) -> None:
     sink = Recorder()
     with running_ingest(sink) as ingest:
         req = clients.connect(zmq.REQ, ingest.bound_endpoints["router"])
-        req.send(data(1, "R", [1.5]))
+        req.send(data(1, "R", [1.5], first=True))
         assert outcomes(reply(req)) == [(Kind.ACK, 1, 1, Reason.NONE)]
 
 

@@ -4,6 +4,10 @@ DEALER mode (the default) gives the delivery contract of `transport.publisher`: 
 kept until the appliance acks it, at most `window` frames are unacknowledged at once (a full
 window blocks `publish`: back-pressure), and `flush` returns once all of them are finished.
 
+The first frame carries FLAG_FIRST, which tells the appliance where this publisher's sequence
+starts; if the appliance answers UNKNOWN_PUBLISHER (that frame was lost, or the appliance
+restarted and forgot us), the oldest unacked frame is flagged FIRST and everything is resent.
+
 Recovery is go-back-N. The appliance applies a publisher's frames strictly in order, so when a
 frame is not applied for a retryable reason (BAD_CRC, INTERNAL, UNAVAILABLE, or GAP because an
 earlier one is missing) every later frame in flight is nacked GAP as well. On the first such
@@ -38,7 +42,7 @@ from typing import Literal
 import zmq
 
 from transport.publisher import Publisher, PublishError, Rejection
-from transport.wire import RETRYABLE, Frame, Kind, Reason, WireError, decode_message
+from transport.wire import RETRYABLE, Frame, Kind, Reason, WireError, decode_message, mark_first
 
 log = logging.getLogger(__name__)
 
@@ -246,4 +250,9 @@ class ZmqPublisher(Publisher):
             )
         if nack.reason in (Reason.INTERNAL, Reason.UNAVAILABLE):
             time.sleep(min(0.1, 0.001 * 2**self._retries))  # the appliance is struggling
+        if nack.reason is Reason.UNKNOWN_PUBLISHER:
+            # The appliance lost (or never got) our start: restart the session at the oldest
+            # frame we still hold; everything before it was acked.
+            oldest, (symbol, frame) = next(iter(self._unacked.items()))
+            self._unacked[oldest] = (symbol, mark_first(frame))
         self._resend_all()
