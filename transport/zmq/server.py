@@ -31,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import zmq
@@ -271,14 +271,18 @@ class ZmqIngest:
                 extra={"socket": where, "loop_errors": self.loop_errors},
             )
 
+    def _ready_messages(self, sock: zmq.Socket) -> Iterator[list[Any]]:
+        """Messages already queued on `sock`, at most `batch_messages`, zero-copy; never waits."""
+        for _ in range(self.batch_messages):
+            try:
+                yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+
     def _drain_router(self, sock: zmq.Socket) -> None:
         # Hot path: one receive, one decode pass, one reply per message; no waiting.
         processor = self._processors["router"]
-        for _ in range(self.batch_messages):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for parts in self._ready_messages(sock):
             try:
                 self._answer(sock, processor, parts)
             except Exception:
@@ -311,11 +315,7 @@ class ZmqIngest:
 
     def _drain_pull(self, sock: zmq.Socket) -> None:
         processor = self._processors["pull"]
-        for _ in range(self.batch_messages):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for parts in self._ready_messages(sock):
             try:
                 for part in parts:  # each part is a wire message of its own
                     processor.process_message(_buffer(part))
@@ -324,11 +324,7 @@ class ZmqIngest:
 
     def _drain_sub(self, sock: zmq.Socket) -> None:
         processor = self._processors["sub"]
-        for _ in range(self.batch_messages):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for parts in self._ready_messages(sock):
             try:
                 # PUB convention: leading parts are topic envelopes; the last is the message.
                 processor.process_message(_buffer(parts[-1]))
