@@ -197,7 +197,9 @@ class FrameProcessor:
                 return Outcome(publisher_id, sequence, consumed, Reason.GAP)
         reason = self._apply(frame)
         if reason in RETRYABLE and self.strict_order:
-            if not known:  # fix the baseline: a pipelined next frame is then a gap, not a start
+            if not known or frame.first:
+                # Keep the baseline this frame set or moved (the outcome reports it): a
+                # pipelined next frame is then a gap, not a start.
                 self._advance(publisher_id, consumed)
             return Outcome(publisher_id, sequence, consumed, reason)
         self._advance(publisher_id, sequence)

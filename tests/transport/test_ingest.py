@@ -218,6 +218,22 @@ def test_a_known_publisher_flagging_first_past_a_gap_moves_the_baseline() -> Non
     assert processor.counters.rejected == {"duplicate": 2, "gap": 1}
 
 
+def test_a_moved_baseline_is_kept_when_the_first_frame_fails() -> None:
+    # The answer reports `applied` 4: the appliance must hold that value, or the pipelined 6
+    # would be answered with an `applied` that went back to 2.
+    processor, sink = make(strict=True)
+    send(processor, 1, 2, first=True)
+    sink.fail_next.append(RuntimeError("engine broke"))
+    assert send(processor, 5, 6, first=True) == [
+        Outcome(PID, 5, 4, Reason.INTERNAL), Outcome(PID, 6, 4, Reason.GAP),
+    ]  # fmt: skip
+    assert processor.consumed(PID) == 4
+    assert send(processor, 5, 6, first=True) == [
+        Outcome(PID, 5, 5, Reason.NONE), Outcome(PID, 6, 6, Reason.NONE),
+    ]  # fmt: skip
+    assert sink.firsts == [1.0, 2.0, 5.0, 6.0]
+
+
 def test_non_strict_the_first_frame_seen_sets_the_baseline_flagged_or_not() -> None:
     # PULL and SUB: nobody can resend, so nothing is asked for; an unflagged start is taken.
     processor, sink = make(strict=False)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,12 +110,13 @@ def test_go_back_n_after_internal_failures_applies_everything_exactly_once(
 
 
 class LossyPublisher(ZmqPublisher):
-    """Loses its `lose`-th message on the way, as a network or a restarted peer would."""
+    """Loses the messages numbered in `lose` (from 1) on the way, as a network or a restarted
+    peer would."""
 
-    lose = 3
+    lose: Container[int] = (3,)
 
     def _send_pending(self) -> None:
-        if self.messages_sent + 1 == self.lose and self._pending:
+        if self.messages_sent + 1 in self.lose and self._pending:
             self._pending.clear()
             self._pending_bytes = 0
             self._sent_messages += 1
@@ -135,7 +137,7 @@ def test_a_lost_message_is_detected_as_a_gap_and_resent(ingest: ZmqIngest, sink:
 def test_silence_is_answered_by_resending(ingest: ZmqIngest, sink: Recorder) -> None:
     # The only message is lost: no reply ever comes, so only the retry timer can recover.
     publisher = LossyPublisher(ingest.bound_endpoints["router"], retry_interval_s=0.1)
-    publisher.lose = 1
+    publisher.lose = (1,)
     try:
         publisher.publish("QUIET", [1.0])
         publisher.flush(timeout=5.0)
@@ -217,3 +219,110 @@ def test_bad_arguments_are_refused() -> None:
         ZmqPublisher("tcp://127.0.0.1:1", mode="pub")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="window"):
         ZmqPublisher("tcp://127.0.0.1:1", window=0)
+
+
+# --- where a publisher starts: FLAG_FIRST and UNKNOWN_PUBLISHER -------------------------------
+
+
+@pytest.mark.parametrize(("coalesce_bytes", "window"), [(0, 64), (4096, 256)])
+def test_a_lost_first_message_is_resent_flagged_first_and_applied_exactly_once(
+    ingest: ZmqIngest, sink: Recorder, coalesce_bytes: int, window: int
+) -> None:
+    # The message carrying the FIRST frame never arrives: the frames behind it are nacked
+    # UNKNOWN_PUBLISHER (a guessed start would have acked the resent frame 1 as a duplicate).
+    publisher = LossyPublisher(
+        ingest.bound_endpoints["router"],
+        coalesce_bytes=coalesce_bytes,
+        window=window,
+        retry_interval_s=0.2,
+    )
+    publisher.lose = (1,)
+    try:
+        values = publish_series(publisher, "FIRSTLOST", 200, per_call=1)
+        publisher.flush(timeout=10.0)
+        assert publisher.resends >= 1
+    finally:
+        publisher.close()
+    np.testing.assert_array_equal(sink.values("FIRSTLOST"), values)
+    counters = ingest.snapshot()["router"]
+    assert counters["rejected"]["unknown_publisher"] >= 1
+    assert counters["frames_applied"] == 200
+
+
+def test_an_appliance_restart_mid_publishing_loses_nothing_published_after_it(
+    tmp_path: Path,
+) -> None:
+    # The appliance goes down with frames in flight and comes back with no memory of the
+    # publisher (a fresh FrameProcessor and store) on the same endpoint; the publisher goes on.
+    endpoint = f"ipc://{tmp_path}/router.sock"
+    window = 8
+    before = Recorder(lambda symbol, values: time.sleep(0.005))  # keeps frames in flight
+    after = Recorder()
+    values = np.arange(400, dtype=np.float64)
+    publisher = ZmqPublisher(endpoint, window=window, retry_interval_s=0.2, timeout_s=10.0)
+    try:
+        # One message per loop turn: what is still queued when it stops is lost with it.
+        with running_ingest(before, router_endpoint=endpoint, pull_endpoint="",
+                            control_endpoint="", batch_messages=1):  # fmt: skip
+            for value in values[:200]:
+                publisher.publish("RESTART", [value])
+            in_flight = publisher.in_flight
+            assert in_flight > 0  # the restart really is in the middle of publishing
+        with running_ingest(after, router_endpoint=endpoint, pull_endpoint="",
+                            control_endpoint="") as restarted:  # fmt: skip
+            for value in values[200:]:
+                publisher.publish("RESTART", [value])
+            publisher.flush(timeout=10.0)
+            assert publisher.in_flight == 0
+            counters = restarted.snapshot()["router"]
+    finally:
+        publisher.close()
+    old, new = before.values("RESTART"), after.values("RESTART")
+    # Each incarnation applied a contiguous run, in order, each value once ...
+    np.testing.assert_array_equal(old, values[: old.size])
+    start = values.size - new.size
+    np.testing.assert_array_equal(new, values[start:])
+    # ... the new one from the publisher's oldest unacked frame: nothing acked is applied
+    # again, nothing is skipped, and everything published after the restart is in exactly once.
+    assert 200 - in_flight <= start <= old.size
+    assert counters["rejected"]["unknown_publisher"] >= 1
+    assert counters["frames_applied"] == new.size
+    assert publisher.resends >= 1
+
+
+def test_a_restart_that_loses_the_frames_in_flight_does_not_stall_a_full_window(
+    tmp_path: Path,
+) -> None:
+    # The old appliance died with a full window of messages unread: they get no reply, so the
+    # publisher's reply count runs behind and every answer to its resends looks stale. Only the
+    # retry timer resends then, and it must carry FLAG_FIRST, or the new appliance answers
+    # UNKNOWN_PUBLISHER forever and publish() gives up with "window full".
+    endpoint = f"ipc://{tmp_path}/router.sock"
+    window = 4
+    before, after = Recorder(), Recorder()
+    publisher = LossyPublisher(endpoint, window=window, retry_interval_s=0.1, timeout_s=5.0)
+    publisher.lose = ()
+    values = np.arange(40, dtype=np.float64)
+    try:
+        with running_ingest(before, router_endpoint=endpoint, pull_endpoint="",
+                            control_endpoint=""):  # fmt: skip
+            for value in values[:10]:
+                publisher.publish("STALL", [value])
+            publisher.flush(timeout=5.0)
+        with running_ingest(after, router_endpoint=endpoint, pull_endpoint="",
+                            control_endpoint="") as restarted:  # fmt: skip
+            lost = range(publisher.messages_sent + 1, publisher.messages_sent + window + 1)
+            publisher.lose = lost  # the next `window` messages died with the old appliance
+            started = time.monotonic()
+            for value in values[10:]:
+                publisher.publish("STALL", [value])
+            publisher.flush(timeout=5.0)
+            assert time.monotonic() - started < 3.0  # a few retry intervals, not a stall
+            counters = restarted.snapshot()["router"]
+    finally:
+        publisher.close()
+    assert publisher.messages_sent > lost[-1]
+    np.testing.assert_array_equal(before.values("STALL"), values[:10])
+    np.testing.assert_array_equal(after.values("STALL"), values[10:])
+    assert counters["rejected"]["unknown_publisher"] >= 1
+    assert counters["frames_applied"] == 30

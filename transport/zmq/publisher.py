@@ -239,6 +239,13 @@ class ZmqPublisher(Publisher):
         if frame.applied > self._applied:
             self._applied = frame.applied
             self._retries = 0
+        if frame.reason is Reason.UNKNOWN_PUBLISHER and self._unacked:
+            # The appliance lost (or never got) our start: restart the session at the oldest
+            # frame we still hold; everything before it was acked. Done for a stale nack too
+            # (always safe): after lost messages the reply count runs behind, every reply to
+            # a resend can look stale, and only the retry timer resends; it must carry the flag.
+            oldest, (symbol, encoded) = next(iter(self._unacked.items()))
+            self._unacked[oldest] = (symbol, mark_first(encoded))
         return frame.kind is Kind.NACK and frame.reason in RETRYABLE
 
     def _retry(self, nack: Frame) -> None:
@@ -250,9 +257,4 @@ class ZmqPublisher(Publisher):
             )
         if nack.reason in (Reason.INTERNAL, Reason.UNAVAILABLE):
             time.sleep(min(0.1, 0.001 * 2**self._retries))  # the appliance is struggling
-        if nack.reason is Reason.UNKNOWN_PUBLISHER:
-            # The appliance lost (or never got) our start: restart the session at the oldest
-            # frame we still hold; everything before it was acked.
-            oldest, (symbol, frame) = next(iter(self._unacked.items()))
-            self._unacked[oldest] = (symbol, mark_first(frame))
-        self._resend_all()
+        self._resend_all()  # after UNKNOWN_PUBLISHER the oldest frame is flagged (_settle)
