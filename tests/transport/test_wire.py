@@ -597,7 +597,7 @@ def _documented_frames() -> list[bytes]:
 
 def test_the_documented_example_is_the_real_encoding() -> None:
     assert _documented_frames() == [
-        encode_data(7, 1, "EUR/USD", np.array([1.0850, 1.0851])),
+        encode_data(7, 1, "EUR/USD", np.array([1.0850, 1.0851]), first=True),
         encode_ack(7, 1, 1),
         encode_nack(7, 3, 1, Reason.GAP),
     ]
