@@ -62,6 +62,7 @@ class Publisher(ABC):
         self.frames_sent = 0
         self.values_sent = 0
         self.rejections: list[Rejection] = []  # since the last flush
+        self._started = False  # True once a frame flagged FIRST was handed to the transport
         self._closed = False
 
     def publish(self, symbol: str, values: np.ndarray | list[float] | float) -> int:
@@ -73,10 +74,10 @@ class Publisher(ABC):
             self.last_sequence = _next_sequence(self.last_sequence)
             # The first frame of a publisher's life carries FLAG_FIRST: the appliance starts
             # tracking its sequence there (see transport.ingest).
-            frame = encode_data(
-                self.publisher_id, self.last_sequence, symbol, chunk,
-                first=self.frames_sent == 0,
-            )  # fmt: skip
+            # Decided before the send: if that send raises after handing the frame over, the
+            # next frame must not claim to be the start as well.
+            first, self._started = not self._started, True
+            frame = encode_data(self.publisher_id, self.last_sequence, symbol, chunk, first=first)
             self._send_frame(self.last_sequence, symbol, frame)
             self.frames_sent += 1
             self.values_sent += chunk.shape[0]

@@ -249,7 +249,7 @@ def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tup
             applied,
             Reason(reason),
             bool(flags & FLAG_FIRST),
-        ),  # fmt: skip
+        ),
         end,
     )
 

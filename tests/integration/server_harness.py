@@ -189,11 +189,16 @@ def running_server(cwd: Path, env: Mapping[str, str] | None = None) -> Iterator[
 
 
 def run_cli(cwd: Path, *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 30):
-    """Run the CLI to completion (for invocations that must fail fast)."""
+    """Run the CLI to completion (for invocations that must fail fast).
+
+    A free REST port by default: a `serve` that fails after binding it (transport errors) must
+    not collide with another test's, or with anything on 8080.
+    """
+    defaults = {"APP_SERVER__PORT": str(free_port()), **transport_env(cwd)}
     return subprocess.run(
         appliance_command(*args),
         cwd=cwd,
-        env=subprocess_env({**transport_env(cwd), **(env or {})}),
+        env=subprocess_env({**defaults, **(env or {})}),
         capture_output=True,
         text=True,
         timeout=timeout_s,

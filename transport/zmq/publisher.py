@@ -195,6 +195,10 @@ class ZmqPublisher(Publisher):
                 "no ack from the appliance; resending unacked frames",
                 extra={"endpoint": self.endpoint, "unacked": len(self._unacked)},
             )
+            # Silence means the outstanding messages were lost or their replies were: count
+            # them as answered, or every reply to the resend would look stale (older than the
+            # resend) and recovery would wait for this timer each time.
+            self._replies = self._sent_messages
             self._resend_all()
 
     def _read_replies(self) -> None:
