@@ -15,9 +15,8 @@ import http.client
 import json
 import secrets
 import socket
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pytest
 import zmq
 from server_harness import Server, run_cli, running_server
 
+from tests.waiting import wait_until
 from transport.wire import Frame, Kind, Reason, decode_message, encode_data
 from transport.zmq.publisher import ZmqPublisher
 
@@ -40,14 +40,6 @@ BASE_ENV = {
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.01)
 
 
 class Zmq:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.transport.test_shm_ingest import DEADLINE_S, Model, local_control, ring_files, wait_for
+from tests.transport.test_shm_ingest import DEADLINE_S, Model, local_control, ring_files
+from tests.waiting import wait_until
 from transport.shm.publisher import ShmPublisher
 from transport.shm.server import DEFAULT_DIRECTORY, ShmIngest
 
@@ -111,7 +112,7 @@ def test_publisher_killed_mid_stream_then_resumed(ingest: ShmIngest, model: Mode
     try:
         assert read_line(child) == "ready"
         ring = lambda: ingest.snapshot()["rings"][str(PUBLISHER_ID)]  # noqa: E731
-        wait_for(lambda: ring()["consumer_position"] >= 2000, "many laps of the ring")
+        wait_until(lambda: ring()["consumer_position"] >= 2000, "many laps of the ring", DEADLINE_S)
     finally:
         kill(child)
     killed_at = ring()["producer_position"]

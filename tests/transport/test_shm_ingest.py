@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import zmq
 
+from tests.waiting import wait_until
 from transport.control import ControlError, dispatch
 from transport.ingest import Rejected
 from transport.publisher import PublishError, Rejection
@@ -97,13 +98,6 @@ def ingest(make_ingest: Callable[..., ShmIngest]) -> ShmIngest:
     running = make_ingest()
     running.start()
     return running
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
 def test_publish_many_wraparounds_equals_numpy(ingest: ShmIngest, model: Model) -> None:
@@ -198,8 +192,8 @@ def test_same_publisher_id_reattaches_to_its_ring(ingest: ShmIngest, model: Mode
     second.publish("RE", [20.0])
     second.flush()
     second.close(release=True)
-    wait_for(lambda: ingest.snapshot()["rings_open"] == 0, "the ring to close")
-    wait_for(lambda: ring_files(ingest) == [], "the ring file to be unlinked")
+    wait_until(lambda: ingest.snapshot()["rings_open"] == 0, "the ring to close", DEADLINE_S)
+    wait_until(lambda: ring_files(ingest) == [], "the ring file to be unlinked", DEADLINE_S)
     np.testing.assert_array_equal(model.values("RE"), np.arange(21.0))
     assert ingest.snapshot()["totals"] == {"frames_applied": 21, "values_applied": 21,
                                            "messages": 21}  # fmt: skip
@@ -286,7 +280,7 @@ def test_a_publisher_blocked_on_a_full_ring_fails_fast_when_the_appliance_stops(
 
     thread = threading.Thread(target=blocked)
     thread.start()
-    wait_for(lambda: thread.is_alive(), "the publisher to block")
+    wait_until(lambda: thread.is_alive(), "the publisher to block", DEADLINE_S)
     ingest.stop()  # applies 1.0 and 2.0 (freeing slots), then closes
     thread.join(DEADLINE_S)
     assert not thread.is_alive()
@@ -333,7 +327,9 @@ def test_control_over_a_real_rep_socket(ingest: ShmIngest, model: Model, tmp_pat
         publisher.publish("ZMQ", [4.0, 2.0])
         publisher.flush()
         publisher.close(release=True)
-        wait_for(lambda: ingest.snapshot()["rings_open"] == 0, "shm.close to take effect")
+        wait_until(
+            lambda: ingest.snapshot()["rings_open"] == 0, "shm.close to take effect", DEADLINE_S
+        )
     finally:
         stop.set()
         server.join(DEADLINE_S)
@@ -389,8 +385,10 @@ def test_snapshot_while_rings_open_and_close(ingest: ShmIngest, model: Model) ->
         done.set()
         reader.join(DEADLINE_S)
     assert not errors
-    wait_for(lambda: ingest.snapshot()["rings_open"] == 0, "every ring to close")
-    wait_for(lambda: ingest.snapshot()["totals"].get("messages") == 120, "the final drains")
+    wait_until(lambda: ingest.snapshot()["rings_open"] == 0, "every ring to close", DEADLINE_S)
+    wait_until(
+        lambda: ingest.snapshot()["totals"].get("messages") == 120, "the final drains", DEADLINE_S
+    )
     assert ingest.snapshot()["totals"] == {
         "messages": 120, "frames_applied": 60, "values_applied": 60, "rejected.invalid_value": 60,
     }  # fmt: skip

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
+from tests.waiting import wait_until
 from transport.control import ControlError, request
 from transport.errors import TransportBindError
 from transport.ingest import Rejected
@@ -70,14 +71,6 @@ def running_ingest(sink: Recorder, **kwargs: object) -> Iterator[ZmqIngest]:
         yield ingest
     finally:
         assert ingest.stop(2.0)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.005)
 
 
 class Clients:
