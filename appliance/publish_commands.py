@@ -60,11 +60,15 @@ def open_publisher(args: argparse.Namespace, config: AppConfig) -> Publisher:
     default = (
         zmq_config.pull_endpoint if args.transport == "zmq-push" else zmq_config.router_endpoint
     )
+    # A command is a one-shot publisher: its ring is released at the end, not left to count
+    # against the appliance's transport.shm.max_rings.
+    options = {"release_on_close": True} if args.transport == "shm" else {}
     return connect(
         args.transport,
         endpoint=args.endpoint or default,
         control_endpoint=args.control_endpoint or zmq_config.control_endpoint,
         publisher_id=args.publisher_id,
+        **options,
     )
 
 

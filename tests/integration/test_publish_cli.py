@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from server_harness import Server, appliance_command, run_cli, running_server, subprocess_env
 
+from tests.waiting import wait_until
 from transport.shm.server import DEFAULT_DIRECTORY
 
 ENV = {
@@ -83,6 +84,8 @@ def test_publish_lands_in_the_store(tmp_path: Path, server: Server, transport: s
     if transport == "zmq-push":  # no acks: wait until the appliance has applied it
         wait_for_symbol(server, symbol)
     assert_stats_equal_numpy(server, symbol, np.array([1.5, 2.25, 0.0, 7.0]))
+    if transport == "shm":  # a one-shot command releases its ring
+        wait_until(lambda: server.ingest_counters()["shm"]["rings_open"] == 0, "ring release")
 
 
 def wait_for_symbol(server: Server, symbol: str, timeout_s: float = 10.0) -> None:

@@ -52,6 +52,7 @@ class ShmPublisher(Publisher):
         timeout_s: float = 5.0,
         spin_us: int = 50,
         backoff_max_us: int = 1_000,
+        release_on_close: bool = False,
     ) -> None:
         super().__init__(publisher_id=publisher_id, max_frame_bytes=0)
         self.timeout_s = timeout_s
@@ -60,7 +61,9 @@ class ShmPublisher(Publisher):
         self._control: ControlClient = (
             _endpoint_client(control, timeout_s) if isinstance(control, str) else control
         )
-        self._release_on_close = False
+        # One-shot publishers (the CLI) release their ring; long-lived ones keep it so that a
+        # restart with the same id re-attaches (see close()).
+        self._release_on_close = release_on_close
         reply = self._call({
             "op": "shm.open", "publisher_id": self.publisher_id,
             "slots": slots, "slot_bytes": slot_bytes,
@@ -90,9 +93,11 @@ class ShmPublisher(Publisher):
         """Slots the appliance has finished with (applied or rejected)."""
         return self._producer.consumer_position
 
-    def close(self, release: bool = False) -> None:
-        """Unmap the ring; with `release`, also ask the appliance to drain and delete it."""
-        self._release_on_close = release
+    def close(self, release: bool | None = None) -> None:
+        """Unmap the ring; with `release` (default: the constructor's `release_on_close`), also
+        ask the appliance to drain and delete it."""
+        if release is not None:
+            self._release_on_close = release
         super().close()
 
     def _call(self, body: dict[str, Any]) -> dict[str, Any]:
