@@ -93,6 +93,30 @@ class EngineConfig(_Section):
     backend: Backend = "auto"
 
 
+SyncPolicy = Literal["always", "interval", "never"]
+
+
+class DurabilityConfig(_Section):
+    """[durability]: SPEC section 8, write-ahead log, checkpoints and the warm tier."""
+
+    enabled: bool = True
+    # Data directory (relative to the working directory): wal/, checkpoints/, warm/.
+    dir: str = "data"
+    # always: acks wait for the fsync that covers them (group commit); interval: acks once
+    # written to the OS, fsync every interval_ms (a power loss loses at most that window);
+    # never: no fsync (the OS flushes when it likes).
+    sync: SyncPolicy = "interval"
+    interval_ms: PositiveInt = 5
+    # A log segment is sealed and a new one started past this size.
+    segment_bytes: Annotated[int, Meta(ge=1 << 16)] = 64 << 20
+    # Hot-tier checkpoint every this many seconds (0 = only at shutdown); bounds replay time.
+    checkpoint_interval_s: NonNegativeInt = 300
+    # Values per sealed warm-tier segment (per symbol, compressed, with a summary).
+    warm_segment_values: PositiveInt = 1_000_000
+    # Delete warm segments older than this many days (0 = keep everything forever).
+    retain_days: NonNegativeInt = 0
+
+
 class ZmqConfig(_Section):
     """[transport.zmq]: ZeroMQ ingest (SPEC section 7). An empty endpoint disables that socket."""
 
@@ -166,6 +190,7 @@ class AppConfig(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
+    durability: DurabilityConfig = msgspec.field(default_factory=DurabilityConfig)
 
     @property
     def max_body_bytes(self) -> int:
