@@ -62,6 +62,11 @@ class FlatArraySeries:
             var=float(np.var(tail)),
         )
 
+    def tail(self, count: int) -> np.ndarray:
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        return self._data[self._n - min(count, self._n) : self._n].copy()
+
     def __len__(self) -> int:
         return self._n
 

@@ -77,6 +77,14 @@ class Series(Protocol):
         """Statistics over the last min(window, len(self)) values. Raises ValueError when empty."""
         ...
 
+    def tail(self, count: int) -> np.ndarray:
+        """A copy of the last min(count, len(self)) retained values, oldest first (count >= 0).
+
+        Why: checkpoints of the hot tier (issue 5) save the raw values, not the summaries,
+        and rebuild the series by appending them; a copy keeps the engine's pages private.
+        """
+        ...
+
     def __len__(self) -> int:
         """Number of retained values."""
         ...

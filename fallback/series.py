@@ -310,6 +310,22 @@ class SegmentTreeSeries:
         )
         return WindowStats(count=n, min=lo, max=hi, last=last, avg=mean, var=m2 / n)
 
+    def tail(self, count: int) -> np.ndarray:
+        """A copy of the newest min(count, len) values: one slice copy per value page."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        start = self._end - min(count, len(self))
+        out = np.empty(self._end - start)
+        chunk = self.geometry.chunk
+        position = start
+        while position < self._end:
+            offset = position % chunk
+            take = min(self._end - position, chunk - offset)
+            page = self._values.pages[position // chunk]
+            out[position - start : position - start + take] = page[offset : offset + take]
+            position += take
+        return out
+
     def _window_parts(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         """Split [start, end) into raw values (its old edge and the newest partial block) and
         the fewest whole nodes between them.

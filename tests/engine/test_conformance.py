@@ -223,3 +223,50 @@ def test_windows_right_after_a_cleanup_are_exact(make_series):
         model.append(batch)
         for window in (1, 9, 10, 11, 255, 256, 257, 3333, 4999, 5000):
             assert_window_matches(series, model.values, window)
+
+
+# -- tail: the raw values a hot-tier checkpoint saves (issue 5) -------------------------------
+
+
+@_hypothesis
+@given(
+    batches=batches,
+    max_values=st.integers(1, 400),
+    keep_fraction=st.floats(0.0, 1.0),
+    counts=st.lists(st.integers(0, 500), min_size=1, max_size=5),
+)
+def test_tail_matches_the_model_under_retention(
+    make_series, batches, max_values, keep_fraction, counts
+):
+    keep = int(max_values * keep_fraction)
+    series = make_series(max_values, keep)
+    model = ModelSeries(RetentionPolicy(max_values, keep))
+    for batch in batches:
+        series.append(batch)
+        model.append(batch)
+        for count in counts:
+            expected = model.values[len(model.values) - min(count, len(model.values)) :]
+            got = series.tail(count)
+            assert got.dtype == np.float64
+            np.testing.assert_array_equal(got, expected)  # raw values: bit-exact
+
+
+def test_tail_across_pages_is_a_copy_oldest_first(make_series):
+    values = np.random.default_rng(11).uniform(0, 50, make_series.multi_page_batch)
+    series = make_series()
+    series.append(values[:7])
+    series.append(values[7:])
+    whole = series.tail(len(values) + 10)
+    np.testing.assert_array_equal(whole, values)
+    whole[:] = -1.0  # the caller owns the copy: the series is unchanged
+    np.testing.assert_array_equal(series.tail(len(values)), values)
+    np.testing.assert_array_equal(series.tail(3), values[-3:])
+
+
+def test_tail_of_an_empty_series_and_bad_counts(make_series):
+    series = make_series()
+    assert series.tail(5).shape == (0,)
+    series.append(np.array([1.0, 2.0]))
+    assert series.tail(0).shape == (0,)
+    with pytest.raises(ValueError):
+        series.tail(-1)
