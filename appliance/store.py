@@ -120,6 +120,15 @@ class Store:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def snapshot_values(self, symbol: str) -> np.ndarray:
+        """A copy of every retained value of `symbol`, oldest first, taken under its lock so it
+        never holds part of a batch (hot-tier checkpoints, issue 5)."""
+        entry = self._entries.get(symbol)
+        if entry is None:
+            raise UnknownSymbolError(symbol)
+        with entry.lock:
+            return entry.series.tail(len(entry.series))
+
     def length(self, symbol: str) -> int:
         """Number of retained values of `symbol`."""
         entry = self._entries.get(symbol)

@@ -1,0 +1,1 @@
+"""Durability (issue 5): write-ahead log, recovery, checkpoints, warm tier."""
