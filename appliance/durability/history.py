@@ -1,0 +1,227 @@
+"""History statistics over any range of a symbol's warm tier, by index or by receive time.
+
+Why this is cheap on a long history: a range [start, end) is split over the pieces that hold
+it. Sealed segments entirely inside contribute their stored summary (count, anchored mean, M2,
+min, max) and are never read; at most two sealed edge segments are decompressed and sliced;
+the unsealed in-memory values cover the newest part. Summaries and raw slices are merged by
+`fallback.kernels.combine` (Chan's parallel formula around an anchor, so 1e9-scale prices
+keep their variance), i.e. the same numerics as /stats/.
+
+Time ranges map to index ranges through the batch marks: [t0, t1) covers the values of
+every batch received at t0 <= received_ns < t1 (marks are non-decreasing, see warm.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from appliance.durability.warm import MemoryPiece, SymbolView, WarmTier
+from appliance.durability.warm_segment import SealedSegment
+from fallback.kernels import combine
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INT = re.compile(r"-?[0-9]+")
+_FRACTION = re.compile(r"[.,]([0-9]+)")
+
+
+class HistoryError(Exception):
+    """A query that cannot be answered; `code` is an `appliance.errors` code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class HistoryStats(NamedTuple):
+    count: int
+    min: float
+    max: float
+    avg: float | None  # None only when float64 arithmetic overflows (values near 1.8e308)
+    var: float | None
+    first: float
+    last: float
+    first_index: int
+    last_index: int
+    first_ns: int  # receive time of the batch holding the first value
+    last_ns: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+# ------------------------------------------------------------------ parsing bounds
+
+
+def parse_index(name: str, text: str) -> int:
+    if not _INT.fullmatch(text):
+        raise HistoryError("invalid_range", f"{name} must be a series index (an integer)")
+    value = int(text)
+    if value < 0:
+        raise HistoryError("invalid_range", f"{name} must be >= 0, got {value}")
+    return value
+
+
+def parse_time(name: str, text: str) -> int:
+    """Integer ns since the epoch, or ISO 8601 (no zone = UTC; up to 9 fractional digits)."""
+    if _INT.fullmatch(text):
+        return int(text)
+    fraction_ns = 0
+    match = _FRACTION.search(text)
+    if match:
+        digits = match.group(1)
+        if len(digits) > 9:
+            raise HistoryError("invalid_range", f"{name}: more than 9 fractional digits")
+        fraction_ns = int(digits.ljust(9, "0"))
+        text = text[: match.start()] + text[match.end() :]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise HistoryError(
+            "invalid_range",
+            f"{name} must be integer ns since the epoch or ISO 8601 "
+            "(e.g. 2026-01-02T15:04:05.123456789Z)",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - _EPOCH  # integer arithmetic throughout: no float rounding of ns
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + fraction_ns
+
+
+# ------------------------------------------------------------------ queries
+
+
+def _pieces(view: SymbolView) -> list[SealedSegment | MemoryPiece]:
+    return [*view.sealed, *view.memory]
+
+
+def _first(piece: SealedSegment | MemoryPiece) -> int:
+    return piece.header.first_index if isinstance(piece, SealedSegment) else piece.first_index
+
+
+def _end(piece: SealedSegment | MemoryPiece) -> int:
+    return piece.header.end_index if isinstance(piece, SealedSegment) else piece.end_index
+
+
+def _view(warm: WarmTier, symbol: str) -> SymbolView:
+    view = warm.view(symbol)
+    if view is None or not (view.sealed or view.memory):
+        raise HistoryError("unknown_symbol", f"no history for symbol {symbol!r}")
+    return view
+
+
+def _time_at(warm: WarmTier, piece: SealedSegment | MemoryPiece, index: int) -> int:
+    """Receive time of the batch holding `index` (every piece's first mark is its first index)."""
+    if isinstance(piece, SealedSegment):
+        if index == piece.header.first_index:
+            return piece.header.first_received_ns
+        if index == piece.header.end_index - 1:
+            return piece.header.last_received_ns
+        data = warm.load(piece)
+        mark_index, mark_ns = data.mark_index, data.mark_ns
+    else:
+        mark_index, mark_ns = piece.mark_index, piece.mark_ns
+    return int(mark_ns[int(np.searchsorted(mark_index, index, side="right")) - 1])
+
+
+def index_at_time(warm: WarmTier, view: SymbolView, t_ns: int) -> int:
+    """The first index whose batch was received at or after `t_ns` (the end if none was)."""
+    pieces = _pieces(view)
+    for piece in pieces:
+        if isinstance(piece, SealedSegment):
+            if piece.header.last_received_ns < t_ns:
+                continue
+            if piece.header.first_received_ns >= t_ns:
+                return piece.header.first_index
+            data = warm.load(piece)
+            mark_index, mark_ns = data.mark_index, data.mark_ns
+        else:
+            if int(piece.mark_ns[-1]) < t_ns:
+                continue
+            mark_index, mark_ns = piece.mark_index, piece.mark_ns
+        return int(mark_index[int(np.searchsorted(mark_ns, t_ns, side="left"))])
+    return _end(pieces[-1])
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def stats_by_index(
+    warm: WarmTier, symbol: str, start: int | None = None, end: int | None = None
+) -> HistoryStats:
+    """Statistics over the values with index in [start, end) (None: the whole history)."""
+    return _stats(warm, _view(warm, symbol), start, end, what="index")
+
+
+def stats_by_time(
+    warm: WarmTier, symbol: str, start_ns: int | None = None, end_ns: int | None = None
+) -> HistoryStats:
+    """Statistics over the batches received in [start_ns, end_ns) (None: unbounded)."""
+    if start_ns is not None and end_ns is not None and start_ns >= end_ns:
+        raise HistoryError("invalid_range", f"start ({start_ns}) must be before end ({end_ns})")
+    view = _view(warm, symbol)
+    start = None if start_ns is None else index_at_time(warm, view, start_ns)
+    end = None if end_ns is None else index_at_time(warm, view, end_ns)
+    if start is not None and end is not None and start >= end:
+        raise HistoryError("empty_range", "no values were received in that time range")
+    return _stats(warm, view, start, end, what="time")
+
+
+def _stats(
+    warm: WarmTier, view: SymbolView, start: int | None, end: int | None, *, what: str
+) -> HistoryStats:
+    pieces = _pieces(view)
+    held_start, held_end = _first(pieces[0]), _end(pieces[-1])
+    if start is not None and end is not None and start >= end:
+        raise HistoryError("invalid_range", f"start ({start}) must be below end ({end})")
+    lo = held_start if start is None else max(start, held_start)
+    hi = held_end if end is None else min(end, held_end)
+    rows: list[list[float]] = []
+    raw: list[np.ndarray] = []
+    # (piece, first index used, last index used, first value, last value) in index order
+    used: list[tuple[SealedSegment | MemoryPiece, int, int, float, float]] = []
+    for piece in pieces:
+        a, b = max(lo, _first(piece)), min(hi, _end(piece))
+        if a >= b:
+            continue
+        if isinstance(piece, SealedSegment) and (a, b) == (_first(piece), _end(piece)):
+            h = piece.header
+            rows.append([h.count, h.ref, h.mean, h.m2, h.min, h.max])
+            used.append((piece, a, b - 1, h.first_value, h.last_value))
+            continue
+        if isinstance(piece, SealedSegment):
+            values = warm.load(piece).values[a - _first(piece) : b - _first(piece)]
+        else:
+            values = piece.values[a - piece.first_index : b - piece.first_index]
+        raw.append(values)
+        used.append((piece, a, b - 1, float(values[0]), float(values[-1])))
+    if not used:
+        raise HistoryError(
+            "empty_range",
+            f"no values held in that range (by {what}); this symbol's history holds indexes "
+            f"[{held_start}, {held_end})",
+        )
+    values = np.concatenate(raw) if raw else np.empty(0)
+    table = np.array(rows, dtype=np.float64).reshape(-1, 6)
+    count, mean, m2, vmin, vmax = combine(values, table)
+    first_piece, first_index, _, first_value, _ = used[0]
+    last_piece, _, last_index, _, last_value = used[-1]
+    return HistoryStats(
+        count=count,
+        min=vmin,
+        max=vmax,
+        avg=_finite(mean),
+        var=_finite(m2 / count),
+        first=first_value,
+        last=last_value,
+        first_index=first_index,
+        last_index=last_index,
+        first_ns=_time_at(warm, first_piece, first_index),
+        last_ns=_time_at(warm, last_piece, last_index),
+    )

@@ -1,0 +1,200 @@
+"""One sealed warm-tier segment on disk: its format, its summary, and crash-safe writing.
+
+Why one file with the summary in a header (not a sidecar): a single `rename` commits the values
+and their summary together, so a crash can never leave a segment without its summary or a
+summary without its values. The layout is
+
+    magic b"HFTWARM1" | u32 LE header length | header (JSON, UTF-8) | zstd frame
+
+where the zstd frame holds `count` float64 values, then `n_marks` int64 batch-start indexes,
+then `n_marks` int64 receive times (all little-endian). The batch marks live in the compressed
+payload rather than the header because a segment of single-value batches has as many marks as
+values. The header carries the sha256 of the compressed payload, checked on every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+import zstandard
+
+MAGIC = b"HFTWARM1"
+FORMAT_VERSION = 1
+SUFFIX = ".seg"
+TMP_SUFFIX = ".tmp"
+_LEN = struct.Struct("<I")
+_PREFIX = len(MAGIC) + _LEN.size
+_ZSTD_LEVEL = 3  # fast; float64 prices compress modestly at any level
+_LE_F8 = np.dtype("<f8")
+_LE_I8 = np.dtype("<i8")
+
+
+class SegmentCorruptError(Exception):
+    """A sealed segment file does not match its own header (names the file)."""
+
+
+class SegmentHeader(msgspec.Struct, frozen=True):
+    """The summary of one sealed segment, kept in memory for every segment after the scan.
+
+    `ref`/`mean`/`m2` follow fallback/kernels.py's anchored layout: the mean is `ref + mean`,
+    with `ref` the first value, so whole-segment summaries merge without losing the precision
+    of 1e9-scale prices.
+    """
+
+    version: int
+    symbol: str
+    first_index: int
+    count: int
+    ref: float
+    mean: float
+    m2: float
+    min: float
+    max: float
+    first_value: float
+    last_value: float
+    first_received_ns: int
+    last_received_ns: int
+    n_marks: int
+    first_lsn: int
+    last_lsn: int
+    payload_sha256: str
+
+    @property
+    def end_index(self) -> int:
+        return self.first_index + self.count
+
+
+class SegmentData(NamedTuple):
+    """Decompressed contents: values and the batch marks (start index, receive ns) of each batch."""
+
+    values: np.ndarray
+    mark_index: np.ndarray
+    mark_ns: np.ndarray
+
+
+class SealedSegment(NamedTuple):
+    path: Path
+    header: SegmentHeader
+
+
+def segment_name(first_index: int) -> str:
+    """20 digits: names sort as the indexes do, for any int64 index."""
+    return f"{first_index:020d}{SUFFIX}"
+
+
+def summarize(values: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(ref, mean of x - ref, M2, min, max) of a non-empty float64 array.
+
+    Two passes around an anchor: x - ref is exact for values within a factor of two of the
+    first (Sterbenz), so 1e9 + 1e-3 noise keeps its deviations intact (see kernels.py).
+    """
+    ref = float(values[0])
+    dev = values - ref
+    mean = float(dev.mean())
+    dev -= mean
+    return ref, mean, float(dev @ dev), float(values.min()), float(values.max())
+
+
+def build_segment(
+    symbol: str,
+    first_index: int,
+    values: np.ndarray,
+    mark_index: np.ndarray,
+    mark_ns: np.ndarray,
+    first_lsn: int,
+    last_lsn: int,
+) -> tuple[SegmentHeader, bytes]:
+    """The header and the full file bytes of a segment (pure: no I/O)."""
+    values = np.ascontiguousarray(values, dtype=_LE_F8)
+    mark_index = np.ascontiguousarray(mark_index, dtype=_LE_I8)
+    mark_ns = np.ascontiguousarray(mark_ns, dtype=_LE_I8)
+    raw = values.tobytes() + mark_index.tobytes() + mark_ns.tobytes()
+    payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
+    ref, mean, m2, lo, hi = summarize(values)
+    header = SegmentHeader(
+        version=FORMAT_VERSION,
+        symbol=symbol,
+        first_index=first_index,
+        count=int(values.shape[0]),
+        ref=ref,
+        mean=mean,
+        m2=m2,
+        min=lo,
+        max=hi,
+        first_value=float(values[0]),
+        last_value=float(values[-1]),
+        first_received_ns=int(mark_ns[0]),
+        last_received_ns=int(mark_ns[-1]),
+        n_marks=int(mark_index.shape[0]),
+        first_lsn=first_lsn,
+        last_lsn=last_lsn,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+    )
+    head = msgspec.json.encode(header)
+    return header, MAGIC + _LEN.pack(len(head)) + head + payload
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in `path` durable (the entry lives in the directory's data)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(directory: Path, name: str, data: bytes) -> Path:
+    """Write `data` to directory/name so that a crash leaves either nothing or the whole file.
+
+    Invariant: the final name appears only after its bytes are on disk (temp file, fsync,
+    rename, fsync of the directory). A crash before the rename leaves `*.tmp`, which the
+    startup scan deletes; the values are still in the write-ahead log, which is not retired
+    until the segment is sealed.
+    """
+    final = directory / name
+    tmp = directory / (name + TMP_SUFFIX)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    fsync_dir(directory)
+    return final
+
+
+def read_header(path: Path) -> SegmentHeader:
+    with open(path, "rb") as handle:
+        prefix = handle.read(_PREFIX)
+        if len(prefix) != _PREFIX or prefix[: len(MAGIC)] != MAGIC:
+            raise SegmentCorruptError(f"{path}: not a warm segment (bad magic)")
+        (length,) = _LEN.unpack_from(prefix, len(MAGIC))
+        head = handle.read(length)
+    try:
+        header = msgspec.json.decode(head, type=SegmentHeader)
+    except msgspec.DecodeError as exc:
+        raise SegmentCorruptError(f"{path}: unreadable header: {exc}") from None
+    if header.version != FORMAT_VERSION:
+        raise SegmentCorruptError(f"{path}: unsupported format version {header.version}")
+    return header
+
+
+def read_segment(path: Path, header: SegmentHeader) -> SegmentData:
+    """Decompress a segment, checking the payload hash and sizes against the header."""
+    data = path.read_bytes()
+    (length,) = _LEN.unpack_from(data, len(MAGIC))
+    payload = data[_PREFIX + length :]
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise SegmentCorruptError(f"{path}: payload sha256 does not match its header")
+    expected = 8 * (header.count + 2 * header.n_marks)
+    raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+    if len(raw) != expected:
+        raise SegmentCorruptError(f"{path}: payload holds {len(raw)} bytes, expected {expected}")
+    values = np.frombuffer(raw, dtype=_LE_F8, count=header.count)
+    marks = np.frombuffer(raw, dtype=_LE_I8, offset=8 * header.count)
+    return SegmentData(values, marks[: header.n_marks], marks[header.n_marks :])
