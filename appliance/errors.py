@@ -57,6 +57,24 @@ _ROWS = (
     ),
     ErrorCode("not_found", 404, "No route matches the path."),
     ErrorCode("unknown_symbol", 404, "No values were ever accepted for this symbol."),
+    ErrorCode(
+        "invalid_range",
+        400,
+        "GET /history/stats: `start`/`end` is not an index (by=index) or a time (by=time: "
+        "integer ns or ISO 8601), an index is negative, `start` is not below `end`, or `by` is "
+        "neither `index` nor `time`.",
+    ),
+    ErrorCode(
+        "empty_range",
+        404,
+        "GET /history/stats: the range holds no value the warm tier has (beyond the newest, "
+        "before the oldest kept, or a time range with no batch received in it).",
+    ),
+    ErrorCode(
+        "history_disabled",
+        404,
+        "GET /history/stats: history needs `[durability] enabled = true` (the warm tier).",
+    ),
     ErrorCode("method_not_allowed", 405, "The path exists but not for this HTTP method."),
     ErrorCode(
         "symbol_limit",

@@ -357,7 +357,7 @@ class Checkpointer:
         """Checkpoint the store as of `lsn` (call only where the store is consistent with it)."""
         self._last_run = self._clock()
         self.wait()
-        if lsn == self.last_lsn:
+        if lsn <= 0 or lsn == self.last_lsn:  # nothing logged yet, or nothing since the last
             return
         try:
             taken = snapshot(store, lsn, totals)

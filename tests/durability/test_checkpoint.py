@@ -263,6 +263,8 @@ def test_checkpointer_interval_zero_only_at_shutdown(tmp_path: Path) -> None:
     checkpointer = Checkpointer(tmp_path, 0, clock=lambda: 1e12)
     assert not checkpointer.due()
     store = make_store()
+    checkpointer.close(store, 0, {})  # nothing was ever logged: nothing to checkpoint
+    assert load_latest(tmp_path) is None
     store.ingest("A", np.array([1.0, 2.0]))
     checkpointer.close(store, 2, {"A": 2})
     assert load_latest(tmp_path).lsn == 2
