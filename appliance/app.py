@@ -26,6 +26,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse
 
 from appliance.config import AppConfig
+from appliance.durability.writer import StorageUnavailableError
 from appliance.engine import select_engine
 from appliance.errors import ApiError
 from appliance.openapi import build_openapi
@@ -197,13 +198,39 @@ def create_app(
     app.ctx.engine = engine
     app.ctx.store = build_store(config, engine)
     app.ctx.ready = False
+    # The write-ahead log's writer (appliance.durability.writer.DurableWriter), attached by the
+    # CLI after recovery (`attach_durability`); None: batches go straight to the store (tests,
+    # benchmarks, `[durability] enabled = false`).
+    app.ctx.durable = None
+    # Objects with `on_record(record)` (the warm tier) to register with the log's writer; they
+    # see every replayed record at recovery, then every new one. Add before attach_durability.
+    app.ctx.record_listeners = []
     # The binary ingest transports (appliance.transports.Transports), set by the CLI once their
     # endpoints are bound; None in apps built without them (tests, benchmarks): GET /ingest
     # then reports no transports.
     app.ctx.transports = None
+    # The warm tier (appliance.durability.warm.WarmTier) behind GET /history/stats and the
+    # totals of GET /symbols, set by the CLI with durability on; None: history answers 404
+    # `history_disabled` and /symbols reports hot counts only.
+    app.ctx.warm = None
     _add_routes(app, BatchDecoder(config.store.max_batch_size), build_openapi(config))
     _add_lifecycle(app)
     return app
+
+
+def attach_durability(app: Sanic) -> Any:
+    """Recover the store from `[durability] dir` and route every batch through the log.
+
+    Call before the app serves (the CLI does, so /ready is never 200 before replay ends).
+    Returns the started `DurableWriter`; the caller closes it after the server stops.
+    Raises `appliance.durability.recovery.CorruptLogError` for a log that must be repaired.
+    """
+    from appliance.durability.recovery import open_log
+
+    listeners = list(getattr(app.ctx, "record_listeners", ()))
+    writer = open_log(app.ctx.config.durability, app.ctx.store, listeners)
+    app.ctx.durable = writer
+    return writer
 
 
 def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> None:
@@ -228,12 +255,21 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         close_if_draining(request)
         check_json_content_type(request.headers.get("content-type"))
         batch = decoder.decode(request.body)
+        durable = request.app.ctx.durable
         try:
-            added = store.ingest(batch.symbol, batch.values)
+            if durable is None:
+                added = store.ingest(batch.symbol, batch.values)
+            else:
+                # Log, then apply, then ack: the writer thread resolves the future only once
+                # the record is written (fsynced under `always`) and applied to the store.
+                record = await asyncio.wrap_future(durable.submit(batch.symbol, batch.values))
+                added = int(record.values.shape[0])
         except SymbolLimitError as exc:
             raise ApiError(
                 "symbol_limit", f"{exc}; existing symbols still accept batches"
             ) from None
+        except StorageUnavailableError as exc:
+            raise ApiError("storage_unavailable", str(exc)) from None
         return json_response({"status": "ok", "symbol": batch.symbol, "added": added})
 
     @app.route("/stats", methods=GET_AND_HEAD, strict_slashes=False)
@@ -264,10 +300,60 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         transports = request.app.ctx.transports
         return json_response({"transports": transports.snapshot() if transports else {}})
 
+    _add_history_routes(app, store)
+
     @app.route("/openapi.json", methods=GET_AND_HEAD, strict_slashes=False)
     async def openapi_json(request: Request) -> HTTPResponse:
         close_if_draining(request)
         return HTTPResponse(openapi_body, content_type=JSON)
+
+
+def _add_history_routes(app: Sanic, store: Store) -> None:
+    """GET /history/stats (the warm tier, issue 5) and GET /symbols (both tiers' counts)."""
+
+    @app.route("/history/stats", methods=GET_AND_HEAD, strict_slashes=False)
+    async def history_stats(request: Request) -> HTTPResponse:
+        close_if_draining(request)
+        params = parse_query_string(request.query_string)
+        symbol = params.get("symbol")
+        if symbol is None:
+            raise ApiError("missing_parameter", "the symbol query parameter is required")
+        validate_symbol(symbol)
+        warm = request.app.ctx.warm
+        if warm is None:
+            raise ApiError(
+                "history_disabled",
+                "history needs the warm tier: set [durability] enabled = true and restart",
+            )
+        from appliance.durability.history import HistoryError, run_query
+
+        try:
+            # Off the event loop: an edge segment may need decompressing (a few ms).
+            result = await asyncio.to_thread(
+                run_query,
+                warm,
+                symbol,
+                params.get("by") or "index",
+                params.get("start"),
+                params.get("end"),
+            )
+        except HistoryError as exc:
+            raise ApiError(exc.code, exc.message) from None
+        return json_response({"symbol": symbol, **result.to_dict()})
+
+    @app.route("/symbols", methods=GET_AND_HEAD, strict_slashes=False)
+    async def symbols(request: Request) -> HTTPResponse:
+        close_if_draining(request)
+        warm = request.app.ctx.warm
+        totals = warm.symbols() if warm is not None else {}
+        rows = []
+        for name in sorted(set(store.symbols()) | set(totals)):
+            hot = store.length(name) if name in store else 0
+            total = totals[name].total if name in totals else None
+            if warm is not None:
+                total = max(total or 0, hot)  # a symbol the warm tier has not seen yet
+            rows.append({"symbol": name, "hot": hot, "total": total})
+        return json_response({"symbols": rows})
 
 
 def _add_lifecycle(app: Sanic) -> None:

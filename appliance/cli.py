@@ -1,4 +1,4 @@
-"""The `hft-appliance` command line: `serve`, `publish`, `replay` (each takes `--config PATH`).
+"""The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck` (each takes `--config`).
 
 Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
 an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
@@ -85,11 +85,30 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     from transport.errors import TransportStartError
 
     app = create_app(config, engine)
-    transports = Transports(config, app.ctx.store)
+    durable = None
+    if config.durability.enabled:
+        # Replay before serving: /ready cannot answer 200 (nothing answers) until it is done.
+        from appliance.app import attach_durability
+        from appliance.durability.recovery import CorruptLogError
+
+        try:
+            durable = attach_durability(app)
+        except CorruptLogError as exc:
+            sock.close()
+            log.error("corrupt write-ahead log", extra={"reason": str(exc)})
+            return _fail(str(exc))
+        except OSError as exc:
+            sock.close()
+            log.error("cannot open the write-ahead log", extra={"reason": str(exc)})
+            return _fail(f"cannot open the write-ahead log in {config.durability.dir!r}: {exc}")
+    # With durability on, transports ingest through the log's writer (same contract as the store).
+    transports = Transports(config, durable if durable is not None else app.ctx.store)
     try:
         transports.bind()
     except TransportStartError as exc:
         sock.close()
+        if durable is not None:
+            durable.close()
         log.error("cannot start transports", extra={"reason": str(exc)})
         return _fail(str(exc))
     app.ctx.transports = transports
@@ -115,8 +134,20 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         )
     finally:
         transports.stop()  # already stopped by the app's hook unless Sanic failed to start
+        if durable is not None:
+            durable.close()  # after every producer stopped: drains, fsyncs, checkpoints
         sock.close()
     return EXIT_OK
+
+
+def fsck(config_path: str | None, repair: bool) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    from appliance.durability import fsck as wal_fsck
+
+    return wal_fsck.run(config.durability.dir, repair=repair, out=sys.stdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML config file (default: ./Config.toml if present, else built-in defaults); "
         "APP_<SECTION>__<KEY> environment variables override it",
     )
+    fsck_parser = commands.add_parser(
+        "fsck", help="check the write-ahead log under [durability] dir (exit 1 if damaged)"
+    )
+    fsck_parser.add_argument("--config", metavar="PATH", help="TOML config file")
+    fsck_parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="keep every valid record, move bad bytes to DIR/quarantine/, trim torn tails",
+    )
     from appliance.publish_commands import add_commands
 
     add_commands(commands)
@@ -141,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args.config)
+    if args.command == "fsck":
+        return fsck(args.config, args.repair)
     if args.command in ("publish", "replay"):
         try:
             config = load_config(args.config)

@@ -97,6 +97,12 @@ _ROWS = (
         "An unexpected server fault; it is logged. Client input never causes it.",
     ),
     ErrorCode("not_ready", 503, "The appliance is still starting (readiness probe)."),
+    ErrorCode(
+        "storage_unavailable",
+        503,
+        "The write-ahead log cannot be written (disk full, file too large, I/O error): nothing "
+        "of the batch was applied; retry later.",
+    ),
 )
 
 ERROR_CODES: dict[str, ErrorCode] = {row.code: row for row in _ROWS}

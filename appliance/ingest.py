@@ -4,14 +4,22 @@ Why here and not in `transport/`: transports know nothing of the store (data flo
 transport -> store -> engine). They are handed the `Sink` built here, which applies the same
 `validate_symbol` and `check_values` that POST /add_batch/ uses and the same `Store.ingest`,
 and translates the appliance's errors into the wire's nack reasons.
+
+With durability on, the sink is given the log's `DurableWriter` in place of the store: its
+`ingest` has the same contract but returns only once the batch is logged (fsynced under
+`always`) and applied, so a transport acks only what survives a crash. A full disk becomes the
+retryable nack UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
+from appliance.durability.writer import StorageUnavailableError
 from appliance.errors import ApiError
-from appliance.store import Store, SymbolLimitError
+from appliance.store import SymbolLimitError
 from appliance.validation import check_values, validate_symbol
 from transport.ingest import Rejected, Sink
 from transport.wire import Reason
@@ -24,7 +32,15 @@ _REASONS = {
 }
 
 
-def make_sink(store: Store, max_batch_size: int) -> Sink:
+class Ingestor(Protocol):
+    """`Store` or `DurableWriter`: appends a validated batch whole, or raises."""
+
+    def __contains__(self, symbol: object) -> bool: ...
+
+    def ingest(self, symbol: str, values: np.ndarray) -> int: ...
+
+
+def make_sink(store: Ingestor, max_batch_size: int) -> Sink:
     """A callable `(symbol, values)` that appends all of the batch or raises `Rejected`."""
 
     def sink(symbol: str, values: np.ndarray) -> None:
@@ -42,5 +58,7 @@ def make_sink(store: Store, max_batch_size: int) -> Sink:
             raise Rejected(_REASONS.get(exc.code, Reason.INVALID_VALUE), exc.message) from None
         except SymbolLimitError as exc:
             raise Rejected(Reason.SYMBOL_LIMIT, str(exc)) from None
+        except StorageUnavailableError as exc:
+            raise Rejected(Reason.UNAVAILABLE, str(exc)) from None
 
     return sink

@@ -182,6 +182,35 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                 },
             },
         },
+        "HistoryStatsResponse": _history_stats_schema(),
+        "SymbolsResponse": {
+            "type": "object",
+            "required": ["symbols"],
+            "properties": {
+                "symbols": {
+                    "type": "array",
+                    "description": "every symbol, sorted by name",
+                    "items": {
+                        "type": "object",
+                        "required": ["symbol", "hot", "total"],
+                        "properties": {
+                            "symbol": _ref("Symbol"),
+                            "hot": {
+                                "type": "integer",
+                                "minimum": 0,
+                                "description": "values in the hot tier (what /stats/ covers)",
+                            },
+                            "total": {
+                                "type": ["integer", "null"],
+                                "minimum": 0,
+                                "description": "values ever accepted, evicted ones included; "
+                                "null when durability is disabled (nothing counts them)",
+                            },
+                        },
+                    },
+                }
+            },
+        },
         "Status": {
             "type": "object",
             "required": ["status"],
@@ -194,6 +223,109 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                 "error": {"type": "string", "description": "what went wrong and how to fix it"},
                 "code": {"type": "string", "enum": sorted(ERROR_CODES)},
             },
+        },
+    }
+
+
+def _history_stats_schema() -> dict[str, Any]:
+    number = {"type": "number"}
+    nullable = {"type": ["number", "null"], "description": "null only on float64 overflow"}
+    index = {"type": "integer", "minimum": 0}
+    return {
+        "type": "object",
+        "required": [
+            "symbol",
+            "count",
+            "min",
+            "max",
+            "avg",
+            "var",
+            "first",
+            "last",
+            "first_index",
+            "last_index",
+            "first_ns",
+            "last_ns",
+        ],
+        "properties": {
+            "symbol": _ref("Symbol"),
+            "count": {"type": "integer", "minimum": 1},
+            "min": number,
+            "max": number,
+            "avg": nullable,
+            "var": {**nullable, "description": "population variance; " + nullable["description"]},
+            "first": {**number, "description": "the oldest value in the range"},
+            "last": {**number, "description": "the newest value in the range"},
+            "first_index": {**index, "description": "series index of `first`"},
+            "last_index": {**index, "description": "series index of `last`"},
+            "first_ns": {
+                "type": "integer",
+                "description": "receive time (ns since the epoch) of the batch holding `first`",
+            },
+            "last_ns": {"type": "integer", "description": "receive time of `last`'s batch"},
+        },
+    }
+
+
+def _history_paths() -> dict[str, Any]:
+    bound = (
+        "by=index: a series index (0 = the first value ever accepted); by=time: integer ns "
+        "since the epoch or ISO 8601 (no zone = UTC). Optional: the whole history by default."
+    )
+    return {
+        "/history/stats": {
+            "get": {
+                "operationId": "historyStats",
+                "summary": "Statistics over [start, end) of a symbol's full history (warm tier)",
+                "parameters": [
+                    {
+                        "name": "symbol",
+                        "in": "query",
+                        "required": True,
+                        "schema": _ref("Symbol"),
+                    },
+                    {
+                        "name": "by",
+                        "in": "query",
+                        "required": False,
+                        "description": "`index` (default) or `time`: values of the batches "
+                        "received at start <= t < end",
+                        "schema": {"type": "string", "enum": ["index", "time"]},
+                    },
+                    {
+                        "name": "start",
+                        "in": "query",
+                        "required": False,
+                        "description": "inclusive; " + bound,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "end",
+                        "in": "query",
+                        "required": False,
+                        "description": "exclusive; " + bound,
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": _ok("range statistics", "HistoryStatsResponse"),
+                    **_errors(
+                        "missing_parameter",
+                        "invalid_symbol",
+                        "invalid_range",
+                        "unknown_symbol",
+                        "empty_range",
+                        "history_disabled",
+                    ),
+                },
+            }
+        },
+        "/symbols": {
+            "get": {
+                "operationId": "symbols",
+                "summary": "Every symbol with its hot-tier and total value counts",
+                "responses": {"200": _ok("symbols", "SymbolsResponse"), **_errors()},
+            }
         },
     }
 
@@ -252,6 +384,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "symbol_limit",
                             "batch_too_large",
                             "unsupported_media_type",
+                            "storage_unavailable",
                         ),
                     },
                 }
@@ -303,6 +436,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                     },
                 }
             },
+            **_history_paths(),
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",

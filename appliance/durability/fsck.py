@@ -1,0 +1,111 @@
+"""`hft-appliance fsck [--repair]`: report on every log segment, and repair damage on request.
+
+Why a separate, explicit command: the appliance refuses to start over damage that is not a torn
+tail, because dropping it could drop acknowledged batches. Only a person decides that; this
+command shows what is there and, with `--repair`, keeps every record whose CRC checks, moves the
+bad bytes to `DIR/quarantine/` (nothing is deleted) and rewrites the segment atomically
+(temporary file, fsync, rename, fsync of the directory).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from appliance.durability import wal
+
+EXIT_CLEAN = 0
+EXIT_DAMAGED = 1
+
+
+@dataclass
+class Repaired:
+    path: Path
+    kept_records: int
+    quarantined: list[Path]
+
+
+def scan(data_dir: str | os.PathLike[str]) -> list[wal.SegmentScan]:
+    return list(wal.iter_scans(wal.wal_dir(data_dir)))
+
+
+def repair_segment(seg: wal.SegmentScan, quarantine: Path) -> Repaired:
+    """Keep every valid record of `seg`, quarantine each bad stretch, rewrite atomically."""
+    data = seg.path.read_bytes()
+    quarantine.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for damage in seg.damage:
+        target = quarantine / f"{seg.path.name}.{damage.offset}-{damage.end}.bad"
+        with open(target, "wb") as f:
+            f.write(data[damage.offset : damage.end])
+            f.flush()
+            os.fsync(f.fileno())
+        moved.append(target)
+    wal.fsync_dir(quarantine)
+    kept = bytearray()
+    for damage_free in _good_stretches(seg):
+        kept += data[damage_free[0] : damage_free[1]]
+    tmp = seg.path.with_name(seg.path.name + ".repair")
+    with open(tmp, "wb") as f:
+        f.write(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, seg.path)  # atomic: the segment is either the old or the repaired bytes
+    wal.fsync_dir(seg.path.parent)
+    return Repaired(seg.path, len(seg.records), moved)
+
+
+def _good_stretches(seg: wal.SegmentScan) -> list[tuple[int, int]]:
+    stretches = []
+    at = 0
+    for damage in seg.damage:
+        if damage.offset > at:
+            stretches.append((at, damage.offset))
+        at = damage.end
+    if at < seg.size:
+        stretches.append((at, seg.size))
+    return stretches
+
+
+def run(data_dir: str | os.PathLike[str], *, repair: bool, out: TextIO) -> int:
+    """Print one line per segment (and per problem); return the exit status."""
+    segments = scan(data_dir)
+    directory = wal.wal_dir(data_dir)
+    if not segments:
+        print(f"{directory}: no write-ahead log segments", file=out)
+        return EXIT_CLEAN
+    damaged = False
+    previous_last = 0
+    for seg in segments:
+        first, last = seg.first_lsn, seg.last_lsn
+        span = f"lsn {first}..{last}" if first is not None else "no records"
+        state = "ok" if not seg.damage else f"{len(seg.damage)} problem(s)"
+        summary = f"{len(seg.records)} records, {seg.size} bytes, {span}: {state}"
+        print(f"{seg.path}: {summary}", file=out)
+        for damage in seg.damage:
+            kind = "torn tail" if damage is seg.torn_tail else "corrupt"
+            print(
+                f"  {kind} at offset {damage.offset} ({damage.end - damage.offset} bytes): "
+                f"{damage.reason}",
+                file=out,
+            )
+        if first is not None and first <= previous_last:
+            print(f"  lsn {first} does not follow {previous_last} (not repairable)", file=out)
+            damaged = True
+        if last is not None:
+            previous_last = last
+        if seg.damage:
+            damaged = True
+            if repair:
+                result = repair_segment(seg, Path(data_dir) / "quarantine")
+                print(
+                    f"  repaired: kept {result.kept_records} records, bad bytes moved to "
+                    + ", ".join(str(p) for p in result.quarantined),
+                    file=out,
+                )
+    if damaged and not repair:
+        print('damage found: "hft-appliance fsck --repair" keeps every valid record', file=out)
+        return EXIT_DAMAGED
+    return EXIT_CLEAN

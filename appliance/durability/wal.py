@@ -1,0 +1,241 @@
+"""The write-ahead log on disk: record encoding, segment files, and a verifying scanner.
+
+Why this module knows nothing of threads or the store: the writer (`writer.py`), recovery
+(`recovery.py`) and `hft-appliance fsck` (`fsck.py`) all need the same byte layout and the same
+answer to "is this record whole?", and only that. The layout is documented in
+docs/durability.md; a test keeps the two in step.
+
+Record layout (little-endian, every record starts 8-byte aligned within its segment):
+
+    0  magic "HWAL"        16 lsn u64          48 sequence u64
+    4  length u32 (total)  24 first_index u64  56 count u32
+    8  crc32c u32          32 received_ns u64  60 reserved u32
+    12 kind u8, symbol length u8, reserved u16  40 publisher_id u64
+    64 symbol (UTF-8, zero-padded to 8), then count float64 values
+
+The CRC covers every byte after the CRC field (12 .. length), padding included, so a torn or
+flipped byte anywhere in a record is caught before any of it is trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from appliance.durability.records import BatchRecord
+
+MAGIC = b"HWAL"
+KIND_BATCH = 1
+HEADER = struct.Struct("<4sII BBH QQQQQ II")
+HEADER_SIZE = HEADER.size  # 64
+assert HEADER_SIZE == 64
+CRC_END = 12  # the CRC covers bytes [CRC_END, length)
+MAX_SYMBOL_BYTES = 255
+SEGMENT_PREFIX = "wal-"
+SEGMENT_SUFFIX = ".log"
+LSN_DIGITS = 20
+
+
+class RecordError(ValueError):
+    """Bytes that are not one whole, valid record; `reason` says why in a few words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def record_size(symbol_bytes: int, count: int) -> int:
+    return HEADER_SIZE + _pad8(symbol_bytes) + 8 * count
+
+
+def encode(record: BatchRecord) -> bytes:
+    """One record's bytes, CRC included. Raises ValueError for a symbol over 255 bytes."""
+    sym = record.symbol.encode()
+    if len(sym) > MAX_SYMBOL_BYTES:
+        raise ValueError("symbol longer than 255 UTF-8 bytes")
+    values = np.ascontiguousarray(record.values, dtype="<f8")
+    count = int(values.shape[0])
+    length = record_size(len(sym), count)
+    out = bytearray(length)
+    HEADER.pack_into(
+        out,
+        0,
+        MAGIC,
+        length,
+        0,
+        KIND_BATCH,
+        len(sym),
+        0,
+        record.lsn,
+        record.first_index,
+        record.received_ns,
+        record.publisher_id,
+        record.sequence,
+        count,
+        0,
+    )
+    out[HEADER_SIZE : HEADER_SIZE + len(sym)] = sym
+    values_at = HEADER_SIZE + _pad8(len(sym))
+    out[values_at:length] = values.tobytes()
+    struct.pack_into("<I", out, 8, crc32c.crc32c(memoryview(out)[CRC_END:]))
+    return bytes(out)
+
+
+def decode(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[BatchRecord, int]:
+    """Decode the record at `offset`; return it and its length. Raises `RecordError`.
+
+    The values are a read-only view into `buf` (no copy): keep `buf` alive as long as them.
+    """
+    view = memoryview(buf)
+    available = len(view) - offset
+    if available < HEADER_SIZE:
+        raise RecordError(f"incomplete header ({available} of {HEADER_SIZE} bytes)")
+    (magic, length, crc, kind, sym_len, _, lsn, first, received, publisher, sequence, count, _) = (
+        HEADER.unpack_from(view, offset)
+    )
+    if magic != MAGIC:
+        raise RecordError("bad magic")
+    if length % 8 or length < HEADER_SIZE:
+        raise RecordError(f"bad record length {length}")
+    if length > available:
+        raise RecordError(f"incomplete record ({available} of {length} bytes)")
+    if crc32c.crc32c(view[offset + CRC_END : offset + length]) != crc:
+        raise RecordError("CRC mismatch")
+    if kind != KIND_BATCH:
+        raise RecordError(f"unknown record kind {kind}")
+    if length != record_size(sym_len, count):
+        raise RecordError(f"length {length} does not match {count} values")
+    sym_at = offset + HEADER_SIZE
+    try:
+        symbol = bytes(view[sym_at : sym_at + sym_len]).decode()
+    except UnicodeDecodeError:
+        raise RecordError("symbol is not UTF-8") from None
+    values = np.frombuffer(view, dtype="<f8", count=count, offset=sym_at + _pad8(sym_len))
+    if values.flags.writeable:
+        values = values.view()
+        values.setflags(write=False)
+    return BatchRecord(lsn, symbol, first, received, publisher, sequence, values), length
+
+
+def resync(buf: bytes | memoryview, start: int) -> int | None:
+    """Offset of the next valid record at or after `start` (8-aligned magic, CRC checks)."""
+    data = bytes(buf) if isinstance(buf, memoryview) else buf
+    at = start + (-start % 8)
+    while True:
+        at = data.find(MAGIC, at)
+        if at < 0:
+            return None
+        if at % 8 == 0:
+            try:
+                decode(data, at)
+                return at
+            except RecordError:
+                pass
+        at += 1
+
+
+# --- segments ----------------------------------------------------------------------------------
+
+
+def wal_dir(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / "wal"
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{SEGMENT_PREFIX}{first_lsn:0{LSN_DIGITS}d}{SEGMENT_SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[Path]:
+    """Segment files in lsn order (the zero-padded name sorts as the number)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name.startswith(SEGMENT_PREFIX) and p.name.endswith(SEGMENT_SUFFIX)
+    )
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a created/renamed/removed entry durable: fsync the directory itself."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Damage:
+    """One stretch of bad bytes in a segment: [offset, end) and why the first record failed."""
+
+    offset: int
+    end: int
+    reason: str
+
+
+@dataclass
+class SegmentScan:
+    """What a verifying pass found in one segment."""
+
+    path: Path
+    size: int
+    records: list[tuple[int, BatchRecord]] = field(default_factory=list)  # (offset, record)
+    damage: list[Damage] = field(default_factory=list)
+
+    @property
+    def torn_tail(self) -> Damage | None:
+        """The damage that runs to the end of the file with nothing valid after it."""
+        if self.damage and self.damage[-1].end == self.size:
+            return self.damage[-1]
+        return None
+
+    @property
+    def first_lsn(self) -> int | None:
+        return self.records[0][1].lsn if self.records else None
+
+    @property
+    def last_lsn(self) -> int | None:
+        return self.records[-1][1].lsn if self.records else None
+
+
+def scan_segment(path: Path, data: bytes | None = None) -> SegmentScan:
+    """Verify every record of one segment; bad stretches are skipped by resync, never trusted.
+
+    The decoded values are views into the file's bytes (read once, no per-record copy).
+    """
+    if data is None:
+        data = path.read_bytes()
+    scan = SegmentScan(path, len(data))
+    offset = 0
+    last_lsn = 0
+    while offset < len(data):
+        try:
+            record, length = decode(data, offset)
+            if record.lsn <= last_lsn:
+                raise RecordError(f"lsn {record.lsn} does not follow {last_lsn}")
+        except RecordError as exc:
+            nxt = resync(data, offset + 1)
+            end = len(data) if nxt is None else nxt
+            scan.damage.append(Damage(offset, end, exc.reason))
+            offset = end
+            continue
+        scan.records.append((offset, record))
+        last_lsn = record.lsn
+        offset += length
+    return scan
+
+
+def iter_scans(directory: Path) -> Iterator[SegmentScan]:
+    for path in list_segments(directory):
+        yield scan_segment(path)

@@ -1,0 +1,379 @@
+"""The one writer thread: log, then apply, then ack.
+
+Why one thread owns everything: the order of records in the log must be the order in which
+batches reach the store, and the lsn / first_index counters must never be handed out twice.
+A single thread that logs, applies and resolves gives all three without locks on the hot path.
+It also makes the symbol limit race-free: this thread is the only creator of symbols, so it can
+refuse a batch *before* logging it (a refused batch never reaches the log).
+
+Group commit: callers `submit()` and get a `concurrent.futures.Future`. The thread takes every
+batch queued at the moment it wakes, encodes them, writes them with one write, then (policy
+`always`) one fsync covers the whole group before any of its futures resolves.
+
+Invariants (checked by tests/durability):
+- a future resolves with a record only after its bytes are written (and, under `always`,
+  fsynced) and the batch is applied to the store;
+- a failed write or fsync truncates the segment back to its last good size, fails the whole
+  group with `StorageUnavailableError`, applies nothing and hands back the group's lsns; the
+  next submission tries again (the service recovers by itself once space returns);
+- listeners run after the store is updated; one that raises is logged, never propagated.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from appliance.durability import wal
+from appliance.durability.records import BatchRecord
+from appliance.store import Store, SymbolLimitError
+
+log = logging.getLogger(__name__)
+
+SyncPolicy = Literal["always", "interval", "never"]
+
+
+class StorageUnavailableError(Exception):
+    """The log could not be written or synced (disk full, file too large, I/O error).
+
+    Nothing of the batch was applied; retrying later is safe.
+    """
+
+
+class RecordListener(Protocol):
+    """Told of every record once it is applied (and of every replayed one at recovery)."""
+
+    def on_record(self, record: BatchRecord) -> None: ...
+
+
+class _Request:
+    __slots__ = ("future", "publisher_id", "received_ns", "sequence", "symbol", "values")
+
+    def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+        self.symbol = symbol
+        self.values = values
+        self.publisher_id = publisher_id
+        self.sequence = sequence
+        self.received_ns = time.time_ns()
+        self.future: Future[BatchRecord] = Future()
+
+
+_STOP = object()
+
+
+class SegmentFile:
+    """The open tail segment: appends, truncation back to the last good size, rotation."""
+
+    def __init__(self, directory: Path, segment_bytes: int, sync: SyncPolicy) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.sync = sync
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.size = 0  # bytes known good (written completely) in the current segment
+
+    def open_existing(self, path: Path) -> None:
+        """Continue appending to `path` (recovery has verified and trimmed it)."""
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self.path = path
+        self.size = os.fstat(self.fd).st_size
+
+    def _create(self, first_lsn: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / wal.segment_name(first_lsn)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # The new name must survive a crash before any record in it is acknowledged.
+            wal.fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        self.close()
+        self.fd, self.path, self.size = fd, path, os.fstat(fd).st_size
+
+    def append(self, first_lsn: int, chunks: list[bytes]) -> None:
+        """Write `chunks` at the end in one write; on error restore the last good size."""
+        total = sum(len(c) for c in chunks)
+        if self.fd is None or (self.size > 0 and self.size + total > self.segment_bytes):
+            if self.fd is not None and self.sync != "never":
+                os.fsync(self.fd)  # the sealed segment is complete on disk before the next one
+            self._create(first_lsn)
+        assert self.fd is not None
+        try:
+            written = os.writev(self.fd, chunks)
+            if written != total:  # a short write (e.g. the file-size limit reached mid-way)
+                raise OSError(errno.ENOSPC, f"short write: {written} of {total} bytes")
+        except OSError:
+            self.truncate_to_good()
+            raise
+        self.size += total
+
+    def fsync(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+
+    def truncate_to_good(self) -> None:
+        """Drop a torn write: the file ends at the last record written completely."""
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError as exc:  # recovery would trim the torn tail anyway
+                log.error("cannot truncate write-ahead log", extra={"reason": str(exc)})
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class DurableWriter:
+    """Owns the write-ahead log tail and the order of every accepted batch.
+
+    Construct it after recovery with the restored counters (`next_lsn`, `totals`), then
+    `start()`. `submit()` is thread-safe and never blocks; `ingest()` is the blocking form
+    (same contract as `Store.ingest`) for transport threads.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        directory: Path,
+        *,
+        sync: SyncPolicy = "interval",
+        interval_ms: int = 5,
+        segment_bytes: int = 64 << 20,
+        next_lsn: int = 1,
+        totals: dict[str, int] | None = None,
+        tail: Path | None = None,
+        checkpointer: Any = None,
+    ) -> None:
+        self.store = store
+        self.sync = sync
+        self.interval_s = interval_ms / 1000.0
+        self._segment = SegmentFile(directory, segment_bytes, sync)
+        if tail is not None:
+            self._segment.open_existing(tail)
+        self._next_lsn = next_lsn
+        # Per symbol: values ever accepted (evicted ones included); its keys are exactly the
+        # store's symbols, so the symbol limit is checked here, before logging.
+        self._totals: dict[str, int] = dict(totals or {})
+        self._listeners: list[RecordListener] = []
+        # appliance.durability.checkpoint.Checkpointer (or None): asked `due()` between groups,
+        # where the store is exactly the log up to next_lsn - 1.
+        self._checkpointer = checkpointer
+        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="wal-writer", daemon=True)
+        self._closed = False
+        self.fsyncs = 0  # counters for /ingest-style reporting and tests
+        self.groups = 0
+        self.recovery: Any = None  # the RecoveryResult this writer continues from, if any
+
+    # --- public API ----------------------------------------------------------------------------
+
+    def add_listener(self, listener: RecordListener) -> None:
+        """Register before `start()` (or accept that records already applied are not seen)."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(
+        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+    ) -> Future[BatchRecord]:
+        """Queue a validated batch; the future resolves with its record once logged and applied.
+
+        It fails with `SymbolLimitError` (never logged), `StorageUnavailableError` (nothing
+        applied) or `RuntimeError` when the writer is closed.
+        """
+        request = _Request(symbol, values, publisher_id, sequence)
+        if self._closed:
+            request.future.set_exception(RuntimeError("the write-ahead log is closed"))
+        else:
+            self._queue.put(request)
+        return request.future
+
+    def ingest(self, symbol: str, values: np.ndarray) -> int:
+        """Blocking `submit`: the drop-in for `Store.ingest` on transport threads."""
+        return int(self.submit(symbol, values).result().values.shape[0])
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self.store
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish everything queued, sync (unless `never`) and close the segment."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        else:
+            self._segment.close()
+
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
+    def total(self, symbol: str) -> int:
+        return self._totals.get(symbol, 0)
+
+    # --- the thread ----------------------------------------------------------------------------
+
+    def _take_group(self, timeout: float | None) -> tuple[list[_Request], bool]:
+        """Everything queued now (waiting up to `timeout` for the first); and whether to stop."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return [], False
+        group: list[_Request] = []
+        stopping = False
+        while True:
+            if item is _STOP:
+                stopping = True
+            else:
+                group.append(item)  # type: ignore[arg-type]
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return group, stopping
+
+    def _run(self) -> None:
+        dirty = False  # written but not yet fsynced (policy `interval`)
+        last_sync = time.monotonic()
+        stopping = False
+        while not stopping:
+            timeout = None
+            if dirty:  # wake up in time for the interval fsync even if nothing arrives
+                timeout = max(0.0, last_sync + self.interval_s - time.monotonic())
+            group, stopping = self._take_group(timeout)
+            if group:
+                wrote = self._commit(group)
+                dirty = dirty or (wrote and self.sync == "interval")
+                if self._checkpointer is not None and self._checkpointer.due():
+                    self._checkpointer.run(self.store, self._next_lsn - 1, self._totals)
+            if dirty and (stopping or time.monotonic() - last_sync >= self.interval_s):
+                self._sync_quietly()
+                dirty = False
+                last_sync = time.monotonic()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            if self.sync != "never":
+                self._segment.fsync()
+        except OSError as exc:
+            log.error("final fsync of the write-ahead log failed", extra={"reason": str(exc)})
+        self._segment.close()
+        if self._checkpointer is not None:
+            try:  # the final checkpoint: the next start replays nothing
+                self._checkpointer.close(self.store, self._next_lsn - 1, self._totals)
+            except Exception:
+                log.exception("final checkpoint failed")
+
+    def _sync_quietly(self) -> None:
+        """Interval fsync: the batches are already acknowledged, so a failure is only logged."""
+        try:
+            self._segment.fsync()
+            self.fsyncs += 1
+        except OSError as exc:
+            log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
+
+    def _commit(self, group: list[_Request]) -> bool:
+        """Log, apply and resolve one group; return whether anything was written."""
+        accepted: list[tuple[_Request, BatchRecord]] = []
+        chunks: list[bytes] = []
+        lsn = self._next_lsn
+        new_totals: dict[str, int] = {}
+        limit = self.store.max_symbols
+        known = len(self._totals)
+        for request in group:
+            symbol = request.symbol
+            total = new_totals.get(symbol, self._totals.get(symbol))
+            is_new = total is None
+            if is_new:
+                if known >= limit:
+                    request.future.set_exception(
+                        SymbolLimitError(
+                            f"symbol limit reached: {known} symbols exist and "
+                            f"store.max_symbols is {limit}"
+                        )
+                    )
+                    continue
+                total = 0
+            record = BatchRecord(
+                lsn,
+                symbol,
+                total,
+                request.received_ns,
+                request.publisher_id,
+                request.sequence,
+                request.values,
+            )
+            try:
+                chunks.append(wal.encode(record))
+            except ValueError as exc:  # a symbol the validators should have refused
+                request.future.set_exception(exc)
+                continue
+            known += is_new
+            new_totals[symbol] = total + int(request.values.shape[0])
+            accepted.append((request, record))
+            lsn += 1
+        if not accepted:
+            return False
+        written = False
+        try:
+            self._segment.append(accepted[0][1].lsn, chunks)
+            written = True
+            if self.sync == "always":
+                # One fsync covers the whole group: this is the group commit.
+                self._segment.fsync()
+                self.fsyncs += 1
+        except OSError as exc:
+            # Nothing of the group is kept or applied; its lsns are handed out again later.
+            if written:  # the fsync failed: its pages may or may not reach the disk, drop them
+                self._segment.size -= sum(len(c) for c in chunks)
+                self._segment.truncate_to_good()
+            log.error(
+                "write-ahead log unavailable",
+                extra={
+                    "reason": str(exc),
+                    "batches": len(accepted),
+                    "path": str(self._segment.path),
+                },
+            )
+            error = StorageUnavailableError(
+                f"cannot write the write-ahead log: {exc.strerror or exc}; nothing was applied, "
+                "retry later"
+            )
+            for request, _ in accepted:
+                request.future.set_exception(error)
+            return False
+        self.groups += 1
+        self._next_lsn = lsn
+        self._totals.update(new_totals)
+        for request, record in accepted:
+            try:
+                self.store.ingest(record.symbol, record.values)
+            except Exception as exc:  # an engine fault: logged, reported to this caller only
+                log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
+                request.future.set_exception(exc)
+                continue
+            self._notify(record)
+            request.future.set_result(record)
+        return True
+
+    def _notify(self, record: BatchRecord) -> None:
+        for listener in self._listeners:
+            try:
+                listener.on_record(record)
+            except Exception:
+                log.exception("write-ahead log listener failed", extra={"lsn": record.lsn})
