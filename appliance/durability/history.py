@@ -225,3 +225,20 @@ def _stats(
         first_ns=_time_at(warm, first_piece, first_index),
         last_ns=_time_at(warm, last_piece, last_index),
     )
+
+
+def run_query(
+    warm: WarmTier, symbol: str, by: str = "index", start: str | None = None, end: str | None = None
+) -> HistoryStats:
+    """GET /history/stats after its parameters are read: parse the bounds, answer the range.
+
+    Empty `start`/`end` strings count as absent (the whole history on that side).
+    """
+    if by not in ("index", "time"):
+        raise HistoryError("invalid_range", f"by must be 'index' or 'time', got {by!r}")
+    parse = parse_index if by == "index" else parse_time
+    lo = parse("start", start) if start else None
+    hi = parse("end", end) if end else None
+    if by == "index":
+        return stats_by_index(warm, symbol, lo, hi)
+    return stats_by_time(warm, symbol, lo, hi)
