@@ -1,4 +1,4 @@
-"""The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck` (each takes `--config`).
+"""The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck`, `archive`, `verify`.
 
 Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
 an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
@@ -171,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every valid record, move bad bytes to DIR/quarantine/, trim torn tails",
     )
+    archive_parser = commands.add_parser(
+        "archive", help="copy sealed warm-tier segments to DIR with a manifest of sha256 sums"
+    )
+    archive_parser.add_argument("--to", metavar="DIR", required=True, help="archive directory")
+    archive_parser.add_argument("--config", metavar="PATH", help="TOML config file")
+    verify_parser = commands.add_parser(
+        "verify", help="re-hash an archive against its manifest (exit 1 on any mismatch)"
+    )
+    verify_parser.add_argument("directory", metavar="DIR", help="a directory made by archive")
     from appliance.publish_commands import add_commands
 
     add_commands(commands)
@@ -183,6 +192,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args.config)
     if args.command == "fsck":
         return fsck(args.config, args.repair)
+    if args.command in ("archive", "verify"):
+        from pathlib import Path
+
+        from appliance.durability import archive
+
+        if args.command == "verify":
+            return archive.run_verify(args.directory, sys.stdout)
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(f"config error: {exc}")
+        return archive.run_archive(Path(config.durability.dir) / "warm", args.to, sys.stdout)
     if args.command in ("publish", "replay"):
         try:
             config = load_config(args.config)
