@@ -1,0 +1,391 @@
+"""Write-ahead log: record format, the writer thread, recovery and fsck, in process."""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import re
+import struct
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.durability import fsck, wal
+from appliance.durability.records import BatchRecord
+from appliance.durability.recovery import CorruptLogError, recover, replay_batch_by_batch
+from appliance.durability.writer import DurableWriter, StorageUnavailableError
+from appliance.store import Store, SymbolLimitError
+from fallback import Geometry, NumpyEngine
+from fallback.interface import RetentionPolicy
+
+SMALL = Geometry(block=4, fanout=4, chunk=64)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_store(max_symbols: int = 10, max_values: int = 500, keep: int = 300) -> Store:
+    return Store(
+        NumpyEngine(geometry=SMALL),
+        retention=RetentionPolicy(max_values, keep),
+        max_symbols=max_symbols,
+        starting_capacity=0,
+    )
+
+
+def make_writer(store: Store, data: Path, **kwargs) -> DurableWriter:
+    result = recover(store, data, use_checkpoint=False)
+    writer = DurableWriter(
+        store,
+        wal.wal_dir(data),
+        next_lsn=result.next_lsn,
+        totals=result.totals,
+        tail=result.tail,
+        **kwargs,
+    )
+    writer.start()
+    return writer
+
+
+def hot(store: Store, symbol: str) -> tuple:
+    stats = store.stats(symbol, 8)
+    return (store.length(symbol), stats.min, stats.max, stats.last, stats.avg, stats.var)
+
+
+def record(lsn=1, symbol="EUR/USD", first=0, values=(1.0, 2.5)) -> BatchRecord:
+    return BatchRecord(lsn, symbol, first, 123, 7, 9, np.asarray(values, dtype=np.float64))
+
+
+# --- record format ----------------------------------------------------------------------------
+
+
+@given(
+    lsn=st.integers(1, 2**64 - 1),
+    first=st.integers(0, 2**64 - 1),
+    received=st.integers(0, 2**64 - 1),
+    publisher=st.integers(0, 2**64 - 1),
+    sequence=st.integers(0, 2**64 - 1),
+    symbol=st.text(min_size=1, max_size=20).filter(lambda s: len(s.encode()) <= 64),
+    values=st.lists(st.floats(0, 1e300), min_size=1, max_size=50),
+)
+def test_record_round_trip(lsn, first, received, publisher, sequence, symbol, values) -> None:
+    rec = BatchRecord(lsn, symbol, first, received, publisher, sequence, np.array(values))
+    data = wal.encode(rec)
+    assert len(data) % 8 == 0 and data[:4] == b"HWAL"
+    back, length = wal.decode(b"\0" * 8 + data, 8)
+    assert length == len(data)
+    assert back[:6] == rec[:6]
+    assert back.values.tolist() == values and not back.values.flags.writeable
+
+
+@given(data=st.data())
+def test_any_truncation_or_flipped_byte_is_a_typed_error(data) -> None:
+    encoded = wal.encode(record(values=np.arange(5.0)))
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    with pytest.raises(wal.RecordError):
+        wal.decode(encoded[:cut])
+    at = data.draw(st.integers(0, len(encoded) - 1))
+    bit = data.draw(st.integers(0, 7))
+    flipped = bytearray(encoded)
+    flipped[at] ^= 1 << bit
+    with pytest.raises(wal.RecordError):
+        wal.decode(bytes(flipped))
+
+
+def test_docs_byte_table_matches_the_encoder() -> None:
+    text = (REPO / "docs" / "durability.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([a-z_0-9 ]+) \|", text, re.M)
+    offsets = {name.strip(): (int(off), int(size)) for off, size, name in rows}
+    assert offsets["magic"] == (0, 4) and offsets["crc32c"] == (8, 4)
+    rec = record(lsn=0x0102030405060708, first=11, values=[3.0])
+    data = wal.encode(rec)
+    at, size = offsets["lsn"]
+    assert struct.unpack_from("<Q", data, at)[0] == rec.lsn and size == 8
+    at, _ = offsets["first_index"]
+    assert struct.unpack_from("<Q", data, at)[0] == 11
+    at, _ = offsets["count"]
+    assert struct.unpack_from("<I", data, at)[0] == 1
+    assert wal.HEADER_SIZE == 64
+
+
+# --- the writer -------------------------------------------------------------------------------
+
+
+def test_group_commit_one_fsync_per_group(tmp_path, monkeypatch) -> None:
+    store = make_store(max_values=10**6, keep=10**6)
+    writer = make_writer(store, tmp_path, sync="always")
+    fsyncs = []
+    real_fsync = os.fsync
+    gate = threading.Event()
+
+    def slow_fsync(fd):
+        fsyncs.append(fd)
+        gate.wait(5)  # hold the first fsync so that everything else queues behind it
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    futures = [writer.submit("A", np.array([float(i)])) for i in range(1)]
+    threading.Timer(0.2, gate.set).start()
+    futures += [writer.submit("A", np.array([float(i)])) for i in range(1, 200)]
+    records = [f.result(10) for f in futures]
+    writer.close()
+    assert [r.lsn for r in records] == list(range(1, 201))
+    assert [r.first_index for r in records] == list(range(200))
+    # 200 batches: the first group's fsync held the rest, which then shared one or two fsyncs
+    assert writer.fsyncs == writer.groups <= 3
+    assert len(fsyncs) <= writer.fsyncs + 2  # + the new segment's directory, + the final one
+    assert store.length("A") == 200
+
+
+def test_concurrent_submitters_keep_per_symbol_order(tmp_path) -> None:
+    store = make_store(max_values=10**6, keep=10**6)
+    writer = make_writer(store, tmp_path, sync="never")
+    results: dict[int, list[BatchRecord]] = {}
+
+    def submitter(k: int) -> None:
+        results[k] = [writer.submit(f"S{k}", np.array([float(i)])).result(10) for i in range(100)]
+
+    threads = [threading.Thread(target=submitter, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.close()
+    lsns = sorted(r.lsn for rs in results.values() for r in rs)
+    assert lsns == list(range(1, 401))
+    for k, rs in results.items():
+        assert [r.first_index for r in rs] == list(range(100))
+        assert store.stats(f"S{k}", 8).last == 99.0
+    fresh = make_store(max_values=10**6, keep=10**6)
+    recover(fresh, tmp_path, use_checkpoint=False)
+    assert all(hot(fresh, s) == hot(store, s) for s in store.symbols())
+
+
+def test_symbol_limit_is_never_logged(tmp_path) -> None:
+    store = make_store(max_symbols=2)
+    writer = make_writer(store, tmp_path)
+    futures = [writer.submit(s, np.array([1.0])) for s in ("A", "B", "C", "A")]
+    assert futures[0].result(5).lsn == 1 and futures[1].result(5).lsn == 2
+    with pytest.raises(SymbolLimitError):
+        futures[2].result(5)
+    assert futures[3].result(5).lsn == 3
+    writer.close()
+    records = [r for _, r in wal.scan_segment(wal.list_segments(wal.wal_dir(tmp_path))[0]).records]
+    assert [r.symbol for r in records] == ["A", "B", "A"]
+    assert "C" not in store
+
+
+class Listener:
+    def __init__(self, fail: bool = False) -> None:
+        self.seen: list[int] = []
+        self.fail = fail
+
+    def on_record(self, rec: BatchRecord) -> None:
+        self.seen.append(rec.lsn)
+        if self.fail:
+            raise RuntimeError("listener bug")
+
+
+def test_listeners_see_every_record_and_cannot_break_the_writer(tmp_path, caplog) -> None:
+    store = make_store()
+    good, bad = Listener(), Listener(fail=True)
+    writer = make_writer(store, tmp_path)
+    writer.add_listener(bad)
+    writer.add_listener(good)
+    with caplog.at_level(logging.ERROR):
+        for i in range(5):
+            writer.submit("A", np.array([float(i)])).result(5)
+    writer.close()
+    assert good.seen == bad.seen == [1, 2, 3, 4, 5]
+    assert "listener failed" in caplog.text
+    again = Listener()
+    recover(make_store(), tmp_path, [again], use_checkpoint=False)
+    assert again.seen == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("fail_on", ["write", "fsync"])
+def test_disk_full_fails_the_group_applies_nothing_and_recovers(
+    tmp_path, monkeypatch, fail_on
+) -> None:
+    store = make_store()
+    writer = make_writer(store, tmp_path, sync="always")
+    acked = [writer.submit("A", np.array([1.0, 2.0])).result(5)]
+    full = threading.Event()
+    full.set()
+    real_writev, real_fsync = os.writev, os.fsync
+
+    def writev(fd, chunks):
+        if full.is_set() and fail_on == "write":
+            # a partial write first, like a file-size limit reached mid-record
+            real_writev(fd, [bytes(chunks[0])[:20]])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writev(fd, chunks)
+
+    def fsync(fd):
+        if full.is_set() and fail_on == "fsync":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "writev", writev)
+    monkeypatch.setattr(os, "fsync", fsync)
+    for _ in range(3):
+        with pytest.raises(StorageUnavailableError):
+            writer.submit("A", np.array([5.0])).result(5)
+        with pytest.raises(StorageUnavailableError):
+            writer.submit("B", np.array([5.0])).result(5)
+    assert store.length("A") == 2 and "B" not in store  # nothing applied
+    full.clear()
+    acked.append(writer.submit("A", np.array([3.0])).result(5))
+    acked.append(writer.submit("B", np.array([4.0])).result(5))
+    writer.close()
+    assert [r.lsn for r in acked] == [1, 2, 3]  # the failed groups' lsns were handed back
+    assert acked[1].first_index == 2
+    fresh = make_store()
+    result = recover(fresh, tmp_path, use_checkpoint=False)
+    assert not result.truncated
+    assert hot(fresh, "A") == hot(store, "A") and hot(fresh, "B") == hot(store, "B")
+    assert result.totals == {"A": 3, "B": 1} and result.next_lsn == 4
+
+
+def test_interval_policy_fsyncs_without_further_traffic(tmp_path, monkeypatch) -> None:
+    store = make_store()
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    writer = make_writer(store, tmp_path, sync="interval", interval_ms=20)
+    writer.submit("A", np.array([1.0])).result(5)
+    from tests.waiting import wait_until
+
+    wait_until(lambda: writer.fsyncs >= 1, "the interval fsync", 5)
+    writer.close()
+
+
+def test_segments_rotate_and_replay_across_them(tmp_path) -> None:
+    store = make_store(max_values=10**6, keep=10**6)
+    writer = make_writer(store, tmp_path, sync="never", segment_bytes=1 << 16)
+    for i in range(40):
+        writer.submit("A", np.full(500, float(i))).result(5)
+    writer.close()
+    segments = wal.list_segments(wal.wal_dir(tmp_path))
+    assert len(segments) >= 3
+    assert all(p.stat().st_size <= 1 << 16 for p in segments)
+    fresh = make_store(max_values=10**6, keep=10**6)
+    result = recover(fresh, tmp_path, use_checkpoint=False)
+    assert result.next_lsn == 41 and result.totals == {"A": 20_000}
+    assert hot(fresh, "A") == hot(store, "A")
+    # and appending continues in the last segment with the next lsn
+    again = make_store(max_values=10**6, keep=10**6)
+    writer = make_writer(again, tmp_path, sync="never", segment_bytes=1 << 16)
+    rec = writer.submit("A", np.array([9.0])).result(5)
+    assert (rec.lsn, rec.first_index) == (41, 20_000)
+    writer.close()
+
+
+# --- recovery ---------------------------------------------------------------------------------
+
+
+@given(
+    batches=st.lists(
+        st.tuples(st.sampled_from("AB"), st.integers(1, 400)), min_size=1, max_size=40
+    ),
+    max_values=st.integers(1, 600),
+    keep_ratio=st.floats(0, 1),
+)
+def test_arithmetic_replay_equals_batch_by_batch(tmp_path_factory, batches, max_values, keep_ratio):
+    data = tmp_path_factory.mktemp("wal")
+    keep = int(max_values * keep_ratio)
+    rng = np.random.default_rng(len(batches))
+    chunks = []
+    lsn = 1
+    for symbol, size in batches:
+        chunks.append(wal.encode(BatchRecord(lsn, symbol, 0, 0, 0, 0, rng.random(size) * 100)))
+        lsn += 1
+    wal.wal_dir(data).mkdir(parents=True)
+    (wal.wal_dir(data) / wal.segment_name(1)).write_bytes(b"".join(chunks))
+    reference = make_store(max_values=max_values, keep=keep)
+    replay_batch_by_batch(reference, data)
+    fast = make_store(max_values=max_values, keep=keep)
+    recover(fast, data, use_checkpoint=False)
+    assert fast.symbols() == reference.symbols()
+    for symbol in reference.symbols():
+        assert hot(fast, symbol) == pytest.approx(hot(reference, symbol), rel=1e-12)
+        for k in (1, 2):
+            ref, got = reference.stats(symbol, k), fast.stats(symbol, k)
+            assert (got.min, got.max, got.last) == (ref.min, ref.max, ref.last)
+
+
+def write_log(data: Path, n: int = 10, segment_bytes: int = 1 << 20) -> Store:
+    store = make_store(max_values=10**6, keep=10**6)
+    writer = make_writer(store, data, sync="never", segment_bytes=segment_bytes)
+    for i in range(n):
+        writer.submit("A", np.arange(i * 10.0, i * 10.0 + 10)).result(5)
+    writer.close()
+    return store
+
+
+def test_torn_tail_is_truncated_with_one_warning(tmp_path, caplog) -> None:
+    write_log(tmp_path)
+    segment = wal.list_segments(wal.wal_dir(tmp_path))[-1]
+    size = segment.stat().st_size
+    record_size = size // 10
+    for cut in (size - 1, size - record_size + 1, size - record_size + 64):
+        fresh_dir = tmp_path / f"cut{cut}"
+        (wal.wal_dir(fresh_dir)).mkdir(parents=True)
+        torn = wal.wal_dir(fresh_dir) / segment.name
+        torn.write_bytes(segment.read_bytes()[:cut])
+        store = make_store(max_values=10**6, keep=10**6)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = recover(store, fresh_dir, use_checkpoint=False)
+        assert result.truncated == [(torn, size - record_size)]
+        assert torn.stat().st_size == size - record_size
+        assert store.length("A") == 90 and result.next_lsn == 10
+        assert [r.message for r in caplog.records] == ["torn write-ahead log tail truncated"]
+
+
+def test_zeroed_tail_is_torn_but_a_flipped_byte_mid_log_is_corrupt(tmp_path) -> None:
+    write_log(tmp_path)
+    segment = wal.list_segments(wal.wal_dir(tmp_path))[-1]
+    good = segment.read_bytes()
+    segment.write_bytes(good + b"\0" * 4096)
+    assert recover(make_store(), tmp_path, use_checkpoint=False).truncated == [(segment, len(good))]
+    data = bytearray(good)
+    offset = len(good) // 10 * 3
+    data[offset + 70] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError) as caught:
+        recover(make_store(), tmp_path, use_checkpoint=False)
+    assert caught.value.path == segment and caught.value.offset == offset
+    assert str(caught.value) == (
+        f"corrupt write-ahead log record in {segment} at offset {offset}: CRC mismatch; "
+        'run "hft-appliance fsck --repair"'
+    )
+    # fsck reports it (exit 1), repairs it (exit 0), quarantines the bytes, and then it starts
+    out = io.StringIO()
+    assert fsck.run(tmp_path, repair=False, out=out) == fsck.EXIT_DAMAGED
+    assert f"corrupt at offset {offset}" in out.getvalue()
+    assert fsck.run(tmp_path, repair=True, out=io.StringIO()) == fsck.EXIT_CLEAN
+    quarantined = list((tmp_path / "quarantine").iterdir())
+    assert len(quarantined) == 1 and quarantined[0].stat().st_size == len(good) // 10
+    store = make_store()
+    result = recover(store, tmp_path, use_checkpoint=False)
+    assert result.records == 9 and store.length("A") == 90
+    assert fsck.run(tmp_path, repair=False, out=io.StringIO()) == fsck.EXIT_CLEAN
+
+
+def test_damage_in_an_older_segment_is_corrupt_even_at_its_end(tmp_path) -> None:
+    write_log(tmp_path, n=1000, segment_bytes=1 << 16)
+    assert len(wal.list_segments(wal.wal_dir(tmp_path))) >= 2
+    first = wal.list_segments(wal.wal_dir(tmp_path))[0]
+    size = first.stat().st_size
+    with open(first, "r+b") as f:
+        f.truncate(size - 8)
+    with pytest.raises(CorruptLogError) as caught:
+        recover(make_store(), tmp_path, use_checkpoint=False)
+    assert caught.value.path == first
+    assert fsck.run(tmp_path, repair=True, out=io.StringIO()) == fsck.EXIT_CLEAN
+    recover(make_store(max_values=10**6, keep=10**6), tmp_path, use_checkpoint=False)
