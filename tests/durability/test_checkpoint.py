@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from appliance.durability import checkpoint as ckpt
+from appliance.durability import wal
 from appliance.durability.checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -20,6 +22,8 @@ from appliance.durability.checkpoint import (
     restore,
     write_checkpoint,
 )
+from appliance.durability.recovery import recover, replay_batch_by_batch
+from appliance.durability.writer import DurableWriter
 from appliance.store import Store
 from fallback import Geometry, NumpyEngine
 from fallback.interface import RetentionPolicy
@@ -278,3 +282,64 @@ def test_checkpointer_survives_a_failed_write(tmp_path: Path) -> None:
     store.ingest("A", np.array([1.0]))
     checkpointer.run(store, 1, {"A": 1})  # logs, does not raise into the log's writer
     assert checkpointer.last_error is not None and checkpointer.last_lsn is None
+
+
+# -- wired into the log: the writer checkpoints between groups, recovery starts from it ------
+
+
+def _log_with_a_checkpoint(data: Path, crash_copy: Path) -> int:
+    """Log 60 batches over two symbols, a periodic checkpoint after the 31st; copy the data
+    directory after the 60th as a crash would leave it (before the shutdown checkpoint).
+    Return the lsn of the periodic checkpoint."""
+    now = [0.0]
+    store = make_store()
+    checkpointer = Checkpointer(data, 10, background=False, clock=lambda: now[0])
+    writer = DurableWriter(store, wal.wal_dir(data), sync="never", checkpointer=checkpointer)
+    writer.start()
+    rng = np.random.default_rng(12)
+    for i in range(60):
+        batch = rng.uniform(0, 100, int(rng.integers(1, 400)))
+        writer.submit("AB"[i % 2], batch).result()  # one at a time: one group per batch
+        if i == 29:
+            now[0] += 10  # due: the next group (lsn 31) is followed by a checkpoint
+    periodic = checkpointer.last_lsn
+    shutil.copytree(data, crash_copy)
+    writer.close()  # the shutdown checkpoint, in `data` only
+    assert checkpointer.last_lsn == 60
+    return periodic
+
+
+def test_recovery_from_a_checkpoint_and_the_log_after_it_equals_full_replay(
+    tmp_path: Path,
+) -> None:
+    data, crashed = tmp_path / "data", tmp_path / "crashed"
+    assert _log_with_a_checkpoint(data, crashed) == 31
+    reference = make_store()
+    replay_batch_by_batch(reference, crashed)  # every record through retention, no checkpoint
+
+    from_checkpoint = make_store()
+    result = recover(from_checkpoint, crashed)
+    assert result.checkpoint_lsn == 31 and result.records == 29 and result.next_lsn == 61
+    assert_same_hot_tier(from_checkpoint, reference)
+    full = make_store()
+    assert recover(full, crashed, use_checkpoint=False).totals == result.totals
+
+    after_shutdown = make_store()
+    clean = recover(after_shutdown, data)
+    assert clean.checkpoint_lsn == 60 and clean.records == 0
+    assert_same_hot_tier(after_shutdown, reference)
+
+
+def test_recovery_falls_back_to_the_log_when_the_checkpoint_is_damaged(tmp_path: Path) -> None:
+    data, crashed = tmp_path / "data", tmp_path / "crashed"
+    _log_with_a_checkpoint(data, crashed)
+    for file in (crashed / "checkpoints").rglob("s0001.npy"):
+        with open(file, "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"\x00\xff\x00")
+    reference = make_store()
+    replay_batch_by_batch(reference, crashed)
+    store = make_store()
+    result = recover(store, crashed)
+    assert result.checkpoint_lsn is None and result.records == 60
+    assert_same_hot_tier(store, reference)
