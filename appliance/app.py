@@ -223,14 +223,28 @@ def attach_durability(app: Sanic) -> Any:
 
     Call before the app serves (the CLI does, so /ready is never 200 before replay ends).
     Returns the started `DurableWriter`; the caller closes it after the server stops.
-    Raises `appliance.durability.recovery.CorruptLogError` for a log that must be repaired.
+    Raises `appliance.durability.recovery.CorruptLogError` for a log that must be repaired,
+    `appliance.durability.warm.WarmTierError` for a damaged warm directory.
+    The warm tier (`app.ctx.warm`) is opened first and listens to the log: it sees the
+    replay, then every new batch; `close_warm` stops it after the writer is closed.
     """
     from appliance.durability.recovery import open_log
+    from appliance.durability.warm import WarmTier
 
+    if app.ctx.warm is None:
+        app.ctx.warm = WarmTier.from_config(app.ctx.config.durability)
+        app.ctx.record_listeners.append(app.ctx.warm)
     listeners = list(getattr(app.ctx, "record_listeners", ()))
     writer = open_log(app.ctx.config.durability, app.ctx.store, listeners)
     app.ctx.durable = writer
     return writer
+
+
+def close_warm(app: Sanic) -> None:
+    """Finish the warm tier's queued seals (after the log's writer is closed: no more records).
+    Unsealed values are dropped from memory only; the log keeps them for the next start."""
+    if app.ctx.warm is not None:
+        app.ctx.warm.close()
 
 
 def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         log.error("cannot listen", extra={"host": host, "port": port, "reason": str(exc)})
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
-    from appliance.app import create_app
+    from appliance.app import close_warm, create_app
     from appliance.transports import Transports
     from transport.errors import TransportStartError
 
@@ -90,10 +90,11 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         # Replay before serving: /ready cannot answer 200 (nothing answers) until it is done.
         from appliance.app import attach_durability
         from appliance.durability.recovery import CorruptLogError
+        from appliance.durability.warm import WarmTierError
 
         try:
             durable = attach_durability(app)
-        except CorruptLogError as exc:
+        except (CorruptLogError, WarmTierError) as exc:
             sock.close()
             log.error("corrupt write-ahead log", extra={"reason": str(exc)})
             return _fail(str(exc))
@@ -136,6 +137,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         transports.stop()  # already stopped by the app's hook unless Sanic failed to start
         if durable is not None:
             durable.close()  # after every producer stopped: drains, fsyncs, checkpoints
+            close_warm(app)  # then the warm tier finishes its queued seals
         sock.close()
     return EXIT_OK
 
