@@ -53,6 +53,7 @@ try:
     from appliance.durability import history
     from appliance.durability.records import BatchRecord
     from appliance.durability.warm import WarmTier
+    from appliance.durability.warm_segment import read_segment
 except ImportError:
     history = WarmTier = None  # type: ignore[assignment]
 
@@ -337,14 +338,29 @@ def bench_history(tmp: Path, h: int, segment_values: int, rng: np.random.Generat
             bs, _ = timed(lambda a=a, b=b: (held[a:b].min(), held[a:b].max(), held[a:b].var()))
             base.append(bs)
             assert r.count == b - a and r.min == held[a:b].min()
-        # Batches of `step` values received at ns0 + first index: a time range covers whole
-        # batches, so round the index range out to them.
+        # A new range (the edges of the last one are in the decoded cache). Batches of `step`
+        # values were received at ns0 + first index: a time range covers whole batches.
+        a, b = sorted(int(x) for x in rng.integers(0, h, 2))
         ta, tb = ns0 + a - a % step, ns0 + b - b % step + step
         s, _r = timed(lambda ta=ta, tb=tb: history.stats_by_time(warm, "S", ta, tb))
         lats["random_time"].append(s)
+    # Same-run baseline: what a whole-range query costs without per-segment summaries
+    # (decompress and scan every sealed segment), once, cold.
     warm.close()
+    drop_cache(directory)
+    sealed = WarmTier(directory, segment_values=segment_values).view("S").sealed
+    t0 = time.perf_counter()
+    scanned, low, high, total = 0, np.inf, -np.inf, 0.0
+    for segment in sealed:
+        values = read_segment(segment.path, segment.header).values
+        scanned += values.shape[0]
+        low, high = min(low, values.min()), max(high, values.max())
+        total += float(values.sum())
+    scan_s = time.perf_counter() - t0
     shutil.rmtree(directory)
     out = {
+        "baseline_scan_all_segments_s": scan_s,
+        "baseline_scanned_values": scanned,
         "values": h,
         "segment_values": segment_values,
         "build_s": build_s,
