@@ -148,6 +148,27 @@ def index_at_time(warm: WarmTier, view: SymbolView, t_ns: int) -> int:
     return _end(pieces[-1])
 
 
+def _cut(
+    values: np.ndarray,
+    blocks: np.ndarray,
+    width: int,
+    i: int,
+    j: int,
+    rows: list[np.ndarray],
+    raw: list[np.ndarray],
+) -> None:
+    """Split [i, j) of a sealed segment into whole blocks (their summaries) and at most two
+    partial blocks of raw values, so cutting a segment reads < 2 * width values."""
+    lo_block, hi_block = -(-i // width), j // width
+    if lo_block >= hi_block:
+        raw.append(values[i:j])
+        return
+    rows.append(blocks[lo_block:hi_block])
+    for part in (values[i : lo_block * width], values[hi_block * width : j]):
+        if part.shape[0]:
+            raw.append(part)
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -182,7 +203,7 @@ def _stats(
         raise HistoryError("invalid_range", f"start ({start}) must be below end ({end})")
     lo = held_start if start is None else max(start, held_start)
     hi = held_end if end is None else min(end, held_end)
-    rows: list[list[float]] = []
+    rows: list[np.ndarray] = []  # (k, 6) summaries: whole segments, whole blocks of edges
     raw: list[np.ndarray] = []
     # (piece, first index used, last index used, first value, last value) in index order
     used: list[tuple[SealedSegment | MemoryPiece, int, int, float, float]] = []
@@ -192,15 +213,18 @@ def _stats(
             continue
         if isinstance(piece, SealedSegment) and (a, b) == (_first(piece), _end(piece)):
             h = piece.header
-            rows.append([h.count, h.ref, h.mean, h.m2, h.min, h.max])
+            rows.append(np.array([[h.count, h.ref, h.mean, h.m2, h.min, h.max]]))
             used.append((piece, a, b - 1, h.first_value, h.last_value))
             continue
+        i, j = a - _first(piece), b - _first(piece)
         if isinstance(piece, SealedSegment):
-            values = warm.load(piece).values[a - _first(piece) : b - _first(piece)]
+            data = warm.load(piece)
+            _cut(data.values, data.blocks, piece.header.block_values, i, j, rows, raw)
+            values = data.values
         else:
-            values = piece.values[a - piece.first_index : b - piece.first_index]
-        raw.append(values)
-        used.append((piece, a, b - 1, float(values[0]), float(values[-1])))
+            values = piece.values
+            raw.append(values[i:j])
+        used.append((piece, a, b - 1, float(values[i]), float(values[j - 1])))
     if not used:
         raise HistoryError(
             "empty_range",
@@ -208,7 +232,7 @@ def _stats(
             f"[{held_start}, {held_end})",
         )
     values = np.concatenate(raw) if raw else np.empty(0)
-    table = np.array(rows, dtype=np.float64).reshape(-1, 6)
+    table = np.concatenate(rows) if rows else np.empty((0, 6))
     count, mean, m2, vmin, vmax = combine(values, table)
     first_piece, first_index, _, first_value, _ = used[0]
     last_piece, _, last_index, _, last_value = used[-1]
@@ -239,6 +263,10 @@ def run_query(
     parse = parse_index if by == "index" else parse_time
     lo = parse("start", start) if start else None
     hi = parse("end", end) if end else None
-    if by == "index":
-        return stats_by_index(warm, symbol, lo, hi)
-    return stats_by_time(warm, symbol, lo, hi)
+    query = stats_by_index if by == "index" else stats_by_time
+    try:
+        return query(warm, symbol, lo, hi)
+    except FileNotFoundError:
+        # Retention deleted an edge segment between the snapshot and its read: a fresh
+        # snapshot no longer lists it.
+        return query(warm, symbol, lo, hi)

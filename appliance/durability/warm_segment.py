@@ -7,9 +7,12 @@ summary without its values. The layout is
     magic b"HFTWARM1" | u32 LE header length | header (JSON, UTF-8) | zstd frame
 
 where the zstd frame holds `count` float64 values, then `n_marks` int64 batch-start indexes,
-then `n_marks` int64 receive times (all little-endian). The batch marks live in the compressed
-payload rather than the header because a segment of single-value batches has as many marks as
-values. The header carries the sha256 of the compressed payload, checked on every read.
+then `n_marks` int64 receive times, then one summary row (fallback/kernels.py layout: count,
+ref, mean, M2, min, max) per block of `BLOCK_VALUES` values, the last block possibly short (all
+little-endian). The batch marks live in the compressed payload rather than the header because
+a segment of single-value batches has as many marks as values. The block summaries let a query
+that cuts a segment read at most two partial blocks of raw values from it.
+The header carries the sha256 of the compressed payload, checked on every read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import msgspec
 import numpy as np
 import zstandard
 
+from fallback.kernels import summarize_blocks
+
 MAGIC = b"HFTWARM1"
 FORMAT_VERSION = 1
 SUFFIX = ".seg"
@@ -33,6 +38,7 @@ _PREFIX = len(MAGIC) + _LEN.size
 _ZSTD_LEVEL = 3  # fast; float64 prices compress modestly at any level
 _LE_F8 = np.dtype("<f8")
 _LE_I8 = np.dtype("<i8")
+BLOCK_VALUES = 4096  # a power of two: summarize_blocks' 1/width is exact
 
 
 class SegmentCorruptError(Exception):
@@ -61,6 +67,7 @@ class SegmentHeader(msgspec.Struct, frozen=True):
     first_received_ns: int
     last_received_ns: int
     n_marks: int
+    block_values: int
     first_lsn: int
     last_lsn: int
     payload_sha256: str
@@ -69,13 +76,19 @@ class SegmentHeader(msgspec.Struct, frozen=True):
     def end_index(self) -> int:
         return self.first_index + self.count
 
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.count // self.block_values)
+
 
 class SegmentData(NamedTuple):
-    """Decompressed contents: values and the batch marks (start index, receive ns) of each batch."""
+    """Decompressed contents: values, the batch marks (start index, receive ns) of each batch,
+    and the (n_blocks, 6) block summaries."""
 
     values: np.ndarray
     mark_index: np.ndarray
     mark_ns: np.ndarray
+    blocks: np.ndarray
 
 
 class SealedSegment(NamedTuple):
@@ -101,6 +114,19 @@ def summarize(values: np.ndarray) -> tuple[float, float, float, float, float]:
     return ref, mean, float(dev @ dev), float(values.min()), float(values.max())
 
 
+def block_summaries(values: np.ndarray, block_values: int = BLOCK_VALUES) -> np.ndarray:
+    """(n_blocks, 6) rows over consecutive blocks of `block_values`; the last may be short."""
+    full = values.shape[0] // block_values
+    n_blocks = -(-values.shape[0] // block_values)
+    rows = np.empty((n_blocks, 6))
+    if full:
+        summarize_blocks(values[: full * block_values].reshape(full, block_values), rows[:full])
+    if n_blocks > full:
+        tail = values[full * block_values :]
+        rows[full] = (tail.shape[0], *summarize(tail))
+    return rows
+
+
 def build_segment(
     symbol: str,
     first_index: int,
@@ -114,7 +140,8 @@ def build_segment(
     values = np.ascontiguousarray(values, dtype=_LE_F8)
     mark_index = np.ascontiguousarray(mark_index, dtype=_LE_I8)
     mark_ns = np.ascontiguousarray(mark_ns, dtype=_LE_I8)
-    raw = values.tobytes() + mark_index.tobytes() + mark_ns.tobytes()
+    blocks = np.ascontiguousarray(block_summaries(values, BLOCK_VALUES), dtype=_LE_F8)
+    raw = values.tobytes() + mark_index.tobytes() + mark_ns.tobytes() + blocks.tobytes()
     payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
     ref, mean, m2, lo, hi = summarize(values)
     header = SegmentHeader(
@@ -132,6 +159,7 @@ def build_segment(
         first_received_ns=int(mark_ns[0]),
         last_received_ns=int(mark_ns[-1]),
         n_marks=int(mark_index.shape[0]),
+        block_values=BLOCK_VALUES,
         first_lsn=first_lsn,
         last_lsn=last_lsn,
         payload_sha256=hashlib.sha256(payload).hexdigest(),
@@ -191,10 +219,13 @@ def read_segment(path: Path, header: SegmentHeader) -> SegmentData:
     payload = data[_PREFIX + length :]
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         raise SegmentCorruptError(f"{path}: payload sha256 does not match its header")
-    expected = 8 * (header.count + 2 * header.n_marks)
+    expected = 8 * (header.count + 2 * header.n_marks + 6 * header.n_blocks)
     raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
     if len(raw) != expected:
         raise SegmentCorruptError(f"{path}: payload holds {len(raw)} bytes, expected {expected}")
     values = np.frombuffer(raw, dtype=_LE_F8, count=header.count)
-    marks = np.frombuffer(raw, dtype=_LE_I8, offset=8 * header.count)
-    return SegmentData(values, marks[: header.n_marks], marks[header.n_marks :])
+    marks = np.frombuffer(raw, dtype=_LE_I8, offset=8 * header.count, count=2 * header.n_marks)
+    blocks = np.frombuffer(raw, dtype=_LE_F8, offset=8 * (header.count + 2 * header.n_marks))
+    return SegmentData(
+        values, marks[: header.n_marks], marks[header.n_marks :], blocks.reshape(-1, 6)
+    )

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.durability import warm_segment
 from appliance.durability.history import (
     HistoryError,
     index_at_time,
@@ -51,10 +52,14 @@ def history(tmp_path_factory: pytest.TempPathFactory):
     rng = np.random.default_rng(7)
     warm = WarmTier(directory, segment_values=N)
     feed = Feeder(warm)
-    for batch in random_batches(rng, TOTAL):
-        feed.send("PLAIN", batch)
-        feed.send("BIG", 1e9 + rng.uniform(0, 1e-3, batch.shape[0]))
-    warm.drain()
+    with pytest.MonkeyPatch.context() as patch:
+        # Blocks of 8 (12 whole and a short one per segment): edge cuts use block summaries.
+        patch.setattr(warm_segment, "BLOCK_VALUES", 8)
+        for batch in random_batches(rng, TOTAL):
+            feed.send("PLAIN", batch)
+            feed.send("BIG", 1e9 + rng.uniform(0, 1e-3, batch.shape[0]))
+        warm.drain()
+    assert warm.view("PLAIN").sealed[0].header.block_values == 8  # type: ignore[union-attr]
     assert warm.symbols()["PLAIN"].sealed_end == 2300
     yield warm, feed
     warm.close()
@@ -172,3 +177,16 @@ def test_index_at_time_across_pieces(tmp_path: Path) -> None:
         assert index_at_time(warm, view, 250) == 150
         assert index_at_time(warm, view, 390) == 290
         assert index_at_time(warm, view, 391) == 300  # after the newest: the end
+
+
+def test_block_summaries_match_numpy() -> None:
+    rng = np.random.default_rng(2)
+    values = 1e9 + rng.uniform(0, 1e-3, 8 * 5 + 3)
+    rows = warm_segment.block_summaries(values, 8)
+    assert rows.shape == (6, 6)
+    for k, row in enumerate(rows):
+        chunk = values[8 * k : 8 * k + 8]
+        count, ref, mean, m2, lo, hi = row
+        assert (count, lo, hi) == (chunk.shape[0], chunk.min(), chunk.max())
+        assert ref + mean == pytest.approx(chunk.mean(), rel=1e-15)
+        assert m2 / count == pytest.approx((chunk - chunk[0]).var(), rel=1e-9)
