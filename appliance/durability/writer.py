@@ -68,6 +68,7 @@ class _Request:
 
 
 _STOP = object()
+IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
 class SegmentFile:
@@ -109,9 +110,14 @@ class SegmentFile:
             self._create(first_lsn)
         assert self.fd is not None
         try:
-            written = os.writev(self.fd, chunks)
-            if written != total:  # a short write (e.g. the file-size limit reached mid-way)
-                raise OSError(errno.ENOSPC, f"short write: {written} of {total} bytes")
+            # One writev per IOV_MAX records (a larger iovec is EINVAL); O_APPEND keeps them
+            # contiguous, and any short write fails the whole group (truncated below).
+            for at in range(0, len(chunks), IOV_MAX):
+                part = chunks[at : at + IOV_MAX]
+                expected = sum(len(c) for c in part)
+                written = os.writev(self.fd, part)
+                if written != expected:  # e.g. the file-size limit reached mid-way
+                    raise OSError(errno.ENOSPC, f"short write: {written} of {expected} bytes")
         except OSError:
             self.truncate_to_good()
             raise

@@ -130,15 +130,20 @@ def test_group_commit_one_fsync_per_group(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(os, "fsync", slow_fsync)
     futures = [writer.submit("A", np.array([float(i)])) for i in range(1)]
     threading.Timer(0.2, gate.set).start()
-    futures += [writer.submit("A", np.array([float(i)])) for i in range(1, 200)]
+    # more than IOV_MAX (1024) records in one group: written in several writev calls
+    futures += [writer.submit("A", np.array([float(i)])) for i in range(1, 2000)]
     records = [f.result(10) for f in futures]
     writer.close()
-    assert [r.lsn for r in records] == list(range(1, 201))
-    assert [r.first_index for r in records] == list(range(200))
-    # 200 batches: the first group's fsync held the rest, which then shared one or two fsyncs
+    assert [r.lsn for r in records] == list(range(1, 2001))
+    assert [r.first_index for r in records] == list(range(2000))
+    assert writer.groups <= 2
+    # 2000 batches: the first group's fsync held the rest, which then shared one or two fsyncs
     assert writer.fsyncs == writer.groups <= 3
     assert len(fsyncs) <= writer.fsyncs + 2  # + the new segment's directory, + the final one
-    assert store.length("A") == 200
+    assert store.length("A") == 2000
+    fresh = make_store(max_values=10**6, keep=10**6)
+    recover(fresh, tmp_path, use_checkpoint=False)
+    assert hot(fresh, "A") == hot(store, "A")
 
 
 def test_concurrent_submitters_keep_per_symbol_order(tmp_path) -> None:
