@@ -129,6 +129,18 @@ class Store:
         with entry.lock:
             return entry.series.tail(len(entry.series))
 
+    def snapshot_parts(self, symbol: str) -> list[np.ndarray]:
+        """Like `snapshot_values`, as read-only pieces in order, without a copy where the
+        engine can (`tail_views`): holding the lock only for a list of page views."""
+        entry = self._entries.get(symbol)
+        if entry is None:
+            raise UnknownSymbolError(symbol)
+        with entry.lock:
+            views = getattr(entry.series, "tail_views", None)
+            if views is not None:
+                return views(len(entry.series))
+            return [entry.series.tail(len(entry.series))]
+
     def length(self, symbol: str) -> int:
         """Number of retained values of `symbol`."""
         entry = self._entries.get(symbol)

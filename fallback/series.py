@@ -326,6 +326,30 @@ class SegmentTreeSeries:
             position += take
         return out
 
+    def tail_views(self, count: int) -> list[np.ndarray]:
+        """The newest min(count, len) values as read-only views of the value pages, oldest
+        first: a snapshot without a copy (hot-tier checkpoints of 1e8 values, issue 5).
+
+        Stable while the series keeps changing: no position below `_end` is ever written
+        again (appends write past it, a roll-back leaves raw values alone, retention drops
+        whole pages and never reuses one), so the views keep their values, and their pages
+        alive, through later appends and evictions. Not in the `Series` protocol: callers
+        fall back to `tail`. tests/engine/test_conformance.py guards the invariant.
+        """
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        chunk = self.geometry.chunk
+        position = self._end - min(count, len(self))
+        views = []
+        while position < self._end:
+            offset = position % chunk
+            take = min(self._end - position, chunk - offset)
+            view = self._values.pages[position // chunk][offset : offset + take]
+            view.flags.writeable = False
+            views.append(view)
+            position += take
+        return views
+
     def _window_parts(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         """Split [start, end) into raw values (its old edge and the newest partial block) and
         the fewest whole nodes between them.

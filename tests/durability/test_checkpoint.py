@@ -343,3 +343,49 @@ def test_recovery_falls_back_to_the_log_when_the_checkpoint_is_damaged(tmp_path:
     result = recover(store, crashed)
     assert result.checkpoint_lsn is None and result.records == 60
     assert_same_hot_tier(store, reference)
+
+
+def test_a_snapshot_is_unchanged_by_appends_and_evictions_before_it_is_written(
+    tmp_path: Path,
+) -> None:
+    """The numpy engine's snapshot is page views, not a copy: the checkpoint written after
+    later ingest (cleanups included) must still hold the values as of its lsn."""
+    store = make_store(max_values=5000, keep=3000)
+    rng = np.random.default_rng(14)
+    fill(store, rng, {"A": 4900})
+    expected = store.snapshot_values("A")
+    taken = ckpt.snapshot(store, 7, {"A": 4900})
+    assert len(taken.symbols["A"].parts) > 1  # several pages: views, not one copy
+    fill(store, rng, {"A": 20_000})  # several cleanups retire and free the viewed pages
+    ckpt.write_snapshot(tmp_path, taken)
+    np.testing.assert_array_equal(load_latest(tmp_path).symbols["A"].values, expected)
+
+
+class _CopyOnlyEngine:
+    """An engine with only the `Series` protocol (no tail_views), like the future GPU one."""
+
+    name = "copy-only"
+
+    def new_series(self, retention: RetentionPolicy, starting_capacity: int):
+        inner = NumpyEngine(geometry=SMALL).new_series(retention, starting_capacity)
+
+        class Series:
+            append, stats, tail = inner.append, inner.stats, inner.tail
+            nbytes = property(lambda self: inner.nbytes)
+
+            def __len__(self) -> int:
+                return len(inner)
+
+        return Series()
+
+
+def test_round_trip_with_an_engine_without_tail_views(tmp_path: Path) -> None:
+    store = Store(
+        _CopyOnlyEngine(), retention=RetentionPolicy(5000, 3000), max_symbols=3, starting_capacity=0
+    )
+    accepted = fill(store, np.random.default_rng(15), {"A": 7000, "B": 10})
+    assert len(store.snapshot_parts("A")) == 1  # the copy from `tail`
+    write_checkpoint(tmp_path, store, 3, {s: len(v) for s, v in accepted.items()})
+    restored = make_store()
+    restore(restored, load_latest(tmp_path))
+    assert_same_hot_tier(restored, store)

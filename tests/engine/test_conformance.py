@@ -270,3 +270,25 @@ def test_tail_of_an_empty_series_and_bad_counts(make_series):
     assert series.tail(0).shape == (0,)
     with pytest.raises(ValueError):
         series.tail(-1)
+
+
+def test_tail_views_keep_their_values_through_later_appends_and_evictions(make_series):
+    """The zero-copy snapshot (numpy engine only): views of pages that later appends,
+    cleanups and page frees must never change, since checkpoints write them meanwhile."""
+    m = make_series.multi_page_batch
+    series = make_series(3 * m, m)
+    if not hasattr(series, "tail_views"):
+        pytest.skip("this engine has no tail_views; checkpoints use tail (tested above)")
+    rng = np.random.default_rng(13)
+    series.append(rng.uniform(0, 9, 7))
+    series.append(rng.uniform(0, 9, m))
+    expected = series.tail(len(series))
+    views = series.tail_views(len(series) + 5)
+    np.testing.assert_array_equal(np.concatenate(views), expected)
+    np.testing.assert_array_equal(np.concatenate(series.tail_views(3)), expected[-3:])
+    assert series.tail_views(0) == []
+    with pytest.raises(ValueError):
+        views[0][0] = 1.0  # read-only
+    for _ in range(8):  # cleanups retire the viewed pages, later appends free them
+        series.append(rng.uniform(10, 20, m))
+    np.testing.assert_array_equal(np.concatenate(views), expected)
