@@ -298,6 +298,52 @@ def bench_throughput(tmp: Path, batches: int, window: int, rng: np.random.Genera
     return results
 
 
+def bench_checkpoint_interference(tmp: Path, n: int, rng: np.random.Generator) -> dict:
+    """Ack latency under `always` (one batch in flight) before and while the writer's own
+    Checkpointer writes a checkpoint of n values in the background (same disk)."""
+    store = new_store()
+    block = rng.uniform(100.0, 200.0, FILL)
+    for start in range(0, n, FILL):
+        store.ingest("S", block[: min(FILL, n - start)])
+    data = tmp / "interference"
+    now = [0.0]
+    checkpointer = ckpt.Checkpointer(data, 1, clock=lambda: now[0])
+    writer = DurableWriter(
+        store, wal.wal_dir(data), sync="always", totals={"S": n}, checkpointer=checkpointer
+    )
+    writer.start()
+    batch = block[:BATCH]
+
+    def acks(until) -> list[float]:
+        out = []
+        while not until(len(out)):
+            sent = time.perf_counter()
+            writer.submit("S", batch).result()
+            out.append(time.perf_counter() - sent)
+        return out
+
+    quiet = acks(lambda k: k >= 300)
+    now[0] += 10  # due: the next group is followed by a checkpoint, written in the background
+    t0 = time.perf_counter()
+    during = acks(lambda k: k > 5 and not checkpointer.busy)
+    checkpoint_s = time.perf_counter() - t0
+    writer.close()  # (writes the shutdown checkpoint inline, not timed)
+    out = {
+        "values": n,
+        "checkpoint_wall_s": checkpoint_s,
+        "acks_during": len(during),
+        "quiet_p50_us": pct(quiet, 50) * 1e6,
+        "quiet_p99_us": pct(quiet, 99) * 1e6,
+        "during_p50_us": pct(during, 50) * 1e6,
+        "during_p99_us": pct(during, 99) * 1e6,
+        "during_max_us": max(during) * 1e6,
+    }
+    store = None
+    gc.collect()
+    shutil.rmtree(data)
+    return out
+
+
 # -- history --------------------------------------------------------------------------------
 
 
@@ -385,7 +431,7 @@ def main() -> None:
     parser.add_argument("--segment-values", type=int, default=1_000_000)
     parser.add_argument("--batches", type=int, default=2000, help="10k batches per policy")
     parser.add_argument("--window", type=int, default=64, help="batches in flight")
-    parser.add_argument("--only", default="checkpoint,replay,throughput,history")
+    parser.add_argument("--only", default="checkpoint,replay,interference,throughput,history")
     parser.add_argument("--tmp", default=None, help="parent of the temporary directory")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     args = parser.parse_args()
@@ -412,6 +458,9 @@ def main() -> None:
             if "replay" in only:
                 report["replay"] = bench_replay(tmp, n, rng)
                 print("replay", json.dumps(report["replay"]), flush=True)
+            if "interference" in only:
+                report["interference"] = bench_checkpoint_interference(tmp, n, rng)
+                print("interference", json.dumps(report["interference"]), flush=True)
             if "throughput" in only:
                 report["throughput"] = bench_throughput(tmp, batches, args.window, rng)
                 print("throughput", json.dumps(report["throughput"]), flush=True)
