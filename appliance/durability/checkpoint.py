@@ -29,6 +29,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 import threading
 import time
@@ -47,6 +48,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 1
 _PREFIX = "ckpt-"
+_FILE_NAME = re.compile(r"s[0-9]{4,}\.npy")
 _TMP = ".tmp"
 # Values per store append during restore: large enough that per-call costs vanish, small
 # enough that the temporary copies of one append stay a few tens of MiB.
@@ -243,7 +245,7 @@ def load_latest(directory: str | os.PathLike[str]) -> Checkpoint | None:
     for lsn, path in sorted(found, reverse=True):
         try:
             return _load(path, lsn)
-        except (CheckpointError, OSError, ValueError) as exc:
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("skipping checkpoint %s, it cannot be trusted: %s", path, exc)
     return None
 
@@ -259,6 +261,8 @@ def _load(path: Path, lsn: int) -> Checkpoint:
         raise CheckpointError(f"manifest lsn {manifest.get('lsn')} does not match the name")
     symbols = {}
     for entry in manifest["symbols"]:
+        if not _FILE_NAME.fullmatch(entry["file"]):  # never read outside the checkpoint
+            raise CheckpointError(f"bad file name {entry['file']!r} in the manifest")
         file = path / entry["file"]
         checksum = _file_crc32c(file)
         if checksum != entry["crc32c"]:

@@ -138,7 +138,10 @@ def test_crash_mid_write_leaves_a_tmp_dir_that_is_ignored_and_removed(
     assert load_latest(tmp_path).lsn == 20
 
 
-@pytest.mark.parametrize("damage", ["flip-data", "flip-header", "truncate", "manifest", "missing"])
+@pytest.mark.parametrize(
+    "damage",
+    ["flip-data", "flip-header", "truncate", "manifest", "missing", "no-key", "outside", "format"],
+)
 def test_a_corrupted_checkpoint_is_skipped_for_an_older_one(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -164,6 +167,15 @@ def test_a_corrupted_checkpoint_is_skipped_for_an_older_one(
         os.truncate(data, os.path.getsize(data) - 8)
     elif damage == "manifest":
         (newest / "manifest.json").write_text('{"format": 1, "lsn": 2, "symb')
+    elif damage in ("no-key", "outside", "format"):
+        manifest = json.loads((newest / "manifest.json").read_text())
+        if damage == "no-key":
+            del manifest["symbols"][0]["crc32c"]
+        elif damage == "outside":
+            manifest["symbols"][0]["file"] = f"../ckpt-{1:020d}/s0000.npy"
+        else:
+            manifest["format"] = 99
+        (newest / "manifest.json").write_text(json.dumps(manifest))
     else:
         data.unlink()
     with caplog.at_level(logging.WARNING):
