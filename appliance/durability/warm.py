@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 NS_PER_DAY = 86_400 * 1_000_000_000
 RETRY_AFTER_S = 1.0  # a failed seal (disk full) is retried no sooner than this
+MAX_QUEUED_SEALS = 4  # per symbol; beyond it the writer waits (bounded) for the sealer
+SEAL_WAIT_S = 30.0
 _INITIAL_CAPACITY = 1024
 _DECODED_CACHE = 4  # decompressed edge segments kept for repeated queries
 
@@ -101,6 +103,7 @@ class _Block:
     last_lsn: int
     failed_at: float | None = None
     in_flight: bool = False
+    future: Future[None] | None = None
 
 
 @dataclass
@@ -260,6 +263,12 @@ class WarmTier:
                 buf = state.buffer = _Buffer(first_index=start, first_lsn=record.lsn)
             self._append(record.symbol, state, buf, values, start, ns, record.lsn)
             self._retry_failed(record.symbol, state)
+            in_flight = [b.future for b in state.blocks if b.in_flight and b.future is not None]
+        # Back-pressure, outside the lock (the sealer needs it to publish): a writer that
+        # outruns compression waits for the oldest seals rather than growing memory without
+        # bound. Failed seals do not count (they wait for their retry, not for the writer).
+        for future in in_flight[: max(0, len(in_flight) - MAX_QUEUED_SEALS)]:
+            wait([future], timeout=SEAL_WAIT_S)
 
     def _append(
         self,
@@ -302,7 +311,7 @@ class WarmTier:
             return
         block.in_flight = True
         block.failed_at = None
-        self._sealer.submit(self._seal, symbol, block)
+        block.future = self._sealer.submit(self._seal, symbol, block)
 
     def _retry_failed(self, symbol: str, state: _Symbol) -> None:
         now = time.monotonic()

@@ -225,3 +225,33 @@ def test_retain_days_zero_keeps_everything(tmp_path: Path) -> None:
         warm.drain()
         assert warm.apply_retention() == []
         assert warm.symbols()["S"].segments == 3
+
+
+def test_a_slow_sealer_holds_back_the_writer(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    import appliance.durability.warm as warm_module
+
+    gate = threading.Event()
+    real = warm_module.write_atomically
+
+    def slow(directory: Path, name: str, data: bytes) -> Path:
+        gate.wait(10)
+        return real(directory, name, data)
+
+    monkeypatch.setattr(warm_module, "write_atomically", slow)
+    with warm_tier(tmp_path, segment_values=N) as warm:
+        feed = Feeder(warm)
+        writer = threading.Thread(
+            target=lambda: [feed.send("S", np.ones(N)) for _ in range(12)], daemon=True
+        )
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive()  # waiting for the sealer, not piling up blocks
+        view = warm.view("S")
+        assert view is not None and len(view.memory) <= warm_module.MAX_QUEUED_SEALS + 2
+        gate.set()
+        writer.join(10)
+        assert not writer.is_alive()
+        warm.drain()
+        assert warm.symbols()["S"].segments == 12
