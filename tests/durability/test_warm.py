@@ -241,6 +241,9 @@ def test_a_slow_sealer_holds_back_the_writer(tmp_path: Path, monkeypatch) -> Non
 
     monkeypatch.setattr(warm_module, "write_atomically", slow)
     with warm_tier(tmp_path, segment_values=N) as warm:
+        # Registered after the tier, so it runs first: a failing assertion never leaves the
+        # sealer gated while close() waits for it.
+        monkeypatch.setattr(warm, "close", lambda real_close=warm.close: (gate.set(), real_close()))
         feed = Feeder(warm)
         writer = threading.Thread(
             target=lambda: [feed.send("S", np.ones(N)) for _ in range(12)], daemon=True
