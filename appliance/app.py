@@ -323,7 +323,15 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
 
 
 def _add_history_routes(app: Sanic, store: Store) -> None:
-    """GET /history/stats (the warm tier, issue 5) and GET /symbols (both tiers' counts)."""
+    """GET /history/stats (the warm tier, issue 5) and GET /symbols (both tiers' counts).
+
+    Both answer 503 `not_ready` while the log is replayed: the tiers are still being rebuilt
+    and would answer with part of the history.
+    """
+
+    def refuse_while_replaying(request: Request) -> None:
+        if getattr(request.app.ctx, "recover_on_start", False):
+            raise ApiError("not_ready", "the appliance is replaying its write-ahead log")
 
     @app.route("/history/stats", methods=GET_AND_HEAD, strict_slashes=False)
     async def history_stats(request: Request) -> HTTPResponse:
@@ -333,6 +341,7 @@ def _add_history_routes(app: Sanic, store: Store) -> None:
         if symbol is None:
             raise ApiError("missing_parameter", "the symbol query parameter is required")
         validate_symbol(symbol)
+        refuse_while_replaying(request)
         warm = request.app.ctx.warm
         if warm is None:
             raise ApiError(
@@ -358,6 +367,7 @@ def _add_history_routes(app: Sanic, store: Store) -> None:
     @app.route("/symbols", methods=GET_AND_HEAD, strict_slashes=False)
     async def symbols(request: Request) -> HTTPResponse:
         close_if_draining(request)
+        refuse_while_replaying(request)
         warm = request.app.ctx.warm
         totals = warm.symbols() if warm is not None else {}
         rows = []

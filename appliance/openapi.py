@@ -316,6 +316,7 @@ def _history_paths() -> dict[str, Any]:
                         "unknown_symbol",
                         "empty_range",
                         "history_disabled",
+                        "not_ready",
                     ),
                 },
             }
@@ -324,7 +325,10 @@ def _history_paths() -> dict[str, Any]:
             "get": {
                 "operationId": "symbols",
                 "summary": "Every symbol with its hot-tier and total value counts",
-                "responses": {"200": _ok("symbols", "SymbolsResponse"), **_errors()},
+                "responses": {
+                    "200": _ok("symbols", "SymbolsResponse"),
+                    **_errors("not_ready"),
+                },
             }
         },
     }

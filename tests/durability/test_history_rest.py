@@ -118,3 +118,13 @@ def test_openapi_documents_the_history_routes() -> None:
         content = responses[str(ERROR_CODES[code].status)]["content"]["application/json"]
         assert code in content["examples"]
     assert "head" in document["paths"]["/symbols"]
+
+
+def test_history_and_symbols_wait_for_the_replay(app_with_history) -> None:
+    app, _ = app_with_history
+    app.ctx.recover_on_start = True  # what the CLI sets until the log is replayed
+    for path, params in (("history/stats", {"symbol": "EUR/USD"}), ("symbols", {})):
+        status, body = _get(app, path, **params)
+        assert (status, body["code"]) == (503, "not_ready")
+    app.ctx.recover_on_start = False
+    assert _get(app, "symbols")[0] == 200
