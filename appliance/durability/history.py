@@ -110,8 +110,12 @@ def _end(piece: SealedSegment | MemoryPiece) -> int:
 
 def _view(warm: WarmTier, symbol: str) -> SymbolView:
     view = warm.view(symbol)
-    if view is None or not (view.sealed or view.memory):
+    if view is None:
         raise HistoryError("unknown_symbol", f"no history for symbol {symbol!r}")
+    if not (view.sealed or view.memory):
+        raise HistoryError(
+            "empty_range", f"no value of {symbol!r} is held any more (deleted by retain_days)"
+        )
     return view
 
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from appliance.config import DurabilityConfig
 from appliance.durability.records import BatchRecord
 from appliance.durability.warm_segment import (
     SUFFIX,
@@ -140,6 +141,7 @@ class _Symbol:
     # Index after the newest value ever taken (kept when retention deletes segments): values
     # below it are already held, or were, so a replayed record never brings them back.
     end: int = 0
+    sealed_end: int = 0  # index after the newest sealed value (also kept across retention)
 
 
 def _grow(array: np.ndarray, needed: int, limit: int) -> np.ndarray:
@@ -180,13 +182,15 @@ class WarmTier:
         self.apply_retention()
 
     @classmethod
-    def from_config(cls, durability: object, **kwargs: object) -> WarmTier:
-        """Build from `config.durability` (a `DurabilityConfig`): `<dir>/warm`."""
+    def from_config(
+        cls, durability: DurabilityConfig, clock: Callable[[], int] = time.time_ns
+    ) -> WarmTier:
+        """Build from `config.durability`: the segments live in `<dir>/warm`."""
         return cls(
-            Path(durability.dir) / "warm",  # type: ignore[attr-defined]
-            segment_values=durability.warm_segment_values,  # type: ignore[attr-defined]
-            retain_days=durability.retain_days,  # type: ignore[attr-defined]
-            **kwargs,  # type: ignore[arg-type]
+            Path(durability.dir) / "warm",
+            segment_values=durability.warm_segment_values,
+            retain_days=durability.retain_days,
+            clock=clock,
         )
 
     # ----------------------------------------------------------------- startup scan
@@ -223,7 +227,12 @@ class WarmTier:
                 segments.append(SealedSegment(path, header))
             if segments:
                 last = segments[-1].header
-                state = _Symbol(sealed=segments, last_ns=last.last_received_ns, end=last.end_index)
+                state = _Symbol(
+                    sealed=segments,
+                    last_ns=last.last_received_ns,
+                    end=last.end_index,
+                    sealed_end=last.end_index,
+                )
                 self._symbols[symbol] = state
 
     # ----------------------------------------------------------------- writer side
@@ -357,6 +366,7 @@ class WarmTier:
         with self._lock:
             state = self._symbols[symbol]
             state.sealed.append(SealedSegment(path, header))
+            state.sealed_end = max(state.sealed_end, header.end_index)
             state.blocks.remove(block)
             block.in_flight = False
         log.debug("warm segment sealed", extra={"symbol": symbol, "path": str(path)})
@@ -446,7 +456,7 @@ class WarmTier:
         with self._lock:
             out: dict[str, SymbolTotals] = {}
             for symbol, state in self._symbols.items():
-                sealed_end = state.sealed[-1].header.end_index if state.sealed else 0
+                sealed_end = state.sealed_end
                 starts = [s.header.first_index for s in state.sealed[:1]]
                 starts += [b.piece.first_index for b in state.blocks[:1]]
                 if state.buffer is not None and state.buffer.n:

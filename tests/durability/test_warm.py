@@ -258,3 +258,26 @@ def test_a_slow_sealer_holds_back_the_writer(tmp_path: Path, monkeypatch) -> Non
         assert not writer.is_alive()
         warm.drain()
         assert warm.symbols()["S"].segments == 12
+
+
+def test_history_after_retention_deleted_everything(tmp_path: Path) -> None:
+    from appliance.durability.history import HistoryError, stats_by_index
+
+    with warm_tier(tmp_path, segment_values=N, retain_days=1, clock=lambda: 10**15) as warm:
+        warm.on_record(BatchRecord(1, "S", 0, 1, 0, 0, np.ones(N)))
+        warm.drain()
+        assert warm.symbols()["S"] == (N, N, N, 0)  # total, warm_start, sealed_end, segments
+        with pytest.raises(HistoryError, match="retain_days") as info:
+            stats_by_index(warm, "S")
+        assert info.value.code == "empty_range"
+
+
+def test_from_config(tmp_path: Path) -> None:
+    from appliance.config import DurabilityConfig
+
+    config = DurabilityConfig(dir=str(tmp_path), warm_segment_values=7, retain_days=3)
+    warm = WarmTier.from_config(config)
+    try:
+        assert (warm.directory, warm.segment_values, warm.retain_days) == (tmp_path / "warm", 7, 3)
+    finally:
+        warm.close()
