@@ -202,6 +202,11 @@ def create_app(
     # CLI after recovery (`attach_durability`); None: batches go straight to the store (tests,
     # benchmarks, `[durability] enabled = false`).
     app.ctx.durable = None
+    # Set by the CLI with durability on: the after_server_start hook replays the log (batches
+    # and stats answer 503 not_ready meanwhile) and then attaches the writer; a failure is
+    # kept in `start_error` (one line) and the server stops.
+    app.ctx.recover_on_start = False
+    app.ctx.start_error = None
     # Objects with `on_record(record)` (the warm tier) to register with the log's writer; they
     # see every replayed record at recovery, then every new one. Add before attach_durability.
     app.ctx.record_listeners = []
@@ -221,7 +226,8 @@ def create_app(
 def attach_durability(app: Sanic) -> Any:
     """Recover the store from `[durability] dir` and route every batch through the log.
 
-    Call before the app serves (the CLI does, so /ready is never 200 before replay ends).
+    Blocking: the after_server_start hook runs it in a thread (`recover_on_start`), so /ready
+    answers 503 until the replay ends; tests may call it directly before serving.
     Returns the started `DurableWriter`; the caller closes it after the server stops.
     Raises `appliance.durability.recovery.CorruptLogError` for a log that must be repaired,
     `appliance.durability.warm.WarmTierError` for a damaged warm directory.
@@ -240,11 +246,78 @@ def attach_durability(app: Sanic) -> Any:
     return writer
 
 
+async def _recover(app: Sanic) -> bool:
+    """Replay the log while the server already answers (/ready 503, batches 503 not_ready).
+
+    On a log or warm directory that must not be served, keep the one-line reason in
+    `app.ctx.start_error` and stop the server the way SIGTERM does; the CLI then exits 2.
+    """
+    from appliance.durability.recovery import CorruptLogError
+    from appliance.durability.warm import WarmTierError
+
+    try:
+        await asyncio.to_thread(attach_durability, app)
+    except (CorruptLogError, WarmTierError, OSError) as exc:
+        if isinstance(exc, OSError):
+            where = app.ctx.config.durability.dir
+            message = f"cannot open the write-ahead log in {where!r}: {exc}"
+        else:
+            message = str(exc)
+        app.ctx.start_error = message
+        log.error("cannot recover the write-ahead log", extra={"reason": message})
+        # Stop as SIGTERM would, but from the serving loop: a stop requested while the startup
+        # hooks still run is absorbed by Sanic, so it is repeated until it takes.
+        app.ctx.stop_task = asyncio.get_running_loop().create_task(_stop_soon(app))
+        return False  # recover_on_start stays set: batches and stats keep answering 503
+    app.ctx.recover_on_start = False
+    return True
+
+
+async def _stop_soon(app: Sanic) -> None:
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        app.stop(terminate=False)
+
+
+class LogIngest:
+    """The transports' sink target with durability on: the log's writer, once recovery made it.
+
+    Transports are bound before the server starts (a bad endpoint exits 2 at once) but started
+    only after recovery, so `ingest` always finds `app.ctx.durable` set.
+    """
+
+    def __init__(self, app: Sanic) -> None:
+        self._ctx = app.ctx
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self._ctx.store
+
+    def ingest(self, symbol: str, values: Any) -> int:
+        return self._ctx.durable.ingest(symbol, values)
+
+
 def close_warm(app: Sanic) -> None:
     """Finish the warm tier's queued seals (after the log's writer is closed: no more records).
     Unsealed values are dropped from memory only; the log keeps them for the next start."""
     if app.ctx.warm is not None:
         app.ctx.warm.close()
+
+
+def _refuse_while_recovering(ctx: Any) -> None:
+    if ctx.recover_on_start:
+        raise ApiError("not_ready", "the appliance is replaying its write-ahead log")
+
+
+async def _ingest(ctx: Any, symbol: str, values: Any) -> int:
+    """Append a validated batch: straight to the store, or through the write-ahead log."""
+    durable = ctx.durable
+    if durable is None:
+        _refuse_while_recovering(ctx)  # never bypass the log while it is being replayed
+        return ctx.store.ingest(symbol, values)
+    # Log, then apply, then ack: the writer thread resolves the future only once the record
+    # is written (fsynced under `always`) and applied to the store.
+    record = await asyncio.wrap_future(durable.submit(symbol, values))
+    return int(record.values.shape[0])
 
 
 def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> None:
@@ -269,15 +342,8 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         close_if_draining(request)
         check_json_content_type(request.headers.get("content-type"))
         batch = decoder.decode(request.body)
-        durable = request.app.ctx.durable
         try:
-            if durable is None:
-                added = store.ingest(batch.symbol, batch.values)
-            else:
-                # Log, then apply, then ack: the writer thread resolves the future only once
-                # the record is written (fsynced under `always`) and applied to the store.
-                record = await asyncio.wrap_future(durable.submit(batch.symbol, batch.values))
-                added = int(record.values.shape[0])
+            added = await _ingest(request.app.ctx, batch.symbol, batch.values)
         except SymbolLimitError as exc:
             raise ApiError(
                 "symbol_limit", f"{exc}; existing symbols still accept batches"
@@ -291,6 +357,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         # Hot path: a hand-rolled query parse, dict lookups, and the store's per-symbol cache.
         query = parse_stats_query(parse_query_string(request.query_string))
         close_if_draining(request)
+        _refuse_while_recovering(request.app.ctx)  # the store is still being rebuilt
         try:
             result = store.stats(query.symbol, query.exponent)
         except UnknownSymbolError:
@@ -383,6 +450,8 @@ def _add_history_routes(app: Sanic, store: Store) -> None:
 def _add_lifecycle(app: Sanic) -> None:
     @app.after_server_start
     async def mark_ready(app: Sanic) -> None:
+        if app.ctx.recover_on_start and not await _recover(app):
+            return
         # Transports start before `ready`: a client that waits for /ready can publish at once.
         if app.ctx.transports is not None:
             app.ctx.transports.start()

@@ -6,7 +6,9 @@ from inside the server loop. The ingest transports' endpoints (ZeroMQ) are bound
 after the REST socket and with the same one-line failure naming the endpoint; their threads start
 in the app's `after_server_start` hook, before /ready turns 200. SIGINT/SIGTERM are handled by
 Sanic (stop accepting, stop the transports, drain in-flight requests up to
-`server.graceful_shutdown_s`), after which `serve` returns 0.
+`server.graceful_shutdown_s`), after which `serve` returns 0. With `[durability] enabled`, the
+write-ahead log is replayed in that hook too, before the transports start (/ready is 503 until it
+is done); a corrupt log stops the server and `serve` exits 2 with the one-line reason.
 """
 
 from __future__ import annotations
@@ -85,31 +87,20 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     from transport.errors import TransportStartError
 
     app = create_app(config, engine)
-    durable = None
     if config.durability.enabled:
-        # Replay before serving: /ready cannot answer 200 (nothing answers) until it is done.
-        from appliance.app import attach_durability
-        from appliance.durability.recovery import CorruptLogError
-        from appliance.durability.warm import WarmTierError
+        # Recovery runs in the app's after_server_start hook: the server already answers, with
+        # /ready 503 until the replay ends; a corrupt log stops it and `serve` exits 2.
+        from appliance.app import LogIngest
 
-        try:
-            durable = attach_durability(app)
-        except (CorruptLogError, WarmTierError) as exc:
-            sock.close()
-            log.error("corrupt write-ahead log", extra={"reason": str(exc)})
-            return _fail(str(exc))
-        except OSError as exc:
-            sock.close()
-            log.error("cannot open the write-ahead log", extra={"reason": str(exc)})
-            return _fail(f"cannot open the write-ahead log in {config.durability.dir!r}: {exc}")
-    # With durability on, transports ingest through the log's writer (same contract as the store).
-    transports = Transports(config, durable if durable is not None else app.ctx.store)
+        app.ctx.recover_on_start = True
+        # Transports ingest through the log's writer (same contract as the store).
+        transports = Transports(config, LogIngest(app))  # type: ignore[arg-type]
+    else:
+        transports = Transports(config, app.ctx.store)
     try:
         transports.bind()
     except TransportStartError as exc:
         sock.close()
-        if durable is not None:
-            durable.close()
         log.error("cannot start transports", extra={"reason": str(exc)})
         return _fail(str(exc))
     app.ctx.transports = transports
@@ -135,10 +126,12 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         )
     finally:
         transports.stop()  # already stopped by the app's hook unless Sanic failed to start
-        if durable is not None:
-            durable.close()  # after every producer stopped: drains, fsyncs, checkpoints
-            close_warm(app)  # then the warm tier finishes its queued seals
+        if app.ctx.durable is not None:
+            app.ctx.durable.close()  # after every producer stopped: drains, fsyncs, checkpoints
+        close_warm(app)  # then the warm tier finishes its queued seals
         sock.close()
+    if app.ctx.start_error is not None:  # a corrupt log found by recovery: one line, status 2
+        return _fail(app.ctx.start_error)
     return EXIT_OK
 
 

@@ -96,7 +96,12 @@ _ROWS = (
         500,
         "An unexpected server fault; it is logged. Client input never causes it.",
     ),
-    ErrorCode("not_ready", 503, "The appliance is still starting (readiness probe)."),
+    ErrorCode(
+        "not_ready",
+        503,
+        "The appliance is still starting (readiness probe); also POST /add_batch/ and "
+        "GET /stats/ while the write-ahead log is replayed at start.",
+    ),
     ErrorCode(
         "storage_unavailable",
         503,

@@ -389,6 +389,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "batch_too_large",
                             "unsupported_media_type",
                             "storage_unavailable",
+                            "not_ready",
                         ),
                     },
                 }
@@ -426,6 +427,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "invalid_exponent",
                             "invalid_symbol",
                             "unknown_symbol",
+                            "not_ready",
                         ),
                     },
                 }
