@@ -177,6 +177,15 @@ def _replay_log(
 ) -> int:
     """Verify and replay every segment in lsn order; trim a torn tail; return the last lsn."""
     segments = wal.list_segments(wal.wal_dir(data_dir))
+    if segments and wal.segment_first_lsn(segments[0]) > after + 1:
+        # Segments were retired under a checkpoint that is gone (or damaged): records between
+        # are lost, and replaying the rest would rebuild a wrong store.
+        raise CorruptLogError(
+            segments[0],
+            0,
+            f"the log starts at lsn {wal.segment_first_lsn(segments[0])} but no valid checkpoint "
+            f"covers the records before it (newest usable checkpoint: lsn {after})",
+        )
     last_lsn = 0
     for index, path in enumerate(segments):
         scan = wal.scan_segment(path)
@@ -241,6 +250,38 @@ def replay_batch_by_batch(store: Store, data_dir: str | os.PathLike[str]) -> Non
             store.ingest(record.symbol, np.ascontiguousarray(record.values))
 
 
+def retire_covered(
+    data_dir: str | os.PathLike[str], listeners: Iterable[RecordListener], written_lsn: int
+) -> list[Path]:
+    """After a checkpoint: delete the log segments that no restart can need any more.
+
+    A record is needed while the oldest checkpoint kept does not cover it (recovery falls back
+    to that one if the newest is damaged), or while a listener still holds its values only in
+    memory (`oldest_unsealed_lsn()`, the warm tier). Runs on the checkpoint thread; the writer
+    only ever appends to the last segment, which is never deleted.
+    """
+    from appliance.durability.checkpoint import oldest_lsn
+
+    bound = oldest_lsn(data_dir)
+    bound = written_lsn if bound is None else min(bound, written_lsn)
+    for listener in listeners:
+        unsealed = getattr(listener, "oldest_unsealed_lsn", None)
+        oldest = unsealed() if unsealed is not None else None
+        if oldest is not None:
+            bound = min(bound, oldest - 1)
+    try:
+        removed = wal.retire_segments(wal.wal_dir(data_dir), bound)
+    except OSError as exc:  # retried after the next checkpoint; the log only grows meanwhile
+        log.error("cannot retire write-ahead log segments", extra={"reason": str(exc)})
+        return []
+    if removed:
+        log.info(
+            "write-ahead log segments retired",
+            extra={"segments": len(removed), "covered_lsn": bound},
+        )
+    return removed
+
+
 def open_log(
     config: DurabilityConfig,
     store: Store,
@@ -259,7 +300,11 @@ def open_log(
     except ImportError:  # pragma: no cover - the checkpoint module is optional
         pass
     else:
-        checkpointer = Checkpointer(config.dir, config.checkpoint_interval_s)
+        checkpointer = Checkpointer(
+            config.dir,
+            config.checkpoint_interval_s,
+            on_written=lambda lsn: retire_covered(config.dir, listeners, lsn),
+        )
     writer = DurableWriter(
         store,
         wal.wal_dir(config.dir),

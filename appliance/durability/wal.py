@@ -19,6 +19,7 @@ flipped byte anywhere in a record is caught before any of it is trusted.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterator
@@ -164,6 +165,31 @@ def list_segments(directory: Path) -> list[Path]:
         for p in directory.iterdir()
         if p.name.startswith(SEGMENT_PREFIX) and p.name.endswith(SEGMENT_SUFFIX)
     )
+
+
+def segment_first_lsn(path: Path) -> int:
+    """The first lsn a segment was created for, from its name."""
+    return int(path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
+
+
+def retire_segments(directory: Path, upto_lsn: int) -> list[Path]:
+    """Delete sealed segments whose every record has lsn <= `upto_lsn`; return them.
+
+    A segment ends where the next one starts, so segment i holds lsns below the next one's
+    name: it can go once that name is <= upto_lsn + 1. The last segment (the tail the writer
+    appends to) is never deleted. Callers pass the lsn that checkpoints *and* the warm tier
+    already cover, so nothing deleted is needed by a restart.
+    """
+    segments = list_segments(directory)
+    removed = []
+    for path, following in itertools.pairwise(segments):
+        if segment_first_lsn(following) - 1 > upto_lsn:
+            break
+        path.unlink()
+        removed.append(path)
+    if removed:
+        fsync_dir(directory)
+    return removed
 
 
 def fsync_dir(directory: Path) -> None:

@@ -394,3 +394,57 @@ def test_damage_in_an_older_segment_is_corrupt_even_at_its_end(tmp_path) -> None
     assert caught.value.path == first
     assert fsck.run(tmp_path, repair=True, out=io.StringIO()) == fsck.EXIT_CLEAN
     recover(make_store(max_values=10**6, keep=10**6), tmp_path, use_checkpoint=False)
+
+
+# --- checkpoints and segment retirement -------------------------------------------------------
+
+
+class Unsealed:
+    """A listener holding values from `lsn` on only in memory (like the warm tier)."""
+
+    def __init__(self, lsn: int | None) -> None:
+        self.lsn = lsn
+
+    def on_record(self, rec: BatchRecord) -> None:
+        pass
+
+    def oldest_unsealed_lsn(self) -> int | None:
+        return self.lsn
+
+
+@pytest.mark.parametrize("unsealed", [None, 30])
+def test_a_checkpoint_retires_covered_segments_and_recovery_uses_both(tmp_path, unsealed) -> None:
+    from appliance.durability.checkpoint import Checkpointer
+    from appliance.durability.recovery import retire_covered
+
+    holder = Unsealed(unsealed)
+    checkpointer = Checkpointer(
+        tmp_path,
+        0,
+        background=False,
+        on_written=lambda lsn: retire_covered(tmp_path, [holder], lsn),
+    )
+    store = make_store(max_values=3000, keep=2000)
+    writer = DurableWriter(
+        store, wal.wal_dir(tmp_path), sync="never", segment_bytes=1 << 16, checkpointer=checkpointer
+    )
+    writer.start()
+    for i in range(100):
+        writer.submit("A" if i % 3 else "B", np.arange(100.0) + i).result(5)
+    writer.close()  # the final checkpoint, at lsn 100
+    segments = wal.list_segments(wal.wal_dir(tmp_path))
+    first = wal.segment_first_lsn(segments[0])
+    if unsealed is None:
+        assert len(segments) == 1 and first <= 101  # only the tail is left
+    else:
+        assert first <= 30 < wal.segment_first_lsn(segments[1])  # lsn 30 is still needed
+    fresh = make_store(max_values=3000, keep=2000)
+    result = recover(fresh, tmp_path)
+    assert result.checkpoint_lsn == 100 and result.next_lsn == 101
+    assert result.totals == {"A": 6600, "B": 3400}
+    for symbol in ("A", "B"):
+        assert hot(fresh, symbol) == pytest.approx(hot(store, symbol), rel=1e-12)
+    # without the checkpoint, the retired records are missing: refuse, never serve a wrong store
+    if unsealed is None:
+        with pytest.raises(CorruptLogError, match="no valid checkpoint covers"):
+            recover(make_store(max_values=3000, keep=2000), tmp_path, use_checkpoint=False)
