@@ -141,8 +141,12 @@ def fsck(config_path: str | None, repair: bool) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     from appliance.durability import fsck as wal_fsck
+    from appliance.durability.wal import LogBusyError
 
-    return wal_fsck.run(config.durability.dir, repair=repair, out=sys.stdout)
+    try:
+        return wal_fsck.run(config.durability.dir, repair=repair, out=sys.stdout)
+    except LogBusyError as exc:
+        return _fail(f"{exc}: stop it first")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,9 +70,23 @@ def _good_stretches(seg: wal.SegmentScan) -> list[tuple[int, int]]:
 
 
 def run(data_dir: str | os.PathLike[str], *, repair: bool, out: TextIO) -> int:
-    """Print one line per segment (and per problem); return the exit status."""
-    segments = scan(data_dir)
+    """Print one line per segment (and per problem); return the exit status.
+
+    Holds the log directory's lock throughout: never run against a log being written.
+    """
     directory = wal.wal_dir(data_dir)
+    if not directory.is_dir():
+        print(f"{directory}: no write-ahead log segments", file=out)
+        return EXIT_CLEAN
+    lock_fd = wal.lock_dir(directory)
+    try:
+        return _run(data_dir, directory, repair, out)
+    finally:
+        os.close(lock_fd)
+
+
+def _run(data_dir: str | os.PathLike[str], directory: Path, repair: bool, out: TextIO) -> int:
+    segments = scan(data_dir)
     if not segments:
         print(f"{directory}: no write-ahead log segments", file=out)
         return EXIT_CLEAN

@@ -293,7 +293,12 @@ def open_log(
     and then every new record.
     """
     listeners = list(listeners)
-    result = recover(store, config.dir, listeners)
+    lock_fd = wal.lock_dir(wal.wal_dir(config.dir))  # LogBusyError if another process has it
+    try:
+        result = recover(store, config.dir, listeners)
+    except BaseException:
+        os.close(lock_fd)
+        raise
     checkpointer = None
     try:
         from appliance.durability.checkpoint import Checkpointer
@@ -315,6 +320,7 @@ def open_log(
         totals=result.totals,
         tail=result.tail,
         checkpointer=checkpointer,
+        lock_fd=lock_fd,
     )
     for listener in listeners:
         writer.add_listener(listener)

@@ -192,6 +192,34 @@ def retire_segments(directory: Path, upto_lsn: int) -> list[Path]:
     return removed
 
 
+class LogBusyError(OSError):
+    """Another process (an appliance, or fsck) holds the log directory."""
+
+
+LOCK_NAME = ".lock"
+
+
+def lock_dir(directory: Path) -> int:
+    """Take the log directory's exclusive lock; return the fd that holds it (close to release).
+
+    Two writers appending to one segment would interleave records; fsck --repair rewriting a
+    segment under a running appliance would lose records. A flock dies with its process, so a
+    kill -9 never leaves a stale lock behind.
+    """
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LogBusyError(
+            f"{directory} is in use by another process (a running appliance or fsck)"
+        ) from None
+    return fd
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a created/renamed/removed entry durable: fsync the directory itself."""
     fd = os.open(directory, os.O_RDONLY)

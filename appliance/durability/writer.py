@@ -161,6 +161,7 @@ class DurableWriter:
         totals: dict[str, int] | None = None,
         tail: Path | None = None,
         checkpointer: Any = None,
+        lock_fd: int | None = None,
     ) -> None:
         self.store = store
         self.sync = sync
@@ -176,6 +177,7 @@ class DurableWriter:
         # appliance.durability.checkpoint.Checkpointer (or None): asked `due()` between groups,
         # where the store is exactly the log up to next_lsn - 1.
         self._checkpointer = checkpointer
+        self._lock_fd = lock_fd  # the directory lock (wal.lock_dir), released by close()
         self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="wal-writer", daemon=True)
         self._closed = False
@@ -222,8 +224,11 @@ class DurableWriter:
         self._queue.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        else:
+        else:  # never started
             self._segment.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     @property
     def next_lsn(self) -> int:
@@ -284,6 +289,9 @@ class DurableWriter:
                 self._checkpointer.close(self.store, self._next_lsn - 1, self._totals)
             except Exception:
                 log.exception("final checkpoint failed")
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock: another process may open the log
+            self._lock_fd = None
 
     def _sync_quietly(self) -> None:
         """Interval fsync: the batches are already acknowledged, so a failure is only logged."""

@@ -448,3 +448,21 @@ def test_a_checkpoint_retires_covered_segments_and_recovery_uses_both(tmp_path, 
     if unsealed is None:
         with pytest.raises(CorruptLogError, match="no valid checkpoint covers"):
             recover(make_store(max_values=3000, keep=2000), tmp_path, use_checkpoint=False)
+
+
+def test_one_process_at_a_time_owns_the_log(tmp_path) -> None:
+    from appliance.config import DurabilityConfig
+    from appliance.durability.recovery import open_log
+
+    config = DurabilityConfig(dir=str(tmp_path), checkpoint_interval_s=0)
+    writer = open_log(config, make_store())
+    writer.submit("A", np.array([1.0])).result(5)
+    with pytest.raises(wal.LogBusyError):
+        open_log(config, make_store())
+    with pytest.raises(wal.LogBusyError):
+        fsck.run(tmp_path, repair=True, out=io.StringIO())
+    writer.close()  # releases the lock
+    again = open_log(config, make_store())
+    assert again.submit("A", np.array([2.0])).result(5).lsn == 2
+    again.close()
+    assert fsck.run(tmp_path, repair=False, out=io.StringIO()) == fsck.EXIT_CLEAN
