@@ -10,7 +10,10 @@ app with `single_process=True`; several Sanic workers would each hold a differen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -251,10 +254,16 @@ async def _recover(app: Sanic) -> bool:
 
     On a log or warm directory that must not be served, keep the one-line reason in
     `app.ctx.start_error` and stop the server the way SIGTERM does; the CLI then exits 2.
+    A SIGINT/SIGTERM during the replay is held (Sanic would lose a stop requested while its
+    startup hooks run) and honoured as soon as the replay ends: the appliance then stops
+    without ever turning ready. Returns whether to go on to ready.
     """
     from appliance.durability.recovery import CorruptLogError
     from appliance.durability.warm import WarmTierError
 
+    loop = asyncio.get_running_loop()
+    stop_requested = _hold_stop_signals(loop)
+    log.info("replaying the write-ahead log", extra={"dir": app.ctx.config.durability.dir})
     try:
         await asyncio.to_thread(attach_durability, app)
     except (CorruptLogError, WarmTierError, OSError) as exc:
@@ -265,12 +274,37 @@ async def _recover(app: Sanic) -> bool:
             message = str(exc)
         app.ctx.start_error = message
         log.error("cannot recover the write-ahead log", extra={"reason": message})
+        # recover_on_start stays set: batches and stats keep answering 503 while stopping.
+        stop_requested.append(True)
+    else:
+        app.ctx.recover_on_start = False
+    finally:
+        _restore_stop_signals(loop, app)
+    if stop_requested:
         # Stop as SIGTERM would, but from the serving loop: a stop requested while the startup
         # hooks still run is absorbed by Sanic, so it is repeated until it takes.
-        app.ctx.stop_task = asyncio.get_running_loop().create_task(_stop_soon(app))
-        return False  # recover_on_start stays set: batches and stats keep answering 503
-    app.ctx.recover_on_start = False
+        app.ctx.stop_task = loop.create_task(_stop_soon(app))
+        return False
     return True
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _hold_stop_signals(loop: asyncio.AbstractEventLoop) -> list[bool]:
+    """Replace the stop handlers with one that only records the request (see `_recover`)."""
+    requested: list[bool] = []
+    for sig in _STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, requested.append, True)
+    return requested
+
+
+def _restore_stop_signals(loop: asyncio.AbstractEventLoop, app: Sanic) -> None:
+    """Sanic's own handlers again (the same graceful stop it installs at start)."""
+    for sig in _STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, partial(app.stop, terminate=False))
 
 
 async def _stop_soon(app: Sanic) -> None:

@@ -20,6 +20,7 @@ import pytest
 from appliance.durability import wal
 from appliance.durability.records import BatchRecord
 from tests.integration.server_harness import Server, run_cli
+from tests.waiting import wait_until
 
 ALWAYS = {
     "APP_DURABILITY__SYNC": "always",
@@ -257,15 +258,46 @@ def test_clean_restart_keeps_data_and_the_next_lsn(tmp_path) -> None:
     assert json.loads(json.dumps(records[-1].values.tolist())) == [1000.0, 2000.0]
 
 
-def test_ready_is_503_and_batches_wait_while_the_log_replays(tmp_path) -> None:
-    # 100k one-value records: a fraction of a second of replay, long enough to be seen outside.
-    n = 100_000
+def write_long_log(data: Path, n: int) -> None:
+    """n one-value records written directly: replaying them takes a while (about 10 us each)."""
     records = (
         wal.encode(BatchRecord(i, "R", i - 1, 0, 0, 0, np.array([float(i % 1000)])))
         for i in range(1, n + 1)
     )
-    wal.wal_dir(tmp_path / "data").mkdir(parents=True)
-    (wal.wal_dir(tmp_path / "data") / wal.segment_name(1)).write_bytes(b"".join(records))
+    wal.wal_dir(data).mkdir(parents=True)
+    (wal.wal_dir(data) / wal.segment_name(1)).write_bytes(b"".join(records))
+
+
+def wait_for_replay(server: Server) -> None:
+    """Until the server answers /ready with 503 (listening, the replay under way)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            response = server.request("GET", "/ready")
+        except OSError:
+            time.sleep(0.01)
+            continue
+        assert response.status == 503, "the replay ended before it could be observed"
+        return
+    raise AssertionError("the server never answered")
+
+
+def test_sigterm_during_the_replay_stops_without_turning_ready(tmp_path) -> None:
+    write_long_log(tmp_path / "data", 100_000)
+    server = Server(tmp_path, ALWAYS)
+    wait_for_replay(server)
+    # The signal must come while the replay runs, not before the server installed its handlers.
+    wait_until(lambda: "replaying the write-ahead log" in server.stdout(), "the replay", 30)
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 15
+    assert '"appliance ready"' not in server.stdout()
+
+
+def test_ready_is_503_and_batches_wait_while_the_log_replays(tmp_path) -> None:
+    # 100k one-value records: a fraction of a second of replay, long enough to be seen outside.
+    n = 100_000
+    write_long_log(tmp_path / "data", n)
     server = Server(tmp_path, ALWAYS)
     seen: set[tuple[str, int, str]] = set()
     accepted = 0  # a POST racing the end of the replay may get in: it comes after the log
