@@ -57,7 +57,9 @@ class Rejected(Exception):
         self.reason = reason
 
 
-Sink = Callable[[str, np.ndarray], None]
+# (symbol, values, publisher_id, sequence): the identity lets the appliance log where a batch
+# came from (the write-ahead log records it).
+Sink = Callable[[str, np.ndarray, int, int], None]
 
 
 class Outcome(NamedTuple):
@@ -207,7 +209,7 @@ class FrameProcessor:
 
     def _apply(self, frame: Frame) -> Reason:
         try:
-            self.sink(frame.symbol, frame.values)
+            self.sink(frame.symbol, frame.values, frame.publisher_id, frame.sequence)
         except Rejected as exc:
             self.counters.rejected[exc.reason.name.lower()] += 1
             self._log.warn(

@@ -209,9 +209,11 @@ class DurableWriter:
             self._queue.put(request)
         return request.future
 
-    def ingest(self, symbol: str, values: np.ndarray) -> int:
+    def ingest(
+        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+    ) -> int:
         """Blocking `submit`: the drop-in for `Store.ingest` on transport threads."""
-        return int(self.submit(symbol, values).result().values.shape[0])
+        return int(self.submit(symbol, values, publisher_id, sequence).result().values.shape[0])
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self.store

@@ -466,3 +466,23 @@ def test_one_process_at_a_time_owns_the_log(tmp_path) -> None:
     assert again.submit("A", np.array([2.0])).result(5).lsn == 2
     again.close()
     assert fsck.run(tmp_path, repair=False, out=io.StringIO()) == fsck.EXIT_CLEAN
+
+
+def test_a_transport_batch_is_logged_with_its_publisher_and_sequence(tmp_path) -> None:
+    from appliance.ingest import make_sink
+
+    class Records:
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def on_record(self, rec: BatchRecord) -> None:
+            self.seen.append((rec.publisher_id, rec.sequence))
+
+    writer = make_writer(make_store(), tmp_path)
+    sink = make_sink(writer, max_batch_size=10)
+    sink("A", np.array([1.0]), 77, 5)
+    sink("A", np.array([2.0]))  # REST-like: no publisher
+    writer.close()
+    replayed = Records()
+    recover(make_store(), tmp_path, [replayed], use_checkpoint=False)
+    assert replayed.seen == [(77, 5), (0, 0)]

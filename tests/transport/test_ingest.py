@@ -30,7 +30,7 @@ class RecordingSink:
     fail_with: dict[float, BaseException] = field(default_factory=dict)  # first value -> error
     fail_next: list[BaseException] = field(default_factory=list)
 
-    def __call__(self, symbol: str, values: np.ndarray) -> None:
+    def __call__(self, symbol: str, values: np.ndarray, *origin: int) -> None:
         if self.fail_next:
             raise self.fail_next.pop(0)
         if values.size and float(values[0]) in self.fail_with:

@@ -41,7 +41,7 @@ class Model:
         self.data: dict[str, list[np.ndarray]] = {}
         self.calls = 0
 
-    def __call__(self, symbol: str, values: np.ndarray) -> None:
+    def __call__(self, symbol: str, values: np.ndarray, *origin: int) -> None:
         self.calls += 1
         if values.shape[0] == 0:
             raise Rejected(Reason.EMPTY_BATCH, "empty batch")

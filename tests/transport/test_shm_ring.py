@@ -39,7 +39,7 @@ class Applied:
     def __init__(self) -> None:
         self.batches: list[tuple[str, np.ndarray]] = []
 
-    def __call__(self, symbol: str, values: np.ndarray) -> None:
+    def __call__(self, symbol: str, values: np.ndarray, *origin: int) -> None:
         if values.shape[0] == 0:
             raise Rejected(Reason.EMPTY_BATCH, "empty")
         if (values < 0).any():

@@ -256,7 +256,7 @@ def test_an_appliance_restart_mid_publishing_loses_nothing_published_after_it(
     # publisher (a fresh FrameProcessor and store) on the same endpoint; the publisher goes on.
     endpoint = f"ipc://{tmp_path}/router.sock"
     window = 8
-    before = Recorder(lambda symbol, values: time.sleep(0.005))  # keeps frames in flight
+    before = Recorder(lambda symbol, values, *origin: time.sleep(0.005))  # keeps frames in flight
     after = Recorder()
     values = np.arange(400, dtype=np.float64)
     publisher = ZmqPublisher(endpoint, window=window, retry_interval_s=0.2, timeout_s=10.0)

@@ -41,7 +41,7 @@ class Recorder:
         self.fail = fail
         self._lock = threading.Lock()
 
-    def __call__(self, symbol: str, values: np.ndarray) -> None:
+    def __call__(self, symbol: str, values: np.ndarray, *origin: int) -> None:
         if (values < 0).any():
             raise Rejected(Reason.INVALID_VALUE, "negative value")
         if self.fail is not None:
@@ -278,7 +278,7 @@ def test_pull_applies_frames_and_counts_gaps_without_acks(clients: Clients) -> N
 
 def test_pull_back_pressure_blocks_the_sender_and_loses_nothing(clients: Clients) -> None:
     release = threading.Event()
-    sink = Recorder(lambda symbol, values: release.wait(10))
+    sink = Recorder(lambda symbol, values, *origin: release.wait(10))
     payload = [1.0] * 8192  # 64 KiB frames fill the socket buffers quickly
     with running_ingest(sink, rcvhwm=1) as ingest:
         push = clients.socket(zmq.PUSH)
