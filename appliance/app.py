@@ -326,8 +326,8 @@ class LogIngest:
     def __contains__(self, symbol: object) -> bool:
         return symbol in self._ctx.store
 
-    def ingest(self, symbol: str, values: Any) -> int:
-        return self._ctx.durable.ingest(symbol, values)
+    def ingest(self, symbol: str, values: Any, publisher_id: int = 0, sequence: int = 0) -> int:
+        return self._ctx.durable.ingest(symbol, values, publisher_id, sequence)
 
 
 def close_warm(app: Sanic) -> None:

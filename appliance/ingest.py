@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from appliance.durability.writer import DurableWriter, StorageUnavailableError
+from appliance.durability.writer import StorageUnavailableError
 from appliance.errors import ApiError
 from appliance.store import SymbolLimitError
 from appliance.validation import check_values, validate_symbol
@@ -37,13 +37,14 @@ class Ingestor(Protocol):
 
     def __contains__(self, symbol: object) -> bool: ...
 
-    def ingest(self, symbol: str, values: np.ndarray) -> int: ...
+    def ingest(
+        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+    ) -> int: ...
 
 
 def make_sink(store: Ingestor, max_batch_size: int) -> Sink:
     """A callable `(symbol, values, publisher_id, sequence)` that appends all of the batch or
     raises `Rejected`; the log (when `store` is the `DurableWriter`) records the identity."""
-    durable = isinstance(store, DurableWriter)
 
     def sink(symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0) -> None:
         # Hot path: two reductions over the values, dict lookups, one locked append.
@@ -55,11 +56,7 @@ def make_sink(store: Ingestor, max_batch_size: int) -> Sink:
                 )
             if symbol not in store:
                 validate_symbol(symbol)  # every stored symbol was validated when created
-            checked = check_values(values)
-            if durable:
-                store.ingest(symbol, checked, publisher_id, sequence)
-            else:
-                store.ingest(symbol, checked)
+            store.ingest(symbol, check_values(values), publisher_id, sequence)
         except ApiError as exc:
             raise Rejected(_REASONS.get(exc.code, Reason.INVALID_VALUE), exc.message) from None
         except SymbolLimitError as exc:

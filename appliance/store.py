@@ -62,8 +62,14 @@ class Store:
         self._entries: dict[str, _Entry] = {}
         self._registry_lock = threading.Lock()
 
-    def ingest(self, symbol: str, values: np.ndarray) -> int:
+    def ingest(
+        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+    ) -> int:
         """Append a validated batch (1-D float64, finite, >= 0, non-empty); return its length.
+
+        `publisher_id` / `sequence` say where a transport batch came from; the store keeps no
+        origin (the write-ahead log records it), they are accepted so that the store and the
+        log's writer are interchangeable behind `appliance.ingest.make_sink`.
 
         A batch for a new symbol is appended before the symbol is published, so a failure
         (the limit, or the engine raising) leaves no trace: no symbol, no partial batch.

@@ -331,3 +331,26 @@ def test_ready_is_503_and_batches_wait_while_the_log_replays(tmp_path) -> None:
         assert_stats(server, "R", expected)
     finally:
         assert server.stop() == 0
+
+
+def test_transport_batches_are_logged_with_publisher_id_and_sequence(tmp_path) -> None:
+    from transport.zmq.publisher import ZmqPublisher
+
+    server = start(tmp_path, {"APP_TRANSPORT__ZMQ__ENABLED": "true"})
+    try:
+        with ZmqPublisher(server.router_endpoint, publisher_id=4242) as publisher:
+            publisher.publish("ORIGIN", [1.0, 2.0])
+            publisher.publish("ORIGIN", [3.0])
+        assert server.post_batch("ORIGIN", [4.0]).status == 200
+    finally:
+        assert server.stop() == 0
+    records = [
+        record
+        for segment in wal.list_segments(wal.wal_dir(tmp_path / "data"))
+        for _offset, record in wal.scan_segment(segment).records
+    ]
+    assert [(r.publisher_id, r.sequence, r.values.tolist()) for r in records] == [
+        (4242, 1, [1.0, 2.0]),
+        (4242, 2, [3.0]),
+        (0, 0, [4.0]),
+    ]
