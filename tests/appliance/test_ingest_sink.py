@@ -134,7 +134,7 @@ def test_batch_size_limit_is_inclusive() -> None:
 def test_an_engine_failure_is_not_turned_into_a_content_rejection() -> None:
     # Anything but ApiError/SymbolLimitError escapes: the processor nacks it INTERNAL (retryable).
     class Broken(Store):
-        def ingest(self, symbol: str, values: np.ndarray) -> int:
+        def ingest(self, symbol: str, values: np.ndarray, *origin: int) -> int:
             raise RuntimeError("engine down")
 
     sink = make_sink(Broken(NumpyEngine(), retention=RetentionPolicy(), max_symbols=2,
