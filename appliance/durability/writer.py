@@ -272,7 +272,13 @@ class DurableWriter:
                 wrote = self._commit(group)
                 dirty = dirty or (wrote and self.sync == "interval")
                 if self._checkpointer is not None and self._checkpointer.due():
-                    self._checkpointer.run(self.store, self._next_lsn - 1, self._totals)
+                    # A checkpoint must never be ahead of the log on disk: after a power loss
+                    # the hot tier would hold records that the log (and so the warm tier) lost.
+                    if dirty:
+                        dirty = not self._sync_quietly()
+                        last_sync = time.monotonic()
+                    if not dirty:
+                        self._checkpointer.run(self.store, self._next_lsn - 1, self._totals)
             if dirty and (stopping or time.monotonic() - last_sync >= self.interval_s):
                 self._sync_quietly()
                 dirty = False
@@ -295,13 +301,16 @@ class DurableWriter:
             os.close(self._lock_fd)  # releases the flock: another process may open the log
             self._lock_fd = None
 
-    def _sync_quietly(self) -> None:
-        """Interval fsync: the batches are already acknowledged, so a failure is only logged."""
+    def _sync_quietly(self) -> bool:
+        """Interval fsync: the batches are already acknowledged, so a failure is only logged.
+        Returns whether the log is now on disk."""
         try:
             self._segment.fsync()
             self.fsyncs += 1
         except OSError as exc:
             log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
+            return False
+        return True
 
     def _commit(self, group: list[_Request]) -> bool:
         """Log, apply and resolve one group; return whether anything was written."""

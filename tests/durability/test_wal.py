@@ -486,3 +486,31 @@ def test_a_transport_batch_is_logged_with_its_publisher_and_sequence(tmp_path) -
     replayed = Records()
     recover(make_store(), tmp_path, [replayed], use_checkpoint=False)
     assert replayed.seen == [(77, 5), (0, 0)]
+
+
+def test_under_interval_the_log_is_fsynced_before_a_checkpoint_is_taken(tmp_path) -> None:
+    class Probe:
+        """A checkpointer that is always due and records how many fsyncs preceded each run."""
+
+        def __init__(self) -> None:
+            self.fsyncs_at_run: list[int] = []
+
+        def due(self) -> bool:
+            return True
+
+        def run(self, store, lsn, totals) -> None:
+            self.fsyncs_at_run.append(writer.fsyncs)
+
+        def close(self, store, lsn, totals) -> None:
+            pass
+
+    probe = Probe()
+    # An interval so long that only the checkpoint can cause the fsync.
+    writer = make_writer(make_store(), tmp_path, sync="interval", interval_ms=3_600_000,
+                         checkpointer=probe)  # fmt: skip
+    writer.submit("A", np.array([1.0])).result(5)
+    writer.submit("A", np.array([2.0])).result(5)
+    writer.close()
+    assert probe.fsyncs_at_run, "the checkpointer never ran"
+    assert probe.fsyncs_at_run[0] >= 1  # the log reached the disk before the checkpoint
+    assert probe.fsyncs_at_run == sorted(set(probe.fsyncs_at_run))  # one fsync per run
