@@ -29,6 +29,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse
 
 from appliance.config import AppConfig
+from appliance.durability.sequences import PublisherSequences
 from appliance.durability.writer import StorageUnavailableError
 from appliance.engine import select_engine
 from appliance.errors import ApiError
@@ -212,7 +213,10 @@ def create_app(
     app.ctx.start_error = None
     # Objects with `on_record(record)` (the warm tier) to register with the log's writer; they
     # see every replayed record at recovery, then every new one. Add before attach_durability.
-    app.ctx.record_listeners = []
+    # The first listener remembers each publisher's highest logged sequence: after a replay it
+    # seeds the acknowledged transports, so a frame logged before a crash is not applied twice.
+    app.ctx.publisher_sequences = PublisherSequences()
+    app.ctx.record_listeners = [app.ctx.publisher_sequences]
     # The binary ingest transports (appliance.transports.Transports), set by the CLI once their
     # endpoints are bound; None in apps built without them (tests, benchmarks): GET /ingest
     # then reports no transports.
@@ -488,7 +492,7 @@ def _add_lifecycle(app: Sanic) -> None:
             return
         # Transports start before `ready`: a client that waits for /ready can publish at once.
         if app.ctx.transports is not None:
-            app.ctx.transports.start()
+            app.ctx.transports.start(resume=app.ctx.publisher_sequences.snapshot())
         app.ctx.ready = True
         log.info("appliance ready", extra={"symbols": len(app.ctx.store)})
 

@@ -13,6 +13,7 @@ are registered on the ZeroMQ control socket before that socket starts answering.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from appliance.config import AppConfig
@@ -99,12 +100,18 @@ class Transports:
                 self.zmq.add_control_handlers(self.shm.control_handlers())
             self.zmq.bind()
 
-    def start(self) -> None:
-        """Start polling (after `bind()`); ZeroMQ first, then shared memory."""
+    def start(self, resume: Mapping[int, int] | None = None) -> None:
+        """Start polling (after `bind()`); ZeroMQ first, then shared memory.
+
+        `resume`: publisher id -> highest sequence already in the log (after a replay), so the
+        acknowledged socket treats a resent, already-logged frame as a duplicate.
+        """
         if self._started:
             return
         self._started = True
         if self.zmq is not None:
+            if resume:
+                self.zmq.resume_publishers(resume)
             self.zmq.start()
         if self.shm is not None:
             self.shm.start()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -142,6 +142,14 @@ class FrameProcessor:
         # publisher id -> consumed; least recently seen first, bounded against hostile ids.
         self._consumed: OrderedDict[int, int] = OrderedDict()
         self._log = _ThrottledLog(transport)
+
+    def resume(self, consumed: Mapping[int, int]) -> None:
+        """Know these publishers as finished up to the given sequences (the appliance's log after
+        a restart). A resent frame at or below is then a duplicate (acked, not applied); the
+        next one is applied without FLAG_FIRST. Call before any frame is processed."""
+        for publisher_id, sequence in consumed.items():
+            if sequence > self._consumed.get(publisher_id, 0):
+                self._advance(publisher_id, sequence)
 
     def consumed(self, publisher_id: int) -> int:
         """Highest in-order sequence finished for `publisher_id` (0: never seen)."""

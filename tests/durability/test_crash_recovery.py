@@ -356,3 +356,40 @@ def test_transport_batches_are_logged_with_publisher_id_and_sequence(tmp_path) -
         (4242, 2, [3.0]),
         (0, 0, [4.0]),
     ]
+
+
+def test_a_frame_logged_before_kill9_is_a_duplicate_when_resent_after_restart(tmp_path) -> None:
+    import zmq
+
+    from transport.wire import Kind, Reason, decode_message, encode_data
+
+    def send(dealer: zmq.Socket, sequence: int, value: float, first: bool = False):
+        dealer.send(encode_data(555, sequence, "RESENT", np.array([value]), first=first))
+        assert dealer.poll(10_000), "no reply"
+        (frame,) = decode_message(dealer.recv())
+        return frame.kind, frame.reason, frame.applied
+
+    env = {"APP_TRANSPORT__ZMQ__ENABLED": "true"}
+    server = start(tmp_path, env)
+    context = zmq.Context()
+    try:
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(server.router_endpoint)
+        assert send(dealer, 1, 1.0, first=True) == (Kind.ACK, Reason.NONE, 1)
+        assert send(dealer, 2, 2.0) == (Kind.ACK, Reason.NONE, 2)
+        dealer.close(linger=0)
+        kill9(server)  # as if frame 2's ack had been lost with the process
+
+        server = start(tmp_path, env)
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(server.router_endpoint)
+        # The publisher resends its unacked frame 2 (no FIRST): the log says it is in, so it is
+        # acked as a duplicate (not UNKNOWN_PUBLISHER, not applied again).
+        assert send(dealer, 2, 2.0) == (Kind.ACK, Reason.NONE, 2)
+        assert server.ingest_counters()["zmq"]["router"]["rejected"] == {"duplicate": 1}
+        assert send(dealer, 3, 3.0) == (Kind.ACK, Reason.NONE, 3)
+        dealer.close(linger=0)
+        assert_stats(server, "RESENT", [1.0, 2.0, 3.0])  # frame 2 applied once
+    finally:
+        context.destroy(linger=0)  # closes any socket an assertion left open
+        assert server.stop() == 0

@@ -681,3 +681,18 @@ def test_go_back_n_over_a_faulty_channel_applies_everything_once_in_order(
     assert starts[0] == 1
     for (start, applied), next_start in zip(channel.incarnations, starts[1:], strict=True):
         assert start + len(applied) >= next_start
+
+
+def test_resume_makes_logged_frames_duplicates_and_continues_without_first() -> None:
+    applied: list[list[float]] = []
+    processor = FrameProcessor(
+        lambda symbol, values, *origin: applied.append(values.tolist()), "t", strict_order=True
+    )
+    processor.resume({7: 5, 8: 0})
+    (dup,) = processor.process_message(encode_data(7, 5, "R", np.array([5.0])))
+    (nxt,) = processor.process_message(encode_data(7, 6, "R", np.array([6.0])))
+    (unknown,) = processor.process_message(encode_data(8, 1, "R", np.array([1.0])))
+    assert (dup.reason, dup.applied) == (Reason.DUPLICATE, 5)
+    assert (nxt.reason, nxt.applied) == (Reason.NONE, 6)
+    assert unknown.reason is Reason.UNKNOWN_PUBLISHER  # a zero seed is no knowledge
+    assert applied == [[6.0]]

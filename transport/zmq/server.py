@@ -218,6 +218,13 @@ class ZmqIngest:
 
     # -- running --------------------------------------------------------------------------
 
+    def resume_publishers(self, consumed: Mapping[int, int]) -> None:
+        """Before `start()`: publishers the appliance finished with before a restart (from
+        its log), for the acknowledged ROUTER socket (see FrameProcessor.resume)."""
+        if self.running:
+            raise RuntimeError("resume_publishers() must be called before start()")
+        self._processors["router"].resume(consumed)
+
     def start(self) -> None:
         """Start the ingest thread (after `bind()`)."""
         if self._context is None:
