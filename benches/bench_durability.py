@@ -26,7 +26,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_engine import machine  # the same machine line as the engine benchmark
 
 from appliance.durability import checkpoint as ckpt
 from appliance.store import Store
@@ -59,19 +60,6 @@ except ImportError:
 
 BATCH = 10_000
 FILL = 1_000_000
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = f"Python {platform.python_version()}, numpy {np.__version__}"
-    return f"{model}, {os.cpu_count()} vCPU, {versions}"
 
 
 def commit() -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from appliance.durability.fsutil import fsync_dir
 from appliance.store import Store, SymbolLimitError
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,9 @@ def write_snapshot(directory: str | os.PathLike[str], checkpoint: Snapshot) -> P
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)  # the directory entries of the files, before the name says "complete"
+    fsync_dir(tmp)  # the directory entries of the files, before the name says "complete"
     os.rename(tmp, final)
-    _fsync_dir(root)  # the rename itself
+    fsync_dir(root)  # the rename itself
     return final
 
 
@@ -211,14 +212,6 @@ def _write_npy(path: Path, parts: tuple[np.ndarray, ...]) -> int:
                     unsynced = 0
         os.fsync(f.fileno())
     return checksum
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- read -----------------------------------------------------------------------------------

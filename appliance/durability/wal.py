@@ -29,6 +29,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from appliance.durability.fsutil import fsync_dir
 from appliance.durability.records import BatchRecord
 
 MAGIC = b"HWAL"
@@ -218,15 +219,6 @@ def lock_dir(directory: Path) -> int:
             f"{directory} is in use by another process (a running appliance or fsck)"
         ) from None
     return fd
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a created/renamed/removed entry durable: fsync the directory itself."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -27,6 +27,7 @@ import msgspec
 import numpy as np
 import zstandard
 
+from appliance.durability.fsutil import fsync_dir
 from fallback.kernels import summarize_blocks
 
 MAGIC = b"HFTWARM1"
@@ -166,15 +167,6 @@ def build_segment(
     )
     head = msgspec.json.encode(header)
     return header, MAGIC + _LEN.pack(len(head)) + head + payload
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in `path` durable (the entry lives in the directory's data)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomically(directory: Path, name: str, data: bytes) -> Path:
