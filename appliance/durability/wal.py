@@ -62,13 +62,22 @@ def record_size(symbol_bytes: int, count: int) -> int:
 
 def encode(record: BatchRecord) -> bytes:
     """One record's bytes, CRC included. Raises ValueError for a symbol over 255 bytes."""
+    head, payload = encode_parts(record)
+    return head + bytes(payload)
+
+
+def encode_parts(record: BatchRecord) -> tuple[bytes, memoryview]:
+    """A record as (header with symbol and CRC, the values' own bytes): the writer hands both
+    to `writev`, so the values are never copied on the way to the log (hot path: a 10k-value
+    batch saved three 80 KB copies). The CRC is chained over the two parts."""
     sym = record.symbol.encode()
     if len(sym) > MAX_SYMBOL_BYTES:
         raise ValueError("symbol longer than 255 UTF-8 bytes")
     values = np.ascontiguousarray(record.values, dtype="<f8")
     count = int(values.shape[0])
-    length = record_size(len(sym), count)
-    out = bytearray(length)
+    values_at = HEADER_SIZE + _pad8(len(sym))
+    length = values_at + 8 * count
+    out = bytearray(values_at)
     HEADER.pack_into(
         out,
         0,
@@ -87,10 +96,10 @@ def encode(record: BatchRecord) -> bytes:
         0,
     )
     out[HEADER_SIZE : HEADER_SIZE + len(sym)] = sym
-    values_at = HEADER_SIZE + _pad8(len(sym))
-    out[values_at:length] = values.tobytes()
-    struct.pack_into("<I", out, 8, crc32c.crc32c(memoryview(out)[CRC_END:]))
-    return bytes(out)
+    payload = memoryview(values).cast("B")
+    crc = crc32c.crc32c(payload, crc32c.crc32c(memoryview(out)[CRC_END:]))
+    struct.pack_into("<I", out, 8, crc)
+    return bytes(out), payload
 
 
 def decode(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[BatchRecord, int]:

@@ -101,7 +101,7 @@ class SegmentFile:
         self.close()
         self.fd, self.path, self.size = fd, path, os.fstat(fd).st_size
 
-    def append(self, first_lsn: int, chunks: list[bytes]) -> None:
+    def append(self, first_lsn: int, chunks: list[bytes | memoryview]) -> None:
         """Write `chunks` at the end in one write; on error restore the last good size."""
         total = sum(len(c) for c in chunks)
         if self.fd is None or (self.size > 0 and self.size + total > self.segment_bytes):
@@ -315,7 +315,7 @@ class DurableWriter:
     def _commit(self, group: list[_Request]) -> bool:
         """Log, apply and resolve one group; return whether anything was written."""
         accepted: list[tuple[_Request, BatchRecord]] = []
-        chunks: list[bytes] = []
+        chunks: list[bytes | memoryview] = []
         lsn = self._next_lsn
         new_totals: dict[str, int] = {}
         limit = self.store.max_symbols
@@ -344,7 +344,7 @@ class DurableWriter:
                 request.values,
             )
             try:
-                chunks.append(wal.encode(record))
+                chunks.extend(wal.encode_parts(record))
             except ValueError as exc:  # a symbol the validators should have refused
                 request.future.set_exception(exc)
                 continue
