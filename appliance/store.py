@@ -29,6 +29,13 @@ class UnknownSymbolError(KeyError):
 class SymbolLimitError(Exception):
     """Accepting the batch would create a symbol beyond `max_symbols`."""
 
+    @classmethod
+    def at(cls, existing: int, limit: int) -> SymbolLimitError:
+        """The one wording, whoever refuses (the store, or the log's writer before logging)."""
+        return cls(
+            f"symbol limit reached: {existing} symbols exist and store.max_symbols is {limit}"
+        )
+
 
 class _Entry:
     """One symbol: its series, the lock serializing access to it, and its stats cache."""
@@ -93,10 +100,7 @@ class Store:
             if symbol in self._entries:
                 return None
             if len(self._entries) >= self.max_symbols:
-                raise SymbolLimitError(
-                    f"symbol limit reached: {len(self._entries)} symbols exist and "
-                    f"store.max_symbols is {self.max_symbols}"
-                )
+                raise SymbolLimitError.at(len(self._entries), self.max_symbols)
             entry = _Entry(self.engine.new_series(self.retention, self.starting_capacity))
             entry.series.append(values)
             self._entries[symbol] = entry

@@ -326,12 +326,7 @@ class DurableWriter:
             is_new = total is None
             if is_new:
                 if known >= limit:
-                    request.future.set_exception(
-                        SymbolLimitError(
-                            f"symbol limit reached: {known} symbols exist and "
-                            f"store.max_symbols is {limit}"
-                        )
-                    )
+                    request.future.set_exception(SymbolLimitError.at(known, limit))
                     continue
                 total = 0
             record = BatchRecord(
