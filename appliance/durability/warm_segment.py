@@ -36,7 +36,9 @@ SUFFIX = ".seg"
 TMP_SUFFIX = ".tmp"
 _LEN = struct.Struct("<I")
 _PREFIX = len(MAGIC) + _LEN.size
-_ZSTD_LEVEL = 3  # fast; float64 prices compress modestly at any level
+_ZSTD_LEVEL = 1  # float64 prices compress the same at 1 and 3 (1.151 vs 1.135 B/value on a
+# cent random walk, 7.43 vs 7.44 on noise) and level 1 seals 1M values in 23-25 ms, not 28-35:
+# the sealer shares the cores with ingest, so its speed is ingest capacity (measured 2026-11-22).
 _LE_F8 = np.dtype("<f8")
 _LE_I8 = np.dtype("<i8")
 BLOCK_VALUES = 4096  # a power of two: summarize_blocks' 1/width is exact
@@ -142,8 +144,16 @@ def build_segment(
     mark_index = np.ascontiguousarray(mark_index, dtype=_LE_I8)
     mark_ns = np.ascontiguousarray(mark_ns, dtype=_LE_I8)
     blocks = np.ascontiguousarray(block_summaries(values, BLOCK_VALUES), dtype=_LE_F8)
-    raw = values.tobytes() + mark_index.tobytes() + mark_ns.tobytes() + blocks.tobytes()
-    payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
+    # Streamed part by part: concatenating the parts first copied the values twice (8 MB each
+    # per 1M-value segment) before compressing them. The payload is one zstd frame either way.
+    stream = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compressobj()
+    payload = b"".join(
+        [
+            stream.compress(memoryview(part).cast("B"))
+            for part in (values, mark_index, mark_ns, blocks)
+        ]
+        + [stream.flush()]
+    )
     ref, mean, m2, lo, hi = summarize(values)
     header = SegmentHeader(
         version=FORMAT_VERSION,
