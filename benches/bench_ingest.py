@@ -175,7 +175,7 @@ def appliance(tmpdir: Path, name: str, core: int, env: dict[str, str]) -> Iterat
             print(f"warning: {name} exited with {rc}", file=sys.stderr)
 
 
-def zmq_env(tmpdir: Path, shm: bool) -> tuple[dict[str, str], dict[str, str]]:
+def zmq_env(tmpdir: Path, shm: bool, durability: bool) -> tuple[dict[str, str], dict[str, str]]:
     endpoints = {
         "router": f"tcp://127.0.0.1:{free_port()}",
         "pull": f"tcp://127.0.0.1:{free_port()}",
@@ -188,6 +188,9 @@ def zmq_env(tmpdir: Path, shm: bool) -> tuple[dict[str, str], dict[str, str]]:
         "APP_TRANSPORT__ZMQ__PULL_ENDPOINT": endpoints["pull"],
         "APP_TRANSPORT__ZMQ__CONTROL_ENDPOINT": endpoints["control"],
         "APP_TRANSPORT__SHM__ENABLED": "true" if shm else "false",
+        # The write-ahead log is on by default (what users run); --no-durability measures the
+        # transports alone, to separate their cost from the log's.
+        "APP_DURABILITY__ENABLED": "true" if durability else "false",
     }
     return env, endpoints
 
@@ -201,7 +204,7 @@ def bench_zmq(tmpdir: Path, args: argparse.Namespace) -> dict:
     values = rng.uniform(100.0, 200.0, FRAME_VALUES)
     frame = encode_data(1, 1, "RAW", values)
     results: dict[str, list[float]] = {"raw": [], "dealer": [], "push": []}
-    env, endpoints = zmq_env(tmpdir, shm=False)
+    env, endpoints = zmq_env(tmpdir, shm=False, durability=not args.no_durability)
     with appliance(tmpdir, "zmq", args.server_core, env) as server:
         for round_no in range(args.rounds):
             results["raw"].append(raw_push_pull(frame, frames, args))
@@ -282,7 +285,7 @@ def appliance_push(
 
 
 def bench_shm(tmpdir: Path, args: argparse.Namespace) -> dict:
-    env, endpoints = zmq_env(tmpdir, shm=True)
+    env, endpoints = zmq_env(tmpdir, shm=True, durability=not args.no_durability)
     out: dict[str, dict] = {}
     with appliance(tmpdir, "shm", args.server_core, env) as server:
         with connect("shm", control_endpoint=endpoints["control"]) as publisher:
@@ -373,7 +376,7 @@ def latency_summary(samples_us: np.ndarray) -> dict:
 
 
 def bench_serving(tmpdir: Path, args: argparse.Namespace) -> dict:
-    env, endpoints = zmq_env(tmpdir, shm=False)
+    env, endpoints = zmq_env(tmpdir, shm=False, durability=not args.no_durability)
     path = "/stats?symbol=QUERY&exponent=6"
     out: dict[str, dict] = {}
     with appliance(tmpdir, "serving", args.server_core, env) as server:
@@ -428,7 +431,8 @@ def render_markdown(report: dict) -> str:
         f"- Machine: {m['cpu_model']}, {m['cpus']} vCPU, {m['memory_gib']} GiB, kernel "
         f"{m['kernel']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- Command: `{report['command']}`; server pinned to core {report['server_core']}, "
-        f"publishers / wrk to core {report['client_core']}.",
+        f"publishers / wrk to core {report['client_core']}; write-ahead log "
+        f"{'on (default [durability])' if report['write_ahead_log'] else 'off'}.",
         "",
     ]
     if "zmq" in report:
@@ -492,6 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-core", type=int, default=0)
     p.add_argument("--client-core", type=int, default=1)
     p.add_argument("--seed", type=int, default=20261121)
+    p.add_argument(
+        "--no-durability", action="store_true", help="run the appliance without its write-ahead log"
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
@@ -515,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "server_core": args.server_core,
         "client_core": args.client_core,
+        "write_ahead_log": not args.no_durability,
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         tmpdir = Path(tmp)
