@@ -31,7 +31,6 @@ import mmap
 import os
 import secrets
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 from transport.control import ControlError, ControlHandler
 from transport.ingest import FrameProcessor, Sink
+from transport.polling import run_poll_loop
 from transport.shm.ring import (
     MIN_SLOT_BYTES,
     RingConsumer,
@@ -53,8 +53,6 @@ DEFAULT_DIRECTORY = Path("/dev/shm")
 NAME_PREFIX = "hft-ring-"  # then "<pid>-<random>-<n>": the pid lets a later start sweep stale ones
 TRANSPORT = "shm"
 POLL_BUDGET = 64  # slots per ring per pass, so one busy ring cannot starve the others
-SPIN_YIELD_EVERY = 32  # empty passes between time.sleep(0) while spinning (lets REST run)
-FIRST_BACKOFF_US = 10
 
 
 @dataclass(eq=False)
@@ -302,39 +300,10 @@ class ShmIngest:
         return work
 
     def _run(self) -> None:
-        """Busy-spin for spin_us after the last frame seen, then sleep with doubling back-off.
-
-        Spinning holds the GIL, so every SPIN_YIELD_EVERY empty passes it yields with
-        time.sleep(0); sleeping releases it. The loop never dies: an unexpected error is logged
-        and the poller backs off before the next pass.
-        """
-        spin_ns = self.spin_us * 1_000
-        backoff_max = self.backoff_max_us / 1e6
-        first_backoff = min(FIRST_BACKOFF_US, self.backoff_max_us) / 1e6
-        backoff = first_backoff
-        idle_since = 0
-        empty_passes = 0
-        while self._running:
-            try:
-                work = self.poll_once()
-            except Exception:
-                log.exception("shared-memory poller pass failed", extra={"transport": TRANSPORT})
-                time.sleep(backoff_max)
-                continue
-            if work:
-                idle_since = 0
-                backoff = first_backoff
-                continue
-            now = time.monotonic_ns()
-            if idle_since == 0:
-                idle_since = now
-            if now - idle_since < spin_ns:
-                empty_passes += 1
-                if empty_passes % SPIN_YIELD_EVERY == 0:
-                    time.sleep(0)
-                continue
-            time.sleep(backoff)
-            backoff = min(backoff * 2, backoff_max)
+        run_poll_loop(
+            self.poll_once, lambda: self._running,
+            spin_us=self.spin_us, backoff_max_us=self.backoff_max_us, transport=TRANSPORT,
+        )  # fmt: skip
 
     def _release_retired(self) -> None:
         with self._lock:
