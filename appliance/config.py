@@ -152,9 +152,25 @@ class ShmConfig(_Section):
 
 
 class RdmaConfig(_Section):
-    """[transport.rdma]: RDMA verbs ingest: false, true (when a device exists), "required"."""
+    """[transport.rdma]: RDMA verbs ingest: false, true (when a device exists), "required".
+
+    Rings are created over the ZeroMQ control socket, like shared-memory rings, and each is
+    registered with the device; a publisher's slot count is also its receive-queue depth.
+    """
 
     enabled: bool | Literal["required"] = False
+    # RDMA device ("" = the first one), its port, and the GID index (1 = the IPv4-mapped GID of
+    # a RoCE v2 / Soft-RoCE port; see `show_gids` or `ibv_devinfo -v` on other fabrics).
+    device: str = ""
+    port: PositiveInt = 1
+    gid_index: NonNegativeInt = 1
+    slots: PowerOfTwo = 256
+    slot_bytes: SlotBytes = 65_536
+    max_slots: PowerOfTwo = 4096
+    max_slot_bytes: SlotBytes = 1 << 20
+    max_rings: PositiveInt = 16
+    spin_us: NonNegativeInt = 200
+    backoff_max_us: PositiveInt = 1_000
 
 
 class TransportConfig(_Section):
@@ -170,16 +186,24 @@ class TransportConfig(_Section):
         is off (with a warning at start), so `APP_TRANSPORT__ZMQ__ENABLED=false` alone works."""
         return self.shm.enabled and self.zmq.enabled and bool(self.zmq.control_endpoint)
 
+    @property
+    def rdma_control(self) -> bool:
+        """RDMA queue pairs are negotiated over the control socket, as shared-memory rings."""
+        return self.zmq.enabled and bool(self.zmq.control_endpoint)
+
     def __post_init__(self) -> None:
-        for name in ("slots", "max_slots"):  # the ring indexes slots with a mask
-            value = getattr(self.shm, name)
-            if value & (value - 1):
-                raise ValueError(f"transport.shm.{name} must be a power of two, got {value}")
-        if self.shm.slots > self.shm.max_slots or self.shm.slot_bytes > self.shm.max_slot_bytes:
-            raise ValueError(
-                "transport.shm.slots / slot_bytes must be <= transport.shm.max_slots / "
-                "max_slot_bytes"
-            )
+        for section, ring in (("shm", self.shm), ("rdma", self.rdma)):
+            for name in ("slots", "max_slots"):  # the ring indexes slots with a mask
+                value = getattr(ring, name)
+                if value & (value - 1):
+                    raise ValueError(
+                        f"transport.{section}.{name} must be a power of two, got {value}"
+                    )
+            if ring.slots > ring.max_slots or ring.slot_bytes > ring.max_slot_bytes:
+                raise ValueError(
+                    f"transport.{section}.slots / slot_bytes must be <= transport.{section}."
+                    "max_slots / max_slot_bytes"
+                )
 
 
 class AppConfig(_Section):

@@ -45,7 +45,7 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--control-endpoint",
-        help="control socket for shm (default: transport.zmq.control_endpoint from the config)",
+        help="control socket for shm and rdma (default: transport.zmq.control_endpoint)",
     )
     parser.add_argument(
         "--publisher-id", type=int, help="64-bit publisher id (default: random per run)"
@@ -61,8 +61,8 @@ def open_publisher(args: argparse.Namespace, config: AppConfig) -> Publisher:
         zmq_config.pull_endpoint if args.transport == "zmq-push" else zmq_config.router_endpoint
     )
     # A command is a one-shot publisher: its ring is released at the end, not left to count
-    # against the appliance's transport.shm.max_rings.
-    options = {"release_on_close": True} if args.transport == "shm" else {}
+    # against the appliance's transport.shm.max_rings (or rdma.max_rings).
+    options = {"release_on_close": True} if args.transport in ("shm", "rdma") else {}
     return connect(
         args.transport,
         endpoint=args.endpoint or default,

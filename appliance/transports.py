@@ -26,7 +26,10 @@ from transport.zmq.server import ZmqIngest
 
 log = logging.getLogger(__name__)
 
-RDMA_MISSING = "RDMA transport is not part of this build yet"
+RDMA_NO_CONTROL = (
+    "RDMA queue pairs are negotiated over the ZeroMQ control socket, and transport.zmq.enabled "
+    "is false or control_endpoint is empty"
+)
 DEFAULT_STOP_TIMEOUT_S = 5.0
 
 
@@ -58,6 +61,9 @@ class Transports:
                 batch_messages=zmq_config.batch_messages,
             )
         self.shm: _Polling | None = self._make_shm(sink) if self.config.shm_active else None
+        self.rdma: _Polling | None = None
+        self.rdma_reason = ""  # why RDMA is enabled but not running
+        self._sink = sink
         self._started = False
 
     def _make_shm(self, sink: Sink) -> _Polling:
@@ -76,28 +82,49 @@ class Transports:
             backoff_max_us=shm.backoff_max_us,
         )
 
-    @property
-    def rdma_status(self) -> str:
-        """ "disabled", or "unavailable" (enabled but not in this build)."""
-        return "disabled" if self.config.rdma.enabled is False else "unavailable"
+    def _open_rdma(self) -> None:
+        """Open the RDMA device when enabled; without one, say why once (or refuse to start)."""
+        wanted = self.config.rdma.enabled
+        if wanted is False:
+            return
+        # Imported here: pyverbs is loaded only by an appliance that asks for RDMA.
+        from transport.rdma.server import RdmaIngest
+        from transport.rdma.verbs import RdmaUnavailable
+
+        rdma = self.config.rdma
+        try:
+            if not self.config.rdma_control:
+                raise RdmaUnavailable(RDMA_NO_CONTROL)
+            ingest = RdmaIngest(
+                self._sink, device=rdma.device, port=rdma.port, gid_index=rdma.gid_index,
+                slots=rdma.slots, slot_bytes=rdma.slot_bytes, max_slots=rdma.max_slots,
+                max_slot_bytes=rdma.max_slot_bytes, max_rings=rdma.max_rings,
+                spin_us=rdma.spin_us, backoff_max_us=rdma.backoff_max_us,
+            )  # fmt: skip
+            ingest.open()
+        except RdmaUnavailable as exc:
+            self.rdma_reason = str(exc)
+            if wanted == "required":
+                raise TransportStartError(
+                    f'transport.rdma.enabled = "required": {exc} (set it to false, or true to '
+                    "start without it)"
+                ) from None
+            log.warning("RDMA transport off: %s; the other transports keep working", exc)
+            return
+        self.rdma = ingest
 
     def bind(self) -> None:
         """Bind every endpoint; raises TransportStartError (one line, naming the endpoint)."""
-        if self.config.rdma.enabled == "required":
-            raise TransportStartError(
-                f'transport.rdma.enabled = "required": {RDMA_MISSING} (set it to false, or '
-                "true to start without it)"
-            )
-        if self.config.rdma.enabled is True:
-            log.warning(f"{RDMA_MISSING}; other transports keep working")
+        self._open_rdma()
         if self.config.shm.enabled and not self.config.shm_active:
             log.warning(
                 "shared-memory transport off: rings are created over the ZeroMQ control "
                 "socket, and transport.zmq.enabled is false or control_endpoint is empty"
             )
         if self.zmq is not None:
-            if self.shm is not None:
-                self.zmq.add_control_handlers(self.shm.control_handlers())
+            for ringed in (self.shm, self.rdma):
+                if ringed is not None:
+                    self.zmq.add_control_handlers(ringed.control_handlers())
             self.zmq.bind()
 
     def start(self, resume: Mapping[int, int] | None = None) -> None:
@@ -109,6 +136,8 @@ class Transports:
         if self._started:
             return
         self._started = True
+        if self.rdma is not None:  # its poller answers the rdma.* control ops
+            self.rdma.start()
         if self.zmq is not None:
             if resume:
                 self.zmq.resume_publishers(resume)
@@ -125,8 +154,9 @@ class Transports:
         """
         if self.zmq is not None:
             self.zmq.stop(timeout_s)
-        if self.shm is not None:
-            self.shm.stop(timeout_s)
+        for ringed in (self.shm, self.rdma):
+            if ringed is not None:
+                ringed.stop(timeout_s)
         self._started = False
 
     def snapshot(self) -> dict[str, Any]:
@@ -136,6 +166,8 @@ class Transports:
             out["zmq"] = self.zmq.snapshot()
         if self.shm is not None:
             out["shm"] = self.shm.snapshot()
-        if self.config.rdma.enabled is not False:
-            out["rdma"] = {"status": self.rdma_status, "reason": RDMA_MISSING}
+        if self.rdma is not None:
+            out["rdma"] = self.rdma.snapshot()
+        elif self.config.rdma.enabled is not False:
+            out["rdma"] = {"status": "unavailable", "reason": self.rdma_reason}
         return out

@@ -85,3 +85,17 @@ def request(
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "request refused")))
     return reply
+
+
+def int_field(
+    request: dict[str, Any], key: str, low: int, high: int, default: int | None = None
+) -> int:
+    """`request[key]` as an int in low..high (`default` when absent); ControlError if not."""
+    value = request.get(key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"{key} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ControlError(f"{key} must be in {low}..{high}, got {value}")
+    return value

@@ -37,7 +37,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -248,3 +248,11 @@ class FrameProcessor:
         self._consumed.move_to_end(publisher_id)
         if len(self._consumed) > MAX_TRACKED_PUBLISHERS:
             self._consumed.popitem(last=False)
+
+
+def add_totals(totals: Counter[str], counters: dict[str, Any]) -> None:
+    """Fold one ring's FrameProcessor counters into `totals` (rejections as rejected.<reason>)."""
+    for key in ("messages", "frames_applied", "values_applied"):
+        totals[key] += counters[key]
+    for reason, count in counters["rejected"].items():
+        totals[f"rejected.{reason}"] += count

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from transport.publisher import Publisher, PublishError, Rejection
 
-TransportName = Literal["zmq", "zmq-push", "shm"]
-TRANSPORTS: tuple[str, ...] = ("zmq", "zmq-push", "shm")
+TransportName = Literal["zmq", "zmq-push", "shm", "rdma"]
+TRANSPORTS: tuple[str, ...] = ("zmq", "zmq-push", "shm", "rdma")
 
 __all__ = ["TRANSPORTS", "PublishError", "Publisher", "Rejection", "connect"]
 
@@ -34,7 +34,9 @@ def connect(
     - `zmq`: DEALER to the ROUTER `endpoint`, every frame acknowledged (the default choice);
     - `zmq-push`: PUSH to the PULL `endpoint`, fire-and-forget (no acks, `flush` cannot report
       rejections; back-pressure only through the high-water mark);
-    - `shm`: a shared-memory ring negotiated over `control_endpoint` (same host only).
+    - `shm`: a shared-memory ring negotiated over `control_endpoint` (same host only);
+    - `rdma`: the same ring in the appliance's memory, written with one-sided RDMA over an RC
+      queue pair negotiated over `control_endpoint` (needs pyverbs and an RDMA device).
     """
     if transport in ("zmq", "zmq-push"):
         if not endpoint:
@@ -49,4 +51,10 @@ def connect(
         from transport.shm.publisher import ShmPublisher
 
         return ShmPublisher(control_endpoint, **options)
+    if transport == "rdma":
+        if not control_endpoint:
+            raise ValueError("transport 'rdma' needs control_endpoint=")
+        from transport.rdma.publisher import RdmaPublisher
+
+        return RdmaPublisher(control_endpoint, **options)
     raise ValueError(f"unknown transport {transport!r}; one of {', '.join(TRANSPORTS)}")

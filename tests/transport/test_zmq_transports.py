@@ -16,7 +16,7 @@ import pytest
 from appliance.app import build_store
 from appliance.config import AppConfig, build_config
 from appliance.store import Store
-from appliance.transports import RDMA_MISSING, Transports
+from appliance.transports import RDMA_NO_CONTROL, Transports
 from fallback import NumpyEngine
 from transport.errors import TransportBindError, TransportStartError
 from transport.publisher import PublishError
@@ -113,24 +113,65 @@ def test_a_busy_endpoint_is_one_start_error_naming_it() -> None:
     assert str(error.value).startswith(f"cannot bind transport endpoint {busy}: ")
 
 
+def rdma_missing_here() -> str:
+    """What this host lacks for RDMA, as the transport words it (skip where RDMA works)."""
+    from transport.rdma import verbs
+
+    try:
+        verbs.device_names(verbs.load())
+    except verbs.RdmaUnavailable as exc:
+        return str(exc)
+    pytest.skip("an RDMA device is present here: the no-device path cannot be exercised")
+
+
 def test_rdma_required_refuses_to_start() -> None:
+    missing = rdma_missing_here()
     cfg = config(APP_TRANSPORT__RDMA__ENABLED='"required"', APP_TRANSPORT__SHM__ENABLED="false")
     with pytest.raises(TransportStartError, match=r"transport\.rdma\.enabled") as error:
         Transports(cfg, build_store(cfg, NumpyEngine())).bind()
-    assert RDMA_MISSING in str(error.value)
+    assert missing in str(error.value)
     assert "\n" not in str(error.value)
 
 
+def test_rdma_unavailable_message_says_how_to_get_it() -> None:
+    missing = rdma_missing_here()
+    if "pyverbs is not importable" in missing:
+        assert "python3-pyverbs" in missing and "--system-site-packages" in missing
+    else:
+        assert "rdma link add" in missing or "RDMA device" in missing
+
+
 def test_rdma_enabled_warns_once_and_the_others_work(caplog: pytest.LogCaptureFixture) -> None:
+    missing = rdma_missing_here()
     cfg = config(APP_TRANSPORT__RDMA__ENABLED="true", APP_TRANSPORT__SHM__ENABLED="false")
+    store = build_store(cfg, NumpyEngine())
+    transports = Transports(cfg, store)
+    with caplog.at_level(logging.WARNING, logger="appliance.transports"):
+        transports.bind()
+    transports.start()
+    try:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [f"RDMA transport off: {missing}; the other transports keep working"]
+        snapshot = transports.snapshot()
+        assert snapshot["rdma"] == {"status": "unavailable", "reason": missing}
+        assert "rdma.open" not in snapshot["zmq"]["control"]["ops"]
+        assert transports.zmq is not None
+        with ZmqPublisher(transports.zmq.bound_endpoints["router"]) as publisher:
+            publisher.publish("STILL", [1.5, 2.5])
+        assert store.stats("STILL", 1).last == 2.5
+    finally:
+        transports.stop(2.0)
+
+
+def test_rdma_without_a_control_socket_is_off_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = config(APP_TRANSPORT__RDMA__ENABLED="true", APP_TRANSPORT__ZMQ__ENABLED="false")
     transports = Transports(cfg, build_store(cfg, NumpyEngine()))
     with caplog.at_level(logging.WARNING, logger="appliance.transports"):
         transports.bind()
     try:
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert warnings == [f"{RDMA_MISSING}; other transports keep working"]
-        snapshot = transports.snapshot()
-        assert snapshot["rdma"]["status"] == "unavailable"
-        assert "zmq" in snapshot
+        assert any(RDMA_NO_CONTROL in r.getMessage() for r in caplog.records)
+        assert transports.snapshot()["rdma"]["reason"] == RDMA_NO_CONTROL
     finally:
         transports.stop(2.0)

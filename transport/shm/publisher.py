@@ -33,7 +33,108 @@ FIRST_BACKOFF_S = 10e-6
 SPIN_YIELD_EVERY = 64
 
 
-class ShmPublisher(Publisher):
+class RingPublisher(Publisher):
+    """What every ring publisher shares (shared memory here, RDMA in `transport.rdma`): credits,
+    back-pressure, flush through the consumer position and the ring's rejection log.
+
+    A subclass attaches a `RingProducer` over its copy of the ring with `_attach`, and may hook
+    `_published` (a slot was committed locally: RDMA sends it), `_progress` (called while
+    waiting: RDMA reaps its completions) and `_refresh_status` (before reading the rejection
+    log: RDMA reads the appliance's copy).
+    """
+
+    ring_name = ""
+    timeout_s = 5.0
+    _spin_s = 50e-6
+    _backoff_max_s = 1e-3
+    _producer: RingProducer
+
+    def _attach(self, producer: RingProducer) -> None:
+        self._producer = producer
+        self.max_frame_bytes = producer.frame_capacity
+        self.slots = producer.slots
+        self.slot_bytes = producer.slot_bytes
+
+    @property
+    def producer_position(self) -> int:
+        """Slots published so far over the ring's life (all producers of this id)."""
+        return self._producer.position
+
+    @property
+    def consumer_position(self) -> int:
+        """Slots the appliance has finished with (applied or rejected)."""
+        return self._producer.consumer_position
+
+    def _published(self, position: int, length: int) -> None:
+        """Slot `position` holding a `length`-byte message was committed."""
+
+    def _progress(self) -> None:
+        """Called on every pass of a wait."""
+
+    def _refresh_status(self) -> None:
+        """Make the producer's view of the consumer's status and log current."""
+
+    def _send_frame(self, sequence: int, symbol: str, frame: bytes) -> None:
+        producer = self._producer
+        if producer.consumer_state == STATE_CLOSED:
+            raise PublishError(f"the appliance closed ring {self.ring_name}; nothing is applied")
+        if not producer.has_credit():
+            self._wait(producer.has_credit, None, "a free slot")
+        position = producer.position
+        producer.stage(frame)
+        producer.commit()
+        self._published(position, len(frame))
+
+    def _flush(self, timeout: float | None) -> None:
+        producer = self._producer
+        target = producer.position
+        self._wait(lambda: producer.consumer_position >= target, timeout, "the appliance")
+        self._refresh_status()
+        found, lost = producer.take_rejections()
+        for entry in found:
+            symbol = producer.symbol_at(entry.position)
+            self.rejections.append(Rejection(entry.sequence, symbol, entry.reason))
+        if lost:
+            self.rejections.append(
+                Rejection(0, "", Reason.NONE, f"and {lost} more not kept in the ring's log")
+            )
+
+    def _wait(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
+        """Spin, then sleep with doubling back-off, until `ready()`.
+
+        PublishError when the consumer has not moved for `timeout_s` (appliance dead or stuck),
+        when the appliance closed the ring, or after `timeout` seconds in all.
+        """
+        producer = self._producer
+        start = last_move = time.monotonic()
+        last_position = producer.consumer_position
+        backoff = FIRST_BACKOFF_S
+        passes = 0
+        while not ready():
+            self._progress()
+            now = time.monotonic()
+            position = producer.consumer_position
+            if position != last_position:
+                last_position, last_move, backoff = position, now, FIRST_BACKOFF_S
+            elif producer.consumer_state == STATE_CLOSED:
+                raise PublishError(f"the appliance closed ring {self.ring_name} while waiting")
+            elif now - last_move > self.timeout_s:
+                raise PublishError(
+                    f"waited {now - last_move:.1f} s for {what}: the appliance has not consumed "
+                    f"from ring {self.ring_name} (stopped or stuck?)"
+                )
+            if timeout is not None and now - start > timeout:
+                raise PublishError(f"flush timed out after {timeout} s waiting for {what}")
+            if now - last_move < self._spin_s:
+                passes += 1
+                if passes % SPIN_YIELD_EVERY == 0:
+                    time.sleep(0)
+                continue
+            time.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max_s)
+
+
+class ShmPublisher(RingPublisher):
     """Publishes into a ring the appliance created for `publisher_id`. Not thread-safe.
 
     `control` is the appliance's ZeroMQ control endpoint, or a callable that answers control
@@ -59,7 +160,7 @@ class ShmPublisher(Publisher):
         self._spin_s = spin_us / 1e6
         self._backoff_max_s = backoff_max_us / 1e6
         self._control: ControlClient = (
-            _endpoint_client(control, timeout_s) if isinstance(control, str) else control
+            endpoint_client(control, timeout_s) if isinstance(control, str) else control
         )
         # One-shot publishers (the CLI) release their ring; long-lived ones keep it so that a
         # restart with the same id re-attaches (see close()).
@@ -72,26 +173,13 @@ class ShmPublisher(Publisher):
         self.ring_path = Path(reply.get("path") or Path("/dev/shm") / self.ring_name)
         self._memory = _map(self.ring_path, int(reply["size"]))
         try:
-            self._producer = RingProducer(self._memory, pid=os.getpid())
+            self._attach(RingProducer(self._memory, pid=os.getpid()))
         except RingError as exc:
             self._memory.close()
             raise PublishError(f"ring {self.ring_path} is unusable: {exc}") from None
-        self.max_frame_bytes = self._producer.frame_capacity
-        self.slots = self._producer.slots
-        self.slot_bytes = self._producer.slot_bytes
         owner, sequence = self._producer.last_published()
         if owner == self.publisher_id:
             self.last_sequence = sequence  # resume the predecessor's numbering
-
-    @property
-    def producer_position(self) -> int:
-        """Slots published so far over the ring's life (all producers of this id)."""
-        return self._producer.position
-
-    @property
-    def consumer_position(self) -> int:
-        """Slots the appliance has finished with (applied or rejected)."""
-        return self._producer.consumer_position
 
     def close(self, release: bool | None = None) -> None:
         """Unmap the ring; with `release` (default: the constructor's `release_on_close`), also
@@ -106,59 +194,6 @@ class ShmPublisher(Publisher):
         except ControlError as exc:
             raise PublishError(f"{body['op']} refused: {exc}") from None
 
-    def _send_frame(self, sequence: int, symbol: str, frame: bytes) -> None:
-        producer = self._producer
-        if producer.consumer_state == STATE_CLOSED:
-            raise PublishError(f"the appliance closed ring {self.ring_name}; nothing is applied")
-        if not producer.try_write(frame):
-            self._wait(lambda: producer.try_write(frame), None, "a free slot")
-
-    def _flush(self, timeout: float | None) -> None:
-        producer = self._producer
-        target = producer.position
-        self._wait(lambda: producer.consumer_position >= target, timeout, "the appliance")
-        found, lost = producer.take_rejections()
-        for entry in found:
-            symbol = producer.symbol_at(entry.position)
-            self.rejections.append(Rejection(entry.sequence, symbol, entry.reason))
-        if lost:
-            self.rejections.append(
-                Rejection(0, "", Reason.NONE, f"and {lost} more not kept in the ring's log")
-            )
-
-    def _wait(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
-        """Spin, then sleep with doubling back-off, until `ready()`.
-
-        PublishError when the consumer has not moved for `timeout_s` (appliance dead or stuck),
-        when the appliance closed the ring, or after `timeout` seconds in all.
-        """
-        producer = self._producer
-        start = last_move = time.monotonic()
-        last_position = producer.consumer_position
-        backoff = FIRST_BACKOFF_S
-        passes = 0
-        while not ready():
-            now = time.monotonic()
-            position = producer.consumer_position
-            if position != last_position:
-                last_position, last_move, backoff = position, now, FIRST_BACKOFF_S
-            elif producer.consumer_state == STATE_CLOSED:
-                raise PublishError(f"the appliance closed ring {self.ring_name} while waiting")
-            elif now - last_move > self.timeout_s:
-                raise PublishError(
-                    f"waited {now - last_move:.1f} s for {what}: the appliance has not consumed "
-                    f"from ring {self.ring_name} (stopped or stuck?)"
-                )
-            if timeout is not None and now - start > timeout:
-                raise PublishError(f"flush timed out after {timeout} s waiting for {what}")
-            if now - last_move < self._spin_s:
-                passes += 1
-                if passes % SPIN_YIELD_EVERY == 0:
-                    time.sleep(0)
-                continue
-            time.sleep(backoff)
-            backoff = min(backoff * 2, self._backoff_max_s)
-
     def _close(self) -> None:
         self._producer.release()
         self._memory.close()
@@ -166,7 +201,7 @@ class ShmPublisher(Publisher):
             self._call({"op": "shm.close", "publisher_id": self.publisher_id})
 
 
-def _endpoint_client(endpoint: str, timeout_s: float) -> ControlClient:
+def endpoint_client(endpoint: str, timeout_s: float) -> ControlClient:
     def call(body: dict[str, Any]) -> dict[str, Any]:
         return request(endpoint, body, timeout_s=timeout_s)
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transport.control import ControlError, ControlHandler
-from transport.ingest import FrameProcessor, Sink
+from transport.control import ControlError, ControlHandler, int_field
+from transport.ingest import FrameProcessor, Sink, add_totals
 from transport.polling import run_poll_loop
 from transport.shm.ring import (
     MIN_SLOT_BYTES,
@@ -155,9 +155,9 @@ class ShmIngest:
         return {"shm.open": self._handle_open, "shm.close": self._handle_close}
 
     def _handle_open(self, request: dict[str, Any]) -> dict[str, Any]:
-        publisher_id = _int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        slots = _int_field(request, "slots", 2, self.max_slots, self.default_geometry.slots)
-        slot_bytes = _int_field(
+        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
+        slots = int_field(request, "slots", 2, self.max_slots, self.default_geometry.slots)
+        slot_bytes = int_field(
             request, "slot_bytes", MIN_SLOT_BYTES, self.max_slot_bytes,
             self.default_geometry.slot_bytes,
         )  # fmt: skip
@@ -213,7 +213,7 @@ class ShmIngest:
         return ring.describe()
 
     def _handle_close(self, request: dict[str, Any]) -> dict[str, Any]:
-        publisher_id = _int_field(request, "publisher_id", 0, MAX_SEQUENCE)
+        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
         with self._open_lock:
             with self._lock:
                 ring = self._rings.pop(publisher_id, None)
@@ -266,7 +266,7 @@ class ShmIngest:
         """Drain, keep its counters in the totals, unmap and unlink (poller thread or stopped)."""
         ring.drain()
         with self._lock:  # snapshot() copies the totals under the same lock
-            _add_totals(self._closed_totals, ring.processor.counters.snapshot())
+            add_totals(self._closed_totals, ring.processor.counters.snapshot())
         ring.destroy()
         log.info(
             "shared-memory ring closed",
@@ -343,16 +343,8 @@ class ShmIngest:
             per_ring = {str(ring.publisher_id): ring.counters() for ring in self._rings.values()}
             totals = Counter(self._closed_totals)
         for counters in per_ring.values():
-            _add_totals(totals, counters)
+            add_totals(totals, counters)
         return {"rings_open": len(per_ring), "rings": per_ring, "totals": dict(totals)}
-
-
-def _add_totals(totals: Counter[str], counters: dict[str, Any]) -> None:
-    """Fold one ring's FrameProcessor counters into `totals` (rejections as rejected.<reason>)."""
-    for key in ("messages", "frames_applied", "values_applied"):
-        totals[key] += counters[key]
-    for reason, count in counters["rejected"].items():
-        totals[f"rejected.{reason}"] += count
 
 
 def sweep_stale_rings(directory: Path) -> int:
@@ -377,16 +369,3 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         return True  # another user's live process
     return True
-
-
-def _int_field(
-    request: dict[str, Any], key: str, low: int, high: int, default: int | None = None
-) -> int:
-    value = request.get(key)
-    if value is None and default is not None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ControlError(f"{key} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ControlError(f"{key} must be in {low}..{high}, got {value}")
-    return value

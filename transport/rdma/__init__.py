@@ -1,0 +1,1 @@
+"""RDMA verbs ingest: the shared-memory ring, written by one-sided RDMA (see server.py)."""
