@@ -7,6 +7,7 @@ this interface only, so a second engine is tested by adding it to that suite's p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -96,10 +97,27 @@ class Series(Protocol):
 
 
 class Engine(Protocol):
-    """A factory of series; the appliance holds one engine and asks it for one series per symbol."""
+    """A factory of series; the appliance holds one engine and asks it for one series per symbol.
+
+    Engines subclass this protocol explicitly to inherit the default `stats_many`.
+    """
+
+    __slots__ = ()  # subclasses such as the frozen, slotted NumpyEngine stay without a __dict__
 
     name: str
 
     def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> Series:
         """Create an empty series. `starting_capacity` is an allocation hint, never a cap."""
         ...
+
+    def stats_many(self, requests: Sequence[tuple[Series, int]]) -> list[WindowStats]:
+        """`series.stats(window)` for every (series, window) pair, answers in request order.
+
+        Why a method of the engine and not of a series: a batch of queries over many series
+        (POST /stats/batch) is one call, so a GPU engine can answer all of it in one kernel
+        launch instead of one launch per query. The caller holds every named series still for
+        the whole call (the store holds their locks) and passes only series this engine made,
+        each non-empty, with windows >= 1; a pair may repeat. This default asks each series in
+        turn, which is all a CPU engine needs.
+        """
+        return [series.stats(window) for series, window in requests]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fallback import RetentionPolicy, Series
+from fallback import RetentionPolicy, Series, WindowStats
 
 WINDOW_EXPONENTS = range(1, 9)
 
@@ -41,8 +41,12 @@ def rounding_floor(x: np.ndarray) -> float:
 
 def assert_window_matches(series: Series, model: np.ndarray, window: int, rel: float = 1e-9):
     """Check one window of `series` against numpy on the same values."""
+    assert_stats_match(series.stats(window), model, window, rel)
+
+
+def assert_stats_match(got: WindowStats, model: np.ndarray, window: int, rel: float = 1e-9):
+    """Check an answer for the last `window` values of `model` against numpy on them."""
     expected = model[-window:]
-    got = series.stats(window)
     assert got.count == len(expected)
     # min, max and last are selections, never arithmetic: they must be bit-exact.
     assert got.min == expected.min()

@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fallback import RetentionPolicy
-from tests.engine.reference import ModelSeries, assert_all_windows_match, assert_window_matches
+from tests.engine.reference import (
+    ModelSeries,
+    assert_all_windows_match,
+    assert_stats_match,
+    assert_window_matches,
+)
 
 SEED_BATCH = [150.1, 150.5, 151.0, 149.8, 150.2, 151.1, 151.2, 152.0, 151.5, 151.9]
 
@@ -292,3 +297,46 @@ def test_tail_views_keep_their_values_through_later_appends_and_evictions(make_s
     for _ in range(8):  # cleanups retire the viewed pages, later appends free them
         series.append(rng.uniform(10, 20, m))
     np.testing.assert_array_equal(np.concatenate(views), expected)
+
+
+# --- stats_many: many (series, window) queries in one call (POST /stats/batch) ---------------
+
+
+@_hypothesis
+@given(
+    contents=st.lists(batches, min_size=1, max_size=4),
+    picks=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 8)), max_size=60),
+)
+def test_stats_many_answers_every_query_like_numpy(engine, make_series, contents, picks):
+    """Random series, random queries (repeats included, windows past the series too): every
+    answer is the numpy answer on the same window, in request order."""
+    series, models = [], []
+    for batch_list in contents:
+        one = make_series()
+        for batch in batch_list:
+            one.append(batch)
+        series.append(one)
+        models.append(np.concatenate(batch_list))
+    requests = [(series[i % len(series)], 10**k) for i, k in picks]
+    answers = engine.stats_many(requests)
+    assert len(answers) == len(requests)
+    for (i, k), got in zip(picks, answers, strict=True):
+        assert_stats_match(got, models[i % len(series)], 10**k)
+
+
+def test_stats_many_across_pages_and_after_a_cleanup_matches_numpy(engine, make_series):
+    m = make_series.multi_page_batch
+    rng = np.random.default_rng(21)
+    a, b = make_series(3 * m, m), make_series()
+    model_a = ModelSeries(RetentionPolicy(3 * m, m))
+    for _ in range(4):  # past one cleanup
+        batch = rng.uniform(100, 200, m + 3)
+        a.append(batch)
+        model_a.append(batch)
+    b.append(np.array(SEED_BATCH))
+    requests = [(a, 10**k) for k in range(1, 9)] + [(b, 10), (a, 10), (b, 10**8)]
+    answers = engine.stats_many(requests)
+    assert len(answers) == len(requests)
+    for (one, window), got in zip(requests, answers, strict=True):
+        assert_stats_match(got, model_a.values if one is a else np.array(SEED_BATCH), window)
+    assert engine.stats_many([]) == []
