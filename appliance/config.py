@@ -59,6 +59,8 @@ class ServerConfig(_Section):
     port: Port = 8080
     # 0 = derived: BODY_BYTES_PER_VALUE * store.max_batch_size + BODY_BYTES_OVERHEAD.
     max_body_bytes: NonNegativeInt = 0
+    # Most queries in one POST /stats/batch (413 batch_too_large above it).
+    max_stats_queries: PositiveInt = 10_000
     graceful_shutdown_s: ShutdownSeconds = 15.0
 
 

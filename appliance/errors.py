@@ -47,7 +47,12 @@ _ROWS = (
     ErrorCode(
         "invalid_exponent", 400, "`exponent` is missing, not a plain integer, or outside 1..8."
     ),
-    ErrorCode("missing_parameter", 400, "A required query parameter (`symbol`) is missing."),
+    ErrorCode(
+        "missing_parameter",
+        400,
+        "A required query parameter (`symbol`) is missing; in a POST /stats/batch result, the "
+        "query has no `symbol`.",
+    ),
     ErrorCode(
         "bad_request",
         400,
@@ -84,7 +89,8 @@ _ROWS = (
     ErrorCode(
         "batch_too_large",
         413,
-        "More values than `store.max_batch_size`, or a body larger than `server.max_body_bytes`.",
+        "More values than `store.max_batch_size`, more queries than `server.max_stats_queries` "
+        "(POST /stats/batch), or a body larger than `server.max_body_bytes`.",
     ),
     ErrorCode(
         "unsupported_media_type",
@@ -99,8 +105,8 @@ _ROWS = (
     ErrorCode(
         "not_ready",
         503,
-        "The appliance is still starting (readiness probe); also POST /add_batch/ and "
-        "GET /stats/ while the write-ahead log is replayed at start.",
+        "The appliance is still starting (readiness probe); also POST /add_batch/, "
+        "GET /stats/ and POST /stats/batch while the write-ahead log is replayed at start.",
     ),
     ErrorCode(
         "storage_unavailable",

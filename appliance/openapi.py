@@ -18,6 +18,8 @@ _JSON = "application/json"
 
 # Errors any route can produce (an unknown method on it, a malformed request, a server fault).
 _COMMON = ("method_not_allowed", "bad_request", "internal_error")
+# The errors a POST /stats/batch query can get as its item of a 200 answer.
+_BATCH_ITEM_CODES = ("missing_parameter", "invalid_exponent", "invalid_symbol", "unknown_symbol")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -125,6 +127,48 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                     "type": ["number", "null"],
                     "description": "population variance (M2 / count)" + var_null,
                 },
+            },
+        },
+        "StatsBatchRequest": {
+            "type": "object",
+            "required": ["queries"],
+            "properties": {
+                "queries": {
+                    "type": "array",
+                    "maxItems": config.server.max_stats_queries,
+                    "description": "GET /stats/ queries, answered in this order (an empty list "
+                    "answers an empty list). Unknown extra fields are ignored. A symbol or "
+                    "exponent that is a JSON array or object makes the body `invalid_body`.",
+                    "items": {
+                        "type": "object",
+                        "required": ["symbol", "exponent"],
+                        "properties": {
+                            "symbol": _ref("Symbol"),
+                            "exponent": {
+                                "type": "integer",
+                                "minimum": MIN_EXPONENT,
+                                "maximum": MAX_EXPONENT,
+                                "description": "window = 10^exponent values; a JSON integer "
+                                '(`true`, `1.0` and `"1"` are invalid_exponent)',
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "StatsBatchResponse": {
+            "type": "object",
+            "required": ["results"],
+            "properties": {
+                "results": {
+                    "type": "array",
+                    "description": "One per query, in request order: the body GET /stats/ "
+                    "would answer for it, success or error. An error result carries "
+                    + ", ".join(f"`{c}`" for c in _BATCH_ITEM_CODES)
+                    + " (a query without `symbol`: `missing_parameter`; a symbol that is not "
+                    "a string: `invalid_symbol`).",
+                    "items": {"oneOf": [_ref("StatsResponse"), _ref("Error")]},
+                }
             },
         },
         "IngestCounters": {
@@ -427,6 +471,35 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "invalid_exponent",
                             "invalid_symbol",
                             "unknown_symbol",
+                            "not_ready",
+                        ),
+                    },
+                }
+            },
+            "/stats/batch": {
+                "post": {
+                    "operationId": "statsBatch",
+                    "summary": "Many GET /stats/ queries in one request, answered in order from "
+                    "one consistent state of each symbol",
+                    "description": "The whole request fails (4xx, nothing answered) only when "
+                    "the body is not a list of query objects or holds more than "
+                    f"{config.server.max_stats_queries} queries (server.max_stats_queries). "
+                    "A query that cannot be answered (unknown symbol, bad exponent) gets GET "
+                    "/stats/'s error body as its result; the batch still answers 200.",
+                    "requestBody": {
+                        "required": True,
+                        "description": f"At most {config.server.max_stats_queries} queries and "
+                        f"{config.max_body_bytes} bytes. Content-Type application/json "
+                        "(charset utf-8 if given).",
+                        "content": {_JSON: {"schema": _ref("StatsBatchRequest")}},
+                    },
+                    "responses": {
+                        "200": _ok("one result per query, in order", "StatsBatchResponse"),
+                        **_errors(
+                            "invalid_json",
+                            "invalid_body",
+                            "batch_too_large",
+                            "unsupported_media_type",
                             "not_ready",
                         ),
                     },

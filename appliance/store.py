@@ -5,6 +5,11 @@ Each symbol has one `threading.Lock` held for the whole `append` and for every c
 `stats`, so concurrent writers never interleave inside a batch and a reader never observes half
 of one. A registry lock serializes only the creation of new symbols.
 
+Why one lock order: a batch of queries (`stats_many`) holds the locks of every symbol it names
+at once, so that it reads one consistent state of all of them and the engine can answer it in
+one call. It takes them in creation order; every other caller holds at most one symbol lock at
+a time, so no cycle of waiting threads can form.
+
 Why the cache: dashboards poll the same (symbol, exponent) far more often than ticks arrive.
 Each symbol keeps a small dict of computed stats that every append replaces with a fresh empty
 dict (under the symbol lock), so a repeated poll costs one lock-free dict lookup and a result is
@@ -16,6 +21,8 @@ The store never knows about HTTP: it raises `UnknownSymbolError` / `SymbolLimitE
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from contextlib import ExitStack
 
 import numpy as np
 
@@ -38,12 +45,16 @@ class SymbolLimitError(Exception):
 
 
 class _Entry:
-    """One symbol: its series, the lock serializing access to it, and its stats cache."""
+    """One symbol: its series, the lock serializing access to it, and its stats cache.
 
-    __slots__ = ("cache", "lock", "series")
+    `order` is the symbol's creation rank, the order in which `stats_many` takes locks.
+    """
 
-    def __init__(self, series: Series) -> None:
+    __slots__ = ("cache", "lock", "order", "series")
+
+    def __init__(self, series: Series, order: int) -> None:
         self.series = series
+        self.order = order
         self.lock = threading.Lock()
         # Replaced (never mutated in place by writers) on every append; see the module docstring.
         self.cache: dict[int, WindowStats] = {}
@@ -101,7 +112,8 @@ class Store:
                 return None
             if len(self._entries) >= self.max_symbols:
                 raise SymbolLimitError.at(len(self._entries), self.max_symbols)
-            entry = _Entry(self.engine.new_series(self.retention, self.starting_capacity))
+            series = self.engine.new_series(self.retention, self.starting_capacity)
+            entry = _Entry(series, len(self._entries))  # symbols are never removed
             entry.series.append(values)
             self._entries[symbol] = entry
             return entry
@@ -119,6 +131,45 @@ class Store:
             # Stored under the lock, so it cannot land in a cache created by a later append.
             entry.cache[exponent] = result
         return result
+
+    def stats_many(self, queries: Sequence[tuple[str, int]]) -> list[WindowStats | None]:
+        """`stats(symbol, exponent)` for every query, in order; None for an unknown symbol.
+
+        Exponents are validated by the caller, as for `stats`.
+
+        The batch is answered from one consistent state: the locks of every symbol it names
+        are held together (in creation order, see the module docstring) while the cached
+        answers are read and the missing ones computed, so two queries on one symbol never
+        straddle an append. Repeated queries are computed once, and every distinct miss goes
+        to the engine in one `stats_many` call (one launch for a GPU engine). Writers to these
+        symbols wait for that one call, which covers at most 8 windows per symbol.
+        """
+        wanted: dict[tuple[str, int], _Entry] = {}
+        for query in queries:
+            if query not in wanted:
+                entry = self._entries.get(query[0])
+                if entry is not None:
+                    wanted[query] = entry
+        answers: dict[tuple[str, int], WindowStats] = {}
+        locks = sorted(set(wanted.values()), key=lambda entry: entry.order)
+        with ExitStack() as held:
+            for entry in locks:
+                held.enter_context(entry.lock)
+            misses = []
+            for query, entry in wanted.items():
+                cached = entry.cache.get(query[1])  # under the lock: the current cache
+                if cached is None:
+                    misses.append((query, entry))
+                else:
+                    answers[query] = cached
+            if misses:
+                computed = self.engine.stats_many(
+                    [(entry.series, 10**exponent) for (_, exponent), entry in misses]
+                )
+                for (query, entry), result in zip(misses, computed, strict=True):
+                    entry.cache[query[1]] = result
+                    answers[query] = result
+        return [answers.get(query) for query in queries]
 
     def symbols(self) -> list[str]:
         """Known symbols, in creation order."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote_plus
@@ -74,7 +74,7 @@ class BatchDecoder:
     def decode(self, body: bytes) -> Batch:
         """Hot path: one C decode, one array conversion, a few vectorized checks."""
         self._check_size(body)
-        parsed = _decode(self._decoder, body)
+        parsed = decode_body(self._decoder, body)
         symbol = validate_symbol(parsed.symbol)
         count = len(parsed.values)
         if count == 0:
@@ -99,7 +99,7 @@ class BatchDecoder:
         """
         if len(body) <= self._short_body or count_commas(body) <= self.max_batch_size:
             return
-        raw = bytes(_decode(self._probe, body).values)
+        raw = bytes(decode_body(self._probe, body).values)
         count = count_array_elements(raw)
         if count > self.max_batch_size:
             raise self._too_large(count)
@@ -142,12 +142,20 @@ def check_values(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
-    """Decode with `decoder`, every msgspec failure mapped to its SPEC code."""
+def decode_body(
+    decoder: msgspec.json.Decoder,
+    body: bytes,
+    invalid: Callable[[msgspec.ValidationError], ApiError] | None = None,
+) -> Any:
+    """Decode with `decoder`, every msgspec failure mapped to its SPEC code.
+
+    `invalid` maps a ValidationError (the JSON is well formed, its shape is wrong) for bodies
+    other than POST /add_batch/'s, whose mapping is the default.
+    """
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise (invalid or _validation_error)(exc) from None
     except msgspec.DecodeError as exc:
         raise ApiError("invalid_json", f"body is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec raises this for bad UTF-8 inside a string
@@ -158,7 +166,12 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
 
 def count_commas(data: bytes) -> int:
     """`data.count(b",")`, measured 5x faster (1.1 ms vs 5.8 ms for an 8 MB body)."""
-    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == _COMMA))
+    return count_byte(data, _COMMA)
+
+
+def count_byte(data: bytes, byte: int) -> int:
+    """`data.count(bytes([byte]))`, vectorized (see `count_commas`)."""
+    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == byte))
 
 
 def count_array_elements(raw: bytes) -> int:
@@ -297,10 +310,20 @@ def parse_stats_query(params: Mapping[str, str]) -> StatsQuery:
     if exponent is None and _DIGITS.fullmatch(raw):  # leading zeros: "01"
         exponent = _EXPONENTS.get(str(int(raw)))
     if exponent is None:
-        shown = raw if len(raw) <= 20 else raw[:20] + "..."
-        raise ApiError(
-            "invalid_exponent",
-            f"exponent {shown!r} is not an integer in {MIN_EXPONENT}..{MAX_EXPONENT} "
-            "(the window is the last 10^exponent values)",
-        )
+        raise invalid_exponent(repr(shorten(raw)))
     return StatsQuery(symbol, exponent)
+
+
+def shorten(text: str, limit: int = 20) -> str:
+    """`text`, cut to `limit` characters with "..." when longer (echoing client input)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def invalid_exponent(shown: str) -> ApiError:
+    """The one wording for a bad exponent (GET /stats/ and POST /stats/batch); `shown` is the
+    exponent as the client wrote it, quoted by the caller."""
+    return ApiError(
+        "invalid_exponent",
+        f"exponent {shown} is not an integer in {MIN_EXPONENT}..{MAX_EXPONENT} "
+        "(the window is the last 10^exponent values)",
+    )

@@ -1,0 +1,201 @@
+"""POST /stats/batch: many GET /stats/ queries in one request, answered in order.
+
+Why a module of its own: the batch has two kinds of failure. A body the server cannot read as a
+list of queries (not JSON, not an object, `queries` not a list of objects, too many of them) is
+one ApiError for the whole request, raised before the store is touched. A query the server can
+read but not answer (unknown symbol, bad exponent) is that item's error only, with exactly the
+code and message GET /stats/ would answer for it, and the batch still answers 200. Keeping both
+rules next to each other keeps the two endpoints in step.
+
+Per item, the checks are GET /stats/'s, in its order: `symbol` present, exponent an integer
+1..8, then the store lookup, with the symbol's own rules (`validate_symbol`) applied only on a
+miss. JSON has types where a query string has only text: the exponent must be a JSON integer
+(`true`, `1.0` and `"1"` are not), and the symbol a string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from appliance.errors import ApiError
+from appliance.store import Store
+from appliance.validation import (
+    MAX_EXPONENT,
+    MIN_EXPONENT,
+    count_array_elements,
+    count_byte,
+    decode_body,
+    invalid_exponent,
+    shorten,
+    validate_symbol,
+)
+from fallback.interface import WindowStats
+
+# Any JSON scalar: a mistyped symbol or exponent is its item's error, not the body's. Arrays and
+# objects are refused by the decoder as it meets them (invalid_body), never built in memory.
+_Scalar = str | int | float | bool | None
+_OPEN_BRACE = ord("{")
+# The shortest body of n items is `{"queries":[{},{},...]}`: 3n + 13 bytes.
+_BYTES_PER_ITEM = 3
+_BODY_OVERHEAD = 13
+
+Query = tuple[str, int]
+
+
+class _Item(msgspec.Struct):
+    """One query; unknown fields are ignored, as in POST /add_batch/ bodies."""
+
+    symbol: _Scalar | msgspec.UnsetType = msgspec.UNSET
+    exponent: _Scalar | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Body(msgspec.Struct):
+    queries: list[_Item]
+
+
+class _QueriesProbe(msgspec.Struct):
+    """Only the raw bytes of `queries`: counts the items without building them."""
+
+    queries: msgspec.Raw
+
+
+class StatsBatchDecoder:
+    """Decodes POST /stats/batch bodies; one per app (the msgspec decoders are reusable)."""
+
+    def __init__(self, max_queries: int) -> None:
+        self.max_queries = max_queries
+        self._decoder = msgspec.json.Decoder(_Body)
+        self._probe = msgspec.json.Decoder(_QueriesProbe)
+        # A body no longer than this cannot hold max_queries + 1 items.
+        self._short_body = _BYTES_PER_ITEM * (max_queries + 1) + _BODY_OVERHEAD - 1
+
+    def decode(self, body: bytes) -> list[Query | ApiError]:
+        """Each item as a (symbol, exponent) query to ask the store, or the error to answer.
+
+        Raises ApiError for a body that is not a batch of queries, or holds too many.
+        Hot path: one C decode, then a type check and a range check per item.
+        """
+        self._check_count(body)
+        parsed = decode_body(self._decoder, body, _body_error)
+        items: list[Query | ApiError] = []
+        for item in parsed.queries:
+            symbol, exponent = item.symbol, item.exponent
+            if (
+                type(symbol) is str
+                and type(exponent) is int
+                and MIN_EXPONENT <= exponent <= MAX_EXPONENT
+            ):
+                items.append((symbol, exponent))
+            else:
+                items.append(_item_error(symbol, exponent))
+        return items
+
+    def _check_count(self, body: bytes) -> None:
+        """413 before decoding: the 10M `{}` items a 32 MB body can hold would be as many
+        Python objects (most of a gigabyte).
+
+        Every item that survives the typed decode is an object, which opens with `{`: a body
+        with at most max_queries + 1 braces (its own and one per item) cannot hold too many.
+        Only past that bound are the items counted exactly (a Raw decode and vectorized
+        counts, no object per item). A body too short to hold more items skips even the
+        brace count.
+        """
+        if len(body) <= self._short_body or count_byte(body, _OPEN_BRACE) <= self.max_queries + 1:
+            return
+        raw = bytes(decode_body(self._probe, body, _body_error).queries)
+        count = count_array_elements(raw)
+        if count > self.max_queries:
+            raise ApiError(
+                "batch_too_large",
+                f"batch has {count} queries; at most {self.max_queries} are accepted per "
+                "request (server.max_stats_queries): split it",
+            )
+
+
+def _body_error(exc: msgspec.ValidationError) -> ApiError:
+    message = str(exc)
+    if message.startswith("Number out of range"):
+        # SPEC section 5: a number that overflows to inf makes the body invalid JSON.
+        return ApiError("invalid_json", f"a number overflows a float64: {message}")
+    return ApiError(
+        "invalid_body",
+        f'body must be an object {{"queries": [{{"symbol": string, "exponent": integer}}, ...]}}: '
+        f"{message}",
+    )
+
+
+def _item_error(symbol: Any, exponent: Any) -> ApiError:
+    """The error of an item the fast path refused, in GET /stats/'s order of checks."""
+    if symbol is msgspec.UNSET:
+        return ApiError("missing_parameter", "`symbol` is required in every query")
+    if exponent is msgspec.UNSET:
+        return ApiError(
+            "invalid_exponent",
+            f"`exponent` is required in every query (an integer {MIN_EXPONENT}..{MAX_EXPONENT})",
+        )
+    if type(exponent) is not int or not MIN_EXPONENT <= exponent <= MAX_EXPONENT:
+        error = invalid_exponent(shorten(msgspec.json.encode(exponent).decode()))
+        if isinstance(exponent, str):
+            error = ApiError(
+                "invalid_exponent", f"{error.message}; send a JSON number, not a string"
+            )
+        return error
+    return ApiError("invalid_symbol", f"symbol must be a JSON string, got {_json_type(symbol)}")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
+
+
+def unknown_symbol(symbol: str) -> ApiError:
+    """What GET /stats/ and a batch item answer for a symbol the store does not hold: the
+    symbol's own error if it is not a valid symbol at all, else unknown_symbol."""
+    try:
+        validate_symbol(symbol)
+    except ApiError as error:
+        return error
+    return ApiError("unknown_symbol", f"unknown symbol {symbol!r}: no values were added for it")
+
+
+def stats_body(result: WindowStats) -> dict[str, float]:
+    """The GET /stats/ success body: exactly these five keys."""
+    return {
+        "min": result.min,
+        "max": result.max,
+        "last": result.last,
+        "avg": result.avg,
+        "var": result.var,
+    }
+
+
+def answer(store: Store, items: list[Query | ApiError]) -> list[dict[str, Any]]:
+    """One body per item, in order: GET /stats/'s success body or its error body.
+
+    The store answers every query in one call (one consistent state per symbol, each distinct
+    query computed once); repeated queries and repeated unknown symbols share one body object.
+    """
+    results = iter(store.stats_many([item for item in items if type(item) is tuple]))
+    found: dict[Query, dict[str, Any]] = {}
+    missing: dict[str, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if type(item) is not tuple:
+            out.append(item.to_body())
+            continue
+        result = next(results)
+        if result is None:
+            body = missing.get(item[0])
+            if body is None:
+                body = missing[item[0]] = unknown_symbol(item[0]).to_body()
+        else:
+            body = found.get(item)
+            if body is None:
+                body = found[item] = stats_body(result)
+        out.append(body)
+    return out
