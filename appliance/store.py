@@ -5,15 +5,18 @@ Each symbol has one `threading.Lock` held for the whole `append` and for every c
 `stats`, so concurrent writers never interleave inside a batch and a reader never observes half
 of one. A registry lock serializes only the creation of new symbols.
 
-Why one lock order: a batch of queries (`stats_many`) holds the locks of every symbol it names
-at once, so that it reads one consistent state of all of them and the engine can answer it in
-one call. It takes them in creation order; every other caller holds at most one symbol lock at
-a time, so no cycle of waiting threads can form.
-
 Why the cache: dashboards poll the same (symbol, exponent) far more often than ticks arrive.
 Each symbol keeps a small dict of computed stats that every append replaces with a fresh empty
 dict (under the symbol lock), so a repeated poll costs one lock-free dict lookup and a result is
-never served after an append that followed it.
+never served after an append that followed it. Results are only ever added to the dict of the
+state they were computed on (under the lock), so one cache dict holds answers about exactly one
+state of its series.
+
+Why one lock order: a batch of queries (`stats_many`) answers each symbol from one state. A
+symbol whose queries are all in one cache dict is answered from it, without a lock; the
+symbols with a miss are locked together, so that the engine answers all their misses in one
+call (one launch for a GPU engine). Those locks are taken in creation order; every other
+caller holds at most one symbol lock at a time, so no cycle of waiting threads can form.
 
 The store never knows about HTTP: it raises `UnknownSymbolError` / `SymbolLimitError`.
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from contextlib import ExitStack
 
 import numpy as np
 
@@ -58,6 +60,10 @@ class _Entry:
         self.lock = threading.Lock()
         # Replaced (never mutated in place by writers) on every append; see the module docstring.
         self.cache: dict[int, WindowStats] = {}
+
+
+# The "cache" of a symbol the store does not hold: never written, every lookup misses.
+_NO_ANSWERS: dict[int, WindowStats] = {}
 
 
 class Store:
@@ -135,41 +141,88 @@ class Store:
     def stats_many(self, queries: Sequence[tuple[str, int]]) -> list[WindowStats | None]:
         """`stats(symbol, exponent)` for every query, in order; None for an unknown symbol.
 
-        Exponents are validated by the caller, as for `stats`.
+        Exponents are validated by the caller, as for `stats`. Every answer about one symbol
+        comes from one state of its series, so two queries on a symbol never straddle an
+        append: all are read from the one cache dict of that state (see the module docstring).
+        Repeated queries are computed once, and every distinct miss of the batch goes to the
+        engine in one `stats_many` call; writers to the symbols with a miss wait for that one
+        call, which covers at most 8 windows per symbol.
 
-        The batch is answered from one consistent state: the locks of every symbol it names
-        are held together (in creation order, see the module docstring) while the cached
-        answers are read and the missing ones computed, so two queries on one symbol never
-        straddle an append. Repeated queries are computed once, and every distinct miss goes
-        to the engine in one `stats_many` call (one launch for a GPU engine). Writers to these
-        symbols wait for that one call, which covers at most 8 windows per symbol.
+        Hot path: with every answer cached this costs what as many `stats` calls do, two dict
+        lookups per query, and takes no lock.
         """
-        wanted: dict[tuple[str, int], _Entry] = {}
-        for query in queries:
-            if query not in wanted:
-                entry = self._entries.get(query[0])
-                if entry is not None:
-                    wanted[query] = entry
-        answers: dict[tuple[str, int], WindowStats] = {}
-        locks = sorted(set(wanted.values()), key=lambda entry: entry.order)
-        with ExitStack() as held:
-            for entry in locks:
-                held.enter_context(entry.lock)
-            misses = []
-            for query, entry in wanted.items():
-                cached = entry.cache.get(query[1])  # under the lock: the current cache
-                if cached is None:
-                    misses.append((query, entry))
+        caches: dict[str, dict[int, WindowStats]] = {}
+        answers: list[WindowStats | None] = []
+        misses: list[int] = []
+        wanted: dict[str, set[int]] = {}  # the distinct misses, by symbol
+        for symbol, exponent in queries:
+            cache = caches.get(symbol)
+            if cache is None:
+                entry = self._entries.get(symbol)
+                # Read once per symbol: every answer taken from it is about one state.
+                cache = caches[symbol] = _NO_ANSWERS if entry is None else entry.cache
+            answer = cache.get(exponent)
+            if answer is None and cache is not _NO_ANSWERS:
+                misses.append(len(answers))
+                exponents = wanted.get(symbol)
+                if exponents is None:
+                    wanted[symbol] = {exponent}
                 else:
-                    answers[query] = cached
-            if misses:
-                computed = self.engine.stats_many(
-                    [(entry.series, 10**exponent) for (_, exponent), entry in misses]
-                )
-                for (query, entry), result in zip(misses, computed, strict=True):
-                    entry.cache[query[1]] = result
-                    answers[query] = result
-        return [answers.get(query) for query in queries]
+                    exponents.add(exponent)
+            answers.append(answer)
+        if misses:
+            moved = self._compute_locked(queries, wanted, caches)
+            for index in misses:
+                symbol, exponent = queries[index]
+                answers[index] = caches[symbol][exponent]
+            for index, (symbol, exponent) in enumerate(queries if moved else ()):
+                if symbol in moved:
+                    answers[index] = caches[symbol][exponent]
+        return answers
+
+    def _compute_locked(
+        self,
+        queries: Sequence[tuple[str, int]],
+        wanted: dict[str, set[int]],
+        caches: dict[str, dict[int, WindowStats]],
+    ) -> set[str]:
+        """Compute the `wanted` answers into their cache dicts, holding all their locks.
+
+        Locks are taken in creation order. Under them each symbol's cache dict is read again:
+        if it is still the one in `caches` (the lock-free pass's), its hits stand and only its
+        misses are computed into it; if an append replaced it meanwhile, `caches` gets the new
+        dict and every query on that symbol is answered again from the new state (the symbol
+        is returned as moved). All misses go to the engine in one call.
+        """
+        # Symbols are never removed: every symbol with a miss has an entry.
+        entries = sorted(((self._entries[s], s) for s in wanted), key=lambda e: e[0].order)
+        moved: set[str] = set()
+        held: list[threading.Lock] = []
+        try:
+            for entry, _ in entries:
+                entry.lock.acquire()
+                held.append(entry.lock)
+            for entry, symbol in entries:
+                if entry.cache is not caches[symbol]:  # appended since the lock-free read
+                    caches[symbol] = entry.cache
+                    moved.add(symbol)
+            for symbol, exponent in queries if moved else ():
+                if symbol in moved:
+                    wanted[symbol].add(exponent)
+            todo = [
+                (entry, exponent)
+                for entry, symbol in entries
+                for exponent in wanted[symbol]
+                if exponent not in entry.cache
+            ]
+            requests = [(e.series, 10**exponent) for e, exponent in todo]
+            computed = self.engine.stats_many(requests) if requests else []
+            for (entry, exponent), result in zip(todo, computed, strict=True):
+                entry.cache[exponent] = result
+        finally:
+            for lock in reversed(held):
+                lock.release()
+        return moved
 
     def symbols(self) -> list[str]:
         """Known symbols, in creation order."""

@@ -112,6 +112,27 @@ def test_an_engine_failure_releases_every_lock() -> None:
     assert store.length("A") == store.length("B") == 4
 
 
+def test_an_append_between_the_cache_read_and_the_lock_re_answers_the_whole_symbol() -> None:
+    """A/1 is cached (state 1), A/2 is not; an append lands before the batch takes A's lock:
+    both answers must then come from state 2, never A/1 from state 1 beside A/2 from state 2."""
+    store = make_store()
+    store.ingest("A", np.arange(1.0, 11.0))
+    store.ingest("B", np.arange(1.0, 11.0))
+    old_a1 = store.stats("A", 1)
+    original = store._compute_locked
+
+    def append_first(*args):
+        store.ingest("A", np.array([100.0]))
+        return original(*args)
+
+    store._compute_locked = append_first
+    answers = store.stats_many([("A", 1), ("B", 1), ("A", 2), ("A", 1)])
+    assert old_a1.last == 10.0
+    assert [a.last for a in answers] == [100.0, 10.0, 100.0, 100.0]
+    assert answers[0].count == 10 and answers[2].count == 11
+    assert answers[0] is answers[3] is store.stats("A", 1)
+
+
 def test_a_batch_sees_one_state_of_each_symbol_while_writers_append() -> None:
     """Writers append runs of one rising value; a batch reading one symbol at two moments would
     see two different `last` values across its windows. Two readers name the symbols in
