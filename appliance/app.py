@@ -415,7 +415,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         check_json_content_type(request.headers.get("content-type"))
         items = batch_decoder.decode(request.body)
         _refuse_while_recovering(request.app.ctx)
-        return json_response({"results": answer(store, items)})
+        return HTTPResponse(answer(store, items), content_type=JSON)
 
     @app.route("/ingest", methods=GET_AND_HEAD, strict_slashes=False)
     async def ingest(request: Request) -> HTTPResponse:
