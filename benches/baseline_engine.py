@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fallback.interface import RetentionPolicy, WindowStats
+from fallback.interface import Engine, RetentionPolicy, WindowStats
 
 
 class FlatArraySeries:
@@ -76,8 +76,8 @@ class FlatArraySeries:
 
 
 @dataclass(frozen=True, slots=True)
-class FlatArrayEngine:
-    """Engine factory for `FlatArraySeries`."""
+class FlatArrayEngine(Engine):
+    """Engine factory for `FlatArraySeries`; `stats_many` is the protocol's default."""
 
     name: str = "flat-numpy-baseline"
 

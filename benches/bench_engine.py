@@ -1,11 +1,14 @@
-"""Engine benchmark: append, window statistics, memory and the cleanup boundary (issue 2).
+"""Engine benchmark: append, window statistics, memory and the cleanup boundary (issue 2), and
+batched statistics through the store (issue 4, POST /stats/batch).
 
 Measures the numpy segment-tree engine (`fallback.NumpyEngine`) against a plain numpy
-"recompute the window each time" baseline in the same run, and prints a markdown table with
-the machine, versions and command, ready to paste into benches/RESULTS.md.
+"recompute the window each time" baseline in the same run, and a 10k-query
+`Store.stats_many` against 10k `Store.stats` calls in the same run, and prints a markdown
+table with the machine, versions and command, ready to paste into benches/RESULTS.md.
 
-    .venv/bin/python benches/bench_engine.py            # full run, N up to 1e8 (about 3 GiB)
-    .venv/bin/python benches/bench_engine.py --quick    # smoke run, N up to 1e6
+    .venv/bin/python benches/bench_engine.py                # full run, N up to 1e8 (about 3 GiB)
+    .venv/bin/python benches/bench_engine.py --quick        # smoke run, N up to 1e6
+    .venv/bin/python benches/bench_engine.py --stats-batch  # only the batch (about 30 s)
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from appliance.stats_batch import StatsBatchDecoder, answer
+from appliance.store import Store
 from fallback import NumpyEngine, RetentionPolicy
 
 BATCH = 10_000
@@ -143,12 +149,123 @@ def bench_cleanup(max_values: int, keep: int, rng) -> dict:
     }
 
 
+STATS_BATCH = 10_000
+
+
+def bench_stats_batch(repeats: int, rng) -> list[dict]:
+    """10k (symbol, exponent) queries: one `Store.stats_many` vs 10k `Store.stats`, same run.
+
+    Two mixes: the default 10 symbols x 8 exponents (a dashboard: 80 distinct queries, the
+    rest repeats) and 1250 symbols x 8 (10k distinct queries, no repeat). "cold": every
+    symbol got a 1-value append just before (outside the timing), so no answer is cached;
+    "warm": the same batch again, every answer cached. The handler column is the whole
+    POST /stats/batch work in process (decode the JSON body, ask the store, encode the answer)
+    without HTTP.
+    """
+    rows = []
+    for symbols, values in ((10, 1_000_000), (1250, 10_000)):
+        rows += _bench_batch_mix(symbols, values, repeats, rng)
+    return rows
+
+
+def _bench_batch_mix(symbols: int, values: int, repeats: int, rng) -> list[dict]:
+    store = Store(
+        NumpyEngine(), retention=RetentionPolicy(), max_symbols=symbols, starting_capacity=values
+    )
+    names = [f"SYM{i:04d}" for i in range(symbols)]
+    block = rng.uniform(100.0, 200.0, values)
+    for name in names:
+        store.ingest(name, block)
+    pairs = [(name, k) for name in names for k in range(1, 9)]
+    queries = [pairs[i % len(pairs)] for i in range(STATS_BATCH)]
+    rng.shuffle(queries)
+    body = msgspec.json.encode({"queries": [{"symbol": s, "exponent": k} for s, k in queries]})
+    decoder = StatsBatchDecoder(STATS_BATCH)
+    tick = np.array([150.0])
+
+    def invalidate() -> None:
+        for name in names:
+            store.ingest(name, tick)
+
+    def singles() -> None:
+        for symbol, exponent in queries:
+            store.stats(symbol, exponent)
+
+    def handler() -> None:
+        answer(store, decoder.decode(body))  # the response body, encoded
+
+    rows = []
+    for cache in ("cold", "warm"):
+        timed = {}
+        for label, fn in (
+            ("batch", lambda: store.stats_many(queries)),
+            ("singles", singles),
+            ("handler", handler),
+        ):
+            samples = []
+            for _ in range(repeats):
+                if cache == "cold":
+                    invalidate()
+                else:
+                    fn()  # fill the cache
+                t0 = time.perf_counter_ns()
+                fn()
+                samples.append((time.perf_counter_ns() - t0) / 1000.0)
+            timed[label] = statistics.median(samples)
+        rows.append(
+            {
+                "symbols": symbols,
+                "values_per_symbol": values,
+                "distinct": len(pairs),
+                "cache": cache,
+                "batch_us": timed["batch"],
+                "singles_us": timed["singles"],
+                "handler_us": timed["handler"],
+                "body_bytes": len(body),
+            }
+        )
+    return rows
+
+
+def print_stats_batch(rows: list[dict]) -> None:
+    print(
+        f"\n| {STATS_BATCH // 1000}k queries through the store | cache | stats_many ms | "
+        f"{STATS_BATCH // 1000}k x stats ms | singles / batch | handler ms (decode + "
+        "stats_many + encode) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['symbols']} symbols x 8 exponents ({row['distinct']} distinct), "
+            f"{row['values_per_symbol']:.0e} values each | {row['cache']} | "
+            f"{row['batch_us'] / 1000:.2f} | {row['singles_us'] / 1000:.2f} | "
+            f"{row['singles_us'] / row['batch_us']:.1f}x | {row['handler_us'] / 1000:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument(
+        "--stats-batch", action="store_true", help="only the batched statistics (issue 4)"
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(2026)
+    if args.stats_batch:
+        result = {
+            "machine": machine(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python " + " ".join(sys.argv),
+            "stats_batch": bench_stats_batch(5 if args.quick else 21, rng),
+        }
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return
+        print(f"Machine: {result['machine']}  \nDate: {result['date']}  ")
+        print(f"Command: `{result['command']}`")
+        print_stats_batch(result["stats_batch"])
+        return
     big = 1_000_000 if args.quick else 100_000_000
     repeats = 200 if args.quick else 2000
     result = {
@@ -162,6 +279,7 @@ def main() -> None:
         result["cleanup"] = bench_cleanup(2_000_000, 1_000_000, rng)
     else:
         result["cleanup"] = bench_cleanup(150_000_000, 100_000_000, rng)
+    result["stats_batch"] = bench_stats_batch(5 if args.quick else 21, rng)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -195,6 +313,7 @@ def main() -> None:
         f"{c['max_us']:.1f} us = {c['max_over_median']:.2f}x median; after cleanup "
         f"{c['len_after']} values at {c['bytes_per_value_after']:.3f} B/value"
     )
+    print_stats_batch(result["stats_batch"])
 
 
 if __name__ == "__main__":
