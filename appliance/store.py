@@ -153,7 +153,6 @@ class Store:
         """
         caches: dict[str, dict[int, WindowStats]] = {}
         answers: list[WindowStats | None] = []
-        misses: list[int] = []
         wanted: dict[str, set[int]] = {}  # the distinct misses, by symbol
         for symbol, exponent in queries:
             cache = caches.get(symbol)
@@ -163,36 +162,31 @@ class Store:
                 cache = caches[symbol] = _NO_ANSWERS if entry is None else entry.cache
             answer = cache.get(exponent)
             if answer is None and cache is not _NO_ANSWERS:
-                misses.append(len(answers))
                 exponents = wanted.get(symbol)
                 if exponents is None:
                     wanted[symbol] = {exponent}
                 else:
                     exponents.add(exponent)
             answers.append(answer)
-        if misses:
-            moved = self._compute_locked(queries, wanted, caches)
-            for index in misses:
-                symbol, exponent = queries[index]
-                answers[index] = caches[symbol][exponent]
-            for index, (symbol, exponent) in enumerate(queries if moved else ()):
-                if symbol in moved:
-                    answers[index] = caches[symbol][exponent]
-        return answers
+        if not wanted:
+            return answers
+        self._compute_locked(queries, wanted, caches)
+        # Every symbol's cache dict in `caches` now holds all its answers, from one state.
+        return [caches[symbol].get(exponent) for symbol, exponent in queries]
 
     def _compute_locked(
         self,
         queries: Sequence[tuple[str, int]],
         wanted: dict[str, set[int]],
         caches: dict[str, dict[int, WindowStats]],
-    ) -> set[str]:
+    ) -> None:
         """Compute the `wanted` answers into their cache dicts, holding all their locks.
 
         Locks are taken in creation order. Under them each symbol's cache dict is read again:
         if it is still the one in `caches` (the lock-free pass's), its hits stand and only its
         misses are computed into it; if an append replaced it meanwhile, `caches` gets the new
-        dict and every query on that symbol is answered again from the new state (the symbol
-        is returned as moved). All misses go to the engine in one call.
+        dict and every query on that symbol is answered again, from the new state. All misses
+        go to the engine in one call.
         """
         # Symbols are never removed: every symbol with a miss has an entry.
         entries = sorted(((self._entries[s], s) for s in wanted), key=lambda e: e[0].order)
@@ -222,7 +216,6 @@ class Store:
         finally:
             for lock in reversed(held):
                 lock.release()
-        return moved
 
     def symbols(self) -> list[str]:
         """Known symbols, in creation order."""
