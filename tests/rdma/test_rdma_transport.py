@@ -161,16 +161,22 @@ def test_a_slot_without_its_sequence_stops_only_that_publisher(
     lab: Lab, ingest: RdmaIngest, collector: Collector
 ) -> None:
     ingest.start()
-    with publisher(lab, ingest) as healthy, publisher(lab, ingest) as broken:
-        broken.publish("BROKEN", [1.0])
-        broken.flush(10)
-        frame = encode_data(broken.publisher_id, 2, "BROKEN", np.array([2.0]))
-        write_raw(broken, frame, sequence_word=12345)  # announced, but not published
-        rings = lambda: ingest.snapshot()["rings"]  # noqa: E731
-        wait_until(lambda: not rings()[str(broken.publisher_id)]["connected"], "the stop")
-        healthy.publish("HEALTHY", np.arange(1.0, 50.0))
-        healthy.flush(10)
-        assert rings()[str(healthy.publisher_id)]["connected"]
+    broken = publisher(lab, ingest, timeout_s=1.0)
+    try:
+        with publisher(lab, ingest) as healthy:
+            broken.publish("BROKEN", [1.0])
+            broken.flush(10)
+            frame = encode_data(broken.publisher_id, 2, "BROKEN", np.array([2.0]))
+            write_raw(broken, frame, sequence_word=12345)  # announced, but not published
+            rings = lambda: ingest.snapshot()["rings"]  # noqa: E731
+            wait_until(lambda: not rings()[str(broken.publisher_id)]["connected"], "the stop")
+            healthy.publish("HEALTHY", np.arange(1.0, 50.0))
+            healthy.flush(10)
+            assert rings()[str(healthy.publisher_id)]["connected"]
+        with pytest.raises(PublishError, match="has not consumed"):
+            broken.flush(10)  # its slot is never consumed: the publisher learns it in time
+    finally:
+        broken.close()
     np.testing.assert_array_equal(collector.values("BROKEN"), [1.0])
     np.testing.assert_array_equal(collector.values("HEALTHY"), np.arange(1.0, 50.0))
 
