@@ -36,7 +36,8 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
         "--transport",
         choices=TRANSPORTS,
         default="zmq",
-        help="zmq: DEALER with acks (default); zmq-push: PUSH, no acks; shm: shared-memory ring",
+        help="zmq: DEALER with acks (default); zmq-push: PUSH, no acks; shm: shared-memory ring; "
+        "rdma: the ring written over RDMA verbs",
     )
     parser.add_argument(
         "--endpoint",
@@ -46,6 +47,13 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control-endpoint",
         help="control socket for shm and rdma (default: transport.zmq.control_endpoint)",
+    )
+    parser.add_argument(
+        "--rdma-device",
+        help="local RDMA device for rdma (default: transport.rdma.device, '' = the first)",
+    )
+    parser.add_argument(
+        "--gid-index", type=int, help="GID index for rdma (default: transport.rdma.gid_index)"
     )
     parser.add_argument(
         "--publisher-id", type=int, help="64-bit publisher id (default: random per run)"
@@ -62,7 +70,14 @@ def open_publisher(args: argparse.Namespace, config: AppConfig) -> Publisher:
     )
     # A command is a one-shot publisher: its ring is released at the end, not left to count
     # against the appliance's transport.shm.max_rings (or rdma.max_rings).
-    options = {"release_on_close": True} if args.transport in ("shm", "rdma") else {}
+    options: dict[str, object] = {}
+    if args.transport in ("shm", "rdma"):
+        options["release_on_close"] = True
+    if args.transport == "rdma":
+        rdma = config.transport.rdma
+        options["device"] = rdma.device if args.rdma_device is None else args.rdma_device
+        options["gid_index"] = rdma.gid_index if args.gid_index is None else args.gid_index
+        options["port"] = rdma.port
     return connect(
         args.transport,
         endpoint=args.endpoint or default,

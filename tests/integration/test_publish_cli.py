@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from server_harness import Server, appliance_command, run_cli, running_server, subprocess_env
 
+from tests.rdma import lab as rdma_lab
 from tests.waiting import wait_until
 from transport.shm.server import DEFAULT_DIRECTORY
 
@@ -120,6 +121,19 @@ def test_publish_without_an_appliance_fails_in_time(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "publish", "--endpoint", dead, "--timeout", "1", "X", "1")
     assert result.returncode == 1
     assert "not acknowledged" in result.stderr or "accepted nothing" in result.stderr
+
+
+def test_publish_over_rdma_without_rdma_here_says_what_is_missing(
+    tmp_path: Path, server: Server
+) -> None:
+    missing = rdma_lab.missing()
+    if missing is None:
+        pytest.skip("RDMA works here: tests/rdma covers the publish command")
+    control = ["--control-endpoint", server.control_endpoint]
+    result = run_cli(tmp_path, "publish", "--transport", "rdma", *control, "X", "1")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and missing in lines[0], result.stderr
 
 
 def replay(tmp_path: Path, server: Server, csv: Path, *args: str):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.integration.server_harness import REPO_ROOT, Server, running_server, subprocess_env
-from tests.rdma.conftest import Lab
+from tests.rdma.lab import Lab
 from tests.waiting import wait_until
 from transport.publishers import connect
 
@@ -109,3 +109,17 @@ def test_a_publisher_killed_mid_stream_stops_nothing_else(lab: Lab, server: Serv
     doomed_window = server.stats("DOOMED", 3).json
     assert doomed_window["max"] == doomed_last
     assert doomed_window["min"] == max(1.0, doomed_last - 999)
+
+
+def test_the_publish_command_speaks_rdma(lab: Lab, server: Server, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "publish", "--transport", "rdma",
+         "--control-endpoint", server.control_endpoint, "--rdma-device", lab.client_device,
+         "--gid-index", str(lab.gid_index), "CLI/RDMA", "3.5", "1.25", "2.0"],
+        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    got = server.stats("CLI/RDMA", 1).json
+    assert (got["min"], got["max"], got["last"]) == (1.25, 3.5, 2.0)
+    # A one-shot publisher releases its ring.
+    assert server.ingest_counters()["rdma"]["rings_open"] == 0

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.rdma.conftest import Lab
+from tests.rdma.lab import Lab
 from tests.waiting import wait_until
 from transport.publisher import PublishError
 from transport.rdma.publisher import RdmaPublisher

@@ -18,6 +18,7 @@ from appliance.config import AppConfig, build_config
 from appliance.store import Store
 from appliance.transports import RDMA_NO_CONTROL, Transports
 from fallback import NumpyEngine
+from tests.rdma import lab as rdma_lab
 from transport.errors import TransportBindError, TransportStartError
 from transport.publisher import PublishError
 from transport.wire import Reason
@@ -114,14 +115,11 @@ def test_a_busy_endpoint_is_one_start_error_naming_it() -> None:
 
 
 def rdma_missing_here() -> str:
-    """What this host lacks for RDMA, as the transport words it (skip where RDMA works)."""
-    from transport.rdma import verbs
-
-    try:
-        verbs.device_names(verbs.load())
-    except verbs.RdmaUnavailable as exc:
-        return str(exc)
-    pytest.skip("an RDMA device is present here: the no-device path cannot be exercised")
+    """What this host lacks for RDMA (skip where RDMA works)."""
+    reason = rdma_lab.missing()
+    if reason is None:
+        pytest.skip("an RDMA device is present here: the no-device path cannot be exercised")
+    return reason
 
 
 def test_rdma_required_refuses_to_start() -> None:

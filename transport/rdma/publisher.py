@@ -8,7 +8,8 @@ this copy's header, so `RingProducer.has_credit()` works unchanged, and a slot i
 after the appliance consumed it, which is after the write that read it from here completed.
 
 Send queue: writes are signalled every `signal_every` posts (a signalled completion retires
-every earlier work request), and the publisher reaps completions before the send queue fills.
+every earlier work request); once half the send queue is outstanding, each publish reaps
+completions without waiting, and it waits only when the queue is full.
 A failed completion means the queue pair broke (the appliance stopped, or the link went down):
 `PublishError`, and the publisher must be recreated.
 
@@ -172,8 +173,10 @@ class RdmaPublisher(RingPublisher):
     # -- RingPublisher hooks ------------------------------------------------------------------
 
     def _published(self, position: int, length: int) -> None:
-        if self._posted - self._retired >= SEND_DEPTH - 1:
-            self._wait(lambda: self._posted - self._retired < SEND_DEPTH - 1, None, "send queue")
+        if self._posted - self._retired >= SEND_DEPTH // 2:
+            self._progress()  # reap without waiting: the queue rarely fills
+            if not self._send_queue_has_room():
+                self._wait(self._send_queue_has_room, None, "room in the send queue")
         slot = position & (self.slots - 1)
         wr = self._writes[slot]
         self._sges[slot].length = SLOT_HEADER_BYTES + length
@@ -185,6 +188,9 @@ class RdmaPublisher(RingPublisher):
         except self._port.verbs.pyverbs_error.PyverbsError as exc:
             raise PublishError(f"cannot post an RDMA write: {exc}") from None
         self._posted = position + 1
+
+    def _send_queue_has_room(self) -> bool:
+        return self._posted - self._retired < SEND_DEPTH - 1
 
     def _progress(self) -> None:
         """Reap send completions: retire writes, note the status read, surface a broken QP."""
