@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from server_harness import Server, running_server
 
+from tests.waiting import wait_until
 from transport.publisher import PublishError, Rejection, new_publisher_id
 from transport.shm.publisher import ShmPublisher
 from transport.shm.server import DEFAULT_DIRECTORY, NAME_PREFIX
@@ -154,7 +155,8 @@ def test_release_closes_the_ring_and_reattach_continues(sserver: Server) -> None
     second.flush()
     second.close(release=True)
     assert str(publisher_id) not in shm_counters(sserver)["rings"]
-    assert not path.exists()
+    # shm.close hands the ring to the poller, which drains, unmaps and unlinks it next pass.
+    wait_until(lambda: not path.exists(), "the ring file to be unlinked")
     assert_stats_equal_numpy(sserver, symbol, np.array([5.0, 7.0]))
 
 
