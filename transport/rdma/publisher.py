@@ -31,11 +31,10 @@ import os
 import socket
 from typing import Any
 
-from transport.control import ControlError
 from transport.publisher import PublishError
 from transport.rdma import verbs as rdma_verbs
 from transport.rdma.verbs import Port, QpInfo, RdmaUnavailable
-from transport.shm.publisher import ControlClient, RingPublisher, endpoint_client
+from transport.shm.publisher import ControlClient, RingPublisher
 from transport.shm.ring import (
     HEADER_BYTES,
     OFF_APPLIED_SEQUENCE,
@@ -77,17 +76,13 @@ class RdmaPublisher(RingPublisher):
         signal_every: int = 16,
         release_on_close: bool = False,
     ) -> None:
-        super().__init__(publisher_id=publisher_id, max_frame_bytes=0)
         if not 1 <= signal_every <= SEND_DEPTH // 2:
             raise ValueError(f"signal_every must be in 1..{SEND_DEPTH // 2}")
-        self.timeout_s = timeout_s
-        self._spin_s = spin_us / 1e6
-        self._backoff_max_s = backoff_max_us / 1e6
+        super().__init__(
+            control, publisher_id=publisher_id, timeout_s=timeout_s, spin_us=spin_us,
+            backoff_max_us=backoff_max_us, release_on_close=release_on_close,
+        )  # fmt: skip
         self._signal_every = signal_every
-        self._release_on_close = release_on_close
-        self._control: ControlClient = (
-            endpoint_client(control, timeout_s) if isinstance(control, str) else control
-        )
         self._resources: list[Any] = []  # closed in reverse order
         try:
             self._port = Port(rdma_verbs.load(), device, port, gid_index)
@@ -163,12 +158,6 @@ class RdmaPublisher(RingPublisher):
     def _keep(self, resource: Any) -> Any:
         self._resources.append(resource)
         return resource
-
-    def _call(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return self._control(body)
-        except ControlError as exc:
-            raise PublishError(f"{body['op']} refused: {exc}") from None
 
     # -- RingPublisher hooks ------------------------------------------------------------------
 

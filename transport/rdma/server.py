@@ -47,13 +47,13 @@ from transport.polling import run_poll_loop
 from transport.rdma import verbs as rdma_verbs
 from transport.rdma.verbs import Port, QpInfo, RdmaUnavailable
 from transport.shm.ring import (
-    MIN_SLOT_BYTES,
     OFF_APPLIED_SEQUENCE,
     OFF_CONSUMER_POSITION,
     RingConsumer,
     RingGeometry,
     init_ring,
 )
+from transport.shm.server import check_reattach, checked_defaults, requested_ring
 from transport.wire import MAX_SEQUENCE
 
 log = logging.getLogger(__name__)
@@ -220,10 +220,9 @@ class RdmaIngest:
         spin_us: int = 200,
         backoff_max_us: int = 1_000,
     ) -> None:
-        RingGeometry(max_slots, max_slot_bytes)
-        self.default_geometry = RingGeometry(slots, slot_bytes)
-        if slots > max_slots or slot_bytes > max_slot_bytes:
-            raise ValueError("default slots / slot_bytes exceed max_slots / max_slot_bytes")
+        self.default_geometry = checked_defaults(
+            slots, slot_bytes, max_slots, max_slot_bytes, max_rings, spin_us, backoff_max_us
+        )
         self.sink = sink
         self.device, self.port_number, self.gid_index = device, port, gid_index
         self.max_slots, self.max_slot_bytes, self.max_rings = max_slots, max_slot_bytes, max_rings
@@ -292,25 +291,12 @@ class RdmaIngest:
 
     def _open_ring(self, request: dict[str, Any]) -> dict[str, Any]:
         """rdma.open: the ring of `publisher_id`, created or (same id again) re-attached."""
-        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        slots = int_field(request, "slots", 2, self.max_slots, self.default_geometry.slots)
-        slot_bytes = int_field(
-            request, "slot_bytes", MIN_SLOT_BYTES, self.max_slot_bytes,
-            self.default_geometry.slot_bytes,
-        )  # fmt: skip
-        try:
-            geometry = RingGeometry(slots, slot_bytes)
-        except ValueError as exc:
-            raise ControlError(str(exc)) from None
+        publisher_id, geometry = requested_ring(
+            request, self.default_geometry, self.max_slots, self.max_slot_bytes
+        )
         ring = self._rings.get(publisher_id)
         if ring is not None:
-            if (request.get("slots"), request.get("slot_bytes")) != (None, None) and (
-                ring.geometry != geometry
-            ):
-                raise ControlError(
-                    f"publisher {publisher_id} already has a ring of {ring.geometry.slots} slots "
-                    f"x {ring.geometry.slot_bytes} bytes; re-open it with those sizes or none"
-                )
+            check_reattach(publisher_id, ring.geometry, request)
             self._unlink(ring)  # a restarted publisher: the old queue pair goes first
             return ring.describe()
         if len(self._rings) >= self.max_rings:
@@ -322,7 +308,8 @@ class RdmaIngest:
         self._rings[publisher_id] = ring
         log.info(
             "RDMA ring created", extra={"transport": TRANSPORT, "publisher_id": publisher_id,
-                                        "slots": slots, "slot_bytes": slot_bytes},
+                                        "slots": geometry.slots,
+                                        "slot_bytes": geometry.slot_bytes},
         )  # fmt: skip
         return ring.describe()
 

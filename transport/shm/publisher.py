@@ -44,10 +44,41 @@ class RingPublisher(Publisher):
     """
 
     ring_name = ""
-    timeout_s = 5.0
-    _spin_s = 50e-6
-    _backoff_max_s = 1e-3
     _producer: RingProducer
+
+    def __init__(
+        self,
+        control: str | ControlClient,
+        *,
+        publisher_id: int | None,
+        timeout_s: float,
+        spin_us: int,
+        backoff_max_us: int,
+        release_on_close: bool,
+    ) -> None:
+        super().__init__(publisher_id=publisher_id, max_frame_bytes=0)
+        self.timeout_s = timeout_s
+        self._spin_s = spin_us / 1e6
+        self._backoff_max_s = backoff_max_us / 1e6
+        self._control: ControlClient = (
+            endpoint_client(control, timeout_s) if isinstance(control, str) else control
+        )
+        # One-shot publishers (the CLI) release their ring; long-lived ones keep it so that a
+        # restart with the same id re-attaches (see close()).
+        self._release_on_close = release_on_close
+
+    def close(self, release: bool | None = None) -> None:
+        """Let go of the ring; with `release` (default: the constructor's `release_on_close`),
+        also ask the appliance to drain and delete it."""
+        if release is not None:
+            self._release_on_close = release
+        super().close()
+
+    def _call(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._control(body)
+        except ControlError as exc:
+            raise PublishError(f"{body['op']} refused: {exc}") from None
 
     def _attach(self, producer: RingProducer) -> None:
         self._producer = producer
@@ -155,16 +186,10 @@ class ShmPublisher(RingPublisher):
         backoff_max_us: int = 1_000,
         release_on_close: bool = False,
     ) -> None:
-        super().__init__(publisher_id=publisher_id, max_frame_bytes=0)
-        self.timeout_s = timeout_s
-        self._spin_s = spin_us / 1e6
-        self._backoff_max_s = backoff_max_us / 1e6
-        self._control: ControlClient = (
-            endpoint_client(control, timeout_s) if isinstance(control, str) else control
-        )
-        # One-shot publishers (the CLI) release their ring; long-lived ones keep it so that a
-        # restart with the same id re-attaches (see close()).
-        self._release_on_close = release_on_close
+        super().__init__(
+            control, publisher_id=publisher_id, timeout_s=timeout_s, spin_us=spin_us,
+            backoff_max_us=backoff_max_us, release_on_close=release_on_close,
+        )  # fmt: skip
         reply = self._call({
             "op": "shm.open", "publisher_id": self.publisher_id,
             "slots": slots, "slot_bytes": slot_bytes,
@@ -180,19 +205,6 @@ class ShmPublisher(RingPublisher):
         owner, sequence = self._producer.last_published()
         if owner == self.publisher_id:
             self.last_sequence = sequence  # resume the predecessor's numbering
-
-    def close(self, release: bool | None = None) -> None:
-        """Unmap the ring; with `release` (default: the constructor's `release_on_close`), also
-        ask the appliance to drain and delete it."""
-        if release is not None:
-            self._release_on_close = release
-        super().close()
-
-    def _call(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return self._control(body)
-        except ControlError as exc:
-            raise PublishError(f"{body['op']} refused: {exc}") from None
 
     def _close(self) -> None:
         self._producer.release()

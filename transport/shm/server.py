@@ -123,12 +123,9 @@ class ShmIngest:
         backoff_max_us: int = 1_000,
         directory: str | os.PathLike[str] = DEFAULT_DIRECTORY,
     ) -> None:
-        RingGeometry(max_slots, max_slot_bytes)  # validates both limits
-        self.default_geometry = RingGeometry(slots, slot_bytes)
-        if slots > max_slots or slot_bytes > max_slot_bytes:
-            raise ValueError("default slots / slot_bytes exceed max_slots / max_slot_bytes")
-        if max_rings < 1 or spin_us < 0 or backoff_max_us < 1:
-            raise ValueError("max_rings and backoff_max_us must be >= 1, spin_us >= 0")
+        self.default_geometry = checked_defaults(
+            slots, slot_bytes, max_slots, max_slot_bytes, max_rings, spin_us, backoff_max_us
+        )
         self.sink = sink
         self.max_slots = max_slots
         self.max_slot_bytes = max_slot_bytes
@@ -155,16 +152,9 @@ class ShmIngest:
         return {"shm.open": self._handle_open, "shm.close": self._handle_close}
 
     def _handle_open(self, request: dict[str, Any]) -> dict[str, Any]:
-        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        slots = int_field(request, "slots", 2, self.max_slots, self.default_geometry.slots)
-        slot_bytes = int_field(
-            request, "slot_bytes", MIN_SLOT_BYTES, self.max_slot_bytes,
-            self.default_geometry.slot_bytes,
-        )  # fmt: skip
-        try:
-            geometry = RingGeometry(slots, slot_bytes)
-        except ValueError as exc:
-            raise ControlError(str(exc)) from None
+        publisher_id, geometry = requested_ring(
+            request, self.default_geometry, self.max_slots, self.max_slot_bytes
+        )
         # Control ops are serialized by _open_lock; _lock (which GET /ingest and the poller's
         # retirement take) is held only around registry reads and writes, never while a file
         # is allocated and pre-faulted (tens of ms for a large ring).
@@ -188,7 +178,7 @@ class ShmIngest:
         log.info(
             "shared-memory ring created",
             extra={"transport": TRANSPORT, "publisher_id": publisher_id, "ring": ring.name,
-                   "slots": slots, "slot_bytes": slot_bytes},
+                   "slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
         )  # fmt: skip
         return ring.describe()
 
@@ -203,13 +193,7 @@ class ShmIngest:
     @staticmethod
     def _reattach(ring: _Ring, request: dict[str, Any]) -> dict[str, Any]:
         """Same publisher id again (a restarted publisher): the existing ring, same size."""
-        for key, have in (("slots", ring.geometry.slots), ("slot_bytes", ring.geometry.slot_bytes)):
-            if request.get(key) is not None and request[key] != have:
-                raise ControlError(
-                    f"publisher {ring.publisher_id} already has a ring of {ring.geometry.slots} "
-                    f"slots x {ring.geometry.slot_bytes} bytes; re-open it with those sizes or "
-                    "none"
-                )
+        check_reattach(ring.publisher_id, ring.geometry, request)
         return ring.describe()
 
     def _handle_close(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -345,6 +329,46 @@ class ShmIngest:
         for counters in per_ring.values():
             add_totals(totals, counters)
         return {"rings_open": len(per_ring), "rings": per_ring, "totals": dict(totals)}
+
+
+def checked_defaults(
+    slots: int, slot_bytes: int, max_slots: int, max_slot_bytes: int,
+    max_rings: int, spin_us: int, backoff_max_us: int,
+) -> RingGeometry:  # fmt: skip
+    """The default ring of a ring transport, after checking its limits (ValueError)."""
+    RingGeometry(max_slots, max_slot_bytes)  # validates both limits
+    default = RingGeometry(slots, slot_bytes)
+    if slots > max_slots or slot_bytes > max_slot_bytes:
+        raise ValueError("default slots / slot_bytes exceed max_slots / max_slot_bytes")
+    if max_rings < 1 or spin_us < 0 or backoff_max_us < 1:
+        raise ValueError("max_rings and backoff_max_us must be >= 1, spin_us >= 0")
+    return default
+
+
+def requested_ring(
+    request: dict[str, Any], default: RingGeometry, max_slots: int, max_slot_bytes: int
+) -> tuple[int, RingGeometry]:
+    """The publisher id and ring size of an open request (`shm.open`, `rdma.open`), checked
+    against the limits; ControlError says what is wrong."""
+    publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
+    slots = int_field(request, "slots", 2, max_slots, default.slots)
+    slot_bytes = int_field(
+        request, "slot_bytes", MIN_SLOT_BYTES, max_slot_bytes, default.slot_bytes
+    )
+    try:
+        return publisher_id, RingGeometry(slots, slot_bytes)
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
+
+
+def check_reattach(publisher_id: int, have: RingGeometry, request: dict[str, Any]) -> None:
+    """A re-opened ring keeps its size: sizes in the request must match it or be left out."""
+    for key, value in (("slots", have.slots), ("slot_bytes", have.slot_bytes)):
+        if request.get(key) is not None and request[key] != value:
+            raise ControlError(
+                f"publisher {publisher_id} already has a ring of {have.slots} slots x "
+                f"{have.slot_bytes} bytes; re-open it with those sizes or none"
+            )
 
 
 def sweep_stale_rings(directory: Path) -> int:
