@@ -221,7 +221,13 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                             },
                         },
                         "shm": {"type": "object", "description": "shared-memory rings"},
-                        "rdma": {"type": "object", "description": "`status` and `reason`"},
+                        "rdma": {
+                            "type": "object",
+                            "description": "running: `status`, `device`, `rings_open`, `rings` "
+                            "(per publisher id: `connected`, `writes`, `credit_writes`, "
+                            "`consumer_position`, counters) and `totals`; enabled but not "
+                            "running: `status: unavailable` and the `reason`",
+                        },
                     },
                 },
             },
