@@ -161,8 +161,8 @@ class RdmaConfig(_Section):
     """
 
     enabled: bool | Literal["required"] = False
-    # RDMA device ("" = the first one), its port, and the GID index (1 = the IPv4-mapped GID of
-    # a RoCE v2 / Soft-RoCE port; see `show_gids` or `ibv_devinfo -v` on other fabrics).
+    # RDMA device ("" = the first one), its port, and the GID index (1 = the IPv4-mapped GID on
+    # Soft-RoCE; on other NICs see `show_gids` or `ibv_devinfo -v`).
     device: str = ""
     port: PositiveInt = 1
     gid_index: NonNegativeInt = 1
@@ -171,6 +171,8 @@ class RdmaConfig(_Section):
     max_slots: PowerOfTwo = 4096
     max_slot_bytes: SlotBytes = 1 << 20
     max_rings: PositiveInt = 16
+    # Most bytes of all RDMA rings together: registered memory is pinned (locked) in RAM.
+    max_total_bytes: PositiveInt = 1 << 30
     spin_us: NonNegativeInt = 200
     backoff_max_us: PositiveInt = 1_000
 

@@ -99,6 +99,7 @@ class Transports:
                 self._sink, device=rdma.device, port=rdma.port, gid_index=rdma.gid_index,
                 slots=rdma.slots, slot_bytes=rdma.slot_bytes, max_slots=rdma.max_slots,
                 max_slot_bytes=rdma.max_slot_bytes, max_rings=rdma.max_rings,
+                max_total_bytes=rdma.max_total_bytes,
                 spin_us=rdma.spin_us, backoff_max_us=rdma.backoff_max_us,
             )  # fmt: skip
             ingest.open()

@@ -18,6 +18,7 @@ import pytest
 
 from tests.rdma.lab import Lab
 from tests.waiting import wait_until
+from transport.control import ControlError
 from transport.publisher import PublishError
 from transport.rdma.publisher import RdmaPublisher
 from transport.rdma.server import RdmaIngest
@@ -213,3 +214,74 @@ def test_a_failed_queue_pair_stops_only_that_publisher_and_a_restart_continues(
     assert collector.values("CUT").tolist() == [1.0, 2.0, 7.0]
     assert applied_before == 2
     other.close()
+
+
+def test_bad_control_requests_are_refused_and_change_nothing(
+    lab: Lab, ingest: RdmaIngest, collector: Collector
+) -> None:
+    ingest.start()
+    client = client_for(ingest)
+    with publisher(lab, ingest) as pub:
+        pub.publish("KEEP", [1.0])
+        pub.flush(10)
+        good = {"op": "rdma.connect", "publisher_id": pub.publisher_id, "qpn": 5, "psn": 1,
+                "gid": "0000:0000:0000:0000:0000:ffff:0a63:0002", "credit_addr": 4096,
+                "credit_rkey": 1}  # fmt: skip
+        for field, bad in (("gid", "zzzz:0000:0000:0000:0000:ffff:0a63:0002"), ("qpn", -1),
+                           ("credit_addr", 0)):  # fmt: skip
+            with pytest.raises(ControlError, match=field):
+                client({**good, field: bad})
+        with pytest.raises(ControlError, match=r"rdma\.open first"):
+            client({**good, "publisher_id": pub.publisher_id + 1})
+        pub.publish("KEEP", [2.0])  # the publisher's queue pair is still connected
+        pub.flush(10)
+    np.testing.assert_array_equal(collector.values("KEEP"), [1.0, 2.0])
+
+
+def test_pinned_memory_is_bounded_by_max_total_bytes(lab: Lab, collector: Collector) -> None:
+    small = RdmaIngest(collector, device=lab.server_device, gid_index=lab.gid_index,
+                       slots=2, slot_bytes=1024, max_total_bytes=8192)  # fmt: skip
+    small.open()
+    try:
+        client = client_for(small)
+        assert client({"op": "rdma.open", "publisher_id": 1})["size"] == 4096 + 2048
+        with pytest.raises(ControlError, match="max_total_bytes"):
+            client({"op": "rdma.open", "publisher_id": 2})
+    finally:
+        small.stop(5.0)
+
+
+def test_a_publisher_cannot_write_into_another_ring(
+    lab: Lab, ingest: RdmaIngest, collector: Collector
+) -> None:
+    ingest.start()
+    replies: dict[int, dict[str, Any]] = {}
+    handlers = ingest.control_handlers()
+
+    def recording(body: dict[str, Any]) -> dict[str, Any]:
+        reply = {"ok": True, **handlers[body["op"]](body)}
+        replies[body["publisher_id"]] = reply
+        return reply
+
+    options = {"device": lab.client_device, "gid_index": lab.gid_index}
+    victim = RdmaPublisher(recording, timeout_s=2.0, **options)
+    intruder = RdmaPublisher(recording, timeout_s=2.0, **options)
+    try:
+        victim.publish("VICTIM", [1.0])
+        victim.flush(10)
+        target = replies[victim.publisher_id]
+        port, c = intruder._port, intruder._port.c
+        source = port.verbs.wr.SGE(intruder._slots_region.buf, 64, intruder._slots_region.lkey)
+        attack = port.verbs.wr.SendWR(opcode=c.IBV_WR_RDMA_WRITE, num_sge=1, sg=[source],
+                                      send_flags=c.IBV_SEND_SIGNALED)  # fmt: skip
+        attack.set_wr_rdma(target["rkey"], target["addr"] + 4096)  # the victim's first slot
+        intruder._qp.post_send(attack)
+        with pytest.raises(PublishError, match="queue pair"):
+            intruder.publish("INTRUDER", [9.0])
+            intruder.flush(10)
+        victim.publish("VICTIM", [2.0])
+        victim.flush(10)
+    finally:
+        intruder.close()
+        victim.close()
+    np.testing.assert_array_equal(collector.values("VICTIM"), [1.0, 2.0])

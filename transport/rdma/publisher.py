@@ -110,40 +110,50 @@ class RdmaPublisher(RingPublisher):
         )
         self._anchor = (ctypes.c_char * size).from_buffer(self._memory)
         base = ctypes.addressof(self._anchor)
-        local = c.IBV_ACCESS_LOCAL_WRITE | c.IBV_ACCESS_REMOTE_WRITE
-        self._region = self._keep(port.register(base, size, local))
-        self._scratch = self._keep(v.mr.MR(port.pd, HEADER_BYTES, c.IBV_ACCESS_LOCAL_WRITE))
-        self._cq = self._keep(v.cq.CQ(port.context, SEND_DEPTH + 8))
-        self._qp = self._keep(
-            port.rc_qp(self._cq, send_depth=SEND_DEPTH, recv_depth=1, access=local)
+        local = c.IBV_ACCESS_LOCAL_WRITE
+        # The appliance may write only the header page (credits); slots are sent, never received.
+        self._header = self._keep(
+            port.register(base, HEADER_BYTES, local | c.IBV_ACCESS_REMOTE_WRITE)
         )
+        self._slots_region = self._keep(port.register(base + HEADER_BYTES, size - HEADER_BYTES,
+                                                      local))  # fmt: skip
+        self._scratch = self._keep(v.mr.MR(port.pd, HEADER_BYTES, local))
+        self._cq = self._keep(v.cq.CQ(port.context, SEND_DEPTH + 8))
+        self._qp = self._keep(port.rc_qp(self._cq, send_depth=SEND_DEPTH, recv_depth=1,
+                                         access=c.IBV_ACCESS_REMOTE_WRITE))  # fmt: skip
         psn = rdma_verbs.new_psn()
         reply = self._call({
             "op": "rdma.connect", "publisher_id": self.publisher_id,
             **QpInfo(self._qp.qp_num, psn, port.gid).to_dict(),
-            "credit_addr": base + OFF_CONSUMER_POSITION, "credit_rkey": self._region.rkey,
+            "credit_addr": base + OFF_CONSUMER_POSITION, "credit_rkey": self._header.rkey,
         })  # fmt: skip
+        if int(reply["size"]) != size:
+            raise PublishError(f"the appliance's ring is {reply['size']} bytes, expected {size}")
         try:
             port.connect(self._qp, QpInfo.from_dict(reply), psn)
         except (ValueError, v.pyverbs_error.PyverbsError) as exc:
             raise PublishError(f"cannot connect to the appliance's queue pair: {exc}") from None
-        if int(reply["size"]) != size:
-            raise PublishError(f"the appliance's ring is {reply['size']} bytes, expected {size}")
         self._attach(RingProducer(self._memory, pid=os.getpid()))
+        # A slot's last write must have completed before the slot is rebuilt, so at least one
+        # signalled write per half ring.
+        self._signal_every = max(1, min(self._signal_every, self.slots // 2))
         self.last_sequence = int(opened["last_sequence"])  # resume the predecessor's numbering
-        self._build_requests(int(reply["addr"]), int(reply["rkey"]), base)
+        self._build_requests(int(reply["addr"]), int(reply["rkey"]), int(reply["status_rkey"]),
+                             base)  # fmt: skip
         self._retired = self._posted = self._producer.position
 
-    def _build_requests(self, remote: int, rkey: int, base: int) -> None:
+    def _build_requests(self, remote: int, rkey: int, status_rkey: int, base: int) -> None:
         """One write request per slot (reused; only length, immediate and flags change) and the
         status read. Per-post Python objects would cost microseconds each."""
         v, c = self._port.verbs, self._port.c
         self._sges, self._writes = [], []
         for slot in range(self.slots):
             offset = HEADER_BYTES + slot * self.slot_bytes
-            sge = v.wr.SGE(base + offset, SLOT_HEADER_BYTES, self._region.lkey)
+            sge = v.wr.SGE(base + offset, SLOT_HEADER_BYTES, self._slots_region.lkey)
             wr = v.wr.SendWR(opcode=c.IBV_WR_RDMA_WRITE_WITH_IMM, num_sge=1, sg=[sge])
-            wr.sg_list = sge  # the request reads this SGE, so a new length needs no new object
+            # The request now reads this SGE, so a new length needs no new object. Neither is
+            # ever closed: the SendWR would free the SGE's memory a second time.
+            wr.sg_list = sge
             wr.set_wr_rdma(rkey, remote + offset)
             self._sges.append(sge)
             self._writes.append(wr)
@@ -151,7 +161,7 @@ class RdmaPublisher(RingPublisher):
         sge = v.wr.SGE(self._scratch.buf + OFF_CONSUMER_POSITION, status_length, self._scratch.lkey)
         self._read = v.wr.SendWR(wr_id=READ_WR_ID, opcode=c.IBV_WR_RDMA_READ, num_sge=1, sg=[sge],
                                  send_flags=c.IBV_SEND_SIGNALED)  # fmt: skip
-        self._read.set_wr_rdma(rkey, remote + OFF_CONSUMER_POSITION)
+        self._read.set_wr_rdma(status_rkey, remote + OFF_CONSUMER_POSITION)
         self._read_done = False
         self._signalled = c.IBV_SEND_SIGNALED
 
@@ -160,6 +170,16 @@ class RdmaPublisher(RingPublisher):
         return resource
 
     # -- RingPublisher hooks ------------------------------------------------------------------
+
+    def _send_frame(self, sequence: int, symbol: str, frame: bytes) -> None:
+        # Credits say the appliance consumed the slot; the device must also be done reading
+        # our copy of it (its write completed) before we rebuild it.
+        reused = self._producer.position - self.slots
+        if self._retired <= reused:
+            self._progress()
+            if self._retired <= reused:
+                self._wait(lambda: self._retired > reused, None, "the slot's last write")
+        super()._send_frame(sequence, symbol, frame)
 
     def _published(self, position: int, length: int) -> None:
         if self._posted - self._retired >= SEND_DEPTH // 2:
@@ -201,7 +221,10 @@ class RdmaPublisher(RingPublisher):
     def _refresh_status(self) -> None:
         """Read the appliance's status lines and log, copy all but the credits into ours."""
         self._read_done = False
-        self._qp.post_send(self._read)
+        try:
+            self._qp.post_send(self._read)
+        except self._port.verbs.pyverbs_error.PyverbsError as exc:
+            raise PublishError(f"cannot read the appliance's ring status: {exc}") from None
         self._wait(lambda: self._read_done, None, "the status read")
         status = ctypes.string_at(
             self._scratch.buf + OFF_APPLIED_SEQUENCE, HEADER_BYTES - OFF_APPLIED_SEQUENCE

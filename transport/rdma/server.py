@@ -20,9 +20,16 @@ What differs is how the consumer learns that a slot is complete:
   one is re-posted per completion, and a publisher cannot have more than `slots` unconsumed
   writes (credits), so it never meets an empty receive queue.
 
+Isolation: each ring has its own protection domain, and the queue pair of its publisher lives
+in it, so a publisher can reach no other ring whatever rkey it tries. Within its ring, the slots
+are registered for remote write only and the header page for remote read only (the publisher
+reads status and the rejection log; it cannot forge them).
+
 Threads: every verbs object is created, polled and destroyed on the one poller thread. Control
 requests (`rdma.open`, `rdma.connect`, `rdma.close`, from the ZeroMQ control thread) are queued
-to it and answered when it has run them, so no lock guards the hot path.
+to it and answered when it has run them, so no lock guards the hot path. The control socket is
+not authenticated: whoever reaches it can open, take over (same publisher id) or close rings, as
+with shared memory; keep it on a trusted network.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from transport.polling import run_poll_loop
 from transport.rdma import verbs as rdma_verbs
 from transport.rdma.verbs import Port, QpInfo, RdmaUnavailable
 from transport.shm.ring import (
+    HEADER_BYTES,
     OFF_APPLIED_SEQUENCE,
     OFF_CONSUMER_POSITION,
     RingConsumer,
@@ -68,13 +76,15 @@ _WORD = ctypes.c_uint64
 
 @dataclass(eq=False)
 class _Ring:
-    """One publisher's ring in appliance memory, registered for remote write and read."""
+    """One publisher's ring in appliance memory, in a protection domain of its own."""
 
     publisher_id: int
     geometry: RingGeometry
     memory: mmap.mmap
     anchor: Any  # ctypes view pinning the mapping's address while it is registered
-    region: Any  # the memory region (MR)
+    pd: Any
+    header_region: Any  # the header page: remote read
+    slots_region: Any  # the slots: remote write
     processor: FrameProcessor
     consumer: RingConsumer
     link: _Link | None = None
@@ -128,29 +138,37 @@ class _Link:
     failure: str = ""  # why the link stopped ("" while healthy)
     extra: dict[str, int] = field(default_factory=dict)
 
+    def take(self, wc: Any) -> str:
+        """Account for one completion; the problem it shows ("" if none). Shared by `poll` and
+        `drain`, so a slot is counted only on a successful, well-announced write."""
+        c = self.c
+        if wc.status != c.IBV_WC_SUCCESS:
+            return f"completion error (status {wc.status}, opcode {wc.opcode})"
+        if wc.opcode == c.IBV_WC_RECV_RDMA_WITH_IMM:
+            expected = (self.ring.consumer.position + self.pending) & _IMM_MASK
+            announced = socket.ntohl(wc.imm_data)
+            if announced != expected:
+                return f"write announced slot {announced}, not {expected}"
+            self.pending += 1
+            self.writes += 1
+            return ""
+        if wc.opcode == c.IBV_WC_RDMA_WRITE:
+            self.credit_in_flight = False
+            return ""
+        return f"unexpected operation (completion opcode {wc.opcode})"
+
     def poll(self) -> int:
         """Reap completions, apply the slots they announce, return credits. The hot path."""
-        c = self.c
         consumer = self.ring.consumer
         count, completions = self.cq.poll(POLL_BUDGET)
         problem = ""
         for wc in completions:
-            if wc.status != c.IBV_WC_SUCCESS:
-                problem = f"completion error (status {wc.status}, opcode {wc.opcode})"
+            before = self.pending
+            problem = self.take(wc)
+            if problem:
                 break
-            if wc.opcode == c.IBV_WC_RECV_RDMA_WITH_IMM:
-                expected = (consumer.position + self.pending) & _IMM_MASK
-                if socket.ntohl(wc.imm_data) != expected:
-                    problem = f"write announced slot {socket.ntohl(wc.imm_data)}, not {expected}"
-                    break
-                self.pending += 1
-                self.writes += 1
-                self.qp.post_recv(self.recv_wr)
-            elif wc.opcode == c.IBV_WC_RDMA_WRITE:
-                self.credit_in_flight = False
-            else:
-                problem = f"unexpected operation (completion opcode {wc.opcode})"
-                break
+            if self.pending != before:
+                self.qp.post_recv(self.recv_wr)  # one receive back for the one consumed
         # Slots announced before a problem are whole: apply them either way.
         done = consumer.poll(self.pending) if self.pending else 0
         self.pending -= done
@@ -181,22 +199,25 @@ class _Link:
         return 0
 
     def drain(self) -> None:
-        """Apply every slot whose write completed (the queue pair is already stopped). After
-        a protocol failure nothing more is applied: the announcements are not trusted."""
-        while not self.failure:
+        """Apply every slot whose write completed, once the queue pair is stopped: the same
+        checks as `poll`, up to the first flushed or suspect completion; after a protocol
+        failure nothing more is applied."""
+        settled = bool(self.failure)
+        while not settled:
             _, completions = self.cq.poll(POLL_BUDGET)
             if not completions:
                 break
             for wc in completions:
-                if wc.status == self.c.IBV_WC_SUCCESS and (
-                    wc.opcode == self.c.IBV_WC_RECV_RDMA_WITH_IMM
-                ):
-                    self.pending += 1
+                if self.take(wc):
+                    settled = True  # flushed receives follow the last completed write
+                    break
         if self.pending and not self.failure:
             self.pending -= self.ring.consumer.poll(self.pending)
         self.pending = 0
 
     def close(self) -> None:
+        # The work requests and SGEs are never closed: the SendWR's sg_list points into an
+        # SGE's memory, and closing both would free it twice (pyverbs frees neither on GC).
         for resource in (self.qp, self.cq, self.scratch):
             with contextlib.suppress(Exception):
                 resource.close()
@@ -217,9 +238,13 @@ class RdmaIngest:
         max_slots: int = 4096,
         max_slot_bytes: int = 1 << 20,
         max_rings: int = 16,
+        max_total_bytes: int = 1 << 30,
         spin_us: int = 200,
         backoff_max_us: int = 1_000,
     ) -> None:
+        if max_total_bytes < 1:
+            raise ValueError("max_total_bytes must be >= 1")
+        self.max_total_bytes = max_total_bytes
         self.default_geometry = checked_defaults(
             slots, slot_bytes, max_slots, max_slot_bytes, max_rings, spin_us, backoff_max_us
         )
@@ -228,7 +253,8 @@ class RdmaIngest:
         self.max_slots, self.max_slot_bytes, self.max_rings = max_slots, max_slot_bytes, max_rings
         self.spin_us, self.backoff_max_us = spin_us, backoff_max_us
         self.port: Port | None = None
-        self._rings: dict[int, _Ring] = {}  # poller thread only (and snapshot, racily)
+        self._rings: dict[int, _Ring] = {}  # changed by the poller thread under _lock
+        self._lock = threading.Lock()  # registry + closed totals, for snapshot()
         self._links: tuple[_Link, ...] = ()
         self._requests: queue.SimpleQueue[tuple[Any, dict[str, Any], Future[Any]]] = (
             queue.SimpleQueue()
@@ -256,18 +282,23 @@ class RdmaIngest:
         }
 
     def _on_poller(self, handler: Any, request: dict[str, Any]) -> dict[str, Any]:
-        """Run `handler(request)` on the poller thread (inline when no poller runs)."""
+        """Run `handler(request)` on the poller thread; inline only before it ever started
+        (tests and tools that poll by hand), never beside a poller that is stopping."""
         thread = self._thread
-        if thread is None or not thread.is_alive():
-            if self._running:
-                raise ControlError("the RDMA transport is stopping")
+        if thread is None:
+            if self.port is None:
+                raise ControlError("the RDMA transport is not running")
             return handler(request)
+        if not thread.is_alive() or not self._running:
+            raise ControlError("the RDMA transport is stopping")
         future: Future[dict[str, Any]] = Future()
         self._requests.put((handler, request, future))
         try:
             return future.result(CONTROL_TIMEOUT_S)
         except FutureTimeout:
-            raise ControlError("the RDMA poller did not answer in time") from None
+            if future.cancel():  # not started: it never will be
+                raise ControlError("the RDMA poller did not answer in time") from None
+            return future.result()  # it is running now: its answer is close
 
     def _run_requests(self) -> None:
         while True:
@@ -275,6 +306,8 @@ class RdmaIngest:
                 handler, request, future = self._requests.get_nowait()
             except queue.Empty:
                 return
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up on it
             try:
                 future.set_result(handler(request))
             except BaseException as exc:  # the control thread re-raises it
@@ -287,7 +320,8 @@ class RdmaIngest:
                 _, _, future = self._requests.get_nowait()
             except queue.Empty:
                 return
-            future.set_exception(ControlError("the RDMA transport is stopping"))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ControlError("the RDMA transport is stopping"))
 
     def _open_ring(self, request: dict[str, Any]) -> dict[str, Any]:
         """rdma.open: the ring of `publisher_id`, created or (same id again) re-attached."""
@@ -299,13 +333,10 @@ class RdmaIngest:
             check_reattach(publisher_id, ring.geometry, request)
             self._unlink(ring)  # a restarted publisher: the old queue pair goes first
             return ring.describe()
-        if len(self._rings) >= self.max_rings:
-            raise ControlError(
-                f"{len(self._rings)} RDMA rings are open; transport.rdma.max_rings is "
-                f"{self.max_rings}"
-            )
+        self._check_room(geometry)
         ring = self._create_ring(publisher_id, geometry)
-        self._rings[publisher_id] = ring
+        with self._lock:
+            self._rings[publisher_id] = ring
         log.info(
             "RDMA ring created", extra={"transport": TRANSPORT, "publisher_id": publisher_id,
                                         "slots": geometry.slots,
@@ -313,25 +344,63 @@ class RdmaIngest:
         )  # fmt: skip
         return ring.describe()
 
+    def _check_room(self, geometry: RingGeometry) -> None:
+        """Refuse a ring beyond max_rings, max_total_bytes (registered memory is pinned) or the
+        device's receive-queue depth, before any memory is touched."""
+        if len(self._rings) >= self.max_rings:
+            raise ControlError(
+                f"{len(self._rings)} RDMA rings are open; transport.rdma.max_rings is "
+                f"{self.max_rings}"
+            )
+        used = sum(ring.geometry.total_bytes for ring in self._rings.values())
+        if used + geometry.total_bytes > self.max_total_bytes:
+            raise ControlError(
+                f"a {geometry.total_bytes}-byte ring would bring RDMA rings to "
+                f"{used + geometry.total_bytes} bytes; transport.rdma.max_total_bytes is "
+                f"{self.max_total_bytes}"
+            )
+        port = self._port()
+        if geometry.slots > port.max_qp_wr:
+            raise ControlError(
+                f"{geometry.slots} slots exceed this device's {port.max_qp_wr} receives per "
+                "queue pair"
+            )
+
     def _create_ring(self, publisher_id: int, geometry: RingGeometry) -> _Ring:
         port = self._port()
         c = port.c
         size = geometry.total_bytes
-        # Anonymous shared mapping: page-aligned, zero-filled, pre-faulted.
-        memory = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
-                           | getattr(mmap, "MAP_POPULATE", 0))  # fmt: skip
+        try:  # anonymous shared mapping: page-aligned, zero-filled, pre-faulted
+            memory = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+                               | getattr(mmap, "MAP_POPULATE", 0))  # fmt: skip
+        except OSError as exc:
+            raise ControlError(f"cannot allocate a {size}-byte ring: {exc.strerror}") from None
         init_ring(memory, geometry, publisher_id)
         anchor = (ctypes.c_char * size).from_buffer(memory)
-        access = c.IBV_ACCESS_LOCAL_WRITE | c.IBV_ACCESS_REMOTE_WRITE | c.IBV_ACCESS_REMOTE_READ
+        base = ctypes.addressof(anchor)
+        local = c.IBV_ACCESS_LOCAL_WRITE
+        registered: list[Any] = []
         try:
-            region = port.register(ctypes.addressof(anchor), size, access)
+            pd = port.new_pd()
+            registered.append(pd)
+            header = port.register(base, HEADER_BYTES, local | c.IBV_ACCESS_REMOTE_READ, pd)
+            registered.append(header)
+            slots = port.register(base + HEADER_BYTES, size - HEADER_BYTES,
+                                  local | c.IBV_ACCESS_REMOTE_WRITE, pd)  # fmt: skip
         except port.verbs.pyverbs_error.PyverbsError as exc:
+            for resource in reversed(registered):
+                with contextlib.suppress(Exception):
+                    resource.close()
             del anchor
             memory.close()
-            raise ControlError(f"cannot register a {size}-byte ring: {exc}") from None
+            raise ControlError(
+                f"cannot register a {size}-byte ring: {exc} (registered memory is locked: "
+                "check `ulimit -l` / LimitMEMLOCK)"
+            ) from None
         processor = FrameProcessor(self.sink, TRANSPORT, strict_order=False)
         consumer = RingConsumer(memory, processor.process_message)
-        return _Ring(publisher_id, geometry, memory, anchor, region, processor, consumer)
+        return _Ring(publisher_id, geometry, memory, anchor, pd, header, slots, processor,
+                     consumer)  # fmt: skip
 
     def _connect(self, request: dict[str, Any]) -> dict[str, Any]:
         """rdma.connect: a queue pair to the publisher's, receives posted, ring address back."""
@@ -345,14 +414,11 @@ class RdmaIngest:
             raise ControlError(str(exc)) from None
         credit_addr = int_field(request, "credit_addr", 1, (1 << 64) - 1)
         credit_rkey = int_field(request, "credit_rkey", 0, _IMM_MASK)
-        self._unlink(ring)
         port = self._port()
-        slots = ring.geometry.slots
-        if slots > port.max_qp_wr:
-            raise ControlError(f"{slots} slots exceed this device's {port.max_qp_wr} receives")
+        self._unlink(ring)  # only once the request is known to be well formed
         try:
             link = self._make_link(port, ring, remote, credit_addr, credit_rkey)
-        except port.verbs.pyverbs_error.PyverbsError as exc:
+        except (ValueError, port.verbs.pyverbs_error.PyverbsError) as exc:
             raise ControlError(f"cannot connect a queue pair: {exc}") from None
         ring.link = link
         self._links = (*self._links, link)
@@ -362,7 +428,8 @@ class RdmaIngest:
         )  # fmt: skip
         return {
             **QpInfo(link.qp.qp_num, link.extra["psn"], port.gid).to_dict(),
-            "addr": ring.address, "rkey": ring.region.rkey, "size": ring.geometry.total_bytes,
+            "addr": ring.address, "rkey": ring.slots_region.rkey,
+            "status_rkey": ring.header_region.rkey, "size": ring.geometry.total_bytes,
             "position": ring.consumer.position,
         }  # fmt: skip
 
@@ -374,10 +441,10 @@ class RdmaIngest:
         cq = v.cq.CQ(port.context, slots + 8)
         resources: list[Any] = [cq]
         try:
-            scratch = v.mr.MR(port.pd, SCRATCH_BYTES, c.IBV_ACCESS_LOCAL_WRITE)
+            scratch = v.mr.MR(ring.pd, SCRATCH_BYTES, c.IBV_ACCESS_LOCAL_WRITE)
             resources.append(scratch)
             remote_access = c.IBV_ACCESS_REMOTE_WRITE | c.IBV_ACCESS_REMOTE_READ
-            qp = port.rc_qp(cq, send_depth=4, recv_depth=slots, access=remote_access)
+            qp = port.rc_qp(cq, send_depth=4, recv_depth=slots, access=remote_access, pd=ring.pd)
             resources.append(qp)
             # Receives of WRITE WITH IMMEDIATE carry no data; the SGE is never written.
             landing = v.wr.SGE(scratch.buf + 64, 64, scratch.lkey)
@@ -403,7 +470,7 @@ class RdmaIngest:
     def _close_ring(self, request: dict[str, Any]) -> dict[str, Any]:
         """rdma.close: drain and forget the publisher's ring."""
         publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        ring = self._rings.pop(publisher_id, None)
+        ring = self._rings.get(publisher_id)
         if ring is None:
             return {"closed": False}
         self._destroy(ring)
@@ -422,12 +489,17 @@ class RdmaIngest:
         link.close()
 
     def _destroy(self, ring: _Ring) -> None:
+        """Drain, fold its counters into the totals (in one step with leaving the registry, so
+        GET /ingest never counts it twice or not at all), release everything."""
         self._unlink(ring)
-        add_totals(self._closed_totals, ring.processor.counters.snapshot())
+        with self._lock:
+            self._rings.pop(ring.publisher_id, None)
+            add_totals(self._closed_totals, ring.processor.counters.snapshot())
         ring.consumer.close()
         ring.consumer.release()
-        with contextlib.suppress(Exception):
-            ring.region.close()
+        for resource in (ring.slots_region, ring.header_region, ring.pd):
+            with contextlib.suppress(Exception):
+                resource.close()
         ring.anchor = None
         try:
             ring.memory.close()
@@ -482,15 +554,15 @@ class RdmaIngest:
         self._refuse_requests()
         for ring in list(self._rings.values()):
             self._destroy(ring)
-        self._rings = {}
         if self.port is not None:
             self.port.close()
             self.port = None
 
     def snapshot(self) -> dict[str, Any]:
-        rings = dict(self._rings)
+        with self._lock:
+            rings = dict(self._rings)
+            totals = Counter(self._closed_totals)
         per_ring = {str(pid): ring.counters() for pid, ring in rings.items()}
-        totals = Counter(self._closed_totals)
         for counters in per_ring.values():
             add_totals(totals, counters)
         return {

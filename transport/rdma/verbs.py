@@ -9,14 +9,16 @@ releases: rdma-core 44 (Debian 12) has the flat module `pyverbs.enums`, newer re
 RDMA is off) on machines without it.
 
 Both sides connect the same way: an RC queue pair per publisher, addressed by GID (RoCE needs a
-global route; GID index 1 is the IPv4-mapped GID of a Soft-RoCE or RoCE v2 port), path MTU
-1024 (what Soft-RoCE and every RoCE NIC support). `QpInfo` is what crosses the control socket.
+global route; on Soft-RoCE GID index 1 is the IPv4-mapped GID, on other NICs check `show_gids`
+or `ibv_devinfo -v`), path MTU 1024 (what Soft-RoCE and every RoCE NIC support). `QpInfo` is
+what crosses the control socket.
 """
 
 from __future__ import annotations
 
 import errno
 import importlib
+import re
 import secrets
 from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
@@ -48,6 +50,7 @@ RETRY_COUNT = 7
 RNR_RETRY = 7
 MIN_RNR_TIMER = 14
 PSN_MASK = 0xFFFFFF
+_GID = re.compile(r"[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){7}")
 
 
 class RdmaUnavailable(Exception):
@@ -72,8 +75,8 @@ class QpInfo:
         for name, value, high in (("qpn", qpn, 0xFFFFFF), ("psn", psn, PSN_MASK)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
                 raise ValueError(f"{prefix}{name} must be an integer in 0..{high}, got {value!r}")
-        if not isinstance(gid, str) or len(gid.split(":")) != 8:
-            raise ValueError(f"{prefix}gid must be a GID of 8 hex groups, got {gid!r}")
+        if not isinstance(gid, str) or not _GID.fullmatch(gid):
+            raise ValueError(f"{prefix}gid must be a GID of 8 groups of 4 hex digits, got {gid!r}")
         return cls(qpn, psn, gid)
 
 
@@ -160,11 +163,17 @@ class Port:
                 "network interface up with an IP address?)"
             )
 
-    def register(self, address: int, length: int, access: int) -> Any:
-        """Register memory the caller owns (no copy); the caller keeps it alive and mapped."""
-        return self.verbs.mr.MR(self.pd, length, access, address=address)
+    def new_pd(self) -> Any:
+        """A protection domain of its own: a queue pair reaches only the regions of its PD."""
+        return self.verbs.pd.PD(self.context)
 
-    def rc_qp(self, cq: Any, *, send_depth: int, recv_depth: int, access: int) -> Any:
+    def register(self, address: int, length: int, access: int, pd: Any = None) -> Any:
+        """Register memory the caller owns (no copy); the caller keeps it alive and mapped."""
+        return self.verbs.mr.MR(pd or self.pd, length, access, address=address)
+
+    def rc_qp(
+        self, cq: Any, *, send_depth: int, recv_depth: int, access: int, pd: Any = None
+    ) -> Any:
         """A reliable-connected queue pair in INIT; completions are requested per work request."""
         v, c = self.verbs, self.c
         cap = v.qp.QPCap(max_send_wr=send_depth, max_recv_wr=max(recv_depth, 1),
@@ -172,7 +181,7 @@ class Port:
         init = v.qp.QPInitAttr(qp_type=c.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap, sq_sig_all=0)
         attr = v.qp.QPAttr(port_num=self.port)
         attr.qp_access_flags = access
-        return v.qp.QP(self.pd, init, attr)
+        return v.qp.QP(pd or self.pd, init, attr)
 
     def connect(self, qp: Any, remote: QpInfo, local_psn: int) -> None:
         """INIT -> RTR -> RTS towards `remote` (both sides call this with each other's info)."""
@@ -187,7 +196,10 @@ class Port:
         attr.timeout = ACK_TIMEOUT
         attr.retry_cnt = RETRY_COUNT
         attr.rnr_retry = RNR_RETRY
-        route = v.addr.GlobalRoute(dgid=v.addr.GID(remote.gid), sgid_index=self.gid_index)
+        # hop_limit 64: RoCE v2 may cross routers (the default of 1 would die at the first).
+        route = v.addr.GlobalRoute(
+            dgid=v.addr.GID(remote.gid), sgid_index=self.gid_index, hop_limit=64
+        )
         attr.ah_attr = v.addr.AHAttr(port_num=self.port, is_global=1, gr=route)
         qp.to_rtr(attr)
         qp.to_rts(attr)
