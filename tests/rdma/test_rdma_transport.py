@@ -213,6 +213,9 @@ def test_a_failed_queue_pair_stops_only_that_publisher_and_a_restart_continues(
         again.flush(10)
     assert collector.values("CUT").tolist() == [1.0, 2.0, 7.0]
     assert applied_before == 2
+    rings = ingest.snapshot()["rings"]
+    assert not rings[str(first.publisher_id)]["connected"]  # closed: disconnected, ring kept
+    assert rings[str(other.publisher_id)]["connected"]
     other.close()
 
 

@@ -234,9 +234,16 @@ class RdmaPublisher(RingPublisher):
     # -- closing ------------------------------------------------------------------------------
 
     def _close(self) -> None:
-        self._release()
-        if self._release_on_close:
-            self._call({"op": "rdma.close", "publisher_id": self.publisher_id})
+        # The appliance first: it applies what completed and stops listening, then the queue
+        # pair goes. Without release the ring stays for a publisher with the same id.
+        try:
+            if self._release_on_close:
+                self._call({"op": "rdma.close", "publisher_id": self.publisher_id})
+            else:
+                with contextlib.suppress(PublishError):  # a courtesy: the appliance may be gone
+                    self._call({"op": "rdma.disconnect", "publisher_id": self.publisher_id})
+        finally:
+            self._release()
 
     def _release(self) -> None:
         producer = getattr(self, "_producer", None)

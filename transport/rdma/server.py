@@ -278,6 +278,7 @@ class RdmaIngest:
         return {
             "rdma.open": lambda request: self._on_poller(self._open_ring, request),
             "rdma.connect": lambda request: self._on_poller(self._connect, request),
+            "rdma.disconnect": lambda request: self._on_poller(self._disconnect, request),
             "rdma.close": lambda request: self._on_poller(self._close_ring, request),
         }
 
@@ -466,6 +467,16 @@ class RdmaIngest:
         link.credited = ring.consumer.position  # the publisher starts there (connect reply)
         link.extra["psn"] = psn
         return link
+
+    def _disconnect(self, request: dict[str, Any]) -> dict[str, Any]:
+        """rdma.disconnect: a publisher leaving for now: stop its queue pair, apply what it
+        completed, keep the ring for its return (`rdma.open` with the same id)."""
+        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
+        ring = self._rings.get(publisher_id)
+        if ring is None or ring.link is None:
+            return {"disconnected": False}
+        self._unlink(ring)
+        return {"disconnected": True}
 
     def _close_ring(self, request: dict[str, Any]) -> dict[str, Any]:
         """rdma.close: drain and forget the publisher's ring."""
