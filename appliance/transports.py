@@ -145,7 +145,8 @@ class Transports:
             self.zmq.start()
         if self.shm is not None:
             self.shm.start()
-        log.info("ingest transports started", extra={"transports": sorted(self.snapshot())})
+        running = [name for name in ("zmq", "shm", "rdma") if getattr(self, name) is not None]
+        log.info("ingest transports started", extra={"transports": running})
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop every transport, each waiting at most `timeout_s`. Safe before `start()`.
