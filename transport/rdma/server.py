@@ -44,7 +44,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -55,8 +55,6 @@ from transport.rdma import verbs as rdma_verbs
 from transport.rdma.verbs import Port, QpInfo, RdmaUnavailable
 from transport.shm.ring import (
     HEADER_BYTES,
-    OFF_APPLIED_SEQUENCE,
-    OFF_CONSUMER_POSITION,
     RingConsumer,
     RingGeometry,
     init_ring,
@@ -136,7 +134,7 @@ class _Link:
     writes: int = 0
     credit_writes: int = 0
     failure: str = ""  # why the link stopped ("" while healthy)
-    extra: dict[str, int] = field(default_factory=dict)
+    psn: int = 0  # our first packet sequence number, told to the publisher
 
     def take(self, wc: Any) -> str:
         """Account for one completion; the problem it shows ("" if none). Shared by `poll` and
@@ -428,7 +426,7 @@ class RdmaIngest:
             extra={"transport": TRANSPORT, "publisher_id": publisher_id},
         )  # fmt: skip
         return {
-            **QpInfo(link.qp.qp_num, link.extra["psn"], port.gid).to_dict(),
+            **QpInfo(link.qp.qp_num, link.psn, port.gid).to_dict(),
             "addr": ring.address, "rkey": ring.slots_region.rkey,
             "status_rkey": ring.header_region.rkey, "size": ring.geometry.total_bytes,
             "position": ring.consumer.position,
@@ -465,7 +463,7 @@ class RdmaIngest:
             raise
         link = _Link(ring, qp, cq, scratch, recv_wr, credit_wr, _WORD.from_address(scratch.buf), c)
         link.credited = ring.consumer.position  # the publisher starts there (connect reply)
-        link.extra["psn"] = psn
+        link.psn = psn
         return link
 
     def _disconnect(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -585,4 +583,4 @@ class RdmaIngest:
         }
 
 
-__all__ = ["OFF_APPLIED_SEQUENCE", "OFF_CONSUMER_POSITION", "RdmaIngest", "RdmaUnavailable"]
+__all__ = ["RdmaIngest", "RdmaUnavailable"]
