@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from appliance.config import AppConfig
+from appliance.config import AppConfig, RdmaConfig, ShmConfig
 from appliance.ingest import make_sink
 from appliance.store import Store
 from transport.control import ControlHandler
@@ -70,17 +70,7 @@ class Transports:
         # Imported here: only an appliance with shared memory enabled needs it.
         from transport.shm.server import ShmIngest
 
-        shm = self.config.shm
-        return ShmIngest(
-            sink,
-            slots=shm.slots,
-            slot_bytes=shm.slot_bytes,
-            max_slots=shm.max_slots,
-            max_slot_bytes=shm.max_slot_bytes,
-            max_rings=shm.max_rings,
-            spin_us=shm.spin_us,
-            backoff_max_us=shm.backoff_max_us,
-        )
+        return ShmIngest(sink, **_ring_options(self.config.shm))
 
     def _open_rdma(self) -> None:
         """Open the RDMA device when enabled; without one, say why once (or refuse to start)."""
@@ -97,10 +87,7 @@ class Transports:
                 raise RdmaUnavailable(RDMA_NO_CONTROL)
             ingest = RdmaIngest(
                 self._sink, device=rdma.device, port=rdma.port, gid_index=rdma.gid_index,
-                slots=rdma.slots, slot_bytes=rdma.slot_bytes, max_slots=rdma.max_slots,
-                max_slot_bytes=rdma.max_slot_bytes, max_rings=rdma.max_rings,
-                max_total_bytes=rdma.max_total_bytes,
-                spin_us=rdma.spin_us, backoff_max_us=rdma.backoff_max_us,
+                max_total_bytes=rdma.max_total_bytes, **_ring_options(rdma),
             )  # fmt: skip
             ingest.open()
         except RdmaUnavailable as exc:
@@ -173,3 +160,12 @@ class Transports:
         elif self.config.rdma.enabled is not False:
             out["rdma"] = {"status": "unavailable", "reason": self.rdma_reason}
         return out
+
+
+_RING_OPTIONS = ("slots", "slot_bytes", "max_slots", "max_slot_bytes", "max_rings", "spin_us",
+                 "backoff_max_us")  # fmt: skip
+
+
+def _ring_options(section: ShmConfig | RdmaConfig) -> dict[str, int]:
+    """The ring sizes and limits and the poller's timing, which both ring transports take."""
+    return {name: getattr(section, name) for name in _RING_OPTIONS}
