@@ -34,7 +34,9 @@ Invariants the code relies on:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -82,28 +84,40 @@ class Geometry:
             spans.append(spans[-1] * self.fanout)
         return spans
 
+    def rows_per_page(self, span: int) -> int:
+        """Rows per page of the level whose nodes cover `span` values: one chunk's worth, and
+        never fewer than one sibling group (so siblings never cross a page)."""
+        return max(self.chunk // span, self.fanout)
 
-class _Level:
-    """One level of the pyramid: rows addressed by absolute index, stored in fixed-size pages."""
 
-    __slots__ = ("first_page", "pages", "rows_per_page", "span")
+def identity_rows(rows: int) -> np.ndarray:
+    """A fresh summary page: every row the summary of no values (see the invariants)."""
+    page = np.empty((rows, ROW_WIDTH))
+    page[:] = IDENTITY_ROW
+    return page
 
-    def __init__(self, span: int, rows_per_page: int) -> None:
+
+class PagedLevel:
+    """One level of the pyramid: rows addressed by absolute index, stored in fixed-size pages.
+
+    `allocate(rows_per_page)` makes a page: host arrays here, device arrays in the GPU engine,
+    which keeps the same paging so both engines share the layout and its invariants.
+    """
+
+    __slots__ = ("allocate", "first_page", "pages", "rows_per_page", "span")
+
+    def __init__(self, span: int, rows_per_page: int, allocate: Callable[[int], Any]) -> None:
         self.span = span
         self.rows_per_page = rows_per_page
-        self.pages: dict[int, np.ndarray] = {}
+        self.allocate = allocate
+        self.pages: dict[int, Any] = {}
         self.first_page = 0
 
-    def page(self, number: int) -> np.ndarray:
+    def page(self, number: int) -> Any:
         page = self.pages.get(number)
         if page is None:
-            page = self._new_page()
+            page = self.allocate(self.rows_per_page)
             self.pages[number] = page
-        return page
-
-    def _new_page(self) -> np.ndarray:
-        page = np.empty((self.rows_per_page, ROW_WIDTH))
-        page[:] = IDENTITY_ROW
         return page
 
     def run(self, lo: int, hi: int) -> np.ndarray:
@@ -121,7 +135,7 @@ class _Level:
             lo += take
         return out
 
-    def drop_pages_before(self, index: int, retired: list[np.ndarray]) -> None:
+    def drop_pages_before(self, index: int, retired: list[Any]) -> None:
         """Move every page that lies wholly before row `index` to `retired`."""
         keep_from = index // self.rows_per_page
         while self.first_page < keep_from:
@@ -133,15 +147,6 @@ class _Level:
     @property
     def nbytes(self) -> int:
         return sum(page.nbytes for page in self.pages.values())
-
-
-class _ValueLevel(_Level):
-    """Level 0: raw values. Pages are allocated uninitialised; only written slots are read."""
-
-    __slots__ = ()
-
-    def _new_page(self) -> np.ndarray:
-        return np.empty(self.rows_per_page)
 
 
 class SegmentTreeSeries:
@@ -156,10 +161,11 @@ class SegmentTreeSeries:
         self.retention = retention
         self.geometry = geometry or Geometry()
         g = self.geometry
-        self._values = _ValueLevel(1, g.chunk)
-        self._levels: list[_Level] = [self._values]
+        # Value pages are allocated uninitialised: only written slots are ever read.
+        self._values = PagedLevel(1, g.chunk, np.empty)
+        self._levels = [self._values]
         for span in g.summary_spans(retention.max_values):
-            self._levels.append(_Level(span, max(g.chunk // span, g.fanout)))
+            self._levels.append(PagedLevel(span, g.rows_per_page(span), identity_rows))
         # Pages dropped by retention, freed at most _FREE_BYTES_PER_APPEND per append: freeing
         # tens of 8 MiB pages at once (munmap of resident memory) would make the cleanup append
         # many times slower than the others. Bounded: a cleanup retires at most

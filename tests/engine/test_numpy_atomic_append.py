@@ -40,10 +40,12 @@ def _assert_recovers(series, model, rng):
 def test_failed_page_allocation_leaves_the_series_unchanged(monkeypatch):
     series, model, rng = _loaded_series()
 
-    def out_of_memory(self):
-        raise MemoryError("injected")
+    def out_of_memory(self, number):
+        if number not in self.pages:
+            raise MemoryError("injected")
+        return self.pages[number]
 
-    monkeypatch.setattr(series_module._Level, "_new_page", out_of_memory)
+    monkeypatch.setattr(series_module.PagedLevel, "page", out_of_memory)
     with pytest.raises(MemoryError):
         series.append(rng.uniform(0, 100, 300))  # needs new pages at every level
     monkeypatch.undo()
