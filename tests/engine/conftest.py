@@ -2,8 +2,10 @@
 
 Every test here takes `make_series` and runs once per engine: the numpy engine at its default
 geometry, the numpy engine at tiny geometries (so a few hundred values cross blocks, pages and
-several pyramid levels), and the CuPy engine, which is skipped with the reason when no GPU or
-no engine is available. A new engine joins by adding a parameter here.
+several pyramid levels), the CuPy engine's code on the CPU build of its kernels (the
+"gpu-emulated" parameters: every line of gpu_kernels except the CuPy calls, see
+emulated_device.py), and the CuPy engine on a real GPU, which is skipped with the reason when
+there is none. A new engine joins by adding a parameter here.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from fallback import Geometry, NumpyEngine, RetentionPolicy, Series
 
 SeriesFactory = Callable[..., Series]
 
+_TINY = Geometry(block=4, fanout=4, chunk=64)
+# (geometry, coalesce_values): the small buffers make appends take both the coalescing and
+# the direct-upload paths; 5 is not a multiple of the block.
+_EMULATED = {
+    "gpu-emulated-default": (Geometry(), 4096),
+    "gpu-emulated-b4f4c64": (_TINY, 5),
+    "gpu-emulated-b8f2c64": (Geometry(block=8, fanout=2, chunk=64), 1),
+}
+
 _NUMPY_GEOMETRIES = {
     "numpy-default": Geometry(),
-    "numpy-b4f4c64": Geometry(block=4, fanout=4, chunk=64),
+    "numpy-b4f4c64": _TINY,
     "numpy-b8f2c64": Geometry(block=8, fanout=2, chunk=64),
     "numpy-b4f8c32": Geometry(block=4, fanout=8, chunk=32),  # chunk is not block * fanout**j
 }
@@ -34,23 +45,42 @@ def _gpu_engine():
         cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDA raises several driver/runtime error types
         pytest.skip(f"gpu: no usable CUDA device ({exc})")
-    import gpu_kernels
+    from gpu_kernels import CupyEngine
 
-    engine_class = getattr(gpu_kernels, "CupyEngine", None)
-    if engine_class is None:
-        pytest.skip("gpu: gpu_kernels has no engine in this build (issue 4)")
-    return engine_class()
+    return CupyEngine()
+
+
+@pytest.fixture(scope="session")
+def emulated_device_library(tmp_path_factory):
+    """The CPU build of the GPU kernels, compiled once per test session (and xdist worker)."""
+    from tests.engine.emulated_device import CompilerMissing, build_library
+
+    try:
+        return build_library(tmp_path_factory.mktemp("kernels"))
+    except CompilerMissing as exc:
+        pytest.skip(f"gpu-emulated: {exc}")
+
+
+def emulated_engine(library, geometry: Geometry, coalesce_values: int):
+    from gpu_kernels import CupyEngine
+    from tests.engine.emulated_device import EmulatedDevice
+
+    return CupyEngine(geometry, EmulatedDevice(library), coalesce_values)
 
 
 @pytest.fixture(
     params=[
         *_NUMPY_GEOMETRIES,
+        *_EMULATED,
         pytest.param("cupy", marks=pytest.mark.gpu),
     ]
 )
 def engine(request):
     if request.param == "cupy":
         return _gpu_engine()
+    if request.param in _EMULATED:
+        library = request.getfixturevalue("emulated_device_library")
+        return emulated_engine(library, *_EMULATED[request.param])
     return NumpyEngine(geometry=_NUMPY_GEOMETRIES[request.param])
 
 

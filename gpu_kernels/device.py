@@ -1,0 +1,191 @@
+"""The only module that touches CuPy: device memory, pinned staging, one stream, the kernels.
+
+Why a seam here: the GPU series (`gpu_kernels.series`) speaks to a `Device`, so the same series
+code runs against CUDA here and against the kernels compiled for the CPU in the tests
+(`tests/engine/emulated_device.py`), which is how it is tested on machines without a GPU.
+
+Ordering: every copy and launch goes onto one stream per engine, so work is ordered as issued.
+CuPy's memory pool is stream-ordered: memory freed while a kernel on that stream may still
+read it is reused only by work issued later on the same stream. That is what makes dropping a
+page (or replacing a series directory) safe without waiting for the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+
+import numpy as np
+
+from fallback.kernels import IDENTITY_ROW, ROW_WIDTH
+
+KERNELS = ("summarize_blocks", "merge_groups", "window_stats")
+# --fmad=false: no fused multiply-adds, so products round as they do on the CPU (the engines'
+# answers are compared to 1e-12); the kernels are memory-bound, FMA would buy nothing.
+NVRTC_OPTIONS = ("--fmad=false", "-std=c++17")
+THREADS_PER_BLOCK = 256
+
+
+def kernel_source() -> str:
+    """The CUDA C source shared by the GPU and the CPU-compiled test build."""
+    return resources.files("gpu_kernels").joinpath("segment_tree.cu").read_text()
+
+
+class GpuUnavailableError(RuntimeError):
+    """No usable GPU: the message says which part is missing (CuPy, driver, device)."""
+
+
+class Device(Protocol):
+    """What the GPU series needs from a device. Arrays are opaque to callers except for
+    `nbytes`; every method is called with the engine's lock held."""
+
+    name: str
+
+    def new_values(self, count: int) -> Any:
+        """An uninitialised float64 array of `count` values."""
+        ...
+
+    def new_rows(self, rows: int) -> Any:
+        """A (rows, 6) float64 array of IDENTITY summary rows."""
+        ...
+
+    def new_int64(self, host: np.ndarray) -> Any:
+        """A device copy of a 1-D int64 host array (directories, query lists)."""
+        ...
+
+    def address(self, array: Any) -> int:
+        """The device address of an array's first element."""
+        ...
+
+    def upload(self, dst: Any, offset: int, values: np.ndarray) -> None:
+        """Copy host float64 `values` into `dst[offset:]`; `values` may be reused on return."""
+        ...
+
+    def download(self, src: Any, lo: int, hi: int) -> np.ndarray:
+        """A host copy of `src[lo:hi]` once all work issued before has finished."""
+        ...
+
+    def launch(self, kernel: str, threads: int, *args: Any) -> None:
+        """Run `kernel` on `threads` threads; args are device arrays or Python ints (int64)."""
+        ...
+
+    def new_output(self, rows: int) -> Any:
+        """An uninitialised (rows, 5) float64 array for `window_stats`."""
+        ...
+
+
+@dataclass
+class _StagingBuffer:
+    host: np.ndarray  # page-locked
+    ready: Any  # cupy.cuda.Event recorded after the copy out of `host` was issued
+
+
+class CupyDevice:
+    """A CUDA device through CuPy, with pinned staging buffers and one dedicated stream.
+
+    Host-to-device copies go through `staging_buffers` page-locked buffers of
+    `staging_values` float64 each, used in turn: the host fills one while the copy out of the
+    previous one runs, and waits on a buffer's event before refilling it (an async copy reads
+    its source until it completes).
+    """
+
+    def __init__(self, *, staging_values: int = 1 << 20, staging_buffers: int = 2) -> None:
+        self._cupy = _import_cupy()
+        cupy = self._cupy
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CUDARuntimeError: no driver, driver too old, ...
+            raise GpuUnavailableError(f"no usable CUDA driver: {exc}") from exc
+        if count < 1:
+            raise GpuUnavailableError("the CUDA driver reports no GPU")
+        self._device = cupy.cuda.Device(0)
+        self._device.use()
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        self.name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        self._stream = cupy.cuda.Stream(non_blocking=True)
+        module = cupy.RawModule(code=kernel_source(), options=NVRTC_OPTIONS)
+        self._kernels = {name: module.get_function(name) for name in KERNELS}
+        self._identity = cupy.asarray(IDENTITY_ROW)
+        self._staging = [
+            _StagingBuffer(_empty_pinned(cupy, staging_values), None)
+            for _ in range(staging_buffers)
+        ]
+        self._next_staging = 0
+
+    def new_values(self, count: int) -> Any:
+        with self._stream:
+            return self._cupy.empty(count, dtype=np.float64)
+
+    def new_rows(self, rows: int) -> Any:
+        with self._stream:
+            page = self._cupy.empty((rows, ROW_WIDTH), dtype=np.float64)
+            page[...] = self._identity
+        return page
+
+    def new_int64(self, host: np.ndarray) -> Any:
+        with self._stream:
+            out = self._cupy.empty(host.shape[0], dtype=np.int64)
+        self._copy_in(out.data.ptr, host)
+        return out
+
+    def new_output(self, rows: int) -> Any:
+        with self._stream:
+            return self._cupy.empty((rows, 5), dtype=np.float64)
+
+    def address(self, array: Any) -> int:
+        return int(array.data.ptr)
+
+    def upload(self, dst: Any, offset: int, values: np.ndarray) -> None:
+        self._copy_in(dst.data.ptr + offset * 8, values)
+
+    def _copy_in(self, address: int, host: np.ndarray) -> None:
+        """Stage `host` (any 8-byte dtype) through the pinned buffers, one async copy each."""
+        runtime = self._cupy.cuda.runtime
+        raw = host.view(np.float64)
+        done = 0
+        while done < raw.shape[0]:
+            buffer = self._staging[self._next_staging]
+            self._next_staging = (self._next_staging + 1) % len(self._staging)
+            if buffer.ready is not None:
+                buffer.ready.synchronize()  # the previous copy out of it has finished
+            take = min(raw.shape[0] - done, buffer.host.shape[0])
+            buffer.host[:take] = raw[done : done + take]
+            runtime.memcpyAsync(
+                address + done * 8,
+                buffer.host.ctypes.data,
+                take * 8,
+                runtime.memcpyHostToDevice,
+                self._stream.ptr,
+            )
+            buffer.ready = self._stream.record()
+            done += take
+
+    def download(self, src: Any, lo: int, hi: int) -> np.ndarray:
+        out = src[lo:hi].get(stream=self._stream)
+        self._stream.synchronize()  # get() on a stream only issues the copy
+        return out
+
+    def launch(self, kernel: str, threads: int, *args: Any) -> None:
+        if threads <= 0:
+            return
+        blocks = -(-threads // THREADS_PER_BLOCK)
+        converted = tuple(np.int64(a) if isinstance(a, int) else a for a in args)
+        with self._stream:  # a RawKernel launches on the current stream
+            self._kernels[kernel]((blocks,), (THREADS_PER_BLOCK,), converted)
+
+
+def _import_cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:
+        raise GpuUnavailableError(
+            f"CuPy is not installed ({exc}); install the GPU extra: pip install '.[gpu]'"
+        ) from exc
+    return cupy
+
+
+def _empty_pinned(cupy: Any, count: int) -> np.ndarray:
+    import cupyx
+
+    return cupyx.empty_pinned(count, dtype=np.float64)

@@ -1,0 +1,45 @@
+"""The CuPy engine: GPU series behind the same `Engine` contract as the numpy engine."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fallback.interface import Engine, RetentionPolicy, Series, WindowStats
+from fallback.series import Geometry
+from gpu_kernels.device import CupyDevice, Device
+from gpu_kernels.series import GpuSeries, window_stats
+
+
+@dataclass(frozen=True, slots=True)
+class CupyEngine(Engine):
+    """Creates `GpuSeries` on one device; answers a `stats_many` batch in one launch.
+
+    `device` defaults to the first CUDA device (raising `GpuUnavailableError` with the reason
+    when there is none); tests pass a device that runs the same kernels on the CPU.
+    `coalesce_values` is each series' host buffer for small appends (see gpu_kernels.series).
+    """
+
+    geometry: Geometry = field(default_factory=Geometry)
+    device: Device = field(default_factory=CupyDevice)
+    coalesce_values: int = 4096
+    name: str = "cupy"
+    # One lock for the device: its stream and staging buffers are shared by every series.
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.coalesce_values < 1:
+            raise ValueError("coalesce_values must be >= 1")
+
+    @property
+    def device_name(self) -> str:
+        return self.device.name
+
+    def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> GpuSeries:
+        del starting_capacity  # device memory is committed on allocation: grow as values come
+        return GpuSeries(retention, self.geometry, self.device, self.lock, self.coalesce_values)
+
+    def stats_many(self, requests: Sequence[tuple[Series, int]]) -> list[WindowStats]:
+        with self.lock:
+            return window_stats(self.device, requests)  # type: ignore[arg-type]

@@ -1,0 +1,227 @@
+// Segment-tree kernels of the GPU engine: the same algorithm and row layout as
+// fallback/kernels.py and fallback/series.py, one thread per output row or per query.
+//
+// Why one thread per output (no shared memory, no warp shuffles): each output is
+// independent, so a launch covers every block, parent or query of a request at once,
+// and the tests run this very file on the CPU (tests/engine/emulated_device.py compiles
+// it as C++ and runs the threads in turn). Compiled with --fmad=false on the GPU so the
+// products round the way they do on the CPU.
+//
+// A series is described by its directory, one int64 array on the device:
+//   [0] levels (value level included)   [1] block   [2] fanout
+//   [3 + 4*i ...] per level i: span, rows_per_page, first_page, table_offset
+//   [table_offset + p] device address of page (first_page + p) of that level
+// Level 0 holds raw float64 values; levels >= 1 hold rows of six float64
+// (count, ref, mean, M2, min, max) where the node's mean is ref + mean (anchored means;
+// see fallback/kernels.py for why). Positions are absolute indices, as in the numpy engine.
+
+#define ROW_WIDTH 6
+#define COUNT 0
+#define REF 1
+#define MEAN 2
+#define M2 3
+#define MIN 4
+#define MAX 5
+
+typedef long long i64;
+
+// +inf by its bit pattern: NVRTC has no math.h (the CPU build defines this intrinsic).
+#define POS_INF __longlong_as_double(0x7ff0000000000000LL)
+
+__device__ __forceinline__ i64 dir_level(const i64* dir, int level, int field) {
+    return dir[3 + 4 * level + field];
+}
+
+// Address of row `row` of `level`. The caller guarantees the row lies in an allocated page.
+__device__ __forceinline__ double* level_row(const i64* dir, int level, i64 row) {
+    i64 rows_per_page = dir_level(dir, level, 1);
+    i64 page = row / rows_per_page;
+    i64 offset = row - page * rows_per_page;
+    const i64* table = dir + dir_level(dir, level, 3);
+    double* base = (double*)table[page - dir_level(dir, level, 2)];
+    return base + offset * (level == 0 ? 1 : ROW_WIDTH);
+}
+
+// Level 1: summarize whole blocks [first, first + count) from the raw values.
+extern "C" __global__ void summarize_blocks(const i64* dir, i64 first, i64 count) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    i64 block = dir[1];
+    i64 b = first + i;
+    const double* v = level_row(dir, 0, b * block);  // chunk >= block: one page
+    double ref = v[0];
+    double sum = 0.0, lo = v[0], hi = v[0];
+    for (i64 j = 0; j < block; ++j) {
+        sum += v[j] - ref;
+        lo = fmin(lo, v[j]);
+        hi = fmax(hi, v[j]);
+    }
+    double mean = sum * (1.0 / (double)block);  // exact scaling: block is a power of two
+    double m2 = 0.0;
+    for (i64 j = 0; j < block; ++j) {
+        double d = (v[j] - ref) - mean;
+        m2 += d * d;
+    }
+    double* out = level_row(dir, 1, b);
+    out[COUNT] = (double)block;
+    out[REF] = ref;
+    out[MEAN] = mean;
+    out[M2] = m2;
+    out[MIN] = lo;
+    out[MAX] = hi;
+}
+
+// Level `level` >= 2: recompute parents [first, first + count) from their `fanout`
+// children. A parent is anchored at its first child's ref; IDENTITY children (count 0,
+// min +inf, max -inf) carry no weight, so a group of them merges to IDENTITY again.
+extern "C" __global__ void merge_groups(const i64* dir, i64 level, i64 first, i64 count) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    i64 fanout = dir[2];
+    i64 parent = first + i;
+    // Siblings never cross a page: every page holds a multiple of fanout rows.
+    const double* c = level_row(dir, (int)level - 1, parent * fanout);
+    double ref = c[REF];
+    double n = 0.0, weighted = 0.0, m2 = 0.0, lo = POS_INF, hi = -POS_INF;
+    for (i64 k = 0; k < fanout; ++k) {
+        const double* row = c + k * ROW_WIDTH;
+        double mean_k = (row[REF] - ref) + row[MEAN];
+        n += row[COUNT];
+        weighted += row[COUNT] * mean_k;
+        m2 += row[M2];
+        lo = fmin(lo, row[MIN]);
+        hi = fmax(hi, row[MAX]);
+    }
+    double mean = weighted / fmax(n, 1.0);
+    for (i64 k = 0; k < fanout; ++k) {
+        const double* row = c + k * ROW_WIDTH;
+        double d = ((row[REF] - ref) + row[MEAN]) - mean;
+        m2 += row[COUNT] * d * d;
+    }
+    double* out = level_row(dir, (int)level, parent);
+    out[COUNT] = n;
+    out[REF] = ref;
+    out[MEAN] = mean;
+    out[M2] = m2;
+    out[MIN] = lo;
+    out[MAX] = hi;
+}
+
+// Accumulates one window in two passes, as fallback/kernels.py `combine` does: pass 0 sums
+// deviations from the anchor (and takes min/max), pass 1 sums squared deviations from the
+// window mean. Raw values and node rows go through the same two formulas as on the CPU.
+struct Window {
+    int pass;
+    bool anchored;
+    double anchor, n, total, mean, m2, lo, hi;
+
+    __device__ void value(double x) {
+        if (pass == 0) {
+            n += 1.0;
+            total += x - anchor;
+            lo = fmin(lo, x);
+            hi = fmax(hi, x);
+        } else {
+            double d = (x - anchor) - mean;
+            m2 += d * d;
+        }
+    }
+
+    __device__ void row(const double* r) {
+        if (!anchored) {  // a window of whole nodes only: anchor at its first node
+            anchor = r[REF];
+            anchored = true;
+        }
+        double node_mean = (r[REF] - anchor) + r[MEAN];
+        if (pass == 0) {
+            n += r[COUNT];
+            total += r[COUNT] * node_mean;
+            lo = fmin(lo, r[MIN]);
+            hi = fmax(hi, r[MAX]);
+        } else {
+            double d = node_mean - mean;
+            m2 += r[M2] + r[COUNT] * d * d;
+        }
+    }
+};
+
+__device__ void visit_values(const i64* dir, i64 lo, i64 hi, Window& w) {
+    for (i64 i = lo; i < hi; ++i) w.value(*level_row(dir, 0, i));
+}
+
+__device__ void visit_rows(const i64* dir, int level, i64 lo, i64 hi, Window& w) {
+    for (i64 i = lo; i < hi; ++i) w.row(level_row(dir, level, i));
+}
+
+// The values [start, end) as SegmentTreeSeries._window_parts splits them: raw values at the
+// old edge up to a block boundary, then at each level the siblings up to the parent
+// boundary (the top level: every node up to the last whole block), then the raw values of
+// the newest partial block. A node containing an evicted value is never read: the start
+// is rounded up at every level.
+__device__ void visit_window(const i64* dir, i64 start, i64 end, Window& w) {
+    i64 block = dir[1], fanout = dir[2];
+    int top = (int)dir[0] - 1;
+    i64 full_end = end - end % block;
+    i64 raw_end = (start + block - 1) / block * block;
+    if (raw_end > end) raw_end = end;
+    if (raw_end >= full_end) {
+        visit_values(dir, start, end, w);
+        return;
+    }
+    visit_values(dir, start, raw_end, w);
+    i64 index = raw_end / block;
+    for (int depth = 1; depth <= top; ++depth) {
+        i64 span = dir_level(dir, depth, 0);
+        i64 nodes = (full_end + span - 1) / span;
+        if (depth == top) {
+            visit_rows(dir, depth, index, nodes, w);
+            break;
+        }
+        i64 boundary = (index + fanout - 1) / fanout * fanout;
+        if (boundary > nodes) boundary = nodes;
+        if (boundary > index) visit_rows(dir, depth, index, boundary, w);
+        if (boundary == nodes) break;
+        index = boundary / fanout;
+    }
+    visit_values(dir, full_end, end, w);
+}
+
+// One thread per query. queries: (n, 3) int64 rows of (directory address, end, count), with
+// 1 <= count <= the series' length. out: (n, 5) float64 rows of (count, mean, M2, min, max).
+extern "C" __global__ void window_stats(const i64* queries, double* out, i64 n_queries) {
+    i64 q = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (q >= n_queries) return;
+    const i64* dir = (const i64*)queries[3 * q];
+    i64 end = queries[3 * q + 1];
+    i64 start = end - queries[3 * q + 2];
+    i64 block = dir[1];
+    i64 full_end = end - end % block;
+    i64 raw_end = (start + block - 1) / block * block;
+    if (raw_end > end) raw_end = end;
+    Window w;
+    w.pass = 0;
+    w.n = w.total = w.m2 = w.mean = 0.0;
+    w.lo = POS_INF;
+    w.hi = -POS_INF;
+    // The CPU anchors at the first raw value of the window (its old edge, else the newest
+    // partial block) and only without raw values at the first node.
+    w.anchored = true;
+    if (start < raw_end) {
+        w.anchor = *level_row(dir, 0, start);
+    } else if (full_end < end) {
+        w.anchor = *level_row(dir, 0, full_end);
+    } else {
+        w.anchored = false;
+        w.anchor = 0.0;
+    }
+    visit_window(dir, start, end, w);
+    w.mean = w.total / w.n;
+    w.pass = 1;
+    visit_window(dir, start, end, w);
+    double* o = out + 5 * q;
+    o[0] = w.n;
+    o[1] = w.anchor + w.mean;
+    o[2] = w.m2;
+    o[3] = w.lo;
+    o[4] = w.hi;
+}

@@ -1,0 +1,237 @@
+"""The GPU series: the numpy engine's paged pyramid, with its pages in device memory.
+
+Same layout, invariants and retention as `fallback.series.SegmentTreeSeries` (read its module
+docstring first); what differs is where the work runs and when:
+
+- Coalescing: an append that fits in the series' host buffer of `coalesce_values` (and evicts
+  nothing) only copies into it; values reach the device when the buffer would overflow, when
+  an append evicts, or before anything reads the device (a query, `tail`). A tick is then a
+  host copy, and a thousand ticks are one upload and one set of launches.
+- A device sync is: copies of the pending values (and of a large batch) through the device's
+  pinned staging buffers, then `summarize_blocks` over every block they complete and one
+  `merge_groups` per level above. Kernels read pages through the series' directory (see
+  segment_tree.cu), so one launch covers any number of pages.
+- Queries are `window_stats`, one thread per query: `stats` is a batch of one, and the
+  engine's `stats_many` answers a whole batch over many series in one launch.
+- `last` is kept on the host as a Python float: no device read for it.
+
+Device memory is allocated as values arrive: `starting_capacity` is not pre-allocated (unlike
+host pages, device memory is committed when allocated). Every method runs with the engine's
+lock held, which serializes the device's stream and staging buffers between symbols.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fallback.interface import RetentionPolicy, WindowStats
+from fallback.series import Geometry, PagedLevel
+from gpu_kernels.device import Device
+
+_HEADER = 3  # directory: levels, block, fanout
+_LEVEL_FIELDS = 4  # per level: span, rows_per_page, first_page, table offset
+
+
+class GpuSeries:
+    """A bounded series whose pyramid lives on a GPU; answers match `SegmentTreeSeries`."""
+
+    def __init__(
+        self,
+        retention: RetentionPolicy,
+        geometry: Geometry,
+        device: Device,
+        lock: threading.Lock,
+        coalesce_values: int,
+    ) -> None:
+        self.retention = retention
+        self.geometry = geometry
+        self._device = device
+        self._lock = lock
+        self._values = PagedLevel(1, geometry.chunk, device.new_values)
+        self._levels = [self._values]
+        for span in geometry.summary_spans(retention.max_values):
+            self._levels.append(PagedLevel(span, geometry.rows_per_page(span), device.new_rows))
+        self._head = 0
+        self._end = 0
+        self._synced = 0  # values before this index are on the device and summarized
+        self._pending = np.empty(coalesce_values)  # values [_synced, _end), not yet uploaded
+        self._last = float("nan")
+        self._directory: Any = None  # rebuilt lazily after pages change
+
+    def __len__(self) -> int:
+        return self._end - self._head
+
+    @property
+    def nbytes(self) -> int:
+        directory = self._directory.nbytes if self._directory is not None else 0
+        levels = sum(level.nbytes for level in self._levels)
+        return levels + directory + self._pending.nbytes
+
+    # -- append ---------------------------------------------------------------------------
+
+    def append(self, values: np.ndarray) -> int:
+        """All or nothing: device pages are allocated before anything changes (a MemoryError
+        there leaves the series as it was); copies and launches after that cannot fail short
+        of a CUDA error, which leaves the whole device unusable anyway."""
+        incoming = values.shape[0]
+        if incoming == 0:
+            return 0
+        current = len(self)
+        kept_old, kept_new = self.retention.retained_after(current, incoming)
+        if kept_new < incoming:
+            values = values[incoming - kept_new :]
+        evicted = current - kept_old
+        start, stop = self._end, self._end + kept_new
+        with self._lock:
+            self._reserve_pages(start, stop)
+            if not evicted and stop - self._synced <= self._pending.shape[0]:
+                self._pending[start - self._synced : stop - self._synced] = values
+                self._end = stop
+            else:
+                self._sync(values)
+            self._last = float(values[-1])
+            if evicted:
+                self._drop_oldest(evicted)
+        return evicted
+
+    def _reserve_pages(self, start: int, stop: int) -> None:
+        chunk = self.geometry.chunk
+        created = False
+        for first in range(start - start % chunk, stop, chunk):
+            for level in self._levels:
+                number = first // level.span // level.rows_per_page
+                if number not in level.pages:
+                    level.page(number)
+                    created = True
+        if created:
+            self._directory = None
+
+    def _sync(self, batch: np.ndarray | None = None) -> None:
+        """Upload the pending values (then `batch`, appended after them) and summarize every
+        block they complete, so the device holds values and summaries up to `_end`."""
+        lo = self._synced
+        if self._end > lo:
+            self._upload(lo, self._pending[: self._end - lo])
+        if batch is not None:
+            self._upload(self._end, batch)
+            self._end += batch.shape[0]
+        self._summarize(lo, self._end)
+        self._synced = self._end
+
+    def _upload(self, start: int, values: np.ndarray) -> None:
+        """Copy `values` to absolute positions from `start`, one copy per value page."""
+        chunk = self.geometry.chunk
+        done = 0
+        while done < values.shape[0]:
+            position = start + done
+            take = min(values.shape[0] - done, chunk - position % chunk)
+            page = self._values.pages[position // chunk]
+            self._device.upload(page, position % chunk, values[done : done + take])
+            done += take
+
+    def _summarize(self, lo: int, hi: int) -> None:
+        """Summarize the whole blocks values [lo, hi) complete, then their ancestors: one
+        launch for level 1, one per level above."""
+        block, fanout = self.geometry.block, self.geometry.fanout
+        first, full_end = lo // block, hi // block
+        if full_end <= first:
+            return
+        directory = self._current_directory()
+        count = full_end - first
+        self._device.launch("summarize_blocks", count, directory, first, count)
+        for depth in range(2, len(self._levels)):
+            first, full_end = first // fanout, -(-full_end // fanout)
+            count = full_end - first
+            self._device.launch("merge_groups", count, directory, depth, first, count)
+
+    def resummarize(self) -> None:
+        """Recompute every summary from the values on the device: the bulk build (benches
+        time it on values already uploaded). Answers do not change."""
+        with self._lock:
+            self._sync()
+            self._summarize(self._head, self._end)
+
+    def _drop_oldest(self, count: int) -> None:
+        """Pages wholly before the new head go back to the device's pool at once: it is
+        stream-ordered (device.py), so kernels already issued still read them safely."""
+        self._head += count
+        retired: list[Any] = []
+        for level in self._levels:
+            level.drop_pages_before(self._head // level.span, retired)
+        if retired:
+            self._directory = None
+
+    def _current_directory(self) -> Any:
+        """The device directory of this series' pages (layout in segment_tree.cu)."""
+        if self._directory is None:
+            g = self.geometry
+            header = [len(self._levels), g.block, g.fanout]
+            tables: list[int] = []
+            offset = _HEADER + _LEVEL_FIELDS * len(self._levels)
+            for level in self._levels:
+                first = min(level.pages, default=level.first_page)
+                last = max(level.pages, default=first - 1)
+                header += [level.span, level.rows_per_page, first, offset + len(tables)]
+                tables += [
+                    self._device.address(level.pages[n]) if n in level.pages else 0
+                    for n in range(first, last + 1)
+                ]
+            self._directory = self._device.new_int64(np.array(header + tables, dtype=np.int64))
+        return self._directory
+
+    # -- query ----------------------------------------------------------------------------
+
+    def stats(self, window: int) -> WindowStats:
+        if len(self) == 0:
+            raise ValueError("series is empty")
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        with self._lock:
+            return window_stats(self._device, [(self, window)])[0]
+
+    def tail(self, count: int) -> np.ndarray:
+        """A host copy of the newest min(count, len) values: one download per value page."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        chunk = self.geometry.chunk
+        position = self._end - min(count, len(self))
+        parts = []
+        with self._lock:
+            self._sync()
+            while position < self._end:
+                offset = position % chunk
+                take = min(self._end - position, chunk - offset)
+                page = self._values.pages[position // chunk]
+                parts.append(self._device.download(page, offset, offset + take))
+                position += take
+        return np.concatenate(parts) if parts else np.empty(0)
+
+
+def window_stats(device: Device, requests: Sequence[tuple[GpuSeries, int]]) -> list[WindowStats]:
+    """Answer (series, window) pairs in one `window_stats` launch; the caller holds the lock
+    and guarantees non-empty series and windows >= 1 (the `Engine.stats_many` contract)."""
+    synced: set[int] = set()
+    queries = np.empty((len(requests), 3), dtype=np.int64)
+    for i, (series, window) in enumerate(requests):
+        if id(series) not in synced:
+            series._sync()
+            synced.add(id(series))
+        directory = series._current_directory()
+        queries[i] = (device.address(directory), series._end, min(window, len(series)))
+    # Directories stay referenced by their series until the results are back: the download
+    # below waits for the launch, so no directory is replaced while the kernel reads it.
+    rows = len(requests)
+    out = device.new_output(rows)
+    device.launch("window_stats", rows, device.new_int64(queries.ravel()), out, rows)
+    results = device.download(out, 0, rows)
+    answers = []
+    for (series, _), (count, mean, m2, lo, hi) in zip(requests, results.tolist(), strict=True):
+        n = int(count)
+        answers.append(
+            WindowStats(count=n, min=lo, max=hi, last=series._last, avg=mean, var=m2 / n)
+        )
+    return answers
