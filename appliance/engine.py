@@ -41,30 +41,27 @@ def load_cpu_engine() -> Engine:
 
 
 def load_gpu_engine() -> Engine:
-    """The CuPy engine; raises EngineUnavailableError until `gpu_kernels` provides one."""
+    """The CuPy engine on the first CUDA device, or EngineUnavailableError saying why not:
+    CuPy missing, no usable driver, no device, or the kernels failing to compile."""
     import gpu_kernels
 
-    factory = getattr(gpu_kernels, "CupyEngine", None)
-    if factory is None:
-        raise EngineUnavailableError(
-            "GPU engine not available: gpu_kernels has no engine in this build (issue 4)"
-        )
     try:
-        return factory()
-    except Exception as exc:  # no device, no CUDA runtime, CuPy missing...
+        return gpu_kernels.CupyEngine()
+    except Exception as exc:  # GpuUnavailableError, CUDA runtime or NVRTC errors
         raise EngineUnavailableError(f"GPU engine not available: {exc}") from exc
 
 
 def select_engine(backend: str) -> EngineChoice:
     """Resolve `[engine] backend` to an engine instance and log the choice."""
     choice = _select(backend)
-    log.info(
-        "engine selected",
-        extra={
-            "engine": getattr(choice.engine, "name", type(choice.engine).__name__),
-            "reason": choice.reason,
-        },
-    )
+    extra = {
+        "engine": getattr(choice.engine, "name", type(choice.engine).__name__),
+        "reason": choice.reason,
+    }
+    device = getattr(choice.engine, "device_name", None)
+    if device is not None:
+        extra["device"] = device
+    log.info("engine selected", extra=extra)
     return choice
 
 

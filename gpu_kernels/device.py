@@ -22,8 +22,10 @@ from fallback.kernels import IDENTITY_ROW, ROW_WIDTH
 
 KERNELS = ("summarize_blocks", "merge_groups", "window_stats")
 # --fmad=false: no fused multiply-adds, so products round as they do on the CPU (the engines'
-# answers are compared to 1e-12); the kernels are memory-bound, FMA would buy nothing.
-NVRTC_OPTIONS = ("--fmad=false", "-std=c++17")
+# answers are compared to 1e-12); the kernels are memory-bound, FMA would buy nothing. CuPy
+# adds -ftz=true and -arch itself; flush-to-zero affects only float32, and the kernels are
+# float64 throughout.
+NVRTC_OPTIONS = ("--fmad=false",)
 THREADS_PER_BLOCK = 256
 
 

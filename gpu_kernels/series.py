@@ -88,11 +88,14 @@ class GpuSeries:
         start, stop = self._end, self._end + kept_new
         with self._lock:
             self._reserve_pages(start, stop)
-            if not evicted and stop - self._synced <= self._pending.shape[0]:
+            capacity = self._pending.shape[0]
+            if evicted or kept_new > capacity:
+                self._sync(values)  # evicting pages needs everything before them uploaded
+            else:
+                if stop - self._synced > capacity:
+                    self._sync()
                 self._pending[start - self._synced : stop - self._synced] = values
                 self._end = stop
-            else:
-                self._sync(values)
             self._last = float(values[-1])
             if evicted:
                 self._drop_oldest(evicted)

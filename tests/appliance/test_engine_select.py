@@ -2,34 +2,78 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 
 import gpu_kernels
 from appliance.engine import EngineUnavailableError, select_engine
+from tests.gpu_probe import no_gpu_reason
 
-NO_GPU_ENGINE = not hasattr(gpu_kernels, "CupyEngine")
+NO_GPU = no_gpu_reason()
 
 
 def test_cpu_selects_the_numpy_engine() -> None:
     assert select_engine("cpu").engine.name == "numpy"
 
 
-@pytest.mark.skipif(not NO_GPU_ENGINE, reason="this build has a GPU engine")
+@pytest.mark.skipif(NO_GPU is None, reason="this machine has a usable GPU")
 def test_auto_falls_back_to_numpy_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO")
     choice = select_engine("auto")
     assert choice.engine.name == "numpy"
-    assert "issue 4" in choice.reason
+    assert NO_GPU in choice.reason
     assert any(r.message == "engine selected" for r in caplog.records)
 
 
-@pytest.mark.skipif(not NO_GPU_ENGINE, reason="this build has a GPU engine")
-def test_gpu_without_gpu_engine_is_a_typed_error() -> None:
+@pytest.mark.skipif(NO_GPU is None, reason="this machine has a usable GPU")
+def test_gpu_without_a_usable_gpu_is_a_typed_error_that_says_why() -> None:
+    with pytest.raises(EngineUnavailableError, match="GPU engine not available: ") as raised:
+        select_engine("gpu")
+    assert NO_GPU in str(raised.value)
+
+
+def test_missing_cupy_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
     with pytest.raises(
-        EngineUnavailableError,
-        match=r"GPU engine not available: gpu_kernels has no engine in this build \(issue 4\)",
+        EngineUnavailableError, match=r"CuPy is not installed.*pip install '\.\[gpu\]'"
     ):
         select_engine("gpu")
+    assert select_engine("auto").engine.name == "numpy"
+
+
+def test_a_driver_without_devices_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 0)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(EngineUnavailableError, match="the CUDA driver reports no GPU"):
+        select_engine("gpu")
+
+
+def test_a_failing_driver_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_driver() -> int:
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    runtime = types.SimpleNamespace(getDeviceCount=no_driver)
+    monkeypatch.setitem(
+        sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    )
+    with pytest.raises(
+        EngineUnavailableError, match="no usable CUDA driver: cudaErrorInsufficientDriver"
+    ):
+        select_engine("gpu")
+
+
+@pytest.mark.gpu
+def test_auto_picks_the_gpu_and_logs_the_device(caplog: pytest.LogCaptureFixture) -> None:
+    if NO_GPU is not None:
+        pytest.skip(f"gpu: {NO_GPU}")
+    caplog.set_level("INFO")
+    choice = select_engine("auto")
+    assert choice.engine.name == "cupy"
+    record = next(r for r in caplog.records if r.message == "engine selected")
+    assert record.device == choice.engine.device_name
 
 
 def test_unknown_backend_is_an_error() -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from fallback import Geometry, NumpyEngine, RetentionPolicy, Series
+from tests.gpu_probe import no_gpu_reason
 
 SeriesFactory = Callable[..., Series]
 
@@ -27,6 +28,9 @@ _EMULATED = {
     "gpu-emulated-b8f2c64": (Geometry(block=8, fanout=2, chunk=64), 1),
 }
 
+# The same engine on a real GPU: default and tiny geometry (many pages, levels, directories).
+_REAL_GPU = {"cupy-default": (Geometry(), 4096), "cupy-b4f4c64": (_TINY, 5)}
+
 _NUMPY_GEOMETRIES = {
     "numpy-default": Geometry(),
     "numpy-b4f4c64": _TINY,
@@ -35,19 +39,14 @@ _NUMPY_GEOMETRIES = {
 }
 
 
-def _gpu_engine():
-    """The CuPy engine, or pytest.skip with the precise reason it cannot run here."""
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("gpu: CuPy is not installed (pip install .[gpu])")
-    try:
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # CUDA raises several driver/runtime error types
-        pytest.skip(f"gpu: no usable CUDA device ({exc})")
+def _gpu_engine(geometry: Geometry, coalesce_values: int):
+    """The CuPy engine on this machine's GPU, or pytest.skip with the reason it cannot start."""
+    reason = no_gpu_reason()
+    if reason is not None:
+        pytest.skip(f"gpu: {reason}")
     from gpu_kernels import CupyEngine
 
-    return CupyEngine()
+    return CupyEngine(geometry, coalesce_values=coalesce_values)
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +71,12 @@ def emulated_engine(library, geometry: Geometry, coalesce_values: int):
     params=[
         *_NUMPY_GEOMETRIES,
         *_EMULATED,
-        pytest.param("cupy", marks=pytest.mark.gpu),
+        *(pytest.param(name, marks=pytest.mark.gpu) for name in _REAL_GPU),
     ]
 )
 def engine(request):
-    if request.param == "cupy":
-        return _gpu_engine()
+    if request.param in _REAL_GPU:
+        return _gpu_engine(*_REAL_GPU[request.param])
     if request.param in _EMULATED:
         library = request.getfixturevalue("emulated_device_library")
         return emulated_engine(library, *_EMULATED[request.param])

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from server_harness import Server, free_port, run_cli, running_server
 
+from tests.gpu_probe import no_gpu_reason
+
 
 def _json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -147,15 +149,15 @@ def test_port_in_use_exits_2_naming_host_and_port(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_gpu_backend_without_gpu_engine_exits_2(tmp_path: Path) -> None:
-    import gpu_kernels
-
-    if hasattr(gpu_kernels, "CupyEngine"):
-        pytest.skip("this build has a GPU engine; the unavailable path is tested in-process")
+def test_gpu_backend_without_a_usable_gpu_exits_2_saying_why(tmp_path: Path) -> None:
+    no_gpu = no_gpu_reason()
+    if no_gpu is None:
+        pytest.skip("this machine has a usable GPU; the unavailable path is tested in-process")
     env = {"APP_ENGINE__BACKEND": "gpu", "APP_SERVER__PORT": str(free_port())}
     result = run_cli(tmp_path, "serve", env=env)
     assert result.returncode == 2
     assert "GPU engine not available" in result.stderr
+    assert no_gpu in result.stderr  # CuPy missing, no driver or no device: the reason itself
 
 
 def test_usage_error_exits_2(tmp_path: Path) -> None:

@@ -1,0 +1,203 @@
+"""The GPU engine against the numpy engine, and what makes it a GPU engine: few launches.
+
+Runs on the CPU build of the kernels everywhere (gpu-emulated) and on a real GPU where there
+is one (cupy, skipped with the reason otherwise). Answers are compared with the numpy engine
+at the same geometry on the same batches: min / max / last / count bit for bit, avg and var
+to 1e-12 relative (SPEC section 7, issue 4).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from appliance.store import Store
+from fallback import Geometry, NumpyEngine, RetentionPolicy
+from tests.engine.conftest import _TINY, _gpu_engine, emulated_engine
+from tests.engine.reference import rounding_floor
+
+_GEOMETRIES = {"default": Geometry(), "b4f4c64": _TINY}
+
+
+@pytest.fixture(
+    params=[
+        *(f"gpu-emulated-{name}" for name in _GEOMETRIES),
+        *(pytest.param(f"cupy-{name}", marks=pytest.mark.gpu) for name in _GEOMETRIES),
+    ]
+)
+def gpu_engine(request):
+    kind, _, geometry = request.param.rpartition("-")
+    if kind == "cupy":
+        return _gpu_engine(_GEOMETRIES[geometry], 5)
+    library = request.getfixturevalue("emulated_device_library")
+    return emulated_engine(library, _GEOMETRIES[geometry], 5)
+
+
+def emulated(gpu_engine):
+    """The emulated device (it counts uploads and launches), or skip on a real GPU."""
+    if not hasattr(gpu_engine.device, "launches"):
+        pytest.skip("launch counting needs the emulated device")
+    return gpu_engine.device
+
+
+def assert_same_answer(got, want, window_values: np.ndarray) -> None:
+    assert (got.count, got.min, got.max, got.last) == (want.count, want.min, want.max, want.last)
+    assert abs(got.avg - want.avg) <= 1e-12 * abs(want.avg)
+    # Below the rounding floor a variance is noise at the data's magnitude in both engines.
+    floor = rounding_floor(window_values) / len(window_values)
+    assert abs(got.var - want.var) <= 1e-12 * want.var + floor, (got.var, want.var)
+
+
+prices = st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False)
+batch_lists = st.lists(
+    st.tuples(st.integers(0, 2), arrays(np.float64, st.integers(1, 120), elements=prices)),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batches=batch_lists, max_values=st.integers(1, 600), keep_fraction=st.floats(0.0, 1.0))
+def test_gpu_matches_numpy_on_the_same_random_batches(
+    gpu_engine, batches, max_values, keep_fraction
+):
+    """Three symbols, batches in random order, random retention; after every batch each
+    window by `stats` and all of them again in one `stats_many` batch."""
+    retention = RetentionPolicy(max_values, int(max_values * keep_fraction))
+    cpu_engine = NumpyEngine(geometry=gpu_engine.geometry)
+    gpu = [gpu_engine.new_series(retention, 0) for _ in range(3)]
+    cpu = [cpu_engine.new_series(retention, 0) for _ in range(3)]
+    for symbol, batch in batches:
+        assert gpu[symbol].append(batch) == cpu[symbol].append(batch)
+        requests = [(symbol, 10**k) for symbol in range(3) if len(cpu[symbol]) for k in range(0, 4)]
+        batched = gpu_engine.stats_many([(gpu[s], w) for s, w in requests])
+        for (s, window), from_batch in zip(requests, batched, strict=True):
+            want = cpu[s].stats(window)
+            values = cpu[s].tail(window)
+            assert_same_answer(gpu[s].stats(window), want, values)
+            assert_same_answer(from_batch, want, values)
+
+
+def test_prices_far_from_zero_keep_their_variance(gpu_engine):
+    """1e9 + noise of 1e-3: anchored means on the device as on the host."""
+    rng = np.random.default_rng(7)
+    values = 1e9 + rng.normal(0, 1e-3, 5000)
+    gpu = gpu_engine.new_series(RetentionPolicy(), 0)
+    cpu = NumpyEngine(geometry=gpu_engine.geometry).new_series(RetentionPolicy(), 0)
+    for part in np.array_split(values, 7):
+        gpu.append(part)
+        cpu.append(part)
+    for window in (10, 1000, 5000):
+        assert_same_answer(gpu.stats(window), cpu.stats(window), values[-window:])
+        assert gpu.stats(window).var == pytest.approx(values[-window:].var(), rel=1e-9)
+
+
+def test_ticks_are_coalesced_into_few_uploads_and_launches(emulated_device_library):
+    engine = emulated_engine(emulated_device_library, Geometry(), 4096)
+    device = engine.device
+    series = engine.new_series(RetentionPolicy(), 0)
+    ticks = np.random.default_rng(1).uniform(100, 101, 10_000)
+    for tick in ticks:
+        series.append(tick[None])
+    # 10k one-value appends: an upload and one set of launches per 4096 values, not per tick.
+    assert device.uploads == 2
+    assert device.launches["summarize_blocks"] == 2
+    stats = series.stats(10_000)  # a query uploads the rest first
+    assert device.uploads == 3 and device.launches["window_stats"] == 1
+    assert stats.last == ticks[-1] and stats.min == ticks.min() and stats.max == ticks.max()
+    assert stats.avg == pytest.approx(ticks.mean(), rel=1e-12)
+
+
+def test_a_large_batch_is_one_launch_per_level_whatever_its_pages(emulated_device_library):
+    geometry = Geometry(block=4, fanout=4, chunk=64)
+    engine = emulated_engine(emulated_device_library, geometry, 5)
+    device = engine.device
+    series = engine.new_series(RetentionPolicy(100_000, 50_000), 0)
+    values = np.random.default_rng(2).uniform(0, 1, 10_000)  # 157 value pages
+    series.append(values)
+    levels = len(geometry.summary_spans(100_000))
+    assert device.launches["summarize_blocks"] == 1
+    assert device.launches["merge_groups"] == levels - 1
+    assert device.uploads == -(-10_000 // 64)  # one copy per value page, through staging
+    assert series.stats(10_000).avg == pytest.approx(values.mean(), rel=1e-12)
+
+
+def test_a_batch_of_queries_over_many_series_is_one_launch(emulated_device_library):
+    engine = emulated_engine(emulated_device_library, _TINY, 16)
+    device = engine.device
+    rng = np.random.default_rng(3)
+    series, models = [], []
+    for _ in range(40):
+        s = engine.new_series(RetentionPolicy(), 0)
+        values = rng.uniform(0, 1000, int(rng.integers(1, 300)))
+        s.append(values)
+        series.append(s)
+        models.append(values)
+    requests = [(s, 10**k) for s in series for k in range(4)]
+    answers = engine.stats_many(requests)
+    assert device.launches["window_stats"] == 1
+    for (s, window), answer in zip(requests, answers, strict=True):
+        model = models[series.index(s)][-window:]
+        assert answer.count == len(model) and answer.min == model.min()
+        assert answer.avg == pytest.approx(model.mean(), rel=1e-12)
+
+
+def test_device_memory_follows_retention(gpu_engine):
+    """Pages dropped by retention are given back: memory stays bounded over many cleanups."""
+    chunk = gpu_engine.geometry.chunk
+    series = gpu_engine.new_series(RetentionPolicy(4 * chunk, 2 * chunk), 0)
+    series.append(np.ones(4 * chunk))
+    full = series.nbytes
+    for _ in range(6):
+        series.append(np.full(2 * chunk, 2.0))  # each one a cleanup
+    assert len(series) == 4 * chunk
+    assert series.nbytes <= full + series.nbytes // 4  # not 4x: dropped pages are gone
+    assert series.stats(4 * chunk).min == 2.0
+
+
+def test_concurrent_symbols_share_the_device_safely(gpu_engine):
+    """Writers on different symbols and a batch reader, all at once, through one device."""
+    retention = RetentionPolicy(5000, 2500)
+    series = [gpu_engine.new_series(retention, 0) for _ in range(4)]
+    expected = [np.random.default_rng(i).uniform(1, 2, 3000) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            for part in np.array_split(expected[i], 150):
+                series[i].append(part)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    answers = gpu_engine.stats_many([(s, 3000) for s in series])
+    for answer, values in zip(answers, expected, strict=True):
+        assert answer.count == 3000 and answer.max == values.max() and answer.last == values[-1]
+
+
+def test_store_batch_queries_on_the_gpu_engine(gpu_engine):
+    """The store's batch path (one engine call for every miss) on this engine."""
+    store = Store(gpu_engine, retention=RetentionPolicy(), max_symbols=10, starting_capacity=0)
+    rng = np.random.default_rng(5)
+    data = {f"S{i}": rng.uniform(10, 20, 500 + i) for i in range(5)}
+    for symbol, values in data.items():
+        store.ingest(symbol, values)
+    queries = [(symbol, k) for symbol in data for k in (1, 2, 3)] + [("NOPE", 1)]
+    answers = store.stats_many(queries)
+    assert answers[-1] is None
+    for (symbol, k), answer in zip(queries[:-1], answers[:-1], strict=True):
+        window = data[symbol][-(10**k) :]
+        assert answer.count == len(window) and answer.min == window.min()
+        assert answer.var == pytest.approx(window.var(), rel=1e-9)
