@@ -76,6 +76,10 @@ class Device(Protocol):
         """An uninitialised (rows, 5) float64 array for `window_stats`."""
         ...
 
+    def synchronize(self) -> None:
+        """Wait until all work issued so far has finished (benchmarks time with it)."""
+        ...
+
 
 @dataclass
 class _StagingBuffer:
@@ -162,6 +166,9 @@ class CupyDevice:
             )
             buffer.ready = self._stream.record()
             done += take
+
+    def synchronize(self) -> None:
+        self._stream.synchronize()
 
     def download(self, src: Any, lo: int, hi: int) -> np.ndarray:
         out = src[lo:hi].get(stream=self._stream)

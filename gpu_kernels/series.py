@@ -214,17 +214,25 @@ class GpuSeries:
         return np.concatenate(parts) if parts else np.empty(0)
 
 
+def query_rows(device: Device, requests: Sequence[tuple[GpuSeries, int]]) -> np.ndarray:
+    """The (n, 3) int64 `window_stats` input for (series, window) pairs: each series synced
+    once, then (directory address, end, count) per query."""
+    seen: dict[int, tuple[int, int, int]] = {}
+    rows = []
+    for series, window in requests:
+        known = seen.get(id(series))
+        if known is None:
+            series._sync()
+            directory = device.address(series._current_directory())
+            known = seen[id(series)] = (directory, series._end, len(series))
+        rows.append((known[0], known[1], min(window, known[2])))
+    return np.array(rows, dtype=np.int64).reshape(len(rows), 3)
+
+
 def window_stats(device: Device, requests: Sequence[tuple[GpuSeries, int]]) -> list[WindowStats]:
     """Answer (series, window) pairs in one `window_stats` launch; the caller holds the lock
     and guarantees non-empty series and windows >= 1 (the `Engine.stats_many` contract)."""
-    synced: set[int] = set()
-    queries = np.empty((len(requests), 3), dtype=np.int64)
-    for i, (series, window) in enumerate(requests):
-        if id(series) not in synced:
-            series._sync()
-            synced.add(id(series))
-        directory = series._current_directory()
-        queries[i] = (device.address(directory), series._end, min(window, len(series)))
+    queries = query_rows(device, requests)
     # Directories stay referenced by their series until the results are back: the download
     # below waits for the launch, so no directory is replaced while the kernel reads it.
     rows = len(requests)

@@ -123,6 +123,9 @@ class EmulatedDevice:
         self.uploads += 1
         self.uploaded_values += values.shape[0]
 
+    def synchronize(self) -> None:
+        """Nothing to wait for: every call runs to completion."""
+
     def download(self, src: np.ndarray, lo: int, hi: int) -> np.ndarray:
         return src[lo:hi].copy()
 
