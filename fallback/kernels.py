@@ -1,8 +1,12 @@
-"""Pure array kernels of the segment tree, shared by the numpy and CuPy engines.
+"""Pure array kernels of the segment tree: the numpy engine's arithmetic.
 
-Every function takes its array module as `xp` (numpy or cupy) and works on whole arrays: no
-Python loop per value. A node summary is one row of six float64 columns
-(count, ref, mean, M2, min, max), where M2 is the sum of squared deviations from the node's mean.
+Each works on whole arrays, no Python loop per value. The GPU engine runs the same formulas,
+term for term, as CUDA kernels in gpu_kernels/segment_tree.cu (one thread per row, so a request
+is a launch or three instead of a dozen CuPy calls per level); a change here must be made there
+too, and tests/engine/test_gpu_engine.py compares the two engines.
+
+A node summary is one row of six float64 columns (count, ref, mean, M2, min, max), where M2 is
+the sum of squared deviations from the node's mean.
 
 Anchored means: a node stores its mean as REF + MEAN, where REF is one of its own values (the
 first) and MEAN the mean of (x - REF). Prices sit far from zero relative to their spread
@@ -15,8 +19,6 @@ are selections and stay bit-exact.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 COUNT, REF, MEAN, M2, MIN, MAX = range(6)
@@ -26,7 +28,7 @@ ROW_WIDTH = 6
 IDENTITY_ROW = np.array([0.0, 0.0, 0.0, 0.0, np.inf, -np.inf])
 
 
-def summarize_blocks(blocks: Any, out: Any, xp: Any = np) -> None:
+def summarize_blocks(blocks: np.ndarray, out: np.ndarray) -> None:
     """Write the summaries of the rows of a (k, B) array of values into `out`, shape (k, 6)."""
     width = blocks.shape[1]
     out[:, COUNT] = width
@@ -37,12 +39,12 @@ def summarize_blocks(blocks: Any, out: Any, xp: Any = np) -> None:
     shifted.sum(axis=1, out=mean)
     mean *= 1.0 / width  # exact: width is a power of two
     shifted -= mean[:, None]
-    out[:, M2] = xp.einsum("ij,ij->i", shifted, shifted)
+    out[:, M2] = np.einsum("ij,ij->i", shifted, shifted)
     blocks.min(axis=1, out=out[:, MIN])
     blocks.max(axis=1, out=out[:, MAX])
 
 
-def merge_groups(groups: Any, out: Any, xp: Any = np) -> None:
+def merge_groups(groups: np.ndarray, out: np.ndarray) -> None:
     """Merge each group of child summaries, (m, F, 6), writing the (m, 6) parents into `out`.
 
     A parent is anchored at its first child's REF. Children past the newest value are IDENTITY
@@ -57,15 +59,15 @@ def merge_groups(groups: Any, out: Any, xp: Any = np) -> None:
     # scratch, overwritten below).
     groups.sum(axis=1, out=out)
     mean = out[:, MEAN]
-    xp.divide(xp.einsum("ij,ij->i", counts, means), xp.maximum(out[:, COUNT], 1.0), out=mean)
+    np.divide(np.einsum("ij,ij->i", counts, means), np.maximum(out[:, COUNT], 1.0), out=mean)
     means -= mean[:, None]
-    out[:, M2] += xp.einsum("ij,ij,ij->i", counts, means, means)
+    out[:, M2] += np.einsum("ij,ij,ij->i", counts, means, means)
     out[:, REF] = ref
     groups[:, :, MIN].min(axis=1, out=out[:, MIN])
     groups[:, :, MAX].max(axis=1, out=out[:, MAX])
 
 
-def combine(values: Any, rows: Any) -> tuple[int, float, float, float, float]:
+def combine(values: np.ndarray, rows: np.ndarray) -> tuple[int, float, float, float, float]:
     """Merge raw values (r,) and node summaries (q, 6) into (count, mean, M2, min, max).
 
     This is the query-side merge: a window is a few raw values at its old edge plus whole
