@@ -45,6 +45,12 @@ class RetentionPolicy:
             return 0, self.max_values
         return self.max_values - incoming, incoming
 
+    def plan_append(self, current: int, values: np.ndarray) -> tuple[np.ndarray, int]:
+        """(the newest values of the batch that are kept, old values evicted) for appending
+        `values` to `current` values: what every engine's append applies."""
+        kept_old, kept_new = self.retained_after(current, values.shape[0])
+        return values[values.shape[0] - kept_new :], current - kept_old
+
 
 @dataclass(frozen=True, slots=True)
 class WindowStats:

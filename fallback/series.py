@@ -196,10 +196,8 @@ class SegmentTreeSeries:
         incoming = values.shape[0]
         if incoming == 0:
             return 0
-        current = len(self)
-        kept_old, kept_new = self.retention.retained_after(current, incoming)
-        if kept_new < incoming:
-            values = values[incoming - kept_new :]
+        values, evicted = self.retention.plan_append(len(self), values)
+        kept_new = values.shape[0]
         start = self._end
         segments = self._chunk_segments(start, start + kept_new)
         for lo, hi in segments:
@@ -212,7 +210,6 @@ class SegmentTreeSeries:
             raise
         self._end = start + kept_new
         # Retention runs last: it only moves `head` and retires pages, which cannot fail.
-        evicted = current - kept_old
         if evicted:
             self._drop_oldest(evicted)
         else:  # the cleanup append already paid for retiring; later ones free

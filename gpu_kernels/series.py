@@ -80,11 +80,8 @@ class GpuSeries:
         incoming = values.shape[0]
         if incoming == 0:
             return 0
-        current = len(self)
-        kept_old, kept_new = self.retention.retained_after(current, incoming)
-        if kept_new < incoming:
-            values = values[incoming - kept_new :]
-        evicted = current - kept_old
+        values, evicted = self.retention.plan_append(len(self), values)
+        kept_new = values.shape[0]
         start, stop = self._end, self._end + kept_new
         with self._lock:
             self._reserve_pages(start, stop)
