@@ -101,8 +101,8 @@ class CupyDevice:
         cupy = self._cupy
         try:
             count = cupy.cuda.runtime.getDeviceCount()
-        except Exception as exc:  # CUDARuntimeError: no driver, driver too old, ...
-            raise GpuUnavailableError(f"no usable CUDA driver: {exc}") from exc
+        except Exception as exc:  # CUDARuntimeError: no driver, driver too old, no device
+            raise GpuUnavailableError(f"CUDA finds no usable driver or device: {exc}") from exc
         if count < 1:
             raise GpuUnavailableError("the CUDA driver reports no GPU")
         self._device = cupy.cuda.Device(0)
@@ -112,7 +112,8 @@ class CupyDevice:
         self._stream = cupy.cuda.Stream(non_blocking=True)
         module = cupy.RawModule(code=kernel_source(), options=NVRTC_OPTIONS)
         self._kernels = {name: module.get_function(name) for name in KERNELS}
-        self._identity = cupy.asarray(IDENTITY_ROW)
+        with self._stream:  # everything on the one stream, this copy included
+            self._identity = cupy.asarray(IDENTITY_ROW)
         self._staging = [
             _StagingBuffer(_empty_pinned(cupy, staging_values), None)
             for _ in range(staging_buffers)
@@ -146,7 +147,10 @@ class CupyDevice:
         self._copy_in(dst.data.ptr + offset * 8, values)
 
     def _copy_in(self, address: int, host: np.ndarray) -> None:
-        """Stage `host` (any 8-byte dtype) through the pinned buffers, one async copy each."""
+        """Stage `host` (float64 values or int64 directories, copied as raw 8-byte words)
+        through the pinned buffers, one async copy each."""
+        if host.dtype not in (np.float64, np.int64):
+            raise TypeError(f"device copies take float64 or int64 arrays, not {host.dtype}")
         runtime = self._cupy.cuda.runtime
         raw = host.view(np.float64)
         done = 0
@@ -171,9 +175,7 @@ class CupyDevice:
         self._stream.synchronize()
 
     def download(self, src: Any, lo: int, hi: int) -> np.ndarray:
-        out = src[lo:hi].get(stream=self._stream)
-        self._stream.synchronize()  # get() on a stream only issues the copy
-        return out
+        return src[lo:hi].get(stream=self._stream)  # copies on the stream, then waits for it
 
     def launch(self, kernel: str, threads: int, *args: Any) -> None:
         if threads <= 0:
@@ -190,6 +192,10 @@ def _import_cupy() -> Any:
     except ImportError as exc:
         raise GpuUnavailableError(
             f"CuPy is not installed ({exc}); install the GPU extra: pip install '.[gpu]'"
+        ) from exc
+    except OSError as exc:  # CuPy creates its kernel cache directory on import
+        raise GpuUnavailableError(
+            f"CuPy cannot start ({exc}); set CUPY_CACHE_DIR to a writable directory"
         ) from exc
     return cupy
 

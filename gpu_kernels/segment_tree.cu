@@ -9,7 +9,7 @@
 //
 // A series is described by its directory, one int64 array on the device:
 //   [0] levels (value level included)   [1] block   [2] fanout
-//   [3 + 4*i ...] per level i: span, rows_per_page, first_page, table_offset
+//   [3 + 4*i ...] per level i: span, log2(rows_per_page), first_page, table_offset
 //   [table_offset + p] device address of page (first_page + p) of that level
 // Level 0 holds raw float64 values; levels >= 1 hold rows of six float64
 // (count, ref, mean, M2, min, max) where the node's mean is ref + mean (anchored means;
@@ -33,10 +33,11 @@ __device__ __forceinline__ i64 dir_level(const i64* dir, int level, int field) {
 }
 
 // Address of row `row` of `level`. The caller guarantees the row lies in an allocated page.
+// Pages hold a power of two of rows: a shift and a mask, not a 64-bit division, per row read.
 __device__ __forceinline__ double* level_row(const i64* dir, int level, i64 row) {
-    i64 rows_per_page = dir_level(dir, level, 1);
-    i64 page = row / rows_per_page;
-    i64 offset = row - page * rows_per_page;
+    i64 shift = dir_level(dir, level, 1);
+    i64 page = row >> shift;
+    i64 offset = row & ((1LL << shift) - 1);
     const i64* table = dir + dir_level(dir, level, 3);
     double* base = (double*)table[page - dir_level(dir, level, 2)];
     return base + offset * (level == 0 ? 1 : ROW_WIDTH);

@@ -33,7 +33,7 @@ from fallback.series import Geometry, PagedLevel
 from gpu_kernels.device import Device
 
 _HEADER = 3  # directory: levels, block, fanout
-_LEVEL_FIELDS = 4  # per level: span, rows_per_page, first_page, table offset
+_LEVEL_FIELDS = 4  # per level: span, log2(rows_per_page), first_page, table offset
 
 
 class GpuSeries:
@@ -67,16 +67,19 @@ class GpuSeries:
 
     @property
     def nbytes(self) -> int:
-        directory = self._directory.nbytes if self._directory is not None else 0
+        directory = self._directory  # one read: an append may reset it meanwhile
+        directory = directory.nbytes if directory is not None else 0
         levels = sum(level.nbytes for level in self._levels)
         return levels + directory + self._pending.nbytes
 
     # -- append ---------------------------------------------------------------------------
 
     def append(self, values: np.ndarray) -> int:
-        """All or nothing: device pages are allocated before anything changes (a MemoryError
-        there leaves the series as it was); copies and launches after that cannot fail short
-        of a CUDA error, which leaves the whole device unusable anyway."""
+        """All or nothing: every device allocation the append needs (its pages, then the
+        directory that lists them) happens before any state changes, so a MemoryError leaves
+        the series as it was (pages made before the failure are kept, unused, as the numpy
+        engine keeps them). Copies and launches after that allocate nothing; they fail only
+        on a CUDA error, which leaves the whole device unusable anyway."""
         incoming = values.shape[0]
         if incoming == 0:
             return 0
@@ -85,6 +88,7 @@ class GpuSeries:
         start, stop = self._end, self._end + kept_new
         with self._lock:
             self._reserve_pages(start, stop)
+            self._current_directory()
             capacity = self._pending.shape[0]
             if evicted or kept_new > capacity:
                 self._sync(values)  # evicting pages needs everything before them uploaded
@@ -100,27 +104,31 @@ class GpuSeries:
 
     def _reserve_pages(self, start: int, stop: int) -> None:
         chunk = self.geometry.chunk
-        created = False
         for first in range(start - start % chunk, stop, chunk):
             for level in self._levels:
                 number = first // level.span // level.rows_per_page
                 if number not in level.pages:
+                    # Stale before allocating: if a later page fails, the pages made so far
+                    # are kept and the next directory must list them.
+                    self._directory = None
                     level.page(number)
-                    created = True
-        if created:
-            self._directory = None
 
     def _sync(self, batch: np.ndarray | None = None) -> None:
         """Upload the pending values (then `batch`, appended after them) and summarize every
-        block they complete, so the device holds values and summaries up to `_end`."""
+        block they complete, so the device holds values and summaries up to `_end`.
+
+        Only the directory may allocate (when pages were dropped since it was built), and it
+        is built before anything changes: a failure leaves pending values pending."""
+        directory = self._current_directory()
         lo = self._synced
         if self._end > lo:
             self._upload(lo, self._pending[: self._end - lo])
+        end = self._end
         if batch is not None:
-            self._upload(self._end, batch)
-            self._end += batch.shape[0]
-        self._summarize(lo, self._end)
-        self._synced = self._end
+            self._upload(end, batch)
+            end += batch.shape[0]
+        self._summarize(directory, lo, end)
+        self._end = self._synced = end
 
     def _upload(self, start: int, values: np.ndarray) -> None:
         """Copy `values` to absolute positions from `start`, one copy per value page."""
@@ -133,14 +141,13 @@ class GpuSeries:
             self._device.upload(page, position % chunk, values[done : done + take])
             done += take
 
-    def _summarize(self, lo: int, hi: int) -> None:
+    def _summarize(self, directory: Any, lo: int, hi: int) -> None:
         """Summarize the whole blocks values [lo, hi) complete, then their ancestors: one
         launch for level 1, one per level above."""
         block, fanout = self.geometry.block, self.geometry.fanout
         first, full_end = lo // block, hi // block
         if full_end <= first:
             return
-        directory = self._current_directory()
         count = full_end - first
         self._device.launch("summarize_blocks", count, directory, first, count)
         for depth in range(2, len(self._levels)):
@@ -153,7 +160,7 @@ class GpuSeries:
         time it on values already uploaded). Answers do not change."""
         with self._lock:
             self._sync()
-            self._summarize(self._head, self._end)
+            self._summarize(self._current_directory(), self._head, self._end)
 
     def _drop_oldest(self, count: int) -> None:
         """Pages wholly before the new head go back to the device's pool at once: it is
@@ -175,7 +182,8 @@ class GpuSeries:
             for level in self._levels:
                 first = min(level.pages, default=level.first_page)
                 last = max(level.pages, default=first - 1)
-                header += [level.span, level.rows_per_page, first, offset + len(tables)]
+                shift = level.rows_per_page.bit_length() - 1  # a power of two (Geometry)
+                header += [level.span, shift, first, offset + len(tables)]
                 tables += [
                     self._device.address(level.pages[n]) if n in level.pages else 0
                     for n in range(first, last + 1)

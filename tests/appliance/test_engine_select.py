@@ -60,7 +60,8 @@ def test_a_failing_driver_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
     )
     with pytest.raises(
-        EngineUnavailableError, match="no usable CUDA driver: cudaErrorInsufficientDriver"
+        EngineUnavailableError,
+        match="CUDA finds no usable driver or device: cudaErrorInsufficientDriver",
     ):
         select_engine("gpu")
 

@@ -25,7 +25,8 @@ _TINY = Geometry(block=4, fanout=4, chunk=64)
 _EMULATED = {
     "gpu-emulated-default": (Geometry(), 4096),
     "gpu-emulated-b4f4c64": (_TINY, 5),
-    "gpu-emulated-b8f2c64": (Geometry(block=8, fanout=2, chunk=64), 1),
+    "gpu-emulated-b8f2c64": (Geometry(block=8, fanout=2, chunk=64), 100),  # buffer > chunk
+    "gpu-emulated-b4f8c32": (Geometry(block=4, fanout=8, chunk=32), 1),  # every append syncs
 }
 
 # The same engine on a real GPU: default and tiny geometry (many pages, levels, directories).

@@ -8,6 +8,7 @@ to 1e-12 relative (SPEC section 7, issue 4).
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -18,7 +19,10 @@ from hypothesis.extra.numpy import arrays
 
 from appliance.store import Store
 from fallback import Geometry, NumpyEngine, RetentionPolicy
+from gpu_kernels import CupyDevice, CupyEngine
 from tests.engine.conftest import _TINY, _gpu_engine, emulated_engine
+from tests.engine.emulated_device import EmulatedDevice
+from tests.engine.fake_cupy import FakeCupy
 from tests.engine.reference import rounding_floor
 
 _GEOMETRIES = {"default": Geometry(), "b4f4c64": _TINY}
@@ -36,13 +40,6 @@ def gpu_engine(request):
         return _gpu_engine(_GEOMETRIES[geometry], 5)
     library = request.getfixturevalue("emulated_device_library")
     return emulated_engine(library, _GEOMETRIES[geometry], 5)
-
-
-def emulated(gpu_engine):
-    """The emulated device (it counts uploads and launches), or skip on a real GPU."""
-    if not hasattr(gpu_engine.device, "launches"):
-        pytest.skip("launch counting needs the emulated device")
-    return gpu_engine.device
 
 
 def assert_same_answer(got, want, window_values: np.ndarray) -> None:
@@ -176,7 +173,17 @@ def test_concurrent_symbols_share_the_device_safely(gpu_engine):
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
+    def read() -> None:
+        try:
+            while any(t.is_alive() for t in threads[:4]):
+                ready = [(s, 100) for s in series if len(s)]
+                for answer in gpu_engine.stats_many(ready) if ready else []:
+                    assert answer.count >= 1 and 1 <= answer.min <= answer.max < 2
+        except BaseException as exc:
+            errors.append(exc)
+
     threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    threads.append(threading.Thread(target=read))
     for t in threads:
         t.start()
     for t in threads:
@@ -201,3 +208,107 @@ def test_store_batch_queries_on_the_gpu_engine(gpu_engine):
         window = data[symbol][-(10**k) :]
         assert answer.count == len(window) and answer.min == window.min()
         assert answer.var == pytest.approx(window.var(), rel=1e-9)
+
+
+def test_every_window_at_every_length_matches_numpy(emulated_device_library):
+    """Windows 1..len after each append, tiny geometry: every block, node and page boundary
+    on both edges of a window, through cleanups."""
+    engine = emulated_engine(emulated_device_library, _TINY, 5)
+    cpu = NumpyEngine(geometry=_TINY).new_series(RetentionPolicy(300, 130), 0)
+    gpu = engine.new_series(RetentionPolicy(300, 130), 0)
+    rng = np.random.default_rng(11)
+    for size in (1, 3, 17, 64, 65, 100, 250, 7, 300, 1):
+        batch = rng.uniform(0, 50, size)
+        assert gpu.append(batch) == cpu.append(batch)
+        requests = [(gpu, w) for w in range(1, len(cpu) + 2)]
+        for (_, window), got in zip(requests, engine.stats_many(requests), strict=True):
+            assert_same_answer(got, cpu.stats(window), cpu.tail(window))
+
+
+def test_resummarize_after_cleanups_changes_no_answer(gpu_engine):
+    series = gpu_engine.new_series(RetentionPolicy(1000, 400), 0)
+    rng = np.random.default_rng(4)
+    for size in (700, 500, 999, 3):
+        series.append(rng.uniform(5, 6, size))
+    windows = (1, 10, 100, 1000)
+    before = [series.stats(w) for w in windows]
+    series.resummarize()
+    assert [series.stats(w) for w in windows] == before
+
+
+class _FailingDevice(EmulatedDevice):
+    """Raises MemoryError at the n-th device allocation (pages, directories), as CUDA would."""
+
+    def __init__(self, library, fail_at: int) -> None:
+        super().__init__(library)
+        self.allocations = 0
+        self.fail_at = fail_at
+
+    def _allocate(self) -> None:
+        self.allocations += 1
+        if self.allocations == self.fail_at:
+            raise MemoryError("injected device allocation failure")
+
+    def new_values(self, count):
+        self._allocate()
+        return super().new_values(count)
+
+    def new_rows(self, rows):
+        self._allocate()
+        return super().new_rows(rows)
+
+    def new_int64(self, host):
+        self._allocate()
+        return super().new_int64(host)
+
+
+@pytest.mark.parametrize("fail_at", range(1, 18))  # the append makes 17: pages, then the directory
+def test_a_failed_device_allocation_leaves_the_series_unchanged(emulated_device_library, fail_at):
+    """All or nothing on the device: whichever allocation of a multi-page, evicting append
+    fails, the series answers as before, and later appends are right."""
+    retention = RetentionPolicy(400, 150)
+    device = _FailingDevice(emulated_device_library, fail_at=0)
+    engine = CupyEngine(_TINY, device, 5)
+    gpu = engine.new_series(retention, 0)
+    cpu = NumpyEngine(geometry=_TINY).new_series(retention, 0)
+    rng = np.random.default_rng(fail_at)
+    for size in (350, 3):  # nearly full, and 3 pending values
+        batch = rng.uniform(0, 9, size)
+        gpu.append(batch)
+        cpu.append(batch)
+    device.allocations, device.fail_at = 0, fail_at
+    with pytest.raises(MemoryError):
+        gpu.append(rng.uniform(0, 9, 300))  # new pages at every level, and a cleanup
+    device.fail_at = 0
+    for size in (0, 200, 3, 400):
+        batch = rng.uniform(0, 9, size)
+        assert gpu.append(batch) == cpu.append(batch)
+        assert len(gpu) == len(cpu)
+        for window in (1, 7, 64, 400):
+            assert_same_answer(gpu.stats(window), cpu.stats(window), cpu.tail(window))
+
+
+def test_cupy_device_code_over_a_fake_cupy(emulated_device_library, monkeypatch):
+    """CupyDevice's own Python (staging in pieces through two pinned buffers, offsets, int64
+    arguments, everything on one stream) against numpy, on the CPU build of the kernels."""
+    fake = FakeCupy(emulated_device_library)
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    monkeypatch.setitem(sys.modules, "cupyx", fake.cupyx)
+    device = CupyDevice(staging_values=7, staging_buffers=2)
+    assert device.name == "Fake GPU (numpy)"
+    engine = CupyEngine(_TINY, device, 5)
+    retention = RetentionPolicy(500, 200)
+    gpu = [engine.new_series(retention, 0) for _ in range(2)]
+    cpu = [NumpyEngine(geometry=_TINY).new_series(retention, 0) for _ in range(2)]
+    rng = np.random.default_rng(8)
+    for size in (1, 2, 40, 3, 130, 600, 9):
+        for g, c in zip(gpu, cpu, strict=True):
+            batch = rng.uniform(0, 1e6, size)
+            assert g.append(batch) == c.append(batch)
+        requests = [(i, w) for i in range(2) for w in (1, 5, 33, 500)]
+        answers = engine.stats_many([(gpu[i], w) for i, w in requests])
+        for (i, window), got in zip(requests, answers, strict=True):
+            assert_same_answer(got, cpu[i].stats(window), cpu[i].tail(window))
+    assert np.array_equal(gpu[0].tail(500), cpu[0].tail(500))
+    assert fake.copies and max(size for _, size, _ in fake.copies) <= 7 * 8
+    assert fake.streams_entered == 0
