@@ -10,6 +10,7 @@ there is none. A new engine joins by adding a parameter here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -58,6 +59,8 @@ def emulated_device_library(tmp_path_factory):
     try:
         return build_library(tmp_path_factory.mktemp("kernels"))
     except CompilerMissing as exc:
+        if os.environ.get("HFT_REQUIRE_GPU_EMULATION") == "1":  # CI: never skip into green
+            pytest.fail(f"gpu-emulated: {exc}")
         pytest.skip(f"gpu-emulated: {exc}")
 
 
