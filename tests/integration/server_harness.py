@@ -90,7 +90,15 @@ class Response:
 class Server:
     """A running `python -m appliance serve` subprocess with its port and working directory."""
 
-    def __init__(self, cwd: Path, env: Mapping[str, str] | None = None, args: tuple = ()) -> None:
+    def __init__(
+        self,
+        cwd: Path,
+        env: Mapping[str, str] | None = None,
+        args: tuple = (),
+        command: list[str] | None = None,
+    ) -> None:
+        """`command` replaces `python -m appliance serve ARGS` (a script that serves through
+        `appliance.cli.serve` with an injected engine)."""
         self.cwd = cwd
         self.port = free_port()
         self.cwd.mkdir(parents=True, exist_ok=True)
@@ -103,7 +111,7 @@ class Server:
         self.control_endpoint = _env_get(overrides, ENDPOINT_VARS["control"]) or ""
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                appliance_command("serve", *args),
+                command or appliance_command("serve", *args),
                 cwd=cwd,
                 env=subprocess_env(overrides),
                 stdout=out,
