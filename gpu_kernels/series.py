@@ -202,21 +202,29 @@ class GpuSeries:
             return window_stats(self._device, [(self, window)])[0]
 
     def tail(self, count: int) -> np.ndarray:
-        """A host copy of the newest min(count, len) values: one download per value page."""
+        """A host copy of the newest min(count, len) values, one download per value page.
+
+        The caller holds the series still (the store's symbol lock: no append can drop a page
+        meanwhile); the engine lock is taken per page, so a checkpoint of 1e8 values lets
+        other symbols' appends and queries run between its 8 MiB copies."""
         if count < 0:
             raise ValueError("count must be >= 0")
         chunk = self.geometry.chunk
-        position = self._end - min(count, len(self))
-        parts = []
+        start = self._end - min(count, len(self))
+        out = np.empty(self._end - start)
         with self._lock:
             self._sync()
-            while position < self._end:
-                offset = position % chunk
-                take = min(self._end - position, chunk - offset)
+        position = start
+        while position < self._end:
+            offset = position % chunk
+            take = min(self._end - position, chunk - offset)
+            with self._lock:
                 page = self._values.pages[position // chunk]
-                parts.append(self._device.download(page, offset, offset + take))
-                position += take
-        return np.concatenate(parts) if parts else np.empty(0)
+                out[position - start : position - start + take] = self._device.download(
+                    page, offset, offset + take
+                )
+            position += take
+        return out
 
 
 def query_rows(device: Device, requests: Sequence[tuple[GpuSeries, int]]) -> np.ndarray:
