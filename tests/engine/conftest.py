@@ -4,7 +4,8 @@ Every test here takes `make_series` and runs once per engine: the numpy engine a
 geometry, the numpy engine at tiny geometries (so a few hundred values cross blocks, pages and
 several pyramid levels), the CuPy engine's code on the CPU build of its kernels (the
 "gpu-emulated" parameters: every line of gpu_kernels except the CuPy calls, see
-emulated_device.py), and the CuPy engine on a real GPU, which is skipped with the reason when
+emulated_device.py), the same with the real `CupyDevice` over a numpy stand-in for CuPy
+("gpu-fakecupy", fake_cupy.py), and the CuPy engine on a real GPU, which is skipped with the reason when
 there is none. A new engine joins by adding a parameter here.
 """
 
@@ -71,10 +72,33 @@ def emulated_engine(library, geometry: Geometry, coalesce_values: int):
     return CupyEngine(geometry, EmulatedDevice(library), coalesce_values)
 
 
+def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
+    """CupyEngine on a real CupyDevice whose CuPy is tests/engine/fake_cupy.py: CuPy is only
+    imported while the device is built (it keeps the module it got)."""
+    import sys
+
+    from gpu_kernels import CupyDevice, CupyEngine
+    from tests.engine.fake_cupy import FakeCupy
+
+    fake = FakeCupy(library)
+    saved = {name: sys.modules.get(name) for name in ("cupy", "cupyx")}
+    sys.modules.update(cupy=fake.module, cupyx=fake.cupyx)
+    try:
+        device = CupyDevice(staging_values=staging_values, staging_buffers=2)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return CupyEngine(geometry, device, 5)
+
+
 @pytest.fixture(
     params=[
         *_NUMPY_GEOMETRIES,
         *_EMULATED,
+        "gpu-fakecupy-b4f4c64",  # CupyDevice's own code too, with 7-value staging buffers
         *(pytest.param(name, marks=pytest.mark.gpu) for name in _REAL_GPU),
     ]
 )
@@ -84,6 +108,9 @@ def engine(request):
     if request.param in _EMULATED:
         library = request.getfixturevalue("emulated_device_library")
         return emulated_engine(library, *_EMULATED[request.param])
+    if request.param == "gpu-fakecupy-b4f4c64":
+        library = request.getfixturevalue("emulated_device_library")
+        return fake_cupy_engine(library, _TINY, staging_values=7)
     return NumpyEngine(geometry=_NUMPY_GEOMETRIES[request.param])
 
 
