@@ -5,8 +5,8 @@ geometry, the numpy engine at tiny geometries (so a few hundred values cross blo
 several pyramid levels), the CuPy engine's code on the CPU build of its kernels (the
 "gpu-emulated" parameters: every line of gpu_kernels except the CuPy calls, see
 emulated_device.py), the same with the real `CupyDevice` over a numpy stand-in for CuPy
-("gpu-fakecupy", fake_cupy.py), and the CuPy engine on a real GPU, which is skipped with the reason when
-there is none. A new engine joins by adding a parameter here.
+("gpu-fakecupy", fake_cupy.py), and the CuPy engine on a real GPU, which is skipped with the
+reason when there is none. A new engine joins by adding a parameter here.
 """
 
 from __future__ import annotations
