@@ -48,8 +48,10 @@ class RetentionPolicy:
     def plan_append(self, current: int, values: np.ndarray) -> tuple[np.ndarray, int]:
         """(the newest values of the batch that are kept, old values evicted) for appending
         `values` to `current` values: what every engine's append applies."""
-        kept_old, kept_new = self.retained_after(current, values.shape[0])
-        return values[values.shape[0] - kept_new :], current - kept_old
+        incoming = values.shape[0]
+        kept_old, kept_new = self.retained_after(current, incoming)
+        kept = values if kept_new == incoming else values[incoming - kept_new :]  # no view per tick
+        return kept, current - kept_old
 
 
 @dataclass(frozen=True, slots=True)

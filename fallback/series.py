@@ -317,17 +317,8 @@ class SegmentTreeSeries:
         """A copy of the newest min(count, len) values: one slice copy per value page."""
         if count < 0:
             raise ValueError("count must be >= 0")
-        start = self._end - min(count, len(self))
-        out = np.empty(self._end - start)
-        chunk = self.geometry.chunk
-        position = start
-        while position < self._end:
-            offset = position % chunk
-            take = min(self._end - position, chunk - offset)
-            page = self._values.pages[position // chunk]
-            out[position - start : position - start + take] = page[offset : offset + take]
-            position += take
-        return out
+        runs = self._values.runs(self._end - min(count, len(self)), self._end)
+        return np.concatenate(runs) if runs else np.empty(0)
 
     def tail_views(self, count: int) -> list[np.ndarray]:
         """The newest min(count, len) values as read-only views of the value pages, oldest
@@ -341,16 +332,9 @@ class SegmentTreeSeries:
         """
         if count < 0:
             raise ValueError("count must be >= 0")
-        chunk = self.geometry.chunk
-        position = self._end - min(count, len(self))
-        views = []
-        while position < self._end:
-            offset = position % chunk
-            take = min(self._end - position, chunk - offset)
-            view = self._values.pages[position // chunk][offset : offset + take]
+        views = self._values.runs(self._end - min(count, len(self)), self._end)
+        for view in views:
             view.flags.writeable = False
-            views.append(view)
-            position += take
         return views
 
     def _window_parts(self, start: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,12 +60,14 @@ class Device(Protocol):
         """The device address of an array's first element."""
         ...
 
-    def upload(self, dst: Any, offset: int, values: np.ndarray) -> None:
-        """Copy host float64 `values` into `dst[offset:]`; `values` may be reused on return."""
+    def upload(self, dst: Any, values: np.ndarray) -> None:
+        """Copy host float64 `values` into the device view `dst` (same length); `values` may
+        be reused on return."""
         ...
 
-    def download(self, src: Any, lo: int, hi: int) -> np.ndarray:
-        """A host copy of `src[lo:hi]` once all work issued before has finished."""
+    def download(self, src: Any) -> np.ndarray:
+        """A host copy of the device array or view `src` once all work issued before it has
+        finished."""
         ...
 
     def launch(self, kernel: str, threads: int, *args: Any) -> None:
@@ -143,8 +145,8 @@ class CupyDevice:
     def address(self, array: Any) -> int:
         return int(array.data.ptr)
 
-    def upload(self, dst: Any, offset: int, values: np.ndarray) -> None:
-        self._copy_in(dst.data.ptr + offset * 8, values)
+    def upload(self, dst: Any, values: np.ndarray) -> None:
+        self._copy_in(dst.data.ptr, values)  # a view's pointer includes its offset
 
     def _copy_in(self, address: int, host: np.ndarray) -> None:
         """Stage `host` (float64 values or int64 directories, copied as raw 8-byte words)
@@ -174,8 +176,8 @@ class CupyDevice:
     def synchronize(self) -> None:
         self._stream.synchronize()
 
-    def download(self, src: Any, lo: int, hi: int) -> np.ndarray:
-        return src[lo:hi].get(stream=self._stream)  # copies on the stream, then waits for it
+    def download(self, src: Any) -> np.ndarray:
+        return src.get(stream=self._stream)  # copies on the stream, then waits for it
 
     def launch(self, kernel: str, threads: int, *args: Any) -> None:
         if threads <= 0:

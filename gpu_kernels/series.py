@@ -132,14 +132,10 @@ class GpuSeries:
 
     def _upload(self, start: int, values: np.ndarray) -> None:
         """Copy `values` to absolute positions from `start`, one copy per value page."""
-        chunk = self.geometry.chunk
         done = 0
-        while done < values.shape[0]:
-            position = start + done
-            take = min(values.shape[0] - done, chunk - position % chunk)
-            page = self._values.pages[position // chunk]
-            self._device.upload(page, position % chunk, values[done : done + take])
-            done += take
+        for run in self._values.runs(start, start + values.shape[0]):
+            self._device.upload(run, values[done : done + run.shape[0]])
+            done += run.shape[0]
 
     def _summarize(self, directory: Any, lo: int, hi: int) -> None:
         """Summarize the whole blocks values [lo, hi) complete, then their ancestors: one
@@ -209,21 +205,16 @@ class GpuSeries:
         other symbols' appends and queries run between its 8 MiB copies."""
         if count < 0:
             raise ValueError("count must be >= 0")
-        chunk = self.geometry.chunk
         start = self._end - min(count, len(self))
         out = np.empty(self._end - start)
         with self._lock:
             self._sync()
-        position = start
-        while position < self._end:
-            offset = position % chunk
-            take = min(self._end - position, chunk - offset)
+            runs = self._values.runs(start, self._end)
+        done = 0
+        for run in runs:
             with self._lock:
-                page = self._values.pages[position // chunk]
-                out[position - start : position - start + take] = self._device.download(
-                    page, offset, offset + take
-                )
-            position += take
+                out[done : done + run.shape[0]] = self._device.download(run)
+            done += run.shape[0]
         return out
 
 
@@ -251,7 +242,7 @@ def window_stats(device: Device, requests: Sequence[tuple[GpuSeries, int]]) -> l
     rows = len(requests)
     out = device.new_output(rows)
     device.launch("window_stats", rows, device.new_int64(queries.ravel()), out, rows)
-    results = device.download(out, 0, rows)
+    results = device.download(out)
     answers = []
     for (series, _), (count, mean, m2, lo, hi) in zip(requests, results.tolist(), strict=True):
         n = int(count)

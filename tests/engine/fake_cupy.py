@@ -94,6 +94,7 @@ class _Array:
         self.host = host
         self.data = types.SimpleNamespace(ptr=host.ctypes.data)
         self.nbytes = host.nbytes
+        self.shape = host.shape
 
     def __getitem__(self, key: Any) -> _Array:
         return _Array(self.host[key])
