@@ -21,28 +21,28 @@ from tests.gpu_probe import no_gpu_reason
 
 SeriesFactory = Callable[..., Series]
 
-_TINY = Geometry(block=4, fanout=4, chunk=64)
+TINY = Geometry(block=4, fanout=4, chunk=64)
 # (geometry, coalesce_values): the small buffers make appends take both the coalescing and
 # the direct-upload paths; 5 is not a multiple of the block.
 _EMULATED = {
     "gpu-emulated-default": (Geometry(), 4096),
-    "gpu-emulated-b4f4c64": (_TINY, 5),
+    "gpu-emulated-b4f4c64": (TINY, 5),
     "gpu-emulated-b8f2c64": (Geometry(block=8, fanout=2, chunk=64), 100),  # buffer > chunk
     "gpu-emulated-b4f8c32": (Geometry(block=4, fanout=8, chunk=32), 1),  # every append syncs
 }
 
 # The same engine on a real GPU: default and tiny geometry (many pages, levels, directories).
-_REAL_GPU = {"cupy-default": (Geometry(), 4096), "cupy-b4f4c64": (_TINY, 5)}
+_REAL_GPU = {"cupy-default": (Geometry(), 4096), "cupy-b4f4c64": (TINY, 5)}
 
 _NUMPY_GEOMETRIES = {
     "numpy-default": Geometry(),
-    "numpy-b4f4c64": _TINY,
+    "numpy-b4f4c64": TINY,
     "numpy-b8f2c64": Geometry(block=8, fanout=2, chunk=64),
     "numpy-b4f8c32": Geometry(block=4, fanout=8, chunk=32),  # chunk is not block * fanout**j
 }
 
 
-def _gpu_engine(geometry: Geometry, coalesce_values: int):
+def real_gpu_engine(geometry: Geometry, coalesce_values: int):
     """The CuPy engine on this machine's GPU, or pytest.skip with the reason it cannot start."""
     reason = no_gpu_reason()
     if reason is not None:
@@ -73,8 +73,8 @@ def emulated_engine(library, geometry: Geometry, coalesce_values: int):
 
 
 def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
-    """CupyEngine on a real CupyDevice whose CuPy is tests/engine/fake_cupy.py: CuPy is only
-    imported while the device is built (it keeps the module it got)."""
+    """(CupyEngine on a real CupyDevice whose CuPy is tests/engine/fake_cupy.py, the fake).
+    CuPy is only imported while the device is built (it keeps the module it got)."""
     import sys
 
     from gpu_kernels import CupyDevice, CupyEngine
@@ -91,7 +91,7 @@ def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
-    return CupyEngine(geometry, device, 5)
+    return CupyEngine(geometry, device, 5), fake
 
 
 @pytest.fixture(
@@ -104,13 +104,13 @@ def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
 )
 def engine(request):
     if request.param in _REAL_GPU:
-        return _gpu_engine(*_REAL_GPU[request.param])
+        return real_gpu_engine(*_REAL_GPU[request.param])
     if request.param in _EMULATED:
         library = request.getfixturevalue("emulated_device_library")
         return emulated_engine(library, *_EMULATED[request.param])
     if request.param == "gpu-fakecupy-b4f4c64":
         library = request.getfixturevalue("emulated_device_library")
-        return fake_cupy_engine(library, _TINY, staging_values=7)
+        return fake_cupy_engine(library, TINY, staging_values=7)[0]
     return NumpyEngine(geometry=_NUMPY_GEOMETRIES[request.param])
 
 

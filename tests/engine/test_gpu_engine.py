@@ -8,7 +8,6 @@ to 1e-12 relative (SPEC section 7, issue 4).
 
 from __future__ import annotations
 
-import sys
 import threading
 
 import numpy as np
@@ -19,13 +18,12 @@ from hypothesis.extra.numpy import arrays
 
 from appliance.store import Store
 from fallback import Geometry, NumpyEngine, RetentionPolicy
-from gpu_kernels import CupyDevice, CupyEngine
-from tests.engine.conftest import _TINY, _gpu_engine, emulated_engine
+from gpu_kernels import CupyEngine
+from tests.engine.conftest import TINY, emulated_engine, fake_cupy_engine, real_gpu_engine
 from tests.engine.emulated_device import EmulatedDevice
-from tests.engine.fake_cupy import FakeCupy
 from tests.engine.reference import rounding_floor
 
-_GEOMETRIES = {"default": Geometry(), "b4f4c64": _TINY}
+_GEOMETRIES = {"default": Geometry(), "b4f4c64": TINY}
 
 
 @pytest.fixture(
@@ -37,7 +35,7 @@ _GEOMETRIES = {"default": Geometry(), "b4f4c64": _TINY}
 def gpu_engine(request):
     kind, _, geometry = request.param.rpartition("-")
     if kind == "cupy":
-        return _gpu_engine(_GEOMETRIES[geometry], 5)
+        return real_gpu_engine(_GEOMETRIES[geometry], 5)
     library = request.getfixturevalue("emulated_device_library")
     return emulated_engine(library, _GEOMETRIES[geometry], 5)
 
@@ -127,7 +125,7 @@ def test_a_large_batch_is_one_launch_per_level_whatever_its_pages(emulated_devic
 
 
 def test_a_batch_of_queries_over_many_series_is_one_launch(emulated_device_library):
-    engine = emulated_engine(emulated_device_library, _TINY, 16)
+    engine = emulated_engine(emulated_device_library, TINY, 16)
     device = engine.device
     rng = np.random.default_rng(3)
     series, models = [], []
@@ -213,8 +211,8 @@ def test_store_batch_queries_on_the_gpu_engine(gpu_engine):
 def test_every_window_at_every_length_matches_numpy(emulated_device_library):
     """Windows 1..len after each append, tiny geometry: every block, node and page boundary
     on both edges of a window, through cleanups."""
-    engine = emulated_engine(emulated_device_library, _TINY, 5)
-    cpu = NumpyEngine(geometry=_TINY).new_series(RetentionPolicy(300, 130), 0)
+    engine = emulated_engine(emulated_device_library, TINY, 5)
+    cpu = NumpyEngine(geometry=TINY).new_series(RetentionPolicy(300, 130), 0)
     gpu = engine.new_series(RetentionPolicy(300, 130), 0)
     rng = np.random.default_rng(11)
     for size in (1, 3, 17, 64, 65, 100, 250, 7, 300, 1):
@@ -268,9 +266,9 @@ def test_a_failed_device_allocation_leaves_the_series_unchanged(emulated_device_
     fails, the series answers as before, and later appends are right."""
     retention = RetentionPolicy(400, 150)
     device = _FailingDevice(emulated_device_library, fail_at=0)
-    engine = CupyEngine(_TINY, device, 5)
+    engine = CupyEngine(TINY, device, 5)
     gpu = engine.new_series(retention, 0)
-    cpu = NumpyEngine(geometry=_TINY).new_series(retention, 0)
+    cpu = NumpyEngine(geometry=TINY).new_series(retention, 0)
     rng = np.random.default_rng(fail_at)
     for size in (350, 3):  # nearly full, and 3 pending values
         batch = rng.uniform(0, 9, size)
@@ -288,18 +286,14 @@ def test_a_failed_device_allocation_leaves_the_series_unchanged(emulated_device_
             assert_same_answer(gpu.stats(window), cpu.stats(window), cpu.tail(window))
 
 
-def test_cupy_device_code_over_a_fake_cupy(emulated_device_library, monkeypatch):
+def test_cupy_device_code_over_a_fake_cupy(emulated_device_library):
     """CupyDevice's own Python (staging in pieces through two pinned buffers, offsets, int64
     arguments, everything on one stream) against numpy, on the CPU build of the kernels."""
-    fake = FakeCupy(emulated_device_library)
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    monkeypatch.setitem(sys.modules, "cupyx", fake.cupyx)
-    device = CupyDevice(staging_values=7, staging_buffers=2)
-    assert device.name == "Fake GPU (numpy)"
-    engine = CupyEngine(_TINY, device, 5)
+    engine, fake = fake_cupy_engine(emulated_device_library, TINY, staging_values=7)
+    assert engine.device_name == "Fake GPU (numpy)"
     retention = RetentionPolicy(500, 200)
     gpu = [engine.new_series(retention, 0) for _ in range(2)]
-    cpu = [NumpyEngine(geometry=_TINY).new_series(retention, 0) for _ in range(2)]
+    cpu = [NumpyEngine(geometry=TINY).new_series(retention, 0) for _ in range(2)]
     rng = np.random.default_rng(8)
     for size in (1, 2, 40, 3, 130, 600, 9):
         for g, c in zip(gpu, cpu, strict=True):
