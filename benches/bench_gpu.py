@@ -169,7 +169,6 @@ def main() -> None:
     parser.add_argument("--emulated", action="store_true", help="CPU build of the kernels")
     args = parser.parse_args()
     if args.emulated:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from tests.engine.emulated_device import EmulatedDevice
 
         gpu = CupyEngine(device=EmulatedDevice.build())
