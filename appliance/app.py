@@ -42,7 +42,7 @@ from appliance.validation import (
     parse_stats_query,
     validate_symbol,
 )
-from fallback.interface import Engine, RetentionPolicy
+from engine_core.contract import Engine, RetentionPolicy
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from appliance.config import AppConfig, ConfigError, load_config
-from fallback.interface import Engine
+from engine_core.contract import Engine
 
 EXIT_OK = 0
 EXIT_USAGE = 2

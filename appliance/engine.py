@@ -2,7 +2,7 @@
 
 Modelled on pyzmq's backend selection: the choice is made once at startup from
 `[engine] backend` (overridable like every key, e.g. `APP_ENGINE__BACKEND=cpu` forces the numpy
-engine), and the rest of the appliance only sees the `fallback.interface.Engine` protocol.
+engine), and the rest of the appliance only sees the `engine_core.Engine` protocol.
 
 - `cpu`:  the numpy segment-tree engine (`fallback.NumpyEngine`).
 - `gpu`:  the CuPy engine from `gpu_kernels`; if it cannot be loaded this is a startup error
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fallback.interface import Engine
+from engine_core.contract import Engine
 
 log = logging.getLogger(__name__)
 

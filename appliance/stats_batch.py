@@ -32,7 +32,7 @@ from appliance.validation import (
     shorten,
     validate_symbol,
 )
-from fallback.interface import WindowStats
+from engine_core.contract import WindowStats
 
 # Any JSON scalar: a mistyped symbol or exponent is its item's error, not the body's. Arrays and
 # objects are refused by the decoder as it meets them (invalid_body), never built in memory.

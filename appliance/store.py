@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fallback.interface import Engine, RetentionPolicy, Series, WindowStats
+from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats
 
 
 class UnknownSymbolError(KeyError):

@@ -27,7 +27,12 @@ def median_us(fn, repeats: int) -> float:
 
 def main(tree: str) -> None:
     sys.path.insert(0, tree)  # the tree under test, before the installed project
-    from fallback import NumpyEngine, RetentionPolicy
+    from fallback import NumpyEngine
+
+    try:  # trees from before issue 12 re-export the contract from fallback
+        from fallback import RetentionPolicy
+    except ImportError:
+        from engine_core import RetentionPolicy
 
     rng = np.random.default_rng(1)
     series = NumpyEngine().new_series(RetentionPolicy(), 1_000_000)

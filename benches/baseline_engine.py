@@ -1,6 +1,6 @@
 """The naive baseline for the REST benchmark: a flat array, the window recomputed on each query.
 
-`FlatArrayEngine` implements the `fallback.interface` Engine/Series protocol the simple way the
+`FlatArrayEngine` implements the `engine_core.contract` Engine/Series protocol the simple way the
 original service could have: values live in one growable float64 array (amortized doubling) and
 `stats(window)` calls `np.min`, `np.max`, `np.mean` and `np.var` on the last `window` values, so a
 query costs O(window) instead of the segment tree's O(log N). Retention follows the same
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fallback.interface import Engine, RetentionPolicy, WindowStats
+from engine_core.contract import Engine, RetentionPolicy, WindowStats
 
 
 class FlatArraySeries:

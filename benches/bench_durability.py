@@ -43,7 +43,8 @@ from bench_engine import machine  # the same machine line as the engine benchmar
 
 from appliance.durability import checkpoint as ckpt
 from appliance.store import Store
-from fallback import NumpyEngine, RetentionPolicy
+from engine_core import RetentionPolicy
+from fallback import NumpyEngine
 
 try:
     from appliance.durability import recovery, wal

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.stats_batch import StatsBatchDecoder, answer
 from appliance.store import Store
-from fallback import NumpyEngine, RetentionPolicy
+from engine_core import RetentionPolicy
+from fallback import NumpyEngine
 
 BATCH = 10_000
 FILL_BATCH = 1_000_000

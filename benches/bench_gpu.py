@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_engine import machine, pct
 
-from fallback import NumpyEngine, RetentionPolicy
+from engine_core import RetentionPolicy
+from fallback import NumpyEngine
 from gpu_kernels import CupyEngine
 from gpu_kernels.series import query_rows
 

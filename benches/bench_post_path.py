@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_engine import FlatArrayEngine
 
 from appliance.validation import BatchDecoder
-from fallback import NumpyEngine, RetentionPolicy
+from engine_core import RetentionPolicy
+from fallback import NumpyEngine
 
 
 class _Typed(Struct):

@@ -1,19 +1,8 @@
-"""The numpy segment-tree engine (SPEC sections 3 and 4).
-
-Public names: `NumpyEngine` (the engine), `SegmentTreeSeries` and `Geometry` (its series and
-their shape), and the engine contract re-exported from `fallback.interface`.
+"""The numpy segment-tree engine (SPEC sections 3 and 4): `NumpyEngine` and its series,
+`SegmentTreeSeries`. The contract, layout and summary row it implements are in `engine_core`.
 """
 
 from fallback.engine import NumpyEngine
-from fallback.interface import Engine, RetentionPolicy, Series, WindowStats
-from fallback.series import Geometry, SegmentTreeSeries
+from fallback.series import SegmentTreeSeries
 
-__all__ = [
-    "Engine",
-    "Geometry",
-    "NumpyEngine",
-    "RetentionPolicy",
-    "SegmentTreeSeries",
-    "Series",
-    "WindowStats",
-]
+__all__ = ["NumpyEngine", "SegmentTreeSeries"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fallback.interface import Engine, RetentionPolicy
-from fallback.series import Geometry, SegmentTreeSeries
+from engine_core.contract import Engine, RetentionPolicy
+from engine_core.layout import Geometry
+from fallback.series import SegmentTreeSeries
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fallback.kernels import IDENTITY_ROW, ROW_WIDTH
+from engine_core.summary import IDENTITY_ROW, ROW_WIDTH
 
 KERNELS = ("summarize_blocks", "merge_groups", "window_stats")
 # --fmad=false: no fused multiply-adds, so products round as they do on the CPU (the engines'

@@ -6,8 +6,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fallback.interface import Engine, RetentionPolicy, Series, WindowStats
-from fallback.series import Geometry
+from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats
+from engine_core.layout import Geometry
 from gpu_kernels.device import CupyDevice, Device
 from gpu_kernels.series import GpuSeries, window_stats
 

@@ -1,5 +1,5 @@
 // Segment-tree kernels of the GPU engine: the same algorithm and row layout as
-// fallback/kernels.py and fallback/series.py, one thread per output row or per query.
+// engine_core/summary.py and fallback/series.py, one thread per output row or per query.
 //
 // Why one thread per output (no shared memory, no warp shuffles): each output is
 // independent, so a launch covers every block, parent or query of a request at once,
@@ -13,7 +13,8 @@
 //   [table_offset + p] device address of page (first_page + p) of that level
 // Level 0 holds raw float64 values; levels >= 1 hold rows of six float64
 // (count, ref, mean, M2, min, max) where the node's mean is ref + mean (anchored means;
-// see fallback/kernels.py for why). Positions are absolute indices, as in the numpy engine.
+// see engine_core/summary.py for why; this is its SUMMARY_ROW_VERSION 1). Positions are
+// absolute indices, as in the numpy engine.
 
 #define ROW_WIDTH 6
 #define COUNT 0
@@ -108,7 +109,7 @@ extern "C" __global__ void merge_groups(const i64* dir, i64 level, i64 first, i6
     out[MAX] = hi;
 }
 
-// Accumulates one window in two passes, as fallback/kernels.py `combine` does: pass 0 sums
+// Accumulates one window in two passes, as engine_core/summary.py `combine` does: pass 0 sums
 // deviations from the anchor (and takes min/max), pass 1 sums squared deviations from the
 // window mean. Raw values and node rows go through the same two formulas as on the CPU.
 struct Window {

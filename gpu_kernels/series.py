@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from fallback.interface import RetentionPolicy, WindowStats
-from fallback.series import Geometry, PagedLevel
+from engine_core.contract import RetentionPolicy, WindowStats
+from engine_core.layout import Geometry, PagedLevel
 from gpu_kernels.device import Device
 
 _HEADER = 3  # directory: levels, block, fanout

@@ -4,7 +4,7 @@ Why this is cheap on a long history: a range [start, end) is split over the piec
 it. Sealed segments entirely inside contribute their stored summary (count, anchored mean, M2,
 min, max) and are never read; at most two sealed edge segments are decompressed and sliced;
 the unsealed in-memory values cover the newest part. Summaries and raw slices are merged by
-`fallback.kernels.combine` (Chan's parallel formula around an anchor, so 1e9-scale prices
+`engine_core.summary.combine` (Chan's parallel formula around an anchor, so 1e9-scale prices
 keep their variance), i.e. the same numerics as /stats/.
 
 Time ranges map to index ranges through the batch marks: [t0, t1) covers the values of
@@ -22,7 +22,7 @@ import numpy as np
 
 from appliance.durability.warm import MemoryPiece, SymbolView, WarmTier
 from appliance.durability.warm_segment import SealedSegment
-from fallback.kernels import combine
+from engine_core.summary import combine
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT = re.compile(r"-?[0-9]+")

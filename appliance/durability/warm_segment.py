@@ -7,12 +7,18 @@ summary without its values. The layout is
     magic b"HFTWARM1" | u32 LE header length | header (JSON, UTF-8) | zstd frame
 
 where the zstd frame holds `count` float64 values, then `n_marks` int64 batch-start indexes,
-then `n_marks` int64 receive times, then one summary row (fallback/kernels.py layout: count,
-ref, mean, M2, min, max) per block of `BLOCK_VALUES` values, the last block possibly short (all
-little-endian). The batch marks live in the compressed payload rather than the header because
-a segment of single-value batches has as many marks as values. The block summaries let a query
-that cuts a segment read at most two partial blocks of raw values from it.
+then `n_marks` int64 receive times, then one summary row (`engine_core.summary`, row version
+`summary_row_version` in the header: count, ref, mean, M2, min, max) per block of `BLOCK_VALUES`
+values, the last block possibly short (all little-endian). The batch marks live in the
+compressed payload rather than the header because a segment of single-value batches has as many
+marks as values. The block summaries let a query that cuts a segment read at most two partial
+blocks of raw values from it.
 The header carries the sha256 of the compressed payload, checked on every read.
+
+The summary rows are a storage format, not an engine's internals: this module depends on
+`engine_core.summary` (their definition and version), never on an engine. Segments written
+before the header recorded `summary_row_version` hold version-1 rows and read as version 1; a
+segment of any other row version is refused on read rather than misread.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import zstandard
 
 from appliance.durability.fsutil import fsync_dir
-from fallback.kernels import summarize_blocks
+from engine_core.summary import ROW_WIDTH, SUMMARY_ROW_VERSION, summarize_blocks
 
 MAGIC = b"HFTWARM1"
 FORMAT_VERSION = 1
@@ -51,9 +57,11 @@ class SegmentCorruptError(Exception):
 class SegmentHeader(msgspec.Struct, frozen=True):
     """The summary of one sealed segment, kept in memory for every segment after the scan.
 
-    `ref`/`mean`/`m2` follow fallback/kernels.py's anchored layout: the mean is `ref + mean`,
-    with `ref` the first value, so whole-segment summaries merge without losing the precision
-    of 1e9-scale prices.
+    `ref`/`mean`/`m2` follow the anchored layout of `engine_core.summary`: the mean is
+    `ref + mean`, with `ref` the first value, so whole-segment summaries merge without losing
+    the precision of 1e9-scale prices. `summary_row_version` is the `SUMMARY_ROW_VERSION` of
+    the block rows in the payload; headers written before it existed decode as version 1,
+    which is what those segments hold.
     """
 
     version: int
@@ -74,6 +82,7 @@ class SegmentHeader(msgspec.Struct, frozen=True):
     first_lsn: int
     last_lsn: int
     payload_sha256: str
+    summary_row_version: int = SUMMARY_ROW_VERSION
 
     @property
     def end_index(self) -> int:
@@ -108,7 +117,7 @@ def summarize(values: np.ndarray) -> tuple[float, float, float, float, float]:
     """(ref, mean of x - ref, M2, min, max) of a non-empty float64 array.
 
     Two passes around an anchor: x - ref is exact for values within a factor of two of the
-    first (Sterbenz), so 1e9 + 1e-3 noise keeps its deviations intact (see kernels.py).
+    first (Sterbenz), so 1e9 + 1e-3 noise keeps its deviations intact (see engine_core.summary).
     """
     ref = float(values[0])
     dev = values - ref
@@ -121,7 +130,7 @@ def block_summaries(values: np.ndarray, block_values: int = BLOCK_VALUES) -> np.
     """(n_blocks, 6) rows over consecutive blocks of `block_values`; the last may be short."""
     full = values.shape[0] // block_values
     n_blocks = -(-values.shape[0] // block_values)
-    rows = np.empty((n_blocks, 6))
+    rows = np.empty((n_blocks, ROW_WIDTH))
     if full:
         summarize_blocks(values[: full * block_values].reshape(full, block_values), rows[:full])
     if n_blocks > full:
@@ -174,6 +183,7 @@ def build_segment(
         first_lsn=first_lsn,
         last_lsn=last_lsn,
         payload_sha256=hashlib.sha256(payload).hexdigest(),
+        summary_row_version=SUMMARY_ROW_VERSION,
     )
     head = msgspec.json.encode(header)
     return header, MAGIC + _LEN.pack(len(head)) + head + payload
@@ -211,6 +221,11 @@ def read_header(path: Path) -> SegmentHeader:
         raise SegmentCorruptError(f"{path}: unreadable header: {exc}") from None
     if header.version != FORMAT_VERSION:
         raise SegmentCorruptError(f"{path}: unsupported format version {header.version}")
+    if header.summary_row_version != SUMMARY_ROW_VERSION:
+        raise SegmentCorruptError(
+            f"{path}: summary rows of version {header.summary_row_version}, this build reads"
+            f" version {SUMMARY_ROW_VERSION} (engine_core.summary.SUMMARY_ROW_VERSION)"
+        )
     return header
 
 
@@ -221,7 +236,7 @@ def read_segment(path: Path, header: SegmentHeader) -> SegmentData:
     payload = data[_PREFIX + length :]
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         raise SegmentCorruptError(f"{path}: payload sha256 does not match its header")
-    expected = 8 * (header.count + 2 * header.n_marks + 6 * header.n_blocks)
+    expected = 8 * (header.count + 2 * header.n_marks + ROW_WIDTH * header.n_blocks)
     raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
     if len(raw) != expected:
         raise SegmentCorruptError(f"{path}: payload holds {len(raw)} bytes, expected {expected}")
@@ -229,5 +244,5 @@ def read_segment(path: Path, header: SegmentHeader) -> SegmentData:
     marks = np.frombuffer(raw, dtype=_LE_I8, offset=8 * header.count, count=2 * header.n_marks)
     blocks = np.frombuffer(raw, dtype=_LE_F8, offset=8 * (header.count + 2 * header.n_marks))
     return SegmentData(
-        values, marks[: header.n_marks], marks[header.n_marks :], blocks.reshape(-1, 6)
+        values, marks[: header.n_marks], marks[header.n_marks :], blocks.reshape(-1, ROW_WIDTH)
     )

@@ -10,8 +10,8 @@ import pytest
 
 from appliance.ingest import make_sink
 from appliance.store import Store
+from engine_core import RetentionPolicy
 from fallback import NumpyEngine
-from fallback.interface import RetentionPolicy
 from transport.ingest import FrameProcessor, Rejected
 from transport.wire import Reason, decode_message, encode_data
 

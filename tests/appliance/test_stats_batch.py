@@ -22,7 +22,8 @@ from appliance.errors import ERROR_CODES, ApiError
 from appliance.openapi import build_openapi
 from appliance.stats_batch import StatsBatchDecoder, answer
 from appliance.store import Store
-from fallback import Geometry, NumpyEngine, RetentionPolicy
+from engine_core import Geometry, RetentionPolicy
+from fallback import NumpyEngine
 from tests.engine.reference import assert_stats_match
 
 JSON_CT = {"content-type": "application/json"}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from appliance.store import Store, SymbolLimitError, UnknownSymbolError
+from engine_core import RetentionPolicy
 from fallback import NumpyEngine
-from fallback.interface import RetentionPolicy
 
 
 def make_store(max_symbols: int = 10, engine=None, **retention: int) -> Store:

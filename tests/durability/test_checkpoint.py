@@ -25,8 +25,8 @@ from appliance.durability.checkpoint import (
 from appliance.durability.recovery import recover, replay_batch_by_batch
 from appliance.durability.writer import DurableWriter
 from appliance.store import Store
-from fallback import Geometry, NumpyEngine
-from fallback.interface import RetentionPolicy
+from engine_core import Geometry, RetentionPolicy
+from fallback import NumpyEngine
 
 SMALL = Geometry(block=4, fanout=4, chunk=64)  # a few hundred values cross pages and levels
 

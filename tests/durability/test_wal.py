@@ -21,8 +21,8 @@ from appliance.durability.records import BatchRecord
 from appliance.durability.recovery import CorruptLogError, recover, replay_batch_by_batch
 from appliance.durability.writer import DurableWriter, StorageUnavailableError
 from appliance.store import Store, SymbolLimitError
-from fallback import Geometry, NumpyEngine
-from fallback.interface import RetentionPolicy
+from engine_core import Geometry, RetentionPolicy
+from fallback import NumpyEngine
 
 SMALL = Geometry(block=4, fanout=4, chunk=64)
 REPO = Path(__file__).resolve().parents[2]

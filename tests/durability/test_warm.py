@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,13 @@ import pytest
 
 from appliance.durability.records import BatchRecord
 from appliance.durability.warm import WarmTier, WarmTierError, symbol_from_key, symbol_key
-from appliance.durability.warm_segment import read_header, read_segment, segment_name
+from appliance.durability.warm_segment import (
+    SegmentCorruptError,
+    read_header,
+    read_segment,
+    segment_name,
+)
+from engine_core import SUMMARY_ROW_VERSION
 from tests.durability.warm_helpers import Feeder, random_batches, warm_tier
 
 N = 100  # values per segment: many segments quickly
@@ -137,6 +144,39 @@ def test_a_corrupt_sealed_segment_refuses_with_its_name(tmp_path: Path) -> None:
     path = tmp_path / symbol_key("S") / segment_name(0)
     path.write_bytes(b"garbage" + path.read_bytes())
     with pytest.raises(WarmTierError, match=segment_name(0)):
+        WarmTier(tmp_path, segment_values=N)
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Replace a sealed segment's JSON header by `edit(header dict)`, payload untouched."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[8:12], "little")
+    header = edit(json.loads(data[12 : 12 + length]))
+    head = json.dumps(header).encode()
+    path.write_bytes(data[:8] + len(head).to_bytes(4, "little") + head + data[12 + length :])
+
+
+def test_segments_record_their_summary_row_version(tmp_path: Path) -> None:
+    """Headers name the row version; a header from before the field reads as version 1 (what
+    those segments hold), and a segment of another row version is refused, not misread."""
+    with warm_tier(tmp_path, segment_values=N) as warm:
+        Feeder(warm).send("S", np.arange(250.0))
+        warm.drain()
+    old, other = (tmp_path / symbol_key("S") / segment_name(i) for i in (0, 100))
+    assert read_header(old).summary_row_version == SUMMARY_ROW_VERSION == 1
+
+    def without_field(header: dict) -> dict:
+        del header["summary_row_version"]
+        return header
+
+    _rewrite_header(old, without_field)
+    header = read_header(old)
+    assert header.summary_row_version == 1
+    assert np.array_equal(read_segment(old, header).values, np.arange(100.0))
+    _rewrite_header(other, lambda header: {**header, "summary_row_version": 2})
+    with pytest.raises(SegmentCorruptError, match=r"summary rows of version 2"):
+        read_header(other)
+    with pytest.raises(WarmTierError, match=segment_name(100)):
         WarmTier(tmp_path, segment_values=N)
 
 

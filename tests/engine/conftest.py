@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
-from fallback import Geometry, NumpyEngine, RetentionPolicy, Series
+from engine_core import Geometry, RetentionPolicy, Series
+from fallback import NumpyEngine
 from tests.gpu_probe import no_gpu_reason
 
 SeriesFactory = Callable[..., Series]

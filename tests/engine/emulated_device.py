@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fallback.series import identity_rows
+from engine_core import identity_rows
 from gpu_kernels.device import THREADS_PER_BLOCK, kernel_source
 
 _CUDA_ON_CPU = """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fallback import RetentionPolicy, Series, WindowStats
+from engine_core import RetentionPolicy, Series, WindowStats
 
 WINDOW_EXPONENTS = range(1, 9)
 

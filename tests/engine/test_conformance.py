@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fallback import RetentionPolicy
+from engine_core import RetentionPolicy
 from tests.engine.reference import (
     ModelSeries,
     assert_all_windows_match,

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from appliance.store import Store
-from fallback import Geometry, NumpyEngine, RetentionPolicy
+from engine_core import Geometry, RetentionPolicy
+from fallback import NumpyEngine
 from gpu_kernels import CupyEngine
 from tests.engine.conftest import TINY, emulated_engine, fake_cupy_engine, real_gpu_engine
 from tests.engine.emulated_device import EmulatedDevice

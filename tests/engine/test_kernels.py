@@ -1,4 +1,4 @@
-"""Unit properties of the shared array kernels (fallback.kernels), numpy side."""
+"""Unit properties of the shared summary-row arithmetic (engine_core.summary), numpy side."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fallback import Geometry
-from fallback.kernels import (
+from engine_core.layout import Geometry
+from engine_core.summary import (
     COUNT,
     IDENTITY_ROW,
     M2,

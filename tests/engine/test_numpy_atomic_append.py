@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import fallback.series as series_module
-from fallback import Geometry, NumpyEngine, RetentionPolicy
+from engine_core import Geometry, RetentionPolicy
+from fallback import NumpyEngine
 from tests.engine.reference import ModelSeries, assert_all_windows_match
 
 GEOMETRY = Geometry(block=4, fanout=4, chunk=64)

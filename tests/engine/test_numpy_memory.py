@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fallback import Geometry, NumpyEngine, RetentionPolicy
+from engine_core import Geometry, RetentionPolicy
+from fallback import NumpyEngine
 
 SMALL_PAGES = Geometry(block=256, fanout=64, chunk=1 << 16)
 

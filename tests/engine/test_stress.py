@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fallback import NumpyEngine, RetentionPolicy
+from engine_core import RetentionPolicy
+from fallback import NumpyEngine
 from tests.engine.reference import assert_window_matches
 
 TOTAL = 210_000_000

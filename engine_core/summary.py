@@ -1,25 +1,41 @@
-"""Pure array kernels of the segment tree: the numpy engine's arithmetic.
+"""The summary row, named and versioned, and the reference arithmetic that computes it.
 
-Each works on whole arrays, no Python loop per value. The GPU engine runs the same formulas,
-term for term, as CUDA kernels in gpu_kernels/segment_tree.cu (one thread per row, so a request
-is a launch or three instead of a dozen CuPy calls per level); a change here must be made there
-too, and tests/engine/test_gpu_engine.py compares the two engines.
-
-A node summary is one row of six float64 columns (count, ref, mean, M2, min, max), where M2 is
-the sum of squared deviations from the node's mean.
-
-Anchored means: a node stores its mean as REF + MEAN, where REF is one of its own values (the
-first) and MEAN the mean of (x - REF). Prices sit far from zero relative to their spread
-(1e9 + noise of 1e-3): a mean stored as one float64 near 1e9 carries a rounding error of ~1e-7,
-which is 1e-3 of the deviations the variance is made of, and such errors do not cancel across
-nodes. x - REF is exact for x within a factor of two of REF (Sterbenz), and where it is not,
-the spread dominates the variance, so anchored means keep full relative precision. min and max
-are selections and stay bit-exact.
+Every engine's pyramid and the warm tier's segment files hold the same row, so its definition
+lives here, not in one engine. The numpy functions below are the reference: the numpy engine
+(`fallback`) calls them directly, and the GPU engine runs the same formulas, term for term, as
+CUDA kernels in gpu_kernels/segment_tree.cu (one thread per row, so a request is a launch or
+three instead of a dozen CuPy calls per level). A change here must be made there too, and
+tests/engine/test_gpu_engine.py compares the two engines. Each function works on whole arrays,
+no Python loop per value.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+SUMMARY_ROW_VERSION = 1
+"""Version 1 of the summary row: six float64 columns, in this order, summarizing n values x_i.
+
+    COUNT  n, the number of values (0 in the identity row); a float64, exact up to 2**53
+    REF    the anchor: one of the node's own values (its first value; for a merged node, its
+           first child's REF)
+    MEAN   the mean of (x_i - REF): the node's mean is REF + MEAN (anchored mean, see below)
+    M2     sum of (x_i - mean)**2, the squared deviations from the node's mean; the population
+           variance is M2 / COUNT
+    MIN    min x_i (+inf in the identity row)
+    MAX    max x_i (-inf in the identity row)
+
+Why anchored means: prices sit far from zero relative to their spread (1e9 + noise of 1e-3): a
+mean stored as one float64 near 1e9 carries a rounding error of ~1e-7, which is 1e-3 of the
+deviations the variance is made of, and such errors do not cancel across nodes. x - REF is
+exact for x within a factor of two of REF (Sterbenz), and where it is not, the spread dominates
+the variance, so anchored means keep full relative precision. MIN and MAX are selections and
+stay bit-exact. Rows merge with Chan's parallel formula around the first row's REF
+(`merge_groups`, `combine`).
+
+Rows written to disk (the warm tier's segment files) carry this version; a change to the
+columns, their order or their meaning is a new version.
+"""
 
 COUNT, REF, MEAN, M2, MIN, MAX = range(6)
 ROW_WIDTH = 6

@@ -1,4 +1,4 @@
-"""The contract every statistics engine implements (numpy here, CuPy in `gpu_kernels`).
+"""The contract every statistics engine implements (numpy in `fallback`, CuPy in `gpu_kernels`).
 
 Engines know nothing about HTTP, sockets or configuration files: they receive validated float64
 arrays and answer window statistics. The conformance suite in `tests/engine/` is written against
