@@ -191,7 +191,7 @@ def create_app(
     `name` must be unique within a process (Sanic keeps a registry of apps by name).
     """
     if engine is None:
-        engine = select_engine(config.engine.backend).engine
+        engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
     # env_prefix=None: Sanic's own SANIC_* variables are ignored; APP_* is the one mechanism.
     app = Sanic(name, configure_logging=False, error_handler=JsonErrorHandler(), env_prefix=None)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes
@@ -333,6 +333,10 @@ class LogIngest:
 
     def ingest(self, symbol: str, values: Any, publisher_id: int = 0, sequence: int = 0) -> int:
         return self._ctx.durable.ingest(symbol, values, publisher_id, sequence)
+
+    def submit_group(self, items: Any, done: Any) -> None:
+        """A transport's poll batch as one log group (`DurableWriter.submit_group`)."""
+        self._ctx.durable.submit_group(items, done)
 
 
 def close_warm(app: Sanic) -> None:

@@ -70,7 +70,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
     if engine is None:
         try:
-            engine = select_engine(config.engine.backend).engine
+            engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
         except EngineUnavailableError as exc:
             log.error("engine unavailable", extra={"reason": str(exc)})
             return _fail(str(exc))

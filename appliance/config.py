@@ -35,7 +35,7 @@ NonNegativeInt = Annotated[int, Meta(ge=0)]
 Host = Annotated[str, Meta(min_length=1)]
 ShutdownSeconds = Annotated[float, Meta(gt=0, le=3600)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-Backend = Literal["auto", "cpu", "gpu"]
+Backend = Literal["auto", "cpu", "numpy", "gpu"]
 # ZeroMQ endpoints the appliance binds: TCP or IPC (inproc is meaningless across processes).
 Endpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc)://.+")]
 OptionalEndpoint = Annotated[str, Meta(pattern=r"^((tcp|ipc)://.+)?$")]
@@ -93,6 +93,9 @@ class EngineConfig(_Section):
     """[engine]: which statistics engine backs the store (see appliance.engine)."""
 
     backend: Backend = "auto"
+    # Where numba keeps the compiled CPU kernels ("" = numba's default: the package's
+    # __pycache__ if writable, else the user's cache directory). Unwritable: compiled in memory.
+    compile_cache_dir: str = ""
 
 
 SyncPolicy = Literal["always", "interval", "never"]

@@ -1,13 +1,17 @@
 """Engine selection: one place decides which statistics engine backs the store.
 
 Modelled on pyzmq's backend selection: the choice is made once at startup from
-`[engine] backend` (overridable like every key, e.g. `APP_ENGINE__BACKEND=cpu` forces the numpy
-engine), and the rest of the appliance only sees the `engine_core.Engine` protocol.
+`[engine] backend` (overridable like every key, e.g. `APP_ENGINE__BACKEND=numpy` forces the
+reference engine), and the rest of the appliance only sees the `engine_core.Engine` protocol.
 
-- `cpu`:  the numpy segment-tree engine (`fallback.NumpyEngine`).
-- `gpu`:  the CuPy engine from `gpu_kernels`; if it cannot be loaded this is a startup error
-          (`EngineUnavailableError`, exit status 2), never a silent fallback.
-- `auto`: the GPU engine when it loads, else the numpy engine; the choice and the reason are logged.
+- `cpu`:   the compiled (numba) segment-tree engine (`fallback.compiled.CompiledEngine`); its
+           kernels are compiled, or loaded from numba's cache, here, before the server answers.
+- `numpy`: the pure numpy engine (`fallback.NumpyEngine`), the reference implementation.
+- `gpu`:   the CuPy engine from `gpu_kernels`.
+An explicitly named engine that cannot be loaded is a startup error (`EngineUnavailableError`,
+exit status 2), never a silent fallback.
+- `auto`:  the GPU engine when it loads, else the compiled engine, else numpy; the choice and
+           the reason are logged.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from engine_core.contract import Engine
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpu", "gpu")
+BACKENDS = ("auto", "cpu", "numpy", "gpu")
 
 
 class EngineUnavailableError(RuntimeError):
@@ -34,10 +38,33 @@ class EngineChoice:
     reason: str
 
 
-def load_cpu_engine() -> Engine:
+def load_numpy_engine() -> Engine:
     from fallback import NumpyEngine
 
     return NumpyEngine()
+
+
+def load_cpu_engine(compile_cache_dir: str = "") -> Engine:
+    """The compiled engine with its kernels ready, or EngineUnavailableError saying why not.
+
+    Compiling takes seconds the first time; numba's on-disk cache (`compile_cache_dir`, else
+    numba's default places) makes later starts take a fraction of a second. Both are logged.
+    """
+    try:
+        from fallback.compiled import CompiledEngine, prepare_kernels
+
+        report = prepare_kernels(compile_cache_dir)
+    except Exception as exc:  # numba missing or broken, LLVM failing to compile
+        raise EngineUnavailableError(f"compiled CPU engine not available: {exc}") from exc
+    extra = {
+        "seconds": round(report.seconds, 3),
+        "from_cache": report.loaded_from_cache,
+        "cache_dir": report.cache_dir,
+    }
+    if report.cache_dir is None:
+        log.warning("compiled kernels are not cached: %s", report.cache_note, extra=extra)
+    log.info("compiled kernels ready", extra=extra)
+    return CompiledEngine()
 
 
 def load_gpu_engine() -> Engine:
@@ -51,9 +78,9 @@ def load_gpu_engine() -> Engine:
         raise EngineUnavailableError(f"GPU engine not available: {exc}") from exc
 
 
-def select_engine(backend: str) -> EngineChoice:
+def select_engine(backend: str, compile_cache_dir: str = "") -> EngineChoice:
     """Resolve `[engine] backend` to an engine instance and log the choice."""
-    choice = _select(backend)
+    choice = _select(backend, compile_cache_dir)
     extra = {
         "engine": getattr(choice.engine, "name", type(choice.engine).__name__),
         "reason": choice.reason,
@@ -65,9 +92,11 @@ def select_engine(backend: str) -> EngineChoice:
     return choice
 
 
-def _select(backend: str) -> EngineChoice:
+def _select(backend: str, compile_cache_dir: str) -> EngineChoice:
     if backend == "cpu":
-        return EngineChoice(load_cpu_engine(), "engine.backend = 'cpu'")
+        return EngineChoice(load_cpu_engine(compile_cache_dir), "engine.backend = 'cpu'")
+    if backend == "numpy":
+        return EngineChoice(load_numpy_engine(), "engine.backend = 'numpy'")
     if backend == "gpu":
         return EngineChoice(load_gpu_engine(), "engine.backend = 'gpu'")
     if backend != "auto":
@@ -76,5 +105,13 @@ def _select(backend: str) -> EngineChoice:
         )
     try:
         return EngineChoice(load_gpu_engine(), "engine.backend = 'auto' and a GPU engine loaded")
-    except EngineUnavailableError as exc:
-        return EngineChoice(load_cpu_engine(), f"engine.backend = 'auto'; using numpy: {exc}")
+    except EngineUnavailableError as gpu_exc:
+        try:
+            engine = load_cpu_engine(compile_cache_dir)
+        except EngineUnavailableError as cpu_exc:
+            return EngineChoice(
+                load_numpy_engine(), f"engine.backend = 'auto'; using numpy: {gpu_exc}; {cpu_exc}"
+            )
+        return EngineChoice(
+            engine, f"engine.backend = 'auto'; using the compiled CPU engine: {gpu_exc}"
+        )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import numpy as np
 
 
@@ -54,11 +55,14 @@ class RetentionPolicy:
         return kept, current - kept_old
 
 
-@dataclass(frozen=True, slots=True)
-class WindowStats:
+class WindowStats(msgspec.Struct, frozen=True, gc=False):
     """Statistics of the last `count` values of a series.
 
     `var` is the population variance (M2 / count); `last` is the newest value of the series.
+
+    A msgspec Struct, not a dataclass: every query builds one, and a frozen dataclass's
+    `__init__` (0.7-0.9 us) cost more than the compiled engine's whole window query; a Struct
+    is built in under 0.1 us, compares by value and is immutable all the same.
     """
 
     count: int

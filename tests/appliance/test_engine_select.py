@@ -1,4 +1,5 @@
-"""Engine selection: cpu and auto give the numpy engine; gpu without a GPU engine is an error."""
+"""Engine selection: cpu is the compiled engine, numpy the reference, auto the best that loads;
+a named engine that cannot load is an error."""
 
 from __future__ import annotations
 
@@ -14,17 +15,38 @@ from tests.gpu_probe import no_gpu_reason
 NO_GPU = no_gpu_reason()
 
 
-def test_cpu_selects_the_numpy_engine() -> None:
-    assert select_engine("cpu").engine.name == "numpy"
+def test_cpu_selects_the_compiled_engine_with_its_kernels_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO")
+    assert select_engine("cpu").engine.name == "cpu"
+    ready = next(r for r in caplog.records if r.message == "compiled kernels ready")
+    assert ready.seconds >= 0
+
+
+def test_numpy_selects_the_reference_engine() -> None:
+    assert select_engine("numpy").engine.name == "numpy"
 
 
 @pytest.mark.skipif(NO_GPU is None, reason="this machine has a usable GPU")
-def test_auto_falls_back_to_numpy_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_falls_back_to_the_compiled_engine_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level("INFO")
     choice = select_engine("auto")
-    assert choice.engine.name == "numpy"
+    assert choice.engine.name == "cpu"
     assert NO_GPU in choice.reason
     assert any(r.message == "engine selected" for r in caplog.records)
+
+
+def test_auto_without_numba_falls_back_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "fallback.compiled", None)  # as if numba were missing
+    with pytest.raises(EngineUnavailableError, match="compiled CPU engine not available"):
+        select_engine("cpu")
+    choice = select_engine("auto")
+    assert choice.engine.name == "numpy"
+    assert "compiled CPU engine not available" in choice.reason
 
 
 @pytest.mark.skipif(NO_GPU is None, reason="this machine has a usable GPU")
@@ -40,7 +62,7 @@ def test_missing_cupy_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch
         EngineUnavailableError, match=r"CuPy is not installed.*pip install '\.\[gpu\]'"
     ):
         select_engine("gpu")
-    assert select_engine("auto").engine.name == "numpy"
+    assert select_engine("auto").engine.name == "cpu"
 
 
 def test_a_driver_without_devices_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,4 +111,4 @@ def test_gpu_engine_that_fails_to_start_is_unavailable(monkeypatch: pytest.Monke
     monkeypatch.setattr(gpu_kernels, "CupyEngine", broken, raising=False)
     with pytest.raises(EngineUnavailableError, match="no CUDA device"):
         select_engine("gpu")
-    assert select_engine("auto").engine.name == "numpy"
+    assert select_engine("auto").engine.name == "cpu"

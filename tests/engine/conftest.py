@@ -1,7 +1,8 @@
 """Engine parametrization for the conformance suite.
 
 Every test here takes `make_series` and runs once per engine: the numpy engine at its default
-geometry, the numpy engine at tiny geometries (so a few hundred values cross blocks, pages and
+geometry, the numpy engine at tiny geometries, the compiled (numba) engine at the same
+geometries (so a few hundred values cross blocks, pages and
 several pyramid levels), the CuPy engine's code on the CPU build of its kernels (the
 "gpu-emulated" parameters: every line of gpu_kernels except the CuPy calls, see
 emulated_device.py), the same with the real `CupyDevice` over a numpy stand-in for CuPy
@@ -40,6 +41,11 @@ _NUMPY_GEOMETRIES = {
     "numpy-b4f4c64": TINY,
     "numpy-b8f2c64": Geometry(block=8, fanout=2, chunk=64),
     "numpy-b4f8c32": Geometry(block=4, fanout=8, chunk=32),  # chunk is not block * fanout**j
+}
+
+
+_COMPILED_GEOMETRIES = {
+    name.replace("numpy", "cpu"): geometry for name, geometry in _NUMPY_GEOMETRIES.items()
 }
 
 
@@ -98,6 +104,7 @@ def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
 @pytest.fixture(
     params=[
         *_NUMPY_GEOMETRIES,
+        *_COMPILED_GEOMETRIES,
         *_EMULATED,
         "gpu-fakecupy-b4f4c64",  # CupyDevice's own code too, with 7-value staging buffers
         *(pytest.param(name, marks=pytest.mark.gpu) for name in _REAL_GPU),
@@ -112,6 +119,10 @@ def engine(request):
     if request.param == "gpu-fakecupy-b4f4c64":
         library = request.getfixturevalue("emulated_device_library")
         return fake_cupy_engine(library, TINY, staging_values=7)[0]
+    if request.param in _COMPILED_GEOMETRIES:
+        from fallback.compiled import CompiledEngine
+
+        return CompiledEngine(geometry=_COMPILED_GEOMETRIES[request.param])
     return NumpyEngine(geometry=_NUMPY_GEOMETRIES[request.param])
 
 

@@ -1,0 +1,253 @@
+"""The compiled CPU engine (`engine.backend = "cpu"`): the numpy engine's pages and invariants,
+with every append and window query done by one numba call that releases the GIL.
+
+`CompiledSeries` inherits the page ownership of `SegmentTreeSeries` (reservation before
+writing, retention from the front, bounded freeing of retired pages, `tail` and `tail_views`)
+and replaces only the arithmetic: its pages are mirrored in a page directory that the kernels
+in `fallback.compiled_kernels` read (see that module for why). The numpy engine stays the
+reference; the conformance suite runs both.
+
+First compile must not surprise a user: `prepare_kernels` compiles every kernel for the array
+types the appliance passes (writable and read-only batches) before the store exists, with
+numba's on-disk cache where it can write (`[engine] compile_cache_dir`, else numba's default
+places), and compiles in memory when it cannot, so a read-only install still starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numba import types
+from numba.core import config as numba_config
+
+from engine_core.contract import Engine, RetentionPolicy, WindowStats
+from engine_core.layout import Geometry
+from fallback import compiled_kernels
+from fallback.compiled_kernels import (
+    STATE_END,
+    STATE_HEAD,
+    STATE_MAX_VALUES,
+    STATE_RESERVED_END,
+    STATE_WIDTH,
+    append_fast,
+    append_values,
+    series_window_stats,
+    shape_vector,
+)
+from fallback.series import SegmentTreeSeries
+
+_MIN_SLOTS = 8
+
+
+class CompiledSeries(SegmentTreeSeries):
+    """A `SegmentTreeSeries` whose writes and queries run in `fallback.compiled_kernels`."""
+
+    def __init__(
+        self,
+        retention: RetentionPolicy,
+        starting_capacity: int = 0,
+        geometry: Geometry | None = None,
+    ) -> None:
+        # head, end, reserved end and the bound, where `append_fast` reads and moves them.
+        self._state = np.zeros(STATE_WIDTH, dtype=np.int64)
+        self._state[STATE_MAX_VALUES] = retention.max_values
+        super().__init__(retention, starting_capacity, geometry)
+        self._directory = np.zeros((len(self._levels), _MIN_SLOTS), dtype=np.int64)
+        self._shape = self._shape_vector(_MIN_SLOTS)
+        for number, page in self._values.pages.items():  # the starting_capacity hint
+            self._register(0, number, page)
+
+    # The base class's positions live in the state vector the kernels share.
+    @property
+    def _head(self) -> int:
+        return int(self._state[STATE_HEAD])
+
+    @_head.setter
+    def _head(self, index: int) -> None:
+        self._state[STATE_HEAD] = index
+
+    @property
+    def _end(self) -> int:
+        return int(self._state[STATE_END])
+
+    @_end.setter
+    def _end(self, index: int) -> None:
+        self._state[STATE_END] = index
+
+    def _shape_vector(self, slots: int) -> np.ndarray:
+        g = self.geometry
+        return shape_vector(
+            g.block,
+            g.fanout,
+            g.chunk,
+            [level.rows_per_page for level in self._levels],
+            [level.span for level in self._levels],
+            slots,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self._directory.nbytes
+
+    # -- page directory ---------------------------------------------------------------------
+
+    def _register(self, depth: int, number: int, page: np.ndarray) -> None:
+        """Put `page` (page `number` of level `depth`) in the directory, first growing it if
+        the level's live pages would no longer have a slot each."""
+        slots = self._directory.shape[1]
+        live = number - self._levels[depth].first_page + 1
+        if live > slots:
+            self._grow_directory(live)
+        self._directory[depth, number & (self._directory.shape[1] - 1)] = page.ctypes.data
+
+    def _grow_directory(self, live: int) -> None:
+        slots = max(_MIN_SLOTS, 1 << (2 * live - 1).bit_length())
+        directory = np.zeros((len(self._levels), slots), dtype=np.int64)
+        for depth, level in enumerate(self._levels):
+            for number, page in level.pages.items():
+                directory[depth, number & (slots - 1)] = page.ctypes.data
+        # Replaced whole, under the caller's lock: a kernel never sees a half-built directory.
+        self._directory = directory
+        self._shape = self._shape_vector(slots)
+
+    def _reserve_pages(self, start: int, stop: int) -> None:
+        for depth, level in enumerate(self._levels):
+            number = start // level.span // level.rows_per_page
+            self._register(depth, number, level.page(number))
+        # Every page of every level is in the directory below this index: an append that ends
+        # below it and evicts nothing is one kernel call (`append_fast`).
+        chunk = self.geometry.chunk
+        reserved = self._state[STATE_RESERVED_END]
+        self._state[STATE_RESERVED_END] = max(reserved, start - start % chunk + chunk)
+
+    # -- hot paths --------------------------------------------------------------------------
+
+    def append(self, values: np.ndarray) -> int:
+        # Hot path: no retention and every page in place, so one kernel call, which cannot
+        # fail half-way (it allocates nothing). Otherwise the base class plans the append.
+        if append_fast(self._directory, self._shape, self._state, values):
+            if self._retired:
+                self._free_some_retired_pages()
+            return 0
+        return super().append(values)
+
+    def _write(self, start: int, segment: np.ndarray) -> None:
+        append_values(self._directory, self._shape, segment, start)
+
+    def stats(self, window: int) -> WindowStats:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        n, mean, m2, lo, hi, last = series_window_stats(
+            self._directory, self._shape, self._state, window
+        )
+        if n == 0:
+            raise ValueError("series is empty")
+        return WindowStats(count=n, min=lo, max=hi, last=last, avg=mean, var=m2 / n)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledEngine(Engine):
+    """Creates `CompiledSeries`. Call `prepare_kernels` once before serving: without it the
+    first append and the first query of the process each pay numba's compile (seconds)."""
+
+    geometry: Geometry = field(default_factory=Geometry)
+    name: str = "cpu"
+
+    def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> CompiledSeries:
+        return CompiledSeries(retention, starting_capacity, self.geometry)
+
+
+# -- compile and cache ------------------------------------------------------------------------
+
+_DIRECTORY = types.Array(types.int64, 2, "C")
+_SHAPE = types.Array(types.int64, 1, "C")
+# Batches arrive writable (REST, replay) or read-only (views of received transport frames).
+_BATCHES = (types.Array(types.float64, 1, "C"), types.Array(types.float64, 1, "C", readonly=True))
+_SIGNATURES = {
+    "series_window_stats": [(_DIRECTORY, _SHAPE, _SHAPE, types.int64)],
+    "append_values": [(_DIRECTORY, _SHAPE, batch, types.int64) for batch in _BATCHES],
+    "append_fast": [(_DIRECTORY, _SHAPE, _SHAPE, batch) for batch in _BATCHES],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KernelReport:
+    """What `prepare_kernels` did: how long it took and where the compiled code is cached
+    (`cache_dir` None: compiled in memory, `cache_note` says why)."""
+
+    seconds: float
+    cache_dir: str | None
+    cache_note: str
+    loaded_from_cache: bool
+
+
+def prepare_kernels(cache_dir: str = "") -> KernelReport:
+    """Compile (or load from the on-disk cache) every kernel for the types the appliance uses.
+
+    `cache_dir` "" uses numba's default places (the package's __pycache__ if writable, else
+    the user's cache directory); a path uses that directory, created if missing. Where no
+    place is writable the kernels are compiled in memory, each start pays the compile, and
+    the report says why.
+    """
+    started = time.perf_counter()
+    where, note = _enable_cache(cache_dir)
+    loaded = True
+    for name, signatures in _SIGNATURES.items():
+        kernel = getattr(compiled_kernels, name)
+        for signature in signatures:
+            kernel.compile(signature)  # a no-op for a signature already compiled
+        loaded = loaded and _all_from_cache(kernel)
+    return KernelReport(time.perf_counter() - started, where, note, loaded and where is not None)
+
+
+def _all_from_cache(kernel) -> bool:
+    stats = kernel.stats
+    return stats.cache_misses == {} or not any(stats.cache_misses.values())
+
+
+def _enable_cache(cache_dir: str) -> tuple[str | None, str]:
+    """Turn on numba's cache for the public kernels; (directory or None, a note saying why)."""
+    kernels = [getattr(compiled_kernels, name) for name in _SIGNATURES]
+    if cache_dir:
+        path = Path(cache_dir)
+        problem = _unwritable(path)
+        if problem:
+            return None, f"engine.compile_cache_dir {cache_dir!r} is not usable ({problem})"
+    try:
+        with _numba_cache_dir(cache_dir):
+            for kernel in kernels:
+                kernel.enable_caching()
+    except RuntimeError as exc:  # numba found no writable place for the default cache
+        return None, f"no writable place for numba's cache ({exc})"
+    return kernels[0]._cache.cache_path, "cached"
+
+
+@contextmanager
+def _numba_cache_dir(cache_dir: str):
+    """numba reads its cache directory from its global config when caching is enabled (the
+    locator keeps the path), so set it only for that moment."""
+    saved = numba_config.CACHE_DIR
+    numba_config.CACHE_DIR = cache_dir
+    try:
+        yield
+    finally:
+        numba_config.CACHE_DIR = saved
+
+
+def _unwritable(path: Path) -> str:
+    """'' when files can be created in `path` (made if missing), else the reason."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.W_OK):
+        return "not writable"
+    return ""

@@ -1,0 +1,395 @@
+"""Compiled (numba) kernels of the segment tree: the `cpu` engine's arithmetic.
+
+Same layout, same formulas and same visiting order as the numpy reference (`engine_core.summary`
+for the row and its arithmetic, `fallback.series` for the pyramid), but each operation is one
+compiled call that releases the GIL: a window query or a 1-value tick costs well under a
+microsecond of work after a ~0.3 us call, where the numpy engine pays a dozen array calls.
+
+Why raw page addresses: a compiled function that receives a list of page arrays unboxes every
+element on every call (5 us for 64 pages, see shared/notes/compiled-core.md), more than the whole
+query. So each series keeps a *page directory*, an int64 array `directory[level, slot]` holding
+the address of page `number` of that level at `slot = number & slot_mask`, and the kernels read
+pages through it. The Python side owns the page arrays (and so their lifetime); the directory
+only mirrors it. Safety rests on the invariants of `fallback.series`: the kernels only ever read
+rows and values at or after the window start (never in a page that retention dropped), appends
+only write at the tail (in pages reserved before the call), and no two live pages of a level
+share a slot (the owner grows the directory before that could happen).
+
+Numerics: the window query anchors exactly as `engine_core.summary.combine` does (the first raw
+value of the window, else the first node's REF) and sums in two passes (count and deviation
+sum, then M2), so avg and var match the numpy engine to rounding (the summation order differs:
+sequential here, pairwise in numpy); min, max, last and count are selections and match bit for
+bit.
+
+The integer `shape` vector describes the geometry as shifts (every size is a power of two):
+see the `SHAPE_*` indices and `shape_vector`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+from engine_core.summary import COUNT, M2, MAX, MEAN, MIN, REF, ROW_WIDTH
+
+# Indices into the int64 shape vector. Per level d (0 = raw values, 1..top = summaries):
+# SHAPE_LEVELS + 2*d holds log2(rows per page), SHAPE_LEVELS + 2*d + 1 holds log2(span).
+SHAPE_BLOCK_SHIFT = 0
+SHAPE_FANOUT_SHIFT = 1
+SHAPE_CHUNK_SHIFT = 2
+SHAPE_TOP = 3
+SHAPE_SLOT_MASK = 4
+SHAPE_LEVELS = 5
+
+
+# Indices into a series' int64 state vector, read and advanced by `append_fast`.
+STATE_HEAD = 0  # absolute index of the oldest retained value
+STATE_END = 1  # one past the newest value
+STATE_RESERVED_END = 2  # every page of every level is in the directory below this index
+STATE_MAX_VALUES = 3  # the retention bound
+STATE_WIDTH = 4
+
+
+def shape_vector(
+    block: int, fanout: int, chunk: int, rows_per_page: list[int], spans: list[int], slots: int
+) -> np.ndarray:
+    """The shape vector for a pyramid whose levels 0..top have these rows per page and spans
+    (level 0: `chunk` rows of span 1). Every size must be a power of two."""
+    shape = np.zeros(SHAPE_LEVELS + 2 * len(spans), dtype=np.int64)
+    shape[SHAPE_BLOCK_SHIFT] = block.bit_length() - 1
+    shape[SHAPE_FANOUT_SHIFT] = fanout.bit_length() - 1
+    shape[SHAPE_CHUNK_SHIFT] = chunk.bit_length() - 1
+    shape[SHAPE_TOP] = len(spans) - 1
+    shape[SHAPE_SLOT_MASK] = slots - 1
+    for depth, (rows, span) in enumerate(zip(rows_per_page, spans, strict=True)):
+        shape[SHAPE_LEVELS + 2 * depth] = rows.bit_length() - 1
+        shape[SHAPE_LEVELS + 2 * depth + 1] = span.bit_length() - 1
+    return shape
+
+
+@intrinsic
+def _f64_pointer(typingctx, address):
+    """The int64 `address` as a float64 pointer (an LLVM inttoptr; no check, no cost)."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.CPointer(types.float64)(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@njit(nogil=True, inline="always")
+def _page(directory, shape, depth, number):
+    return _f64_pointer(directory[depth, number & shape[SHAPE_SLOT_MASK]])
+
+
+@njit(nogil=True, inline="always")
+def _value_at(directory, shape, index):
+    shift = shape[SHAPE_CHUNK_SHIFT]
+    return _page(directory, shape, 0, index >> shift)[index & ((1 << shift) - 1)]
+
+
+@njit(nogil=True, inline="always")
+def _row_slot(directory, shape, depth, row):
+    """(page pointer, element offset of the row) for `row` of summary level `depth`."""
+    shift = shape[SHAPE_LEVELS + 2 * depth]
+    page = _page(directory, shape, depth, row >> shift)
+    return page, (row & ((1 << shift) - 1)) * ROW_WIDTH
+
+
+# -- query ----------------------------------------------------------------------------------
+
+
+@njit(nogil=True, inline="always")
+def _raw_sums(page, lo, hi, anchor):
+    """(sum of x - anchor, min, max) of page[lo:hi], hi > lo, in four interleaved lanes: one
+    running sum is a chain of dependent adds (4 cycles each); four lanes run in parallel and
+    fix the order of the additions, so a result never depends on the machine's vector width."""
+    s0 = s1 = s2 = s3 = 0.0
+    low = high = page[lo]
+    j = lo
+    while j + 4 <= hi:
+        x0 = page[j]
+        x1 = page[j + 1]
+        x2 = page[j + 2]
+        x3 = page[j + 3]
+        s0 += x0 - anchor
+        s1 += x1 - anchor
+        s2 += x2 - anchor
+        s3 += x3 - anchor
+        low = min(low, min(min(x0, x1), min(x2, x3)))
+        high = max(high, max(max(x0, x1), max(x2, x3)))
+        j += 4
+    while j < hi:
+        x = page[j]
+        s0 += x - anchor
+        low = min(low, x)
+        high = max(high, x)
+        j += 1
+    return (s0 + s1) + (s2 + s3), low, high
+
+
+@njit(nogil=True, inline="always")
+def _raw_squares(page, lo, hi, center):
+    """Sum of (x - center)**2 over page[lo:hi], in four lanes (see `_raw_sums`). `center` is
+    anchor + mean computed as (x - anchor) - mean, the same two roundings combine() makes."""
+    anchor, mean = center
+    s0 = s1 = s2 = s3 = 0.0
+    j = lo
+    while j + 4 <= hi:
+        d0 = (page[j] - anchor) - mean
+        d1 = (page[j + 1] - anchor) - mean
+        d2 = (page[j + 2] - anchor) - mean
+        d3 = (page[j + 3] - anchor) - mean
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+        j += 4
+    while j < hi:
+        d = (page[j] - anchor) - mean
+        s0 += d * d
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(nogil=True)
+def _raw_pass(directory, shape, lo, hi, anchor, mean, first_pass, acc):
+    """Fold raw values [lo, hi) into `acc` = (count, deviation sum, min, max, M2): counts,
+    sums and extremes on the first pass, squared deviations from the mean on the second."""
+    count, total, low, high, m2 = acc
+    shift = shape[SHAPE_CHUNK_SHIFT]
+    chunk = 1 << shift
+    while lo < hi:
+        offset = lo & (chunk - 1)
+        take = min(hi - lo, chunk - offset)
+        page = _page(directory, shape, 0, lo >> shift)
+        if first_pass:
+            part, part_low, part_high = _raw_sums(page, offset, offset + take, anchor)
+            count += take
+            total += part
+            low = min(low, part_low)
+            high = max(high, part_high)
+        else:
+            m2 += _raw_squares(page, offset, offset + take, (anchor, mean))
+        lo += take
+    return count, total, low, high, m2
+
+
+@njit(nogil=True)
+def _rows_pass(directory, shape, depth, lo, hi, anchor, mean, first_pass, acc):
+    """Fold summary rows [lo, hi) of level `depth` (possibly across pages) into `acc`; see
+    `_raw_pass`."""
+    count, total, low, high, m2 = acc
+    shift = shape[SHAPE_LEVELS + 2 * depth]
+    rows_per_page = 1 << shift
+    while lo < hi:
+        offset = lo & (rows_per_page - 1)
+        take = min(hi - lo, rows_per_page - offset)
+        page = _page(directory, shape, depth, lo >> shift)
+        for r in range(offset, offset + take):
+            base = r * ROW_WIDTH
+            weight = page[base + COUNT]
+            # The node's mean relative to the window's anchor, as combine() forms it.
+            dev = (page[base + REF] - anchor) + page[base + MEAN]
+            if first_pass:
+                count += weight
+                total += weight * dev
+                low = min(low, page[base + MIN])
+                high = max(high, page[base + MAX])
+            else:
+                dev -= mean
+                m2 += page[base + M2] + weight * (dev * dev)
+        lo += take
+    return count, total, low, high, m2
+
+
+@njit(nogil=True)
+def _visit(directory, shape, start, end, anchor, mean, first_pass, acc):
+    """Visit [start, end) as `fallback.series._window_parts` splits it: raw values at the old
+    edge and in the newest partial block, and the fewest whole nodes between them (sibling
+    runs up to each parent boundary, then one level up; the top level's run may cross pages).
+    """
+    block_shift = shape[SHAPE_BLOCK_SHIFT]
+    block = 1 << block_shift
+    fanout_shift = shape[SHAPE_FANOUT_SHIFT]
+    fanout = 1 << fanout_shift
+    top = shape[SHAPE_TOP]
+    full_end = end - (end & (block - 1))
+    raw_end = min(((start + block - 1) >> block_shift) << block_shift, end)
+    if raw_end >= full_end:
+        return _raw_pass(directory, shape, start, end, anchor, mean, first_pass, acc)
+    acc = _raw_pass(directory, shape, start, raw_end, anchor, mean, first_pass, acc)
+    index = raw_end >> block_shift
+    for depth in range(1, top + 1):
+        span_shift = shape[SHAPE_LEVELS + 2 * depth + 1]
+        nodes = (full_end + (1 << span_shift) - 1) >> span_shift
+        if depth == top:
+            acc = _rows_pass(directory, shape, depth, index, nodes, anchor, mean, first_pass, acc)
+            break
+        boundary = min(((index + fanout - 1) >> fanout_shift) << fanout_shift, nodes)
+        if boundary > index:
+            acc = _rows_pass(
+                directory, shape, depth, index, boundary, anchor, mean, first_pass, acc
+            )
+        if boundary == nodes:
+            break
+        index = boundary >> fanout_shift
+    return _raw_pass(directory, shape, full_end, end, anchor, mean, first_pass, acc)
+
+
+@njit(nogil=True)
+def _first_node_ref(directory, shape, index):
+    """REF of the first node a window with no raw values visits: block `index` when it starts
+    a sibling run, else its first ancestor that does (the walk in `_visit` climbs the same)."""
+    fanout_shift = shape[SHAPE_FANOUT_SHIFT]
+    top = shape[SHAPE_TOP]
+    depth = 1
+    while depth < top and index & ((1 << fanout_shift) - 1) == 0:
+        # A run that starts on a parent boundary is empty at this level: the walk steps up.
+        index >>= fanout_shift
+        depth += 1
+    page, offset = _row_slot(directory, shape, depth, index)
+    return page[offset + REF]
+
+
+@njit(nogil=True)
+def window_stats(directory, shape, start, end):
+    """(count, mean, M2, min, max, last) of absolute values [start, end), start < end."""
+    block_shift = shape[SHAPE_BLOCK_SHIFT]
+    block = 1 << block_shift
+    full_end = end - (end & (block - 1))
+    raw_end = min(((start + block - 1) >> block_shift) << block_shift, end)
+    if start < raw_end or raw_end >= full_end:
+        anchor = _value_at(directory, shape, start)
+    elif full_end < end:
+        anchor = _value_at(directory, shape, full_end)
+    else:
+        anchor = _first_node_ref(directory, shape, raw_end >> block_shift)
+    acc = (0.0, 0.0, np.inf, -np.inf, 0.0)
+    acc = _visit(directory, shape, start, end, anchor, 0.0, True, acc)
+    n, total, low, high, _ = acc
+    mean = total / n
+    m2 = _visit(directory, shape, start, end, anchor, mean, False, acc)[4]
+    last = _value_at(directory, shape, end - 1)
+    return int(n), anchor + mean, m2, low, high, last
+
+
+@njit(nogil=True)
+def series_window_stats(directory, shape, state, window):
+    """`window_stats` over the newest min(window, length) values of a series (window >= 1);
+    count 0 (and nothing read) when the series is empty."""
+    head = state[STATE_HEAD]
+    end = state[STATE_END]
+    if end == head:
+        return 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    start = end - window if window < end - head else head
+    return window_stats(directory, shape, start, end)
+
+
+# -- append ---------------------------------------------------------------------------------
+
+
+@njit(nogil=True)
+def _summarize_block(directory, shape, block_index):
+    """Level-1 row of one whole block: anchored at its first value, two passes."""
+    block_shift = shape[SHAPE_BLOCK_SHIFT]
+    width = 1 << block_shift
+    chunk_shift = shape[SHAPE_CHUNK_SHIFT]
+    first = block_index << block_shift
+    values = _page(directory, shape, 0, first >> chunk_shift)
+    offset = first & ((1 << chunk_shift) - 1)
+    ref = values[offset]
+    total, low, high = _raw_sums(values, offset, offset + width, ref)
+    mean = total * (1.0 / width)  # exact: width is a power of two
+    m2 = _raw_squares(values, offset, offset + width, (ref, mean))
+    row, base = _row_slot(directory, shape, 1, block_index)
+    row[base + COUNT] = width
+    row[base + REF] = ref
+    row[base + MEAN] = mean
+    row[base + M2] = m2
+    row[base + MIN] = low
+    row[base + MAX] = high
+
+
+@njit(nogil=True)
+def _merge_group(directory, shape, depth, parent_index):
+    """Row `parent_index` of level `depth` from its `fanout` children (one page of depth-1),
+    as `engine_core.summary.merge_groups`: anchored at the first child's REF; IDENTITY
+    children weigh nothing."""
+    fanout_shift = shape[SHAPE_FANOUT_SHIFT]
+    fanout = 1 << fanout_shift
+    children, base = _row_slot(directory, shape, depth - 1, parent_index << fanout_shift)
+    ref = children[base + REF]
+    count = 0.0
+    weighted = 0.0
+    m2 = 0.0
+    low = np.inf
+    high = -np.inf
+    for c in range(fanout):
+        row = base + c * ROW_WIDTH
+        weight = children[row + COUNT]
+        count += weight
+        weighted += weight * ((children[row + REF] - ref) + children[row + MEAN])
+        m2 += children[row + M2]
+        low = min(low, children[row + MIN])
+        high = max(high, children[row + MAX])
+    mean = weighted / max(count, 1.0)
+    for c in range(fanout):
+        row = base + c * ROW_WIDTH
+        d = ((children[row + REF] - ref) + children[row + MEAN]) - mean
+        m2 += children[row + COUNT] * (d * d)
+    parent, pbase = _row_slot(directory, shape, depth, parent_index)
+    parent[pbase + COUNT] = count
+    parent[pbase + REF] = ref
+    parent[pbase + MEAN] = mean
+    parent[pbase + M2] = m2
+    parent[pbase + MIN] = low
+    parent[pbase + MAX] = high
+
+
+@njit(nogil=True)
+def append_fast(directory, shape, state, values):
+    """Append `values` when that needs no retention and no new page, advancing
+    state[STATE_END]; False (nothing done) when the caller must plan the append."""
+    end = state[STATE_END]
+    n = values.shape[0]
+    if end + n > state[STATE_RESERVED_END] or end - state[STATE_HEAD] + n > state[STATE_MAX_VALUES]:
+        return False
+    append_values(directory, shape, values, end)
+    state[STATE_END] = end + n
+    return True
+
+
+@njit(nogil=True)
+def append_values(directory, shape, values, start):
+    """Write `values` at absolute index `start` (pages reserved by the caller), summarize the
+    blocks they complete and re-merge those blocks' ancestors, one chunk segment at a time."""
+    block_shift = shape[SHAPE_BLOCK_SHIFT]
+    fanout_shift = shape[SHAPE_FANOUT_SHIFT]
+    chunk_shift = shape[SHAPE_CHUNK_SHIFT]
+    chunk = 1 << chunk_shift
+    top = shape[SHAPE_TOP]
+    n = values.shape[0]
+    done = 0
+    while done < n:
+        position = start + done
+        offset = position & (chunk - 1)
+        take = min(n - done, chunk - offset)
+        page = _page(directory, shape, 0, position >> chunk_shift)
+        for j in range(take):
+            page[offset + j] = values[done + j]
+        lo = position >> block_shift
+        hi = (position + take) >> block_shift
+        if hi > lo:
+            for b in range(lo, hi):
+                _summarize_block(directory, shape, b)
+            for depth in range(2, top + 1):
+                lo >>= fanout_shift
+                hi = (hi + (1 << fanout_shift) - 1) >> fanout_shift
+                for parent in range(lo, hi):
+                    _merge_group(directory, shape, depth, parent)
+        done += take

@@ -1,0 +1,174 @@
+"""The compiled (numba) engine against the numpy reference: bit for bit on count, min, max and
+last, 1e-12 relative on avg and var, over random batches, geometries, retention and read-only
+batches; its page directory; its kernels' compile options; and numba's on-disk cache.
+
+(The conformance suite in test_conformance.py also runs the compiled engine against numpy.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from engine_core import Geometry, RetentionPolicy
+from fallback import NumpyEngine, compiled_kernels
+from fallback.compiled import _SIGNATURES, CompiledEngine, CompiledSeries, prepare_kernels
+
+REPO = Path(__file__).resolve().parents[2]
+GEOMETRIES = [
+    Geometry(),
+    Geometry(block=2, fanout=2, chunk=8),
+    Geometry(block=4, fanout=4, chunk=64),
+    Geometry(block=8, fanout=2, chunk=64),
+    Geometry(block=4, fanout=8, chunk=32),
+]
+WINDOWS = [1, 2, 3, 5, 10, 17, 100, 255, 256, 257, 1000, 4097, 10**5, 10**8]
+
+
+def assert_same_answers(compiled: CompiledSeries, reference, windows) -> None:
+    assert len(compiled) == len(reference)
+    for window in windows:
+        got, want = compiled.stats(window), reference.stats(window)
+        assert (got.count, got.min, got.max, got.last) == (
+            want.count,
+            want.min,
+            want.max,
+            want.last,
+        ), window
+        assert got.avg == pytest.approx(want.avg, rel=1e-12, abs=0.0), window
+        assert got.var == pytest.approx(want.var, rel=1e-12, abs=1e-300), window
+
+
+prices = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    geometry=st.sampled_from(GEOMETRIES),
+    batches=st.lists(arrays(np.float64, st.integers(0, 90), elements=prices), max_size=30),
+    max_values=st.integers(1, 600),
+    keep_fraction=st.floats(0.0, 1.0),
+    read_only=st.lists(st.booleans(), min_size=30, max_size=30),
+    extra_windows=st.lists(st.integers(1, 700), max_size=5),
+)
+def test_compiled_engine_agrees_with_numpy(
+    geometry, batches, max_values, keep_fraction, read_only, extra_windows
+):
+    policy = RetentionPolicy(max_values, int(max_values * keep_fraction))
+    compiled = CompiledEngine(geometry).new_series(policy, 0)
+    reference = NumpyEngine(geometry).new_series(policy, 0)
+    for batch, frozen in zip(batches, read_only, strict=False):
+        batch.flags.writeable = not frozen  # transport frames arrive as read-only views
+        assert compiled.append(batch) == reference.append(batch)
+        if len(reference):
+            assert_same_answers(compiled, reference, WINDOWS + extra_windows)
+    np.testing.assert_array_equal(compiled.tail(10**9), reference.tail(10**9))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[1:], ids=str)
+def test_price_like_series_with_cleanups_agree_with_numpy(geometry):
+    """Tens of thousands of ticks near 1e9 with 1e-3 noise, in batches of every size, through
+    many cleanups: the case where summation order shows first."""
+    rng = np.random.default_rng(7)
+    policy = RetentionPolicy(20_000, 12_000)
+    compiled = CompiledEngine(geometry).new_series(policy, 100)
+    reference = NumpyEngine(geometry).new_series(policy, 100)
+    for size in rng.integers(1, 700, 150):
+        batch = 1e9 + rng.uniform(0.0, 1e-3, size)
+        assert compiled.append(batch) == reference.append(batch)
+    for window in WINDOWS:
+        got, want = compiled.stats(window), reference.stats(window)
+        assert (got.count, got.min, got.max, got.last) == (
+            want.count,
+            want.min,
+            want.max,
+            want.last,
+        )
+        assert got.avg == pytest.approx(want.avg, rel=1e-12)
+        window_values = reference.tail(window)
+        assert got.var == pytest.approx(np.var(window_values), rel=1e-4)  # SPEC section 3
+
+
+def test_page_directory_grows_and_reuses_slots_of_dropped_pages():
+    """Hundreds of live pages (the directory starts with 8 slots) and retention cycling the
+    page numbers through the slots many times: every window still matches numpy."""
+    geometry = Geometry(block=2, fanout=2, chunk=4)
+    policy = RetentionPolicy(3000, 1000)
+    compiled = CompiledEngine(geometry).new_series(policy, 0)
+    reference = NumpyEngine(geometry).new_series(policy, 0)
+    rng = np.random.default_rng(11)
+    for step in range(400):
+        batch = rng.uniform(0.0, 100.0, int(rng.integers(1, 60)))
+        assert compiled.append(batch) == reference.append(batch)
+        if step % 20 == 0:
+            assert_same_answers(compiled, reference, WINDOWS)
+    assert compiled._directory.shape[1] >= 3000 // 4  # grew from 8 slots
+    assert_same_answers(compiled, reference, WINDOWS)
+
+
+def test_starting_capacity_pages_are_in_the_directory():
+    geometry = Geometry(block=4, fanout=4, chunk=16)
+    series = CompiledEngine(geometry).new_series(RetentionPolicy(), 1000)
+    values = np.arange(1000.0)
+    series.append(values)
+    stats = series.stats(10**3)
+    assert (stats.count, stats.min, stats.max, stats.last) == (1000, 0.0, 999.0, 999.0)
+    assert stats.avg == pytest.approx(499.5, rel=1e-15)
+
+
+def test_every_public_kernel_releases_the_gil_and_is_compiled_for_the_appliance_types():
+    prepare_kernels()
+    for name, signatures in _SIGNATURES.items():
+        kernel = getattr(compiled_kernels, name)
+        assert kernel.targetoptions["nogil"] is True, name
+        for signature in signatures:
+            assert tuple(signature) in kernel.overloads, (name, signature)
+
+
+def test_an_unusable_cache_dir_still_starts_and_says_why(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    report = prepare_kernels(str(not_a_dir / "cache"))
+    assert report.cache_dir is None and not report.loaded_from_cache
+    assert "engine.compile_cache_dir" in report.cache_note
+    series = CompiledEngine().new_series(RetentionPolicy(), 0)
+    series.append(np.array([1.0, 2.0]))
+    assert series.stats(10).avg == 1.5
+
+
+_START = """
+import json, sys
+from fallback.compiled import prepare_kernels
+report = prepare_kernels(sys.argv[1])
+print(json.dumps({"dir": report.cache_dir, "cached": report.loaded_from_cache}))
+"""
+
+
+def test_kernels_are_cached_where_configured_and_loaded_from_there_next_start(tmp_path):
+    """Two fresh processes, as two starts of the appliance: the first compiles and writes the
+    cache into the configured directory, the second loads every kernel from it."""
+    cache = tmp_path / "numba-cache"
+
+    def start() -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", _START, str(cache)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=True,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = start()
+    assert first["dir"].startswith(str(cache)) and first["cached"] is False
+    assert any(cache.rglob("*.nbi")) and any(cache.rglob("*.nbc"))
+    assert start() == {"dir": first["dir"], "cached": True}
