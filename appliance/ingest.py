@@ -1,18 +1,26 @@
 """The one ingest path behind every transport: validate exactly as REST does, then append.
 
 Why here and not in `transport/`: transports know nothing of the store (data flows
-transport -> store -> engine). They are handed the `Sink` built here, which applies the same
+transport -> store -> engine). They are handed the sink built here, which applies the same
 `validate_symbol` and `check_values` that POST /add_batch/ uses and the same `Store.ingest`,
 and translates the appliance's errors into the wire's nack reasons.
 
-With durability on, the sink is given the log's `DurableWriter` in place of the store: its
-`ingest` has the same contract but returns only once the batch is logged (fsynced under
-`always`) and applied, so a transport acks only what survives a crash. A full disk becomes the
-retryable nack UNAVAILABLE.
+With durability on, the sink is given the log's `DurableWriter` (or the app's adapter to it) in
+place of the store: its `ingest` has the same contract but returns only once the batch is logged
+(fsynced under `always`) and applied, so a transport acks only what survives a crash. A full
+disk becomes the retryable nack UNAVAILABLE.
+
+Batches (`StoreSink.submit_batch`, used by the ZeroMQ loop): the frames of one poll batch go to
+the log's writer as one group (`DurableWriter.submit_group`: one write, one apply per frame)
+and the transport is told when that commit completes, without a blocked thread per frame.
+Without the log the batch is applied at once, in order. Either way, once a frame of a publisher
+fails retryably, its later frames in the batch are not applied (the transport nacks them GAP).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -21,8 +29,10 @@ from appliance.durability.writer import StorageUnavailableError
 from appliance.errors import ApiError
 from appliance.store import SymbolLimitError
 from appliance.validation import check_values, validate_symbol
-from transport.ingest import Rejected, Sink
-from transport.wire import Reason
+from transport.ingest import Rejected
+from transport.wire import RETRYABLE, Reason
+
+log = logging.getLogger(__name__)
 
 _REASONS = {
     "invalid_symbol": Reason.INVALID_SYMBOL,
@@ -30,6 +40,12 @@ _REASONS = {
     "empty_batch": Reason.EMPTY_BATCH,
     "batch_too_large": Reason.BATCH_TOO_LARGE,
 }
+# The bit pattern of +inf: a float64 whose unsigned 64-bit view is below it is finite and >= 0
+# with its sign bit clear (so not -0.0, which check_values normalizes).
+_INF_BITS = np.uint64(0x7FF0000000000000)
+_FEW_VALUES = 8
+
+Item = tuple[str, np.ndarray, int, int]
 
 
 class Ingestor(Protocol):
@@ -42,26 +58,108 @@ class Ingestor(Protocol):
     ) -> int: ...
 
 
-def make_sink(store: Ingestor, max_batch_size: int) -> Sink:
-    """A callable `(symbol, values, publisher_id, sequence)` that appends all of the batch or
-    raises `Rejected`; the log (when `store` is the `DurableWriter`) records the identity."""
+def fast_check(values: np.ndarray) -> np.ndarray:
+    """`check_values` with one integer reduction on the common path (every value finite,
+    >= 0 and not -0.0): the largest unsigned view of the bits is below +inf's. Anything else
+    (and small batches, where Python compares win) takes `check_values` itself, so the
+    answers and the error messages are exactly REST's."""
+    if (
+        values.ndim == 1
+        and values.dtype == np.float64
+        and values.shape[0] > _FEW_VALUES
+        and values.view(np.uint64).max() < _INF_BITS
+    ):
+        return values
+    return check_values(values)
 
-    def sink(symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0) -> None:
-        # Hot path: two reductions over the values, dict lookups, one locked append.
+
+def reason_for(exc: BaseException) -> Reason:
+    """The wire's reason for an exception from validation, the store or the log's writer."""
+    if isinstance(exc, Rejected):
+        return exc.reason
+    if isinstance(exc, ApiError):
+        return _REASONS.get(exc.code, Reason.INVALID_VALUE)
+    if isinstance(exc, SymbolLimitError):
+        return Reason.SYMBOL_LIMIT
+    if isinstance(exc, StorageUnavailableError):
+        return Reason.UNAVAILABLE
+    return Reason.INTERNAL
+
+
+class StoreSink:
+    """The transports' sink: `sink(symbol, values, publisher_id, sequence)` appends all of the
+    batch or raises `Rejected`; `prepare` + `submit_batch` do the same for a poll batch."""
+
+    def __init__(self, store: Ingestor, max_batch_size: int) -> None:
+        self.store = store
+        self.max_batch_size = max_batch_size
+
+    def __call__(
+        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+    ) -> None:
+        values = self.prepare(symbol, values)
         try:
-            if values.shape[0] > max_batch_size:
+            self.store.ingest(symbol, values, publisher_id, sequence)
+        except (ApiError, SymbolLimitError, StorageUnavailableError) as exc:
+            message = exc.message if isinstance(exc, ApiError) else str(exc)
+            raise Rejected(reason_for(exc), message) from None
+
+    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
+        """Validate like REST: the values to append, or `Rejected` (nothing applied)."""
+        # Hot path: one reduction over the values, one dict lookup.
+        try:
+            if values.shape[0] > self.max_batch_size:
                 raise ApiError(
                     "batch_too_large",
-                    f"frame has {values.shape[0]} values; store.max_batch_size is {max_batch_size}",
+                    f"frame has {values.shape[0]} values; store.max_batch_size is "
+                    f"{self.max_batch_size}",
                 )
-            if symbol not in store:
+            if symbol not in self.store:
                 validate_symbol(symbol)  # every stored symbol was validated when created
-            store.ingest(symbol, check_values(values), publisher_id, sequence)
+            return fast_check(values)
         except ApiError as exc:
-            raise Rejected(_REASONS.get(exc.code, Reason.INVALID_VALUE), exc.message) from None
-        except SymbolLimitError as exc:
-            raise Rejected(Reason.SYMBOL_LIMIT, str(exc)) from None
-        except StorageUnavailableError as exc:
-            raise Rejected(Reason.UNAVAILABLE, str(exc)) from None
+            raise Rejected(reason_for(exc), exc.message) from None
 
-    return sink
+    def submit_batch(self, items: list[Item], done: Callable[[list[Reason]], None]) -> None:
+        """Apply prepared items in order; `done` gets one Reason per item (NONE: applied),
+        from the log's writer thread once its commit covers them, or before this returns."""
+        submit_group = getattr(self.store, "submit_group", None)
+        if submit_group is not None:
+            submit_group(items, lambda results: done(_reasons(results)))
+            return
+        done(self._apply_now(items))
+
+    def _apply_now(self, items: list[Item]) -> list[Reason]:
+        reasons: list[Reason] = []
+        broken: set[int] = set()  # publishers with a retryable failure in this batch
+        for symbol, values, publisher_id, sequence in items:
+            if publisher_id in broken:
+                reasons.append(Reason.INTERNAL)
+                continue
+            try:
+                self.store.ingest(symbol, values, publisher_id, sequence)
+            except Exception as exc:
+                reason = reason_for(exc)
+                if reason is Reason.INTERNAL:
+                    log.error("ingest failed; frame not applied", exc_info=True)
+                if reason in RETRYABLE:
+                    broken.add(publisher_id)
+                reasons.append(reason)
+                continue
+            reasons.append(Reason.NONE)
+        return reasons
+
+
+def _reasons(results: list[BaseException | None]) -> list[Reason]:
+    out = [Reason.NONE if exc is None else reason_for(exc) for exc in results]
+    for exc in results:
+        if exc is not None and reason_for(exc) is Reason.INTERNAL:
+            log.error("ingest failed; frame not applied", exc_info=exc)
+            break  # one line per batch: the processor counts every frame
+    return out
+
+
+def make_sink(store: Ingestor, max_batch_size: int) -> StoreSink:
+    """The sink for every transport (see `StoreSink`); the log (when `store` is the
+    `DurableWriter`) records each batch's identity."""
+    return StoreSink(store, max_batch_size)

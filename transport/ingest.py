@@ -29,6 +29,15 @@ Sequence rules, per publisher id:
   is applied.
 - A retryable failure (INTERNAL, UNAVAILABLE) does not advance `consumed`; a content error
   (bad value, bad symbol, symbol limit) does, since resending the same bytes cannot succeed.
+
+Batches (`begin` / `finish`, for a `BatchSink`): a transport that can answer later hands over
+every frame of a poll batch at once, so the sink logs them with one write and the transport acks
+when that commit completes. `begin` applies the rules above assuming every frame it submits
+will be applied; `finish` takes the sink's results and corrects what that assumption got
+wrong: from a publisher's first retryable failure on, its later frames in the batch (which the
+sink guarantees it did not apply) are nacked GAP and `consumed` goes back to before the
+failure, exactly the answers the frame-by-frame path gives. Only one batch per processor may be
+between `begin` and `finish`.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -60,6 +69,49 @@ class Rejected(Exception):
 # (symbol, values, publisher_id, sequence): the identity lets the appliance log where a batch
 # came from (the write-ahead log records it).
 Sink = Callable[[str, np.ndarray, int, int], None]
+
+
+class BatchSink(Protocol):
+    """A sink that also takes a whole poll batch and answers when its commit completes."""
+
+    def __call__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+        """The frame-by-frame form (`Sink`)."""
+
+    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
+        """Validate one frame's batch without applying it: the values to submit, or `Rejected`."""
+
+    def submit_batch(
+        self, items: list[tuple[str, np.ndarray, int, int]], done: Callable[[list[Reason]], None]
+    ) -> None:
+        """Apply prepared items in order; `done` gets one `Reason` per item (NONE: applied),
+        from any thread, once all of them are final. Never blocks on the commit."""
+
+
+class _Pending:
+    """A frame submitted in a batch, waiting for its result."""
+
+    __slots__ = ("consumed", "frame", "index")
+
+    def __init__(self, frame: Frame, consumed: int, index: int) -> None:
+        self.frame = frame
+        self.consumed = consumed  # the publisher's `consumed` before this frame
+        self.index = index  # position in the submitted items
+
+
+class _Malformed(NamedTuple):
+    """A message that did not decode (its outcome needs no sequence rule)."""
+
+    outcome: Outcome
+
+
+class Batch:
+    """What `begin` made of a poll batch: per message, its outcomes or pending frames."""
+
+    __slots__ = ("items", "messages")
+
+    def __init__(self) -> None:
+        self.messages: list[list[Outcome | _Pending | _Malformed]] = []
+        self.items: list[tuple[str, np.ndarray, int, int]] = []
 
 
 class Outcome(NamedTuple):
@@ -165,19 +217,113 @@ class FrameProcessor:
         try:
             frames = decode_message(buffer)
         except WireError as exc:
-            publisher_id, sequence = peek_identity(buffer)
-            self.counters.rejected[exc.reason.name.lower()] += 1
-            self._log.warn(
-                publisher_id, exc.reason, "malformed message rejected",
-                error=str(exc), offset=exc.offset, bytes=len(memoryview(buffer).cast("B")),
-            )  # fmt: skip
-            return [Outcome(publisher_id, sequence, self.consumed(publisher_id), exc.reason)]
+            return [self._malformed(buffer, exc)]
         return [self.process_frame(frame) for frame in frames]
 
     def process_frame(self, frame: Frame) -> Outcome:
+        outcome, consumed, known = self._admit(frame)
+        if outcome is not None:
+            return outcome
+        return self._settle(frame, self._apply(frame), consumed, known)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def begin(self, buffers: list[bytes | bytearray | memoryview], sink: BatchSink) -> Batch:
+        """Decode and check every message, validate each frame to apply (`sink.prepare`) and
+        collect them in `Batch.items` for one `sink.submit_batch`; then call `finish`."""
+        batch = Batch()
+        for buffer in buffers:
+            self.counters.messages += 1
+            try:
+                frames = decode_message(buffer)
+            except WireError as exc:
+                batch.messages.append([_Malformed(self._malformed(buffer, exc))])
+                continue
+            answers: list[Outcome | _Pending | _Malformed] = []
+            for frame in frames:
+                outcome, consumed, known = self._admit(frame)
+                if outcome is None:
+                    try:
+                        values = sink.prepare(frame.symbol, frame.values)
+                    except Exception as exc:
+                        outcome = self._settle(frame, self._refused(frame, exc), consumed, known)
+                    else:
+                        index = len(batch.items)
+                        batch.items.append((frame.symbol, values, frame.publisher_id,
+                                            frame.sequence))  # fmt: skip
+                        self._advance(frame.publisher_id, frame.sequence)  # assumed applied
+                        answers.append(_Pending(frame, consumed, index))
+                        continue
+                answers.append(outcome)
+            batch.messages.append(answers)
+        return batch
+
+    def finish(self, batch: Batch, results: list[Reason]) -> list[list[Outcome]]:
+        """The outcomes of every message of `batch`, given the sink's result per item."""
+        broken: dict[int, int] = {}  # publisher -> consumed, from its first retryable failure
+        out: list[list[Outcome]] = []
+        for answers in batch.messages:
+            outcomes: list[Outcome] = []
+            for answer in answers:
+                if isinstance(answer, _Malformed):  # its own reason; `applied` as it now stands
+                    pid = answer.outcome.publisher_id
+                    outcome = answer.outcome
+                    if pid in broken:
+                        outcome = outcome._replace(applied=broken[pid])
+                    outcomes.append(outcome)
+                    continue
+                if isinstance(answer, Outcome):
+                    pid = answer.publisher_id
+                    # After the failure, the frame-by-frame path would have seen a gap here
+                    # (or a duplicate, or a non-DATA frame, which stay as they are).
+                    if pid in broken and answer.reason is not Reason.BAD_HEADER and not (
+                        answer.reason is Reason.DUPLICATE and answer.sequence <= broken[pid]
+                    ):
+                        answer = Outcome(pid, answer.sequence, broken[pid], Reason.GAP)
+                    outcomes.append(answer)
+                    continue
+                frame = answer.frame
+                pid, sequence = frame.publisher_id, frame.sequence
+                reason = results[answer.index]
+                if pid in broken:  # not applied: the sink stops a publisher at its failure
+                    outcomes.append(Outcome(pid, sequence, broken[pid], Reason.GAP))
+                    continue
+                if reason is Reason.NONE:
+                    self.counters.frames_applied += 1
+                    self.counters.values_applied += frame.values.shape[0]
+                    outcomes.append(Outcome(pid, sequence, sequence, reason))
+                    continue
+                self.counters.rejected[reason.name.lower()] += 1
+                self._log.warn(
+                    pid, reason, "frame not applied", sequence=sequence, symbol=frame.symbol
+                )
+                if reason in RETRYABLE and self.strict_order:
+                    broken[pid] = answer.consumed
+                    outcomes.append(Outcome(pid, sequence, answer.consumed, reason))
+                else:
+                    outcomes.append(Outcome(pid, sequence, sequence, reason))
+            out.append(outcomes)
+        for pid, consumed in broken.items():
+            self._advance(pid, consumed)
+        return out
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def _malformed(self, buffer: bytes | bytearray | memoryview, exc: WireError) -> Outcome:
+        publisher_id, sequence = peek_identity(buffer)
+        self.counters.rejected[exc.reason.name.lower()] += 1
+        self._log.warn(
+            publisher_id, exc.reason, "malformed message rejected",
+            error=str(exc), offset=exc.offset, bytes=len(memoryview(buffer).cast("B")),
+        )  # fmt: skip
+        return Outcome(publisher_id, sequence, self.consumed(publisher_id), exc.reason)
+
+    def _admit(self, frame: Frame) -> tuple[Outcome | None, int, bool]:
+        """The sequence rules before applying: an outcome when the frame is not to be applied,
+        else None with the publisher's `consumed` baseline and whether it was known."""
         publisher_id, sequence = frame.publisher_id, frame.sequence
         if frame.kind is not Kind.DATA:
-            return self._reject(frame, Reason.BAD_HEADER, "only DATA frames are accepted")
+            return self._reject(frame, Reason.BAD_HEADER, "only DATA frames are accepted"), 0, False
         known = publisher_id in self._consumed
         if not known and self.strict_order and not frame.first:
             self.counters.rejected["unknown_publisher"] += 1
@@ -186,7 +332,7 @@ class FrameProcessor:
                 "frame from an unknown publisher without FLAG_FIRST; asking for a restart",
                 sequence=sequence,
             )  # fmt: skip
-            return Outcome(publisher_id, sequence, 0, Reason.UNKNOWN_PUBLISHER)
+            return Outcome(publisher_id, sequence, 0, Reason.UNKNOWN_PUBLISHER), 0, False
         consumed = self._consumed.get(publisher_id, sequence - 1)
         if known and frame.first and sequence > consumed + 1:
             consumed = sequence - 1  # the publisher restarts its session here
@@ -196,7 +342,7 @@ class FrameProcessor:
                 publisher_id, Reason.DUPLICATE, "duplicate frame not applied again",
                 sequence=sequence, consumed=consumed,
             )  # fmt: skip
-            return Outcome(publisher_id, sequence, consumed, Reason.DUPLICATE)
+            return Outcome(publisher_id, sequence, consumed, Reason.DUPLICATE), consumed, known
         if sequence > consumed + 1:
             self.counters.rejected["gap"] += 1
             self._log.warn(
@@ -204,8 +350,12 @@ class FrameProcessor:
                 expected=consumed + 1, missing=sequence - consumed - 1,
             )  # fmt: skip
             if self.strict_order:
-                return Outcome(publisher_id, sequence, consumed, Reason.GAP)
-        reason = self._apply(frame)
+                return Outcome(publisher_id, sequence, consumed, Reason.GAP), consumed, known
+        return None, consumed, known
+
+    def _settle(self, frame: Frame, reason: Reason, consumed: int, known: bool) -> Outcome:
+        """The outcome of a frame that was handed to the sink, and `consumed` after it."""
+        publisher_id, sequence = frame.publisher_id, frame.sequence
         if reason in RETRYABLE and self.strict_order:
             if not known or frame.first:
                 # Keep the baseline this frame set or moved (the outcome reports it): a
@@ -218,23 +368,27 @@ class FrameProcessor:
     def _apply(self, frame: Frame) -> Reason:
         try:
             self.sink(frame.symbol, frame.values, frame.publisher_id, frame.sequence)
-        except Rejected as exc:
+        except Exception as exc:
+            return self._refused(frame, exc)
+        self.counters.frames_applied += 1
+        self.counters.values_applied += frame.values.shape[0]
+        return Reason.NONE
+
+    def _refused(self, frame: Frame, exc: Exception) -> Reason:
+        """Count and log a sink's refusal (`Rejected`) or fault (anything else: INTERNAL)."""
+        if isinstance(exc, Rejected):
             self.counters.rejected[exc.reason.name.lower()] += 1
             self._log.warn(
                 frame.publisher_id, exc.reason, "frame rejected", sequence=frame.sequence,
                 symbol=frame.symbol, error=str(exc),
             )  # fmt: skip
             return exc.reason
-        except Exception:
-            self.counters.rejected["internal"] += 1
-            self._log.warn(
-                frame.publisher_id, Reason.INTERNAL, "ingest sink failed; frame not applied",
-                exc_info=True, sequence=frame.sequence, symbol=frame.symbol,
-            )  # fmt: skip
-            return Reason.INTERNAL
-        self.counters.frames_applied += 1
-        self.counters.values_applied += frame.values.shape[0]
-        return Reason.NONE
+        self.counters.rejected["internal"] += 1
+        self._log.warn(
+            frame.publisher_id, Reason.INTERNAL, "ingest sink failed; frame not applied",
+            exc_info=True, sequence=frame.sequence, symbol=frame.symbol,
+        )  # fmt: skip
+        return Reason.INTERNAL
 
     def _reject(self, frame: Frame, reason: Reason, message: str) -> Outcome:
         self.counters.rejected[reason.name.lower()] += 1

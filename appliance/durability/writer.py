@@ -10,6 +10,13 @@ Group commit: callers `submit()` and get a `concurrent.futures.Future`. The thre
 batch queued at the moment it wakes, encodes them, writes them with one write, then (policy
 `always`) one fsync covers the whole group before any of its futures resolves.
 
+Transports hand over a whole poll batch with `submit_group(items, done)`: no future and no
+blocked thread per frame; `done(results)` runs once on this thread when the commit covering
+every item of the group completed (same moment a future would resolve), and the transport's
+loop sends the acks. Within a group, once an item of a publisher fails, the later items of the
+same publisher are not applied (they fail too), so a transport never acks a frame that follows
+an unapplied one.
+
 Invariants (checked by tests/durability):
 - a future resolves with a record only after its bytes are written (and, under `always`,
   fsynced) and the batch is applied to the store;
@@ -27,6 +34,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -57,6 +65,7 @@ class RecordListener(Protocol):
 
 class _Request:
     __slots__ = ("future", "publisher_id", "received_ns", "sequence", "symbol", "values")
+    group: _Group | None = None  # a future-based request (REST) never belongs to a group
 
     def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
         self.symbol = symbol
@@ -65,6 +74,67 @@ class _Request:
         self.sequence = sequence
         self.received_ns = time.time_ns()
         self.future: Future[BatchRecord] = Future()
+
+    def succeed(self, record: BatchRecord) -> None:
+        self.future.set_result(record)
+
+    def fail(self, exc: BaseException) -> None:
+        self.future.set_exception(exc)
+
+
+# One item of a transport's group: (symbol, values, publisher_id, sequence).
+GroupItem = tuple[str, np.ndarray, int, int]
+# Per item: None when applied, else the exception that refused or failed it.
+GroupDone = Callable[[list[BaseException | None]], None]
+
+
+class _Group:
+    """A transport's poll batch: one `done` call once every item is resolved."""
+
+    __slots__ = ("done", "results")
+
+    def __init__(self, size: int, done: GroupDone) -> None:
+        self.done = done
+        # Unresolved until the commit says otherwise: a writer fault never reads as "applied".
+        self.results: list[BaseException | None] = [_UNRESOLVED] * size
+
+    def finish(self) -> None:
+        try:
+            self.done(self.results)
+        except Exception:
+            log.exception("write-ahead log group completion failed")
+
+
+class _GroupRequest:
+    """One item of a `_Group`; resolves into the group's result list (no future)."""
+
+    __slots__ = ("group", "index", "publisher_id", "received_ns", "sequence", "symbol", "values")
+
+    def __init__(self, group: _Group, index: int, item: GroupItem, received_ns: int) -> None:
+        self.group = group
+        self.index = index
+        self.symbol, self.values, self.publisher_id, self.sequence = item
+        self.received_ns = received_ns
+
+    def succeed(self, record: BatchRecord) -> None:
+        self.group.results[self.index] = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.group.results[self.index] = exc
+
+
+class _OrderBroken(RuntimeError):
+    """An earlier item of the same publisher in the group was not applied."""
+
+
+def _in(broken: set[tuple[int, int]], request: _GroupRequest | _Request) -> bool:
+    return (id(request.group), request.publisher_id) in broken
+
+
+_UNRESOLVED = RuntimeError("the write-ahead log writer stopped before this batch")
+
+
+_Item = _Request | _GroupRequest
 
 
 _STOP = object()
@@ -178,7 +248,9 @@ class DurableWriter:
         # where the store is exactly the log up to next_lsn - 1.
         self._checkpointer = checkpointer
         self._lock_fd = lock_fd  # the directory lock (wal.lock_dir), released by close()
-        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Request | list[_GroupRequest] | object] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._run, name="wal-writer", daemon=True)
         self._closed = False
         self.fsyncs = 0  # counters for /ingest-style reporting and tests
@@ -209,6 +281,22 @@ class DurableWriter:
             self._queue.put(request)
         return request.future
 
+    def submit_group(self, items: list[GroupItem], done: GroupDone) -> None:
+        """Queue a transport's validated batches as one unit; never blocks.
+
+        `done(results)` is called once, on the writer thread (or here, when the writer is
+        closed), with one entry per item: None when it is logged (fsynced under `always`) and
+        applied, else the exception (as `submit`'s futures would carry). It must not block.
+        """
+        group = _Group(len(items), done)
+        if self._closed:
+            error = RuntimeError("the write-ahead log is closed")
+            group.results = [error] * len(items)
+            group.finish()
+            return
+        now = time.time_ns()
+        self._queue.put([_GroupRequest(group, i, item, now) for i, item in enumerate(items)])
+
     def ingest(
         self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
     ) -> int:
@@ -226,11 +314,25 @@ class DurableWriter:
         self._queue.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+            if not self._thread.is_alive():
+                self._fail_leftovers()
         else:  # never started
             self._segment.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+    def _fail_leftovers(self) -> None:
+        """Anything queued after the stop (a submit racing close) is failed, never left hanging."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, list) and item:
+                item[0].group.finish()  # every result is still _UNRESOLVED
+            elif isinstance(item, _Request):
+                item.fail(RuntimeError("the write-ahead log is closed"))
 
     @property
     def next_lsn(self) -> int:
@@ -241,17 +343,19 @@ class DurableWriter:
 
     # --- the thread ----------------------------------------------------------------------------
 
-    def _take_group(self, timeout: float | None) -> tuple[list[_Request], bool]:
+    def _take_group(self, timeout: float | None) -> tuple[list[_Item], bool]:
         """Everything queued now (waiting up to `timeout` for the first); and whether to stop."""
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return [], False
-        group: list[_Request] = []
+        group: list[_Item] = []
         stopping = False
         while True:
             if item is _STOP:
                 stopping = True
+            elif isinstance(item, list):  # a transport's group: its items, in order
+                group.extend(item)
             else:
                 group.append(item)  # type: ignore[arg-type]
             try:
@@ -312,21 +416,63 @@ class DurableWriter:
             return False
         return True
 
-    def _commit(self, group: list[_Request]) -> bool:
+    def _commit(self, group: list[_Item]) -> bool:
         """Log, apply and resolve one group; return whether anything was written."""
-        accepted: list[tuple[_Request, BatchRecord]] = []
+        try:
+            return self._commit_items(group)
+        finally:
+            # Every item is resolved by now: each transport group is told once.
+            groups = {id(r.group): r.group for r in group if r.group is not None}
+            for done in groups.values():
+                done.finish()
+
+    def _commit_items(self, group: list[_Item]) -> bool:
+        broken: set[tuple[int, int]] = set()  # (id of the group, publisher) no longer in order
+        accepted, chunks, lsn, new_totals = self._encode(group, broken)
+        if not accepted or not self._write(accepted, chunks):
+            return False
+        self.groups += 1
+        self._next_lsn = lsn
+        self._totals.update(new_totals)
+        for request, record in accepted:
+            if request.group is not None and broken and _in(broken, request):
+                # Logged, but applying it would put it after an unapplied frame of its
+                # publisher; it fails like that one (and replays from the log like it).
+                request.fail(_OrderBroken("an earlier frame of this publisher failed"))
+                continue
+            try:
+                self.store.ingest(record.symbol, record.values)
+            except Exception as exc:  # an engine fault: logged, reported to this caller only
+                log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
+                request.fail(exc)
+                if request.group is not None:
+                    broken.add((id(request.group), request.publisher_id))
+                continue
+            self._notify(record)
+            request.succeed(record)
+        return True
+
+    def _encode(
+        self, group: list[_Item], broken: set[tuple[int, int]]
+    ) -> tuple[list[tuple[_Item, BatchRecord]], list[bytes | memoryview], int, dict[str, int]]:
+        """Records for the items that may be logged (the symbol limit is checked here), their
+        bytes, the next lsn after them and the new per-symbol totals."""
+        accepted: list[tuple[_Item, BatchRecord]] = []
         chunks: list[bytes | memoryview] = []
         lsn = self._next_lsn
         new_totals: dict[str, int] = {}
         limit = self.store.max_symbols
         known = len(self._totals)
         for request in group:
+            if request.group is not None and broken and _in(broken, request):
+                request.fail(_OrderBroken("an earlier frame of this publisher failed"))
+                continue
             symbol = request.symbol
             total = new_totals.get(symbol, self._totals.get(symbol))
             is_new = total is None
             if is_new:
                 if known >= limit:
-                    request.future.set_exception(SymbolLimitError.at(known, limit))
+                    request.fail(SymbolLimitError.at(known, limit))
                     continue
                 total = 0
             record = BatchRecord(
@@ -341,14 +487,20 @@ class DurableWriter:
             try:
                 chunks.extend(wal.encode_parts(record))
             except ValueError as exc:  # a symbol the validators should have refused
-                request.future.set_exception(exc)
+                request.fail(exc)
+                if request.group is not None:
+                    broken.add((id(request.group), request.publisher_id))
                 continue
             known += is_new
             new_totals[symbol] = total + int(request.values.shape[0])
             accepted.append((request, record))
             lsn += 1
-        if not accepted:
-            return False
+        return accepted, chunks, lsn, new_totals
+
+    def _write(
+        self, accepted: list[tuple[_Item, BatchRecord]], chunks: list[bytes | memoryview]
+    ) -> bool:
+        """One write (and under `always` one fsync) for the group; on failure fail it all."""
         written = False
         try:
             self._segment.append(accepted[0][1].lsn, chunks)
@@ -375,20 +527,8 @@ class DurableWriter:
                 "retry later"
             )
             for request, _ in accepted:
-                request.future.set_exception(error)
+                request.fail(error)
             return False
-        self.groups += 1
-        self._next_lsn = lsn
-        self._totals.update(new_totals)
-        for request, record in accepted:
-            try:
-                self.store.ingest(record.symbol, record.values)
-            except Exception as exc:  # an engine fault: logged, reported to this caller only
-                log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
-                request.future.set_exception(exc)
-                continue
-            self._notify(record)
-            request.future.set_result(record)
         return True
 
     def _notify(self, record: BatchRecord) -> None:

@@ -163,3 +163,58 @@ def test_frames_through_the_processor_reach_the_store_all_or_nothing() -> None:
     assert store.symbols() == ["S"]
     assert store.length("S") == 3
     assert store.stats("S", 1).last == 4.0
+
+
+# --- the batch path and the one-reduction value check ------------------------------------------
+
+SPECIALS = [0.0, -0.0, 1.5, -1.0, float("nan"), float("inf"), -float("inf"), 5e-324, 1e308]
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("n", [1, 9, 1000])
+def test_fast_check_answers_exactly_as_check_values(special: float, n: int) -> None:
+    from appliance.errors import ApiError
+    from appliance.ingest import fast_check
+    from appliance.validation import check_values
+
+    for at in (0, n // 2, n - 1):
+        values = np.full(n, 2.0)
+        values[at] = special
+
+        def outcome(check, values=values):
+            try:
+                out = check(values)
+            except ApiError as exc:
+                return ("error", exc.code, exc.message)
+            return ("ok", out.tobytes(), np.signbit(out).any())
+
+        assert outcome(fast_check) == outcome(check_values)
+
+
+def test_submit_batch_without_a_log_applies_in_order_and_stops_a_publisher_at_a_fault() -> None:
+    store = make_store(max_symbols=2)
+    sink = make_sink(store, max_batch_size=10)
+    original = store.ingest
+
+    def faulty(symbol, values, *origin):
+        if float(values[0]) == 66.0:
+            raise RuntimeError("engine fault")
+        return original(symbol, values, *origin)
+
+    store.ingest = faulty  # type: ignore[method-assign]
+    items = [
+        ("A", sink.prepare("A", arr(1.0)), 1, 1),
+        ("A", sink.prepare("A", arr(66.0)), 1, 2),
+        ("A", sink.prepare("A", arr(3.0)), 1, 3),
+        ("B", sink.prepare("B", arr(4.0)), 2, 1),
+        ("C", sink.prepare("C", arr(5.0)), 2, 2),
+    ]
+    answers: list = []
+    sink.submit_batch(items, answers.append)
+    assert answers == [
+        [Reason.NONE, Reason.INTERNAL, Reason.INTERNAL, Reason.NONE, Reason.SYMBOL_LIMIT]
+    ]
+    assert store.length("A") == 1 and store.length("B") == 1
+    with pytest.raises(Rejected) as info:
+        sink.prepare("A", arr(1.0, -2.0))
+    assert info.value.reason is Reason.INVALID_VALUE

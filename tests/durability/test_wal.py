@@ -514,3 +514,82 @@ def test_under_interval_the_log_is_fsynced_before_a_checkpoint_is_taken(tmp_path
     assert probe.fsyncs_at_run, "the checkpointer never ran"
     assert probe.fsyncs_at_run[0] >= 1  # the log reached the disk before the checkpoint
     assert probe.fsyncs_at_run == sorted(set(probe.fsyncs_at_run))  # one fsync per run
+
+
+# --- submit_group: a transport's poll batch, answered once by the writer thread -----------------
+
+
+def group_results(writer: DurableWriter, items: list) -> list:
+    box: list = []
+    done = threading.Event()
+
+    def finished(results: list) -> None:
+        box.append((threading.current_thread().name, list(results)))
+        done.set()
+
+    writer.submit_group(items, finished)
+    assert done.wait(10)
+    assert len(box) == 1
+    return box[0]
+
+
+def test_submit_group_logs_applies_and_answers_once_on_the_writer(tmp_path) -> None:
+    store = make_store()
+    writer = make_writer(store, tmp_path)
+    items = [("A", np.array([1.0, 2.0]), 7, 1), ("B", np.array([3.0]), 7, 2)]
+    items.append(("A", np.array([4.0]), 8, 1))
+    thread, results = group_results(writer, items)
+    assert thread == "wal-writer" and results == [None, None, None]
+    assert writer.groups == 1  # one write for the whole batch
+    assert store.length("A") == 3 and store.length("B") == 1
+    writer.close()
+    replayed = make_store()
+    recover(replayed, tmp_path, use_checkpoint=False)
+    assert hot(replayed, "A") == hot(store, "A") and hot(replayed, "B") == hot(store, "B")
+
+
+def test_submit_group_symbol_limit_and_an_engine_fault_stop_only_that_publisher(
+    tmp_path, monkeypatch
+) -> None:
+    store = make_store(max_symbols=2)
+    writer = make_writer(store, tmp_path)
+    original = store.ingest
+
+    def faulty(symbol, values, *origin):
+        if float(values[0]) == 66.0:
+            raise RuntimeError("engine fault")
+        return original(symbol, values, *origin)
+
+    monkeypatch.setattr(store, "ingest", faulty)
+    items = [
+        ("A", np.array([1.0]), 1, 1),
+        ("B", np.array([66.0]), 1, 2),  # logged, not applied
+        ("A", np.array([2.0]), 1, 3),  # after an unapplied frame of publisher 1: not applied
+        ("C", np.array([5.0]), 2, 1),  # over the symbol limit (content: publisher 2 goes on)
+        ("A", np.array([6.0]), 2, 2),
+    ]
+    _, results = group_results(writer, items)
+    assert results[0] is None and results[4] is None
+    assert isinstance(results[1], RuntimeError) and isinstance(results[2], RuntimeError)
+    assert isinstance(results[3], SymbolLimitError)
+    assert store.stats("A", 3).last == 6.0 and store.length("A") == 2
+    writer.close()
+
+
+def test_submit_group_on_a_full_disk_fails_all_and_a_closed_writer_answers_at_once(
+    tmp_path, monkeypatch
+) -> None:
+    store = make_store()
+    writer = make_writer(store, tmp_path)
+
+    def writev(fd, chunks):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", writev)
+    _, results = group_results(writer, [("A", np.array([1.0]), 1, 1), ("B", np.array([2.0]), 2, 1)])
+    assert all(isinstance(r, StorageUnavailableError) for r in results)
+    assert "A" not in store and "B" not in store
+    monkeypatch.undo()
+    writer.close()
+    _, results = group_results(writer, [("A", np.array([1.0]), 1, 1)])
+    assert isinstance(results[0], RuntimeError)

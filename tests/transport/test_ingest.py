@@ -696,3 +696,108 @@ def test_resume_makes_logged_frames_duplicates_and_continues_without_first() -> 
     assert (nxt.reason, nxt.applied) == (Reason.NONE, 6)
     assert unknown.reason is Reason.UNKNOWN_PUBLISHER  # a zero seed is no knowledge
     assert applied == [[6.0]]
+
+
+# --- batches (begin / finish): the answers of the frame-by-frame path, one submission ----------
+
+
+class BatchSink(RecordingSink):
+    """The recording sink behind the batch interface; applies in order and, like the log's
+    writer, stops a publisher at its first retryable failure."""
+
+    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def submit_batch(self, items: list, done) -> None:
+        reasons: list[Reason] = []
+        broken: set[int] = set()
+        for symbol, values, publisher_id, _ in items:
+            if publisher_id in broken:
+                reasons.append(Reason.INTERNAL)
+                continue
+            try:
+                self(symbol, values)
+                reasons.append(Reason.NONE)
+            except Rejected as exc:
+                reasons.append(exc.reason)
+            except Exception:
+                reasons.append(Reason.INTERNAL)
+            if reasons[-1] in ingest_module.RETRYABLE:
+                broken.add(publisher_id)
+        done(reasons)
+
+
+def run_batch(processor: FrameProcessor, sink: BatchSink, messages: list[bytes]) -> list[Outcome]:
+    batch = processor.begin(messages, sink)
+    results: list[list[Reason]] = []
+    sink.submit_batch(batch.items, results.append)
+    return [o for per_message in processor.finish(batch, results[0]) for o in per_message]
+
+
+def test_batch_without_failures_answers_like_frame_by_frame() -> None:
+    messages = [frame(1, first=True), frame(2), frame(2), frame(5), frame(3), frame(1, 9)]
+    sequential, seq_sink = make()
+    expected = [o for m in messages for o in sequential.process_message(m)]
+    sink = BatchSink()
+    batched = FrameProcessor(sink, "test", strict_order=True)
+    assert run_batch(batched, sink, messages) == expected
+    assert sink.applied == seq_sink.applied
+    assert batched.consumed(PID) == sequential.consumed(PID) == 3
+
+
+def test_batch_retryable_failure_nacks_the_rest_of_that_publisher_and_rewinds() -> None:
+    sink = BatchSink(fail_with={2.0: RuntimeError("engine fault")})
+    processor = FrameProcessor(sink, "test", strict_order=True)
+    messages = [frame(1, first=True), frame(2), frame(3), frame(2), frame(1, 9, first=True)]
+    outcomes = run_batch(processor, sink, messages)
+    assert [(o.sequence, o.applied, o.reason) for o in outcomes] == [
+        (1, 1, Reason.NONE),
+        (2, 1, Reason.INTERNAL),
+        (3, 1, Reason.GAP),  # never applied: it would have skipped 2
+        (2, 1, Reason.GAP),  # the resend in the same batch: retry later, not a duplicate
+        (1, 1, Reason.NONE),  # another publisher is not held back
+    ]
+    assert sink.firsts == [1.0, 1.0]
+    assert processor.consumed(PID) == 1
+    sink.fail_with.clear()
+    # The publisher resends from 2: applied once, in order.
+    assert [o.reason for o in run_batch(processor, sink, [frame(2), frame(3)])] == [
+        Reason.NONE,
+        Reason.NONE,
+    ]
+    assert sink.firsts == [1.0, 1.0, 2.0, 3.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 6), st.integers(1, 2), st.booleans()),
+        max_size=12,
+    ),
+    st.sets(st.integers(1, 6), max_size=2),
+)
+def test_batch_never_acks_an_unapplied_frame_nor_applies_one_twice(frames, failing) -> None:
+    sink = BatchSink(fail_with={float(s): RuntimeError("fault") for s in failing})
+    processor = FrameProcessor(sink, "test", strict_order=True)
+    messages = [frame(seq, pid, symbol=f"S{pid}", first=first) for seq, pid, first in frames]
+    outcomes = run_batch(processor, sink, messages)
+    applied = [(symbol, values[0]) for symbol, values in sink.applied]
+    assert len(applied) == len(set(applied))  # never applied twice
+    for outcome in outcomes:
+        if outcome.reason is Reason.NONE:  # acked as applied: it was (duplicates are not)
+            assert (f"S{outcome.publisher_id}", float(outcome.sequence)) in applied
+    for pid in (1, 2):  # each publisher's frames were applied in sequence order
+        firsts = [v for symbol, v in applied if symbol == f"S{pid}"]
+        assert firsts == sorted(firsts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 2), st.booleans()), max_size=12))
+def test_batch_without_failures_is_frame_by_frame(frames) -> None:
+    messages = [frame(seq, pid, symbol=f"S{pid}", first=first) for seq, pid, first in frames]
+    sequential, seq_sink = make()
+    expected = [o for m in messages for o in sequential.process_message(m)]
+    sink = BatchSink()
+    batched = FrameProcessor(sink, "test", strict_order=True)
+    assert run_batch(batched, sink, messages) == expected
+    assert sink.applied == seq_sink.applied

@@ -23,7 +23,7 @@ from tests.waiting import wait_until
 from transport.control import ControlError, request
 from transport.errors import TransportBindError
 from transport.ingest import Rejected
-from transport.wire import Frame, Kind, Reason, decode_message, encode_data
+from transport.wire import RETRYABLE, Frame, Kind, Reason, decode_message, encode_data
 from transport.zmq.server import ZmqIngest
 
 LOCAL = "tcp://127.0.0.1:0"
@@ -55,6 +55,53 @@ class Recorder:
         return np.concatenate(parts) if parts else np.empty(0)
 
 
+class Batched:
+    """The same sink behind the batch interface (`BatchSink`), answering from another thread
+    as the log's writer does; a retryable failure stops that publisher's later items."""
+
+    def __init__(self, sink: Recorder) -> None:
+        self.sink = sink
+
+    def __call__(self, symbol: str, values: np.ndarray, *origin: int) -> None:
+        self.sink(symbol, values, *origin)
+
+    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def submit_batch(self, items: list, done: Callable[[list[Reason]], None]) -> None:
+        def run() -> None:
+            reasons: list[Reason] = []
+            broken: set[int] = set()
+            for symbol, values, publisher_id, sequence in items:
+                reason = Reason.INTERNAL
+                if publisher_id not in broken:
+                    try:
+                        self.sink(symbol, values, publisher_id, sequence)
+                        reason = Reason.NONE
+                    except Rejected as exc:
+                        reason = exc.reason
+                    except Exception:
+                        reason = Reason.INTERNAL
+                if reason in RETRYABLE:
+                    broken.add(publisher_id)
+                reasons.append(reason)
+            done(reasons)
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.fixture(autouse=True, params=["frame-by-frame", "batched"])
+def sink_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs against both the plain sink and the batch path of the loop."""
+    global SINK_MODE
+    SINK_MODE = request.param
+    yield request.param
+    SINK_MODE = "frame-by-frame"
+
+
+SINK_MODE = "frame-by-frame"
+
+
 @contextlib.contextmanager
 def running_ingest(sink: Recorder, **kwargs: object) -> Iterator[ZmqIngest]:
     """A started ZmqIngest on local TCP port-0 endpoints (router, pull, control by default)."""
@@ -64,6 +111,8 @@ def running_ingest(sink: Recorder, **kwargs: object) -> Iterator[ZmqIngest]:
         "control_endpoint": LOCAL,
         **kwargs,
     }
+    if SINK_MODE == "batched":
+        sink = Batched(sink)  # type: ignore[assignment]
     ingest = ZmqIngest(sink, **options)  # type: ignore[arg-type]
     ingest.bind()
     ingest.start()
@@ -245,6 +294,14 @@ def test_an_unexpected_error_in_the_loop_still_answers_and_the_loop_survives(
             return original(buffer)
 
         monkeypatch.setattr(processor, "process_message", broken_once)
+        original_begin = processor.begin
+
+        def begin_broken_once(buffers: list, batch_sink: object) -> object:
+            if next(calls, False):
+                raise AssertionError("a bug in the transport")
+            return original_begin(buffers, batch_sink)
+
+        monkeypatch.setattr(processor, "begin", begin_broken_once)
         dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])
         dealer.send(data(1, "L", [1.0], first=True))
         # Still exactly one reply: a retryable NACK, so a publisher resends.

@@ -21,6 +21,13 @@ Protocol invariants on the ROUTER (docs/wire-format.md):
 
 The loop never dies: any exception while handling one message is logged (at most once a second)
 and counted as `loop_errors`, and the next message is handled.
+
+Batches (with a `BatchSink`, the appliance's): the ROUTER and PULL sockets are drained a poll
+batch at a time (every message ready, up to `batch_messages`); all their frames go to the sink as
+one submission (with the write-ahead log: one log write, one engine append per frame) and the
+loop goes on polling. The sink signals completion through an eventfd the loop polls; the loop
+then sends every reply of the batch. One batch is in flight at a time, and the data sockets are
+not read meanwhile: ZeroMQ's queues (RCVHWM) push back on publishers, nothing is dropped.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -38,7 +46,7 @@ import zmq
 
 from transport.control import ControlHandler, dispatch
 from transport.errors import TransportBindError
-from transport.ingest import FrameProcessor, Outcome, Sink
+from transport.ingest import Batch, BatchSink, FrameProcessor, Outcome, Sink
 from transport.wire import Reason, encode_ack, encode_nack, peek_identity
 
 log = logging.getLogger(__name__)
@@ -66,6 +74,54 @@ def encode_outcome(outcome: Outcome) -> bytes:
 def _buffer(part: zmq.Frame | bytes) -> Buffer:
     """Zero-copy view of a received part (`copy=False` gives zmq.Frame objects)."""
     return part.buffer if isinstance(part, zmq.Frame) else part
+
+
+class _Flight:
+    """A poll batch submitted to the sink: what is needed to answer it when it completes."""
+
+    __slots__ = ("batch", "envelopes", "messages", "name", "parts", "processor", "sock")
+
+    def __init__(
+        self,
+        name: str,
+        sock: zmq.Socket,
+        processor: FrameProcessor,
+        messages: list[list[Any]],
+        envelopes: list[list[Any]],
+        parts: list[int],
+    ) -> None:
+        self.name = name
+        self.sock = sock
+        self.processor = processor
+        self.messages = messages  # the received frames: the values are views into them
+        self.envelopes = envelopes  # per message: the ROUTER envelope (empty for PULL)
+        self.parts = parts  # per message: how many wire messages it carried
+        self.batch: Batch | None = None
+
+
+class _Doorbell:
+    """Completion signal from the sink's thread to the loop: an eventfd (a pipe elsewhere)."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._write_fd = self.fd
+        else:  # pragma: no cover - Linux has eventfd
+            self.fd, self._write_fd = os.pipe()
+            os.set_blocking(self.fd, False)
+
+    def ring(self) -> None:
+        with contextlib.suppress(OSError):  # a full counter or pipe is already ringing
+            os.write(self._write_fd, (1).to_bytes(8, "little"))
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 4096)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._write_fd != self.fd:
+            os.close(self._write_fd)
 
 
 def _ipc_path(endpoint: str) -> str | None:
@@ -122,6 +178,17 @@ class ZmqIngest:
             "sub": FrameProcessor(sink, "zmq.sub", strict_order=False),
         }
         self._handlers: dict[str, ControlHandler] = dict(control_handlers or {})
+        # A sink that takes whole poll batches (the appliance's) gets them; a plain callable
+        # is called frame by frame.
+        self._batch_sink: BatchSink | None = (
+            sink  # type: ignore[assignment]
+            if callable(getattr(sink, "submit_batch", None))
+            and callable(getattr(sink, "prepare", None))
+            else None
+        )
+        self._in_flight: _Flight | None = None  # owned by the ingest thread
+        self._completions: queue.SimpleQueue[tuple[_Flight, list[Reason]]] = queue.SimpleQueue()
+        self._doorbell: _Doorbell | None = None
         # endpoint name ("router", "pull", "control", "sub0", ...) -> endpoint actually bound
         self.bound_endpoints: dict[str, str] = {}
         self._context: zmq.Context | None = None
@@ -244,28 +311,160 @@ class ZmqIngest:
             "pull": self._drain_pull,
             "control": self._drain_control,
         }
+        if self._batch_sink is not None:
+            kinds["router"] = self._submit_router
+            kinds["pull"] = self._submit_pull
         return {sock: kinds.get(name, self._drain_sub) for name, sock in self._sockets.items()}
 
     def _run(self) -> None:
         handlers = self._handlers_by_socket()
-        poller = zmq.Poller()
+        doorbell = _Doorbell()
+        self._doorbell = doorbell
+        poller = zmq.Poller()  # everything: no batch in flight
+        waiting = zmq.Poller()  # a batch in flight: its completion, stop and control only
         for sock in handlers:
             poller.register(sock, zmq.POLLIN)
         assert self._wake_rx is not None
-        poller.register(self._wake_rx, zmq.POLLIN)
+        for which in (poller, waiting):
+            which.register(self._wake_rx, zmq.POLLIN)
+            which.register(doorbell.fd, zmq.POLLIN)
+        if "control" in self._sockets:
+            waiting.register(self._sockets["control"], zmq.POLLIN)
         try:
             while not self._stopping.is_set():
                 try:
-                    ready = poller.poll(POLL_SAFETY_MS)
+                    active = poller if self._in_flight is None else waiting
+                    ready = active.poll(POLL_SAFETY_MS)
                     for sock, _ in ready:
+                        if sock == doorbell.fd:
+                            self._collect()
+                            continue
                         handler = handlers.get(sock)
-                        if handler is not None and not self._stopping.is_set():
+                        if (
+                            handler is not None
+                            and not self._stopping.is_set()
+                            and (self._in_flight is None or sock is self._sockets.get("control"))
+                        ):
                             handler(sock)
                 except Exception:
                     self._loop_error("poll")
                     time.sleep(0.01)  # a persistent poll failure must not spin a core
+            self._finish_in_flight()
         finally:
             self._close_sockets()
+            self._doorbell = None
+            doorbell.close()
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def _submit_router(self, sock: zmq.Socket) -> None:
+        """Hot path: every ready DEALER (or REQ) message as one submission to the sink."""
+        messages = list(self._ready_messages(sock))
+        if not messages:
+            return
+        envelopes: list[list[Any]] = []
+        buffers: list[Buffer] = []
+        parts: list[int] = []
+        for message in messages:
+            envelope, payloads = message[:1], message[1:]
+            # A REQ client puts an empty delimiter before the body and expects it back.
+            if len(payloads) > 1 and len(payloads[0]) == 0:
+                envelope, payloads = message[:2], message[2:]
+            payloads = payloads or [b""]  # an empty message is answered (BAD_LENGTH), not lost
+            envelopes.append(envelope)
+            parts.append(len(payloads))
+            buffers.extend(_buffer(part) for part in payloads)
+        processor = self._processors["router"]
+        self._submit(_Flight("router", sock, processor, messages, envelopes, parts), buffers)
+
+    def _submit_pull(self, sock: zmq.Socket) -> None:
+        messages = list(self._ready_messages(sock))
+        if not messages:
+            return
+        buffers = [_buffer(part) for message in messages for part in message]
+        parts = [len(message) for message in messages]
+        processor = self._processors["pull"]
+        self._submit(_Flight("pull", sock, processor, messages, [[]] * len(messages), parts),
+                     buffers)  # fmt: skip
+
+    def _submit(self, flight: _Flight, buffers: list[Buffer]) -> None:
+        sink = self._batch_sink
+        assert sink is not None
+        try:
+            flight.batch = flight.processor.begin(buffers, sink)
+        except Exception:
+            self._loop_error(flight.name)
+            self._answer_all_internal(flight)
+            return
+        self._in_flight = flight
+        items = flight.batch.items
+        if not items:
+            self._complete(flight, [])
+            return
+        try:
+            sink.submit_batch(items, lambda reasons: self._on_done(flight, reasons))
+        except Exception:
+            self._loop_error(flight.name)
+            self._complete(flight, [Reason.INTERNAL] * len(items))
+            return
+        self._collect()  # a sink without a log answers before returning
+
+    def _on_done(self, flight: _Flight, reasons: list[Reason]) -> None:
+        """Any thread (the log's writer): hand the results to the loop and wake it."""
+        self._completions.put((flight, reasons))
+        doorbell = self._doorbell
+        if doorbell is not None:
+            doorbell.ring()
+
+    def _collect(self) -> None:
+        """Answer every completed batch (loop thread)."""
+        if self._doorbell is not None:
+            self._doorbell.clear()
+        while True:
+            try:
+                flight, reasons = self._completions.get_nowait()
+            except queue.Empty:
+                return
+            self._complete(flight, reasons)
+
+    def _complete(self, flight: _Flight, reasons: list[Reason]) -> None:
+        if self._in_flight is flight:
+            self._in_flight = None
+        assert flight.batch is not None
+        try:
+            per_part = flight.processor.finish(flight.batch, reasons)
+        except Exception:
+            self._loop_error(flight.name)
+            self._answer_all_internal(flight)
+            return
+        if flight.name != "router":
+            return  # PULL: nobody to answer
+        at = 0
+        for envelope, count in zip(flight.envelopes, flight.parts, strict=True):
+            outcomes = [outcome for part in per_part[at : at + count] for outcome in part]
+            at += count
+            reply = b"".join(encode_outcome(outcome) for outcome in outcomes)
+            try:
+                flight.sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            except zmq.ZMQError:  # EAGAIN: peer's queue full; EHOSTUNREACH: peer gone
+                self.acks_dropped += 1
+
+    def _answer_all_internal(self, flight: _Flight) -> None:
+        """A batch that could not be handled: one INTERNAL nack per ROUTER message."""
+        self._in_flight = None if self._in_flight is flight else self._in_flight
+        if flight.name == "router":
+            for message in flight.messages:
+                self._answer_internal(flight.sock, message)
+
+    def _finish_in_flight(self, timeout_s: float = 2.0) -> None:
+        """At stop: wait (bounded) for the batch in flight, so its acks still go out."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight is not None and time.monotonic() < deadline:
+            try:
+                flight, reasons = self._completions.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._complete(flight, reasons)
 
     def _loop_error(self, where: str) -> None:
         """Count and log (at most once a second, with traceback) a failure in the loop."""
