@@ -151,7 +151,8 @@ class ShmConfig(_Section):
     max_slot_bytes: SlotBytes = 1 << 20
     # Most rings at once (one per publisher).
     max_rings: PositiveInt = 64
-    # The poller spins this long after the last frame, then sleeps with doubling back-off.
+    # The poller busy-polls this long after the last frame, then blocks on the rings' doorbell
+    # (a publisher wakes it) for pauses doubling up to backoff_max_us.
     spin_us: NonNegativeInt = 200
     backoff_max_us: PositiveInt = 1_000
 

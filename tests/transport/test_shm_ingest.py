@@ -26,7 +26,7 @@ from transport.control import ControlError, dispatch
 from transport.ingest import Rejected
 from transport.publisher import PublishError, Rejection
 from transport.shm.publisher import ShmPublisher
-from transport.shm.server import DEFAULT_DIRECTORY, NAME_PREFIX, ShmIngest
+from transport.shm.server import BELL_PREFIX, DEFAULT_DIRECTORY, NAME_PREFIX, ShmIngest
 from transport.wire import Reason, max_values_in
 
 pytestmark = pytest.mark.skipif(not DEFAULT_DIRECTORY.is_dir(), reason="needs /dev/shm")
@@ -353,10 +353,52 @@ def test_start_sweeps_ring_files_of_dead_appliances(model: Model, tmp_path: Path
     unrelated = tmp_path / "hft-ring-notapid-1"
     for path in (stale, alive, unrelated):
         path.write_bytes(b"x")
+    stale_bell = tmp_path / f"{BELL_PREFIX}{finished.pid}-0badcafe"
+    os.mkfifo(stale_bell)
     ingest = ShmIngest(model, slots=4, slot_bytes=256, directory=tmp_path)
     ingest.start()
+    assert ingest._bell_path is not None and ingest._bell_path.exists()
     ingest.stop()
     assert not stale.exists() and alive.exists() and unrelated.exists()
+    assert not stale_bell.exists() and not any(tmp_path.glob(f"{BELL_PREFIX}{os.getpid()}-*"))
+
+
+def test_doorbell_wakes_a_blocked_poller(
+    make_ingest: Callable[..., ShmIngest], model: Model
+) -> None:
+    """A poller deep in its back-off (pauses of up to 2 s here) applies a frame in one wake-up:
+    the publisher sees `consumer_sleeping` and rings the FIFO named in the open reply."""
+    ingest = make_ingest(spin_us=0, backoff_max_us=2_000_000)
+    ingest.start()
+    with ShmPublisher(local_control(ingest)) as publisher:
+        assert publisher._bell is not None
+        for round_no in range(3):
+            time.sleep(1.5)  # the pause has doubled past 0.5 s: only the doorbell is faster
+            wait_until(lambda: publisher._producer.consumer_sleeping, "the poller to block", 5)
+            started = time.monotonic()
+            publisher.publish("BELL", [float(round_no)])
+            publisher.flush(5)
+            assert time.monotonic() - started < 0.25
+    assert model.values("BELL").tolist() == [0.0, 1.0, 2.0]
+
+
+def test_without_a_doorbell_the_pause_still_applies(
+    make_ingest: Callable[..., ShmIngest], model: Model
+) -> None:
+    """A publisher that does not ring (another language, an older client) is applied at the
+    end of the poller's pause; and an idle poller costs almost no CPU."""
+    ingest = make_ingest(spin_us=0, backoff_max_us=20_000)
+    ingest.start()
+    with ShmPublisher(local_control(ingest)) as publisher:
+        os.close(publisher._bell)
+        publisher._bell = None
+        time.sleep(0.2)
+        cpu = time.process_time()
+        time.sleep(0.5)
+        assert time.process_time() - cpu < 0.1  # the poller blocks, it does not spin
+        publisher.publish("NOBELL", [1.0])
+        publisher.flush(5)
+    assert model.values("NOBELL").tolist() == [1.0]
 
 
 def test_snapshot_while_rings_open_and_close(ingest: ShmIngest, model: Model) -> None:

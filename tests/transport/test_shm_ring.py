@@ -285,6 +285,27 @@ def test_consumer_state_and_generation() -> None:
     assert producer.consumer_generation == 2
 
 
+def test_sleeping_flag_and_pending_slot() -> None:
+    """The doorbell's two words: the consumer's flag as the producer reads it, and `pending`
+    (a published slot at the consumer position), which the consumer checks after the flag."""
+    buffer, _ = make_ring()
+    producer = RingProducer(buffer)
+    consumer, _ = consumer_for(buffer, Applied())
+    assert not producer.consumer_sleeping and not consumer.pending()
+    consumer.set_sleeping(True)
+    assert producer.consumer_sleeping
+    assert producer.stage(frame(1)) and not consumer.pending()  # staged is not published
+    producer.commit()
+    assert consumer.pending()
+    consumer.set_sleeping(False)
+    assert not producer.consumer_sleeping
+    assert consumer.poll() == 1 and not consumer.pending()
+    consumer.set_sleeping(True)
+    consumer.release()
+    consumer_for(buffer, Applied())  # a new consumer starts awake
+    assert not producer.consumer_sleeping
+
+
 def test_works_over_a_numpy_buffer() -> None:
     """The RDMA transport hands a registered numpy/mmap buffer, not a bytearray."""
     geometry = RingGeometry(4, 256)
@@ -352,6 +373,7 @@ def test_documented_layout_matches_the_code(repo_root: Path) -> None:
         ("rejected_total", ring.OFF_REJECTED_TOTAL, 8),
         ("consumer_state", ring.OFF_CONSUMER_STATE, 8),
         ("consumer_generation", ring.OFF_CONSUMER_GENERATION, 8),
+        ("consumer_sleeping", ring.OFF_CONSUMER_SLEEPING, 8),
         ("rejection log", ring.OFF_LOG, ring.LOG_ENTRIES * ring.LOG_ENTRY_BYTES),
         ("slot_sequence", 0, 8), ("length", 8, 4),
     ]:  # fmt: skip

@@ -31,6 +31,13 @@ Publication protocol (the invariants everything else relies on):
   of every frame still detects such a torn read, so the frame is rejected (and reported in the
   status log), never applied with wrong values; a port to such a CPU needs release/acquire
   fences around the sequence word.
+
+Doorbell (optional, a latency hint, never needed for correctness): before the consumer blocks
+(after its busy-poll budget) it sets `consumer_sleeping`, looks at its next slot once more,
+and only then blocks, for at most its current back-off pause. A producer that sees the flag
+after publishing wakes it (the shared-memory transport: one byte into a FIFO). x86-64 may
+reorder a store with a later load, so both sides can miss each other; the wake-up is then late
+by at most that pause, which is what a consumer without a doorbell always pays.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ OFF_APPLIED_SEQUENCE = 192  # u64, consumer status line
 OFF_REJECTED_TOTAL = 200  # u64, consumer status line: rejections ever logged
 OFF_CONSUMER_STATE = 256  # u64, consumer liveness line
 OFF_CONSUMER_GENERATION = 264  # u64
+OFF_CONSUMER_SLEEPING = 272  # u64, consumer liveness line: 1 while it may block (doorbell)
 OFF_LOG = 1024  # LOG_ENTRIES x [position u64 | wire sequence u64 | reason u32 | 0 u32 | 0 u64]
 
 STATE_NONE = 0  # no consumer attached yet
@@ -84,6 +92,7 @@ _W_APPLIED_SEQUENCE = OFF_APPLIED_SEQUENCE // 8
 _W_REJECTED_TOTAL = OFF_REJECTED_TOTAL // 8
 _W_CONSUMER_STATE = OFF_CONSUMER_STATE // 8
 _W_CONSUMER_GENERATION = OFF_CONSUMER_GENERATION // 8
+_W_CONSUMER_SLEEPING = OFF_CONSUMER_SLEEPING // 8
 _W_LOG = OFF_LOG // 8
 _W_LOG_ENTRY = LOG_ENTRY_BYTES // 8
 _W_HEADER = HEADER_BYTES // 8
@@ -248,6 +257,11 @@ class _RingView:
         return self._words[_W_CONSUMER_GENERATION]
 
     @property
+    def consumer_sleeping(self) -> bool:
+        """The consumer may be blocked waiting for a doorbell (see "Doorbell" below)."""
+        return self._words[_W_CONSUMER_SLEEPING] != 0
+
+    @property
     def applied_sequence(self) -> int:
         """The consumer's `applied` (highest finished wire sequence) after its last message."""
         return self._words[_W_APPLIED_SEQUENCE]
@@ -382,7 +396,17 @@ class RingConsumer(_RingView):
         self._rejected = self._words[_W_REJECTED_TOTAL]
         self.oversized = 0  # slots whose length word exceeded the slot (a broken producer)
         self._words[_W_CONSUMER_GENERATION] += 1
+        self._words[_W_CONSUMER_SLEEPING] = 0
         self._words[_W_CONSUMER_STATE] = STATE_RUNNING
+
+    def pending(self) -> bool:
+        """A published slot waits at the consumer position."""
+        word = _W_HEADER + (self.position & self._mask) * self._slot_words
+        return self._words[word] == self.position + 1
+
+    def set_sleeping(self, sleeping: bool) -> None:
+        """Tell producers whether this consumer may be blocked (ring the doorbell if so)."""
+        self._words[_W_CONSUMER_SLEEPING] = 1 if sleeping else 0
 
     def poll(self, budget: int = 64) -> int:
         """Apply up to `budget` published slots; return how many. The hot path: no allocation

@@ -17,6 +17,14 @@ bound `poll` methods that the handlers replace wholesale (copy on write). A ring
 moved to a `retired` list and unmapped by the poller itself at the start of its next pass, so a
 ring is never unmapped while the poller is inside it.
 
+Doorbell: after its busy-poll budget (`spin_us`) the poller blocks instead of sleeping blindly:
+it marks every ring `consumer_sleeping`, looks at each once more, and waits on a FIFO next to
+the rings (`hft-bell-<pid>-<random>`, 0600, its path in the `shm.open` reply) for at most its
+back-off pause. A publisher that sees the flag after publishing writes one byte there, so a
+frame sent to an idle appliance waits for one wake-up rather than up to `backoff_max_us`, and an
+idle appliance still costs no CPU. The FIFO is a hint: a publisher that never rings (or a missed
+ring, see `transport.shm.ring`) is applied at the end of the pause, as without a doorbell.
+
 Sequence rules: one `FrameProcessor` per ring, `strict_order=False`: nobody resends on a ring,
 and a lossless ring cannot have gaps, but duplicates or garbage from a buggy producer are still
 counted and reported in the ring's rejection log.
@@ -30,7 +38,9 @@ import logging
 import mmap
 import os
 import secrets
+import select
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +63,8 @@ DEFAULT_DIRECTORY = Path("/dev/shm")
 NAME_PREFIX = "hft-ring-"  # then "<pid>-<random>-<n>": the pid lets a later start sweep stale ones
 TRANSPORT = "shm"
 POLL_BUDGET = 64  # slots per ring per pass, so one busy ring cannot starve the others
+BELL_PREFIX = "hft-bell-"  # the doorbell FIFO: then "<pid>-<random>", swept like the rings
+BELL_DRAIN_BYTES = 4096
 
 
 @dataclass(eq=False)
@@ -67,8 +79,8 @@ class _Ring:
     processor: FrameProcessor
     consumer: RingConsumer
 
-    def describe(self) -> dict[str, Any]:
-        """The `shm.open` reply."""
+    def describe(self, doorbell: Path | None = None) -> dict[str, Any]:
+        """The `shm.open` reply (`doorbell`: the FIFO to wake the poller, when it has one)."""
         return {
             "publisher_id": self.publisher_id,
             "name": self.name,
@@ -76,6 +88,7 @@ class _Ring:
             "size": self.geometry.total_bytes,
             "slots": self.geometry.slots,
             "slot_bytes": self.geometry.slot_bytes,
+            "doorbell": str(doorbell) if doorbell is not None else None,
         }
 
     def counters(self) -> dict[str, Any]:
@@ -134,12 +147,16 @@ class ShmIngest:
         self.backoff_max_us = backoff_max_us
         self.directory = Path(directory)
         # pid and a random token keep names unique across appliances sharing /dev/shm.
-        self._prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._prefix = f"{NAME_PREFIX}{self._token}"
         self._open_lock = threading.Lock()  # serializes control ops (see _handle_open)
         self._lock = threading.Lock()
         self._rings: dict[int, _Ring] = {}  # publisher id -> ring; under _lock
         self._retired: list[_Ring] = []  # closed, to be unmapped by the poller; under _lock
         self._pollers: tuple[Any, ...] = ()  # bound RingConsumer.poll of every open ring
+        self._consumers: tuple[RingConsumer, ...] = ()  # the same rings, for the doorbell flag
+        self._bell_path: Path | None = None  # the doorbell FIFO, once start() made it
+        self._bell_fd: int | None = None
         self._closed_totals: Counter[str] = Counter()
         self._created = 0
         self._thread: threading.Thread | None = None
@@ -164,7 +181,8 @@ class ShmIngest:
                     raise ControlError("the shared-memory transport is stopping")
                 existing = self._rings.get(publisher_id)
                 if existing is not None:
-                    return self._reattach(existing, request)
+                    check_reattach(existing.publisher_id, existing.geometry, request)
+                    return existing.describe(self._bell_path)
                 self._check_room()
             ring = self._create(publisher_id, geometry)
             with self._lock:
@@ -180,7 +198,7 @@ class ShmIngest:
             extra={"transport": TRANSPORT, "publisher_id": publisher_id, "ring": ring.name,
                    "slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
         )  # fmt: skip
-        return ring.describe()
+        return ring.describe(self._bell_path)
 
     def _check_room(self) -> None:
         """Refuse a new ring at max_rings (called under _lock; re-attaching is always allowed)."""
@@ -189,12 +207,6 @@ class ShmIngest:
                 f"{len(self._rings)} rings are open; transport.shm.max_rings is "
                 f"{self.max_rings} (close one with shm.close)"
             )
-
-    @staticmethod
-    def _reattach(ring: _Ring, request: dict[str, Any]) -> dict[str, Any]:
-        """Same publisher id again (a restarted publisher): the existing ring, same size."""
-        check_reattach(ring.publisher_id, ring.geometry, request)
-        return ring.describe()
 
     def _handle_close(self, request: dict[str, Any]) -> dict[str, Any]:
         publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
@@ -245,6 +257,7 @@ class ShmIngest:
     def _publish_pollers(self) -> None:
         """Replace the poller's tuple (a single reference store; called under the lock)."""
         self._pollers = tuple(ring.consumer.poll for ring in self._rings.values())
+        self._consumers = tuple(ring.consumer for ring in self._rings.values())
 
     def _retire(self, ring: _Ring) -> None:
         """Drain, keep its counters in the totals, unmap and unlink (poller thread or stopped)."""
@@ -270,6 +283,7 @@ class ShmIngest:
         with self._lock:
             if self._thread is not None or self._stopped:
                 raise RuntimeError("ShmIngest.start() may be called once")
+            self._open_bell()
             self._running = True
             self._thread = threading.Thread(target=self._run, name="shm-poller", daemon=True)
             self._thread.start()
@@ -287,7 +301,58 @@ class ShmIngest:
         run_poll_loop(
             self.poll_once, lambda: self._running,
             spin_us=self.spin_us, backoff_max_us=self.backoff_max_us, transport=TRANSPORT,
+            idle_wait=self._idle_wait,
         )  # fmt: skip
+
+    def _open_bell(self) -> None:
+        """Create the doorbell FIFO; without one (a filesystem without FIFOs) the poller sleeps
+        its back-off pauses as before and the `shm.open` reply names no doorbell."""
+        path = self.directory / f"{BELL_PREFIX}{self._token}"
+        try:
+            os.mkfifo(path, 0o600)
+            # Read and write: the FIFO always has a writer (this end), so it never reports
+            # end-of-file (readable forever) when a publisher closes its end.
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            log.warning(
+                "no shared-memory doorbell (%s): an idle poller wakes only after its pause",
+                exc, extra={"transport": TRANSPORT, "path": str(path)},
+            )  # fmt: skip
+            return
+        self._bell_path, self._bell_fd = path, fd
+
+    def _close_bell(self) -> None:
+        if self._bell_fd is not None:
+            os.close(self._bell_fd)
+            self._bell_fd = None
+        if self._bell_path is not None:
+            self._bell_path.unlink(missing_ok=True)
+            self._bell_path = None
+
+    def _idle_wait(self, timeout_s: float) -> None:
+        """The poller's back-off pause: block on the doorbell for at most `timeout_s`.
+
+        Every ring is flagged `consumer_sleeping` first and looked at once more, so a frame
+        published before a producer could see the flag is not left waiting for the pause.
+        """
+        fd = self._bell_fd
+        consumers = self._consumers
+        if fd is None or not consumers:
+            time.sleep(timeout_s)
+            return
+        for consumer in consumers:
+            consumer.set_sleeping(True)
+        try:
+            for consumer in consumers:
+                if consumer.pending():
+                    return
+            if select.select((fd,), (), (), timeout_s)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, BELL_DRAIN_BYTES)
+        finally:
+            for consumer in consumers:
+                consumer.set_sleeping(False)
 
     def _release_retired(self) -> None:
         with self._lock:
@@ -309,11 +374,13 @@ class ShmIngest:
                     timeout_s, extra={"transport": TRANSPORT},
                 )  # fmt: skip
                 return
+        self._close_bell()
         with self._lock:
             rings = [*self._retired, *self._rings.values()]
             self._retired = []
             self._rings = {}
             self._pollers = ()
+            self._consumers = ()
         for ring in rings:
             self._retire(ring)
 
@@ -372,16 +439,18 @@ def check_reattach(publisher_id: int, have: RingGeometry, request: dict[str, Any
 
 
 def sweep_stale_rings(directory: Path) -> int:
-    """Unlink ring files whose creating process is gone (an appliance killed with SIGKILL
-    cannot unlink its rings, and tmpfs keeps them until reboot). Returns how many."""
+    """Unlink ring files (and doorbell FIFOs) whose creating process is gone (an appliance
+    killed with SIGKILL cannot unlink them, and tmpfs keeps them until reboot). Returns how
+    many."""
     removed = 0
-    for path in directory.glob(f"{NAME_PREFIX}*"):
-        pid_text = path.name[len(NAME_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _process_exists(int(pid_text)):
-            continue
-        with contextlib.suppress(FileNotFoundError, PermissionError):
-            path.unlink()
-            removed += 1
+    for prefix in (NAME_PREFIX, BELL_PREFIX):
+        for path in directory.glob(f"{prefix}*"):
+            pid_text = path.name[len(prefix) :].split("-", 1)[0]
+            if not pid_text.isdigit() or _process_exists(int(pid_text)):
+                continue
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                path.unlink()
+                removed += 1
     return removed
 
 
