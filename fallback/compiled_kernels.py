@@ -105,55 +105,74 @@ def _row_slot(directory, shape, depth, row):
 
 @njit(nogil=True, inline="always")
 def _raw_sums(page, lo, hi, anchor):
-    """(sum of x - anchor, min, max) of page[lo:hi], hi > lo, in four interleaved lanes: one
-    running sum is a chain of dependent adds (4 cycles each); four lanes run in parallel and
+    """(sum of x - anchor, min, max) of page[lo:hi], hi > lo, in eight interleaved lanes: one
+    running sum is a chain of dependent adds (4 cycles each); eight lanes run in parallel and
     fix the order of the additions, so a result never depends on the machine's vector width."""
-    s0 = s1 = s2 = s3 = 0.0
-    low = high = page[lo]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    low0 = low1 = high0 = high1 = page[lo]
     j = lo
-    while j + 4 <= hi:
+    while j + 8 <= hi:
         x0 = page[j]
         x1 = page[j + 1]
         x2 = page[j + 2]
         x3 = page[j + 3]
+        x4 = page[j + 4]
+        x5 = page[j + 5]
+        x6 = page[j + 6]
+        x7 = page[j + 7]
         s0 += x0 - anchor
         s1 += x1 - anchor
         s2 += x2 - anchor
         s3 += x3 - anchor
-        low = min(low, min(min(x0, x1), min(x2, x3)))
-        high = max(high, max(max(x0, x1), max(x2, x3)))
-        j += 4
+        s4 += x4 - anchor
+        s5 += x5 - anchor
+        s6 += x6 - anchor
+        s7 += x7 - anchor
+        low0 = min(low0, min(min(x0, x1), min(x2, x3)))
+        low1 = min(low1, min(min(x4, x5), min(x6, x7)))
+        high0 = max(high0, max(max(x0, x1), max(x2, x3)))
+        high1 = max(high1, max(max(x4, x5), max(x6, x7)))
+        j += 8
     while j < hi:
         x = page[j]
         s0 += x - anchor
-        low = min(low, x)
-        high = max(high, x)
+        low0 = min(low0, x)
+        high0 = max(high0, x)
         j += 1
-    return (s0 + s1) + (s2 + s3), low, high
+    total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    return total, min(low0, low1), max(high0, high1)
 
 
 @njit(nogil=True, inline="always")
 def _raw_squares(page, lo, hi, center):
-    """Sum of (x - center)**2 over page[lo:hi], in four lanes (see `_raw_sums`). `center` is
-    anchor + mean computed as (x - anchor) - mean, the same two roundings combine() makes."""
+    """Sum of (x - anchor - mean)**2 over page[lo:hi] in eight lanes (see `_raw_sums`), with
+    center = (anchor, mean): (x - anchor) - mean, the same two roundings combine() makes."""
     anchor, mean = center
-    s0 = s1 = s2 = s3 = 0.0
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     j = lo
-    while j + 4 <= hi:
+    while j + 8 <= hi:
         d0 = (page[j] - anchor) - mean
         d1 = (page[j + 1] - anchor) - mean
         d2 = (page[j + 2] - anchor) - mean
         d3 = (page[j + 3] - anchor) - mean
+        d4 = (page[j + 4] - anchor) - mean
+        d5 = (page[j + 5] - anchor) - mean
+        d6 = (page[j + 6] - anchor) - mean
+        d7 = (page[j + 7] - anchor) - mean
         s0 += d0 * d0
         s1 += d1 * d1
         s2 += d2 * d2
         s3 += d3 * d3
-        j += 4
+        s4 += d4 * d4
+        s5 += d5 * d5
+        s6 += d6 * d6
+        s7 += d7 * d7
+        j += 8
     while j < hi:
         d = (page[j] - anchor) - mean
         s0 += d * d
         j += 1
-    return (s0 + s1) + (s2 + s3)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @njit(nogil=True)
