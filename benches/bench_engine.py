@@ -123,10 +123,11 @@ def bench_stats(n: int, repeats: int, rng) -> tuple[list[dict], float]:
     return rows, series.nbytes / len(series)
 
 
-def bench_cleanup(max_values: int, keep: int, rng) -> dict:
+def bench_cleanup(max_values: int, keep: int, rng, engine=None) -> dict:
     """Append 10k batches until well past one cleanup; compare the slowest append with the
-    median, and the cleanup append itself."""
-    series = NumpyEngine().new_series(RetentionPolicy(max_values, keep), 1_000_000)
+    median, and the cleanup append itself (numpy engine unless `engine` is given)."""
+    engine = engine or NumpyEngine()
+    series = engine.new_series(RetentionPolicy(max_values, keep), 1_000_000)
     fill(series, max_values - 50 * BATCH, rng)
     batch = rng.uniform(100.0, 200.0, BATCH)
     samples, cleanup_us = [], None

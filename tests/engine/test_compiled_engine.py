@@ -33,16 +33,16 @@ GEOMETRIES = [
 WINDOWS = [1, 2, 3, 5, 10, 17, 100, 255, 256, 257, 1000, 4097, 10**5, 10**8]
 
 
+def same_selections(got, want) -> bool:
+    """count, min, max and last: selections, so equal to the bit."""
+    return (got.count, got.min, got.max, got.last) == (want.count, want.min, want.max, want.last)
+
+
 def assert_same_answers(compiled: CompiledSeries, reference, windows) -> None:
     assert len(compiled) == len(reference)
     for window in windows:
         got, want = compiled.stats(window), reference.stats(window)
-        assert (got.count, got.min, got.max, got.last) == (
-            want.count,
-            want.min,
-            want.max,
-            want.last,
-        ), window
+        assert same_selections(got, want), window
         assert got.avg == pytest.approx(want.avg, rel=1e-12, abs=0.0), window
         assert got.var == pytest.approx(want.var, rel=1e-12, abs=1e-300), window
 
@@ -86,12 +86,7 @@ def test_price_like_series_with_cleanups_agree_with_numpy(geometry):
         assert compiled.append(batch) == reference.append(batch)
     for window in WINDOWS:
         got, want = compiled.stats(window), reference.stats(window)
-        assert (got.count, got.min, got.max, got.last) == (
-            want.count,
-            want.min,
-            want.max,
-            want.last,
-        )
+        assert same_selections(got, want), window
         assert got.avg == pytest.approx(want.avg, rel=1e-12)
         window_values = reference.tail(window)
         assert got.var == pytest.approx(np.var(window_values), rel=1e-4)  # SPEC section 3
