@@ -434,3 +434,60 @@ def test_snapshot_while_rings_open_and_close(ingest: ShmIngest, model: Model) ->
     assert ingest.snapshot()["totals"] == {
         "messages": 120, "frames_applied": 60, "values_applied": 60, "rejected.invalid_value": 60,
     }  # fmt: skip
+
+
+def test_poll_loop_spins_without_sleeping_then_waits_with_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within `spin_us` of the last work the loop never sleeps (a zero sleep is a timer wait of
+    tens of microseconds), it yields the GIL; after it, every pause goes through `idle_wait`,
+    doubling up to `backoff_max_us`."""
+    from transport import polling
+
+    slept: list[float] = []
+    monkeypatch.setattr(polling.time, "sleep", lambda seconds: slept.append(seconds))
+    yields = []
+    monkeypatch.setattr(polling.os, "sched_yield", lambda: yields.append(1))
+    started = time.monotonic()
+    spin_s = 0.05
+    passes = {"work": 3, "spinning": 0}
+    waits: list[float] = []
+
+    def poll_once() -> int:
+        if passes["work"]:
+            passes["work"] -= 1
+            return 1
+        if time.monotonic() - started < spin_s:
+            passes["spinning"] += 1
+        return 0
+
+    polling.run_poll_loop(
+        poll_once, lambda: len(waits) < 8, spin_us=int(spin_s * 1e6), backoff_max_us=80,
+        transport="test", idle_wait=waits.append,
+    )  # fmt: skip
+    assert slept == [] and passes["spinning"] > polling.SPIN_YIELD_EVERY and yields
+    assert time.monotonic() - started >= spin_s
+    assert waits == pytest.approx([10e-6, 20e-6, 40e-6, 80e-6, 80e-6, 80e-6, 80e-6, 80e-6])
+
+
+def test_flush_busy_polls_within_its_budget(
+    make_ingest: Callable[..., ShmIngest], model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the appliance works on the frames, a flush inside its `spin_us` never sleeps."""
+    ingest = make_ingest(spin_us=200_000)
+    ingest.start()
+    caller, real_sleep = threading.get_ident(), time.sleep
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        if threading.get_ident() == caller:
+            slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    with ShmPublisher(local_control(ingest), spin_us=2_000_000) as publisher:
+        for i in range(200):
+            publisher.publish("FLUSH", [float(i)])
+            publisher.flush(5)
+    assert slept == []
+    assert model.values("FLUSH").tolist() == [float(i) for i in range(200)]
