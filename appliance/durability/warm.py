@@ -48,7 +48,11 @@ log = logging.getLogger(__name__)
 
 NS_PER_DAY = 86_400 * 1_000_000_000
 RETRY_AFTER_S = 1.0  # a failed seal (disk full) is retried no sooner than this
-MAX_QUEUED_SEALS = 4  # per symbol; beyond it the writer waits (bounded) for the sealer
+MAX_QUEUED_SEALS = 4  # per symbol; beyond it (and the backlog) the writer waits for the sealer
+# Blocks waiting for their seal, all symbols together, before the writer waits: a burst of
+# ingest is absorbed in memory instead of holding the log's writer behind the sealer (the
+# 10k-value DEALER path went from ~17M to ~30M values/s with the writer alone on one core).
+BACKLOG_BYTES = 256 << 20
 SEAL_WAIT_S = 30.0
 _INITIAL_CAPACITY = 1024
 _DECODED_CACHE = 4  # decompressed edge segments kept for repeated queries
@@ -144,6 +148,10 @@ class _Symbol:
     sealed_end: int = 0  # index after the newest sealed value (also kept across retention)
 
 
+def _nbytes(piece: MemoryPiece) -> int:
+    return piece.values.nbytes + piece.mark_index.nbytes + piece.mark_ns.nbytes
+
+
 def _grow(array: np.ndarray, needed: int, limit: int) -> np.ndarray:
     if needed <= array.shape[0]:
         return array
@@ -175,7 +183,13 @@ class WarmTier:
         self._lock = threading.Lock()
         self._symbols: dict[str, _Symbol] = {}
         self._decoded: OrderedDict[Path, SegmentData] = OrderedDict()
+        # Not at a lower priority: this thread shares the GIL with the log's writer, and when
+        # it is preempted while holding it (by any other process on a busy core) the writer
+        # waits with it. On the shared build machine SCHED_IDLE took the writer path from
+        # 28-37M to 4-7M values/s and nice 19 to 5-10M in one series, and changed nothing
+        # visible in another (benches/bench_wal_path.py --sealer-priority, 2026-12-04).
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-seal")
+        self._backlog = 0  # bytes of blocks handed to the sealer and not yet finished
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True)
         self._scan()
@@ -276,8 +290,9 @@ class WarmTier:
         # Back-pressure, outside the lock (the sealer needs it to publish): a writer that
         # outruns compression waits for the oldest seals rather than growing memory without
         # bound. Failed seals do not count (they wait for their retry, not for the writer).
-        for future in in_flight[: max(0, len(in_flight) - MAX_QUEUED_SEALS)]:
-            wait([future], timeout=SEAL_WAIT_S)
+        if self._backlog > BACKLOG_BYTES:
+            for future in in_flight[: max(0, len(in_flight) - MAX_QUEUED_SEALS)]:
+                wait([future], timeout=SEAL_WAIT_S)
 
     def _append(
         self,
@@ -320,6 +335,7 @@ class WarmTier:
             return
         block.in_flight = True
         block.failed_at = None
+        self._backlog += _nbytes(block.piece)
         block.future = self._sealer.submit(self._seal, symbol, block)
 
     def _retry_failed(self, symbol: str, state: _Symbol) -> None:
@@ -362,6 +378,7 @@ class WarmTier:
             with self._lock:
                 block.in_flight = False
                 block.failed_at = time.monotonic()
+                self._backlog -= _nbytes(piece)
             return
         with self._lock:
             state = self._symbols[symbol]
@@ -369,6 +386,7 @@ class WarmTier:
             state.sealed_end = max(state.sealed_end, header.end_index)
             state.blocks.remove(block)
             block.in_flight = False
+            self._backlog -= _nbytes(piece)
         log.debug("warm segment sealed", extra={"symbol": symbol, "path": str(path)})
         self.apply_retention()
 

@@ -280,6 +280,7 @@ def test_a_slow_sealer_holds_back_the_writer(tmp_path: Path, monkeypatch) -> Non
         return real(directory, name, data)
 
     monkeypatch.setattr(warm_module, "write_atomically", slow)
+    monkeypatch.setattr(warm_module, "BACKLOG_BYTES", 0)  # the writer waits once past the count
     with warm_tier(tmp_path, segment_values=N) as warm:
         # Registered after the tier, so it runs first: a failing assertion never leaves the
         # sealer gated while close() waits for it.
