@@ -16,6 +16,7 @@ places), and compiles in memory when it cannot, so a read-only install still sta
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -27,7 +28,8 @@ from numba import types
 from numba.core import config as numba_config
 
 from engine_core.contract import Engine, RetentionPolicy, WindowStats
-from engine_core.layout import Geometry
+from engine_core.layout import Geometry, identity_rows
+from engine_core.summary import IDENTITY_ROW
 from fallback import compiled_kernels
 from fallback.compiled_kernels import (
     STATE_END,
@@ -45,6 +47,24 @@ from fallback.series import SegmentTreeSeries
 _MIN_SLOTS = 8
 
 
+def _references(page: np.ndarray) -> int:
+    return sys.getrefcount(page)
+
+
+def _probe_unshared_references() -> int:
+    page = np.empty(1)  # held by one local name, as in _free_some_retired_pages
+    return _references(page)
+
+
+# References a retired page has when nothing but the retiring code holds it, measured rather
+# than assumed (it depends on the interpreter's calling convention).
+_UNSHARED_REFERENCES = _probe_unshared_references()
+_MAX_INITIAL_SLOTS = 1024
+# Pages retired per level by one append after a cleanup: a few microseconds of dict work, so
+# the 150M -> 100M cleanup's ~50 pages per level leave within a few dozen appends.
+_RETIRE_PAGES_PER_APPEND = 2
+
+
 class CompiledSeries(SegmentTreeSeries):
     """A `SegmentTreeSeries` whose writes and queries run in `fallback.compiled_kernels`."""
 
@@ -54,14 +74,41 @@ class CompiledSeries(SegmentTreeSeries):
         starting_capacity: int = 0,
         geometry: Geometry | None = None,
     ) -> None:
+        # Per level, pages retired since the last cleanup and not yet reused (see _recycle).
+        self._spare: list[list[np.ndarray]] = []
+        # True while pages before `head` are still held by their levels (see _drop_oldest).
+        self._unretired = False
         # head, end, reserved end and the bound, where `append_fast` reads and moves them.
         self._state = np.zeros(STATE_WIDTH, dtype=np.int64)
         self._state[STATE_MAX_VALUES] = retention.max_values
         super().__init__(retention, starting_capacity, geometry)
-        self._directory = np.zeros((len(self._levels), _MIN_SLOTS), dtype=np.int64)
-        self._shape = self._shape_vector(_MIN_SLOTS)
+        # Sized for a full series plus the pages a cleanup leaves behind for a few appends, so
+        # that neither growth nor a cleanup rebuilds it (capped: tiny test geometries grow it).
+        expected = 2 * -(-retention.max_values // self.geometry.chunk) + 4
+        slots = min(max(_MIN_SLOTS, 1 << (expected - 1).bit_length()), _MAX_INITIAL_SLOTS)
+        self._directory = np.zeros((len(self._levels), slots), dtype=np.int64)
+        self._shape = self._shape_vector(slots)
         for number, page in self._values.pages.items():  # the starting_capacity hint
             self._register(0, number, page)
+        self._spare = [[] for _ in self._levels]
+        self._values.allocate = self._value_page
+        for level in self._levels[1:]:
+            level.allocate = self._summary_page_of(self._spare[self._levels.index(level)])
+
+    def _value_page(self, rows: int) -> np.ndarray:
+        spare = self._spare[0]
+        return spare.pop() if spare else np.empty(rows)
+
+    @staticmethod
+    def _summary_page_of(spare: list[np.ndarray]):
+        def allocate(rows: int) -> np.ndarray:
+            if not spare:
+                return identity_rows(rows)
+            page = spare.pop()
+            page[:] = IDENTITY_ROW  # the invariant of fresh summary pages (fallback.series)
+            return page
+
+        return allocate
 
     # The base class's positions live in the state vector the kernels share.
     @property
@@ -93,7 +140,8 @@ class CompiledSeries(SegmentTreeSeries):
 
     @property
     def nbytes(self) -> int:
-        return super().nbytes + self._directory.nbytes
+        spare = sum(page.nbytes for pages in self._spare for page in pages)
+        return super().nbytes + spare + self._directory.nbytes
 
     # -- page directory ---------------------------------------------------------------------
 
@@ -131,11 +179,50 @@ class CompiledSeries(SegmentTreeSeries):
     def append(self, values: np.ndarray) -> int:
         # Hot path: no retention and every page in place, so one kernel call, which cannot
         # fail half-way (it allocates nothing). Otherwise the base class plans the append.
+        if self._unretired:  # before any reservation, so that it can reuse those pages
+            self._free_some_retired_pages()
         if append_fast(self._directory, self._shape, self._state, values):
-            if self._retired:
-                self._free_some_retired_pages()
             return 0
         return super().append(values)
+
+    # -- retention: O(1) in the evicting append, pages recycled by the next ones ------------
+
+    def _drop_oldest(self, count: int) -> None:
+        """Only move `head`: the kernels never read before it, so the pages wholly before it
+        may stay in their levels a little longer. A cleanup append then costs what any append
+        costs, instead of retiring ~150 pages (50 per level at the default geometry)."""
+        self._head += count
+        self._unretired = True
+
+    def _free_some_retired_pages(self) -> None:
+        """Take at most `_RETIRE_PAGES_PER_APPEND` pages that lie wholly before `head` out of
+        each level and keep them as the level's next pages.
+
+        Why recycle rather than free: freeing a resident 8 MiB page (munmap) costs 40-150 us
+        with the GIL held, and a fresh page costs its first-touch faults; after a 150M -> 100M
+        cleanup, appends that freed 8 MiB each took 10-30x the median (benches/RESULTS.md).
+        The series regrows into exactly the pages it retired, so its memory never exceeds its
+        own peak (max_values values and their summaries) and allocation stops after the first
+        cycle. A page that a reader still views (a checkpoint's `tail_views`) is not reused:
+        writing into it would change values that reader reads; it is left to the reader.
+        """
+        if not self._unretired:
+            return
+        head = self._head
+        behind = False
+        for depth, level in enumerate(self._levels):
+            keep_from = head // level.span // level.rows_per_page
+            budget = _RETIRE_PAGES_PER_APPEND
+            while level.first_page < keep_from and budget:
+                page = level.pages.pop(level.first_page, None)
+                level.first_page += 1
+                if page is None:
+                    continue
+                budget -= 1
+                if _references(page) <= _UNSHARED_REFERENCES:
+                    self._spare[depth].append(page)
+            behind = behind or level.first_page < keep_from
+        self._unretired = behind
 
     def _write(self, start: int, segment: np.ndarray) -> None:
         append_values(self._directory, self._shape, segment, start)

@@ -167,3 +167,42 @@ def test_kernels_are_cached_where_configured_and_loaded_from_there_next_start(tm
     assert first["dir"].startswith(str(cache)) and first["cached"] is False
     assert any(cache.rglob("*.nbi")) and any(cache.rglob("*.nbc"))
     assert start() == {"dir": first["dir"], "cached": True}
+
+
+def test_cleanups_recycle_pages_and_memory_never_exceeds_the_peak():
+    """Many retention cycles: the series regrows into the pages it retired, so after the first
+    cycle its memory stays at its peak and no page is allocated."""
+    geometry = Geometry(block=4, fanout=4, chunk=64)
+    policy = RetentionPolicy(2000, 1000)
+    compiled = CompiledEngine(geometry).new_series(policy, 0)
+    reference = NumpyEngine(geometry).new_series(policy, 0)
+    rng = np.random.default_rng(5)
+    peak = 0
+    pages_seen: set[int] = set()
+    for cycle in range(6):
+        for _ in range(40):
+            batch = rng.uniform(0.0, 10.0, 50)
+            assert compiled.append(batch) == reference.append(batch)
+            if cycle < 2:  # the first fill and the first cleanup set the peak
+                peak = max(peak, compiled.nbytes)
+                pages_seen |= {id(p) for p in compiled._values.pages.values()}
+            else:
+                assert compiled.nbytes <= peak
+                # every value page now is one the series allocated in its first cycles
+                assert {id(p) for p in compiled._values.pages.values()} <= pages_seen
+        assert_same_answers(compiled, reference, WINDOWS)
+
+
+def test_a_page_a_reader_still_views_is_not_reused():
+    """A checkpoint's tail_views keep their values through cleanups that retire their pages
+    and the regrowth that recycles retired pages."""
+    geometry = Geometry(block=4, fanout=4, chunk=64)
+    series = CompiledEngine(geometry).new_series(RetentionPolicy(1000, 300), 0)
+    rng = np.random.default_rng(9)
+    series.append(rng.uniform(0.0, 10.0, 900))
+    views = series.tail_views(900)
+    expected = np.concatenate(views).copy()
+    for _ in range(200):  # several cleanups, every retired page offered for reuse
+        series.append(rng.uniform(20.0, 30.0, 37))
+    np.testing.assert_array_equal(np.concatenate(views), expected)
+    assert series.stats(37).min >= 20.0
