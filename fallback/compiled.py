@@ -34,11 +34,13 @@ from fallback import compiled_kernels
 from fallback.compiled_kernels import (
     STATE_END,
     STATE_HEAD,
+    STATE_KEEP,
     STATE_MAX_VALUES,
     STATE_RESERVED_END,
     STATE_WIDTH,
     append_fast,
     append_values,
+    fill_rows,
     series_window_stats,
     shape_vector,
 )
@@ -81,6 +83,7 @@ class CompiledSeries(SegmentTreeSeries):
         # head, end, reserved end and the bound, where `append_fast` reads and moves them.
         self._state = np.zeros(STATE_WIDTH, dtype=np.int64)
         self._state[STATE_MAX_VALUES] = retention.max_values
+        self._state[STATE_KEEP] = retention.keep_after_cleanup
         super().__init__(retention, starting_capacity, geometry)
         # Sized for a full series plus the pages a cleanup leaves behind for a few appends, so
         # that neither growth nor a cleanup rebuilds it (capped: tiny test geometries grow it).
@@ -105,7 +108,7 @@ class CompiledSeries(SegmentTreeSeries):
             if not spare:
                 return identity_rows(rows)
             page = spare.pop()
-            page[:] = IDENTITY_ROW  # the invariant of fresh summary pages (fallback.series)
+            fill_rows(page, IDENTITY_ROW)  # the invariant of fresh summary pages
             return page
 
         return allocate
@@ -167,7 +170,8 @@ class CompiledSeries(SegmentTreeSeries):
     def _reserve_pages(self, start: int, stop: int) -> None:
         for depth, level in enumerate(self._levels):
             number = start // level.span // level.rows_per_page
-            self._register(depth, number, level.page(number))
+            if number not in level.pages:  # pages already there are in the directory
+                self._register(depth, number, level.page(number))
         # Every page of every level is in the directory below this index: an append that ends
         # below it and evicts nothing is one kernel call (`append_fast`).
         chunk = self.geometry.chunk
@@ -177,13 +181,17 @@ class CompiledSeries(SegmentTreeSeries):
     # -- hot paths --------------------------------------------------------------------------
 
     def append(self, values: np.ndarray) -> int:
-        # Hot path: no retention and every page in place, so one kernel call, which cannot
-        # fail half-way (it allocates nothing). Otherwise the base class plans the append.
+        # Hot path, cleanups included: when every page it writes is in place the append is one
+        # kernel call, which cannot fail half-way (it allocates nothing). Otherwise the base
+        # class plans it and reserves the pages first.
         if self._unretired:  # before any reservation, so that it can reuse those pages
             self._free_some_retired_pages()
-        if append_fast(self._directory, self._shape, self._state, values):
-            return 0
-        return super().append(values)
+        evicted = append_fast(self._directory, self._shape, self._state, values)
+        if evicted < 0:
+            return super().append(values)
+        if evicted:
+            self._unretired = True
+        return evicted
 
     # -- retention: O(1) in the evicting append, pages recycled by the next ones ------------
 
@@ -260,6 +268,7 @@ _SIGNATURES = {
     "series_window_stats": [(_DIRECTORY, _SHAPE, _SHAPE, types.int64)],
     "append_values": [(_DIRECTORY, _SHAPE, batch, types.int64) for batch in _BATCHES],
     "append_fast": [(_DIRECTORY, _SHAPE, _SHAPE, batch) for batch in _BATCHES],
+    "fill_rows": [(types.Array(types.float64, 2, "C"), types.Array(types.float64, 1, "C"))],
 }
 
 

@@ -48,7 +48,8 @@ STATE_HEAD = 0  # absolute index of the oldest retained value
 STATE_END = 1  # one past the newest value
 STATE_RESERVED_END = 2  # every page of every level is in the directory below this index
 STATE_MAX_VALUES = 3  # the retention bound
-STATE_WIDTH = 4
+STATE_KEEP = 4  # values kept by a cleanup
+STATE_WIDTH = 5
 
 
 def shape_vector(
@@ -372,15 +373,39 @@ def _merge_group(directory, shape, depth, parent_index):
 
 @njit(nogil=True)
 def append_fast(directory, shape, state, values):
-    """Append `values` when that needs no retention and no new page, advancing
-    state[STATE_END]; False (nothing done) when the caller must plan the append."""
+    """Append `values` when every page it writes is reserved, applying the retention rule
+    (`engine_core.contract.RetentionPolicy`, the same arithmetic) by moving state[STATE_HEAD].
+    Returns the number of values evicted, or -1 (nothing done) when a page must be reserved
+    first. Evicting only moves `head`: the caller retires the pages it leaves behind later."""
+    head = state[STATE_HEAD]
     end = state[STATE_END]
-    n = values.shape[0]
-    if end + n > state[STATE_RESERVED_END] or end - state[STATE_HEAD] + n > state[STATE_MAX_VALUES]:
-        return False
-    append_values(directory, shape, values, end)
-    state[STATE_END] = end + n
-    return True
+    bound = state[STATE_MAX_VALUES]
+    incoming = values.shape[0]
+    current = end - head
+    kept_old = current
+    kept_new = incoming
+    if current + incoming > bound:
+        kept_old = min(current, state[STATE_KEEP])
+        if kept_old + incoming > bound:
+            if incoming >= bound:
+                kept_old = 0
+                kept_new = bound
+            else:
+                kept_old = bound - incoming
+    if end + kept_new > state[STATE_RESERVED_END]:
+        return -1
+    append_values(directory, shape, values[incoming - kept_new :], end)
+    state[STATE_END] = end + kept_new
+    state[STATE_HEAD] = end - kept_old
+    return current - kept_old
+
+
+@njit(nogil=True)
+def fill_rows(page, row):
+    """Set every row of a (rows, ROW_WIDTH) page to `row` (IDENTITY for a reused page)."""
+    for r in range(page.shape[0]):
+        for c in range(ROW_WIDTH):
+            page[r, c] = row[c]
 
 
 @njit(nogil=True)
