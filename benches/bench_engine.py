@@ -123,12 +123,20 @@ def bench_stats(n: int, repeats: int, rng) -> tuple[list[dict], float]:
     return rows, series.nbytes / len(series)
 
 
-def bench_cleanup(max_values: int, keep: int, rng, engine=None) -> dict:
+def bench_cleanup(max_values: int, keep: int, rng, engine=None, warm_cycles: int = 0) -> dict:
     """Append 10k batches until well past one cleanup; compare the slowest append with the
-    median, and the cleanup append itself (numpy engine unless `engine` is given)."""
+    median, and the cleanup append itself (numpy engine unless `engine` is given).
+
+    `warm_cycles` > 0 first runs that many cleanups and regrowths, so that the measured one is
+    the steady state of a long-running series rather than its first fill."""
     engine = engine or NumpyEngine()
     series = engine.new_series(RetentionPolicy(max_values, keep), 1_000_000)
     fill(series, max_values - 50 * BATCH, rng)
+    block = rng.uniform(100.0, 200.0, FILL_BATCH)
+    for _ in range(warm_cycles):
+        while not series.append(block[: 50 * BATCH + 1]):
+            pass
+        fill(series, max_values - 50 * BATCH, rng)
     batch = rng.uniform(100.0, 200.0, BATCH)
     samples, cleanup_us = [], None
     for _ in range(100):
