@@ -32,14 +32,16 @@ from engine_core.layout import Geometry, identity_rows
 from engine_core.summary import IDENTITY_ROW
 from fallback import compiled_kernels
 from fallback.compiled_kernels import (
+    CONTROL_SHAPE,
     STATE_END,
     STATE_HEAD,
     STATE_KEEP,
     STATE_MAX_VALUES,
     STATE_RESERVED_END,
-    STATE_WIDTH,
     append_fast,
     append_values,
+    control_block,
+    control_views,
     fill_rows,
     series_window_stats,
     shape_vector,
@@ -80,19 +82,18 @@ class CompiledSeries(SegmentTreeSeries):
         self._spare: list[list[np.ndarray]] = []
         # True while pages before `head` are still held by their levels (see _drop_oldest).
         self._unretired = False
-        # head, end, reserved end and the bound, where `append_fast` reads and moves them.
-        self._state = np.zeros(STATE_WIDTH, dtype=np.int64)
+        # head, end, reserved end, the bound and the keep count, which `append_fast` reads
+        # and moves; a view of the control block once that exists (_new_control).
+        self._state = np.zeros(CONTROL_SHAPE, dtype=np.int64)
         self._state[STATE_MAX_VALUES] = retention.max_values
         self._state[STATE_KEEP] = retention.keep_after_cleanup
         super().__init__(retention, starting_capacity, geometry)
         # Sized for a full series plus the pages a cleanup leaves behind for a few appends, so
         # that neither growth nor a cleanup rebuilds it (capped: tiny test geometries grow it).
         expected = 2 * -(-retention.max_values // self.geometry.chunk) + 4
-        slots = min(max(_MIN_SLOTS, 1 << (expected - 1).bit_length()), _MAX_INITIAL_SLOTS)
-        self._directory = np.zeros((len(self._levels), slots), dtype=np.int64)
-        self._shape = self._shape_vector(slots)
-        for number, page in self._values.pages.items():  # the starting_capacity hint
-            self._register(0, number, page)
+        self._new_control(
+            min(max(_MIN_SLOTS, 1 << (expected - 1).bit_length()), _MAX_INITIAL_SLOTS)
+        )
         self._spare = [[] for _ in self._levels]
         self._values.allocate = self._value_page
         for level in self._levels[1:]:
@@ -130,9 +131,12 @@ class CompiledSeries(SegmentTreeSeries):
     def _end(self, index: int) -> None:
         self._state[STATE_END] = index
 
-    def _shape_vector(self, slots: int) -> np.ndarray:
+    def _new_control(self, slots: int) -> None:
+        """A control block (the kernels' one argument) with `slots` directory slots per level
+        holding the current state and every page; replaced whole, under the caller's lock, so
+        a kernel never sees a half-built one."""
         g = self.geometry
-        return shape_vector(
+        shape = shape_vector(
             g.block,
             g.fanout,
             g.chunk,
@@ -140,32 +144,32 @@ class CompiledSeries(SegmentTreeSeries):
             [level.span for level in self._levels],
             slots,
         )
+        control = control_block(self._state, shape, len(self._levels), slots)
+        self._state, self._shape, self._directory = control_views(control)
+        for depth, level in enumerate(self._levels):
+            for number, page in level.pages.items():
+                self._directory[depth, number & (slots - 1)] = page.ctypes.data
+        self._control = control
+
+    @property
+    def slots(self) -> int:
+        """Directory slots per level (grows with the number of live pages)."""
+        return self._directory.shape[1]
 
     @property
     def nbytes(self) -> int:
         spare = sum(page.nbytes for pages in self._spare for page in pages)
-        return super().nbytes + spare + self._directory.nbytes
+        return super().nbytes + spare + self._control.nbytes
 
     # -- page directory ---------------------------------------------------------------------
 
     def _register(self, depth: int, number: int, page: np.ndarray) -> None:
         """Put `page` (page `number` of level `depth`) in the directory, first growing it if
         the level's live pages would no longer have a slot each."""
-        slots = self._directory.shape[1]
         live = number - self._levels[depth].first_page + 1
-        if live > slots:
-            self._grow_directory(live)
-        self._directory[depth, number & (self._directory.shape[1] - 1)] = page.ctypes.data
-
-    def _grow_directory(self, live: int) -> None:
-        slots = max(_MIN_SLOTS, 1 << (2 * live - 1).bit_length())
-        directory = np.zeros((len(self._levels), slots), dtype=np.int64)
-        for depth, level in enumerate(self._levels):
-            for number, page in level.pages.items():
-                directory[depth, number & (slots - 1)] = page.ctypes.data
-        # Replaced whole, under the caller's lock: a kernel never sees a half-built directory.
-        self._directory = directory
-        self._shape = self._shape_vector(slots)
+        if live > self.slots:
+            self._new_control(max(_MIN_SLOTS, 1 << (2 * live - 1).bit_length()))
+        self._directory[depth, number & (self.slots - 1)] = page.ctypes.data
 
     def _reserve_pages(self, start: int, stop: int) -> None:
         for depth, level in enumerate(self._levels):
@@ -186,7 +190,7 @@ class CompiledSeries(SegmentTreeSeries):
         # class plans it and reserves the pages first.
         if self._unretired:  # before any reservation, so that it can reuse those pages
             self._free_some_retired_pages()
-        evicted = append_fast(self._directory, self._shape, self._state, values)
+        evicted = append_fast(self._control, values)
         if evicted < 0:
             return super().append(values)
         if evicted:
@@ -238,9 +242,7 @@ class CompiledSeries(SegmentTreeSeries):
     def stats(self, window: int) -> WindowStats:
         if window < 1:
             raise ValueError("window must be >= 1")
-        n, mean, m2, lo, hi, last = series_window_stats(
-            self._directory, self._shape, self._state, window
-        )
+        n, mean, m2, lo, hi, last = series_window_stats(self._control, window)
         if n == 0:
             raise ValueError("series is empty")
         return WindowStats(count=n, min=lo, max=hi, last=last, avg=mean, var=m2 / n)
@@ -261,13 +263,13 @@ class CompiledEngine(Engine):
 # -- compile and cache ------------------------------------------------------------------------
 
 _DIRECTORY = types.Array(types.int64, 2, "C")
-_SHAPE = types.Array(types.int64, 1, "C")
+_CONTROL = _SHAPE = types.Array(types.int64, 1, "C")
 # Batches arrive writable (REST, replay) or read-only (views of received transport frames).
 _BATCHES = (types.Array(types.float64, 1, "C"), types.Array(types.float64, 1, "C", readonly=True))
 _SIGNATURES = {
-    "series_window_stats": [(_DIRECTORY, _SHAPE, _SHAPE, types.int64)],
+    "series_window_stats": [(_CONTROL, types.int64)],
     "append_values": [(_DIRECTORY, _SHAPE, batch, types.int64) for batch in _BATCHES],
-    "append_fast": [(_DIRECTORY, _SHAPE, _SHAPE, batch) for batch in _BATCHES],
+    "append_fast": [(_CONTROL, batch) for batch in _BATCHES],
     "fill_rows": [(types.Array(types.float64, 2, "C"), types.Array(types.float64, 1, "C"))],
 }
 

@@ -49,7 +49,33 @@ STATE_END = 1  # one past the newest value
 STATE_RESERVED_END = 2  # every page of every level is in the directory below this index
 STATE_MAX_VALUES = 3  # the retention bound
 STATE_KEEP = 4  # values kept by a cleanup
-STATE_WIDTH = 5
+STATE_DIRECTORY_AT = 5  # where the page directory starts in the control block
+
+# The control block: one int64 array per series holding all the kernels read, so that a call
+# from Python passes one array (numba unboxes every array argument, ~0.1 us each):
+#   [0, CONTROL_SHAPE)              the state (STATE_*)
+#   [CONTROL_SHAPE, directory at)   the shape vector (SHAPE_*)
+#   [directory at, + levels*slots)  the page directory, row-major by level
+CONTROL_SHAPE = 8
+
+
+def control_block(state: np.ndarray, shape: np.ndarray, levels: int, slots: int) -> np.ndarray:
+    """A control block holding `state` and `shape`, with an empty directory of `slots` slots
+    per level (shape[SHAPE_SLOT_MASK] must be slots - 1)."""
+    directory_at = CONTROL_SHAPE + shape.shape[0]
+    control = np.zeros(directory_at + levels * slots, dtype=np.int64)
+    control[: state.shape[0]] = state
+    control[STATE_DIRECTORY_AT] = directory_at
+    control[CONTROL_SHAPE:directory_at] = shape
+    return control
+
+
+def control_views(control: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(state, shape, directory) views of a control block (Python side)."""
+    directory_at = int(control[STATE_DIRECTORY_AT])
+    shape = control[CONTROL_SHAPE:directory_at]
+    levels = int(shape[SHAPE_TOP]) + 1
+    return control[:CONTROL_SHAPE], shape, control[directory_at:].reshape(levels, -1)
 
 
 def shape_vector(
@@ -80,6 +106,17 @@ def _f64_pointer(typingctx, address):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return sig, codegen
+
+
+@njit(nogil=True, inline="always")
+def _views(control):
+    """(directory, shape) views of a control block, as the kernels take them."""
+    directory_at = control[STATE_DIRECTORY_AT]
+    shape = control[CONTROL_SHAPE:directory_at]
+    levels = shape[SHAPE_TOP] + 1
+    slots = shape[SHAPE_SLOT_MASK] + 1
+    directory = control[directory_at : directory_at + levels * slots].reshape((levels, slots))
+    return directory, shape
 
 
 @njit(nogil=True, inline="always")
@@ -299,14 +336,15 @@ def window_stats(directory, shape, start, end):
 
 
 @njit(nogil=True)
-def series_window_stats(directory, shape, state, window):
+def series_window_stats(control, window):
     """`window_stats` over the newest min(window, length) values of a series (window >= 1);
     count 0 (and nothing read) when the series is empty."""
-    head = state[STATE_HEAD]
-    end = state[STATE_END]
+    head = control[STATE_HEAD]
+    end = control[STATE_END]
     if end == head:
         return 0, 0.0, 0.0, 0.0, 0.0, 0.0
     start = end - window if window < end - head else head
+    directory, shape = _views(control)
     return window_stats(directory, shape, start, end)
 
 
@@ -372,31 +410,32 @@ def _merge_group(directory, shape, depth, parent_index):
 
 
 @njit(nogil=True)
-def append_fast(directory, shape, state, values):
+def append_fast(control, values):
     """Append `values` when every page it writes is reserved, applying the retention rule
-    (`engine_core.contract.RetentionPolicy`, the same arithmetic) by moving state[STATE_HEAD].
+    (`engine_core.contract.RetentionPolicy`, the same arithmetic) by moving control[STATE_HEAD].
     Returns the number of values evicted, or -1 (nothing done) when a page must be reserved
     first. Evicting only moves `head`: the caller retires the pages it leaves behind later."""
-    head = state[STATE_HEAD]
-    end = state[STATE_END]
-    bound = state[STATE_MAX_VALUES]
+    head = control[STATE_HEAD]
+    end = control[STATE_END]
+    bound = control[STATE_MAX_VALUES]
     incoming = values.shape[0]
     current = end - head
     kept_old = current
     kept_new = incoming
     if current + incoming > bound:
-        kept_old = min(current, state[STATE_KEEP])
+        kept_old = min(current, control[STATE_KEEP])
         if kept_old + incoming > bound:
             if incoming >= bound:
                 kept_old = 0
                 kept_new = bound
             else:
                 kept_old = bound - incoming
-    if end + kept_new > state[STATE_RESERVED_END]:
+    if end + kept_new > control[STATE_RESERVED_END]:
         return -1
+    directory, shape = _views(control)
     append_values(directory, shape, values[incoming - kept_new :], end)
-    state[STATE_END] = end + kept_new
-    state[STATE_HEAD] = end - kept_old
+    control[STATE_END] = end + kept_new
+    control[STATE_HEAD] = end - kept_old
     return current - kept_old
 
 
