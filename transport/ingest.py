@@ -276,8 +276,12 @@ class FrameProcessor:
                     pid = answer.publisher_id
                     # After the failure, the frame-by-frame path would have seen a gap here
                     # (or a duplicate, or a non-DATA frame, which stay as they are).
-                    if pid in broken and answer.reason is not Reason.BAD_HEADER and not (
-                        answer.reason is Reason.DUPLICATE and answer.sequence <= broken[pid]
+                    if (
+                        pid in broken
+                        and answer.reason is not Reason.BAD_HEADER
+                        and not (
+                            answer.reason is Reason.DUPLICATE and answer.sequence <= broken[pid]
+                        )
                     ):
                         answer = Outcome(pid, answer.sequence, broken[pid], Reason.GAP)
                     outcomes.append(answer)

@@ -17,6 +17,9 @@ loop sends the acks. Within a group, once an item of a publisher fails, the late
 same publisher are not applied (they fail too), so a transport never acks a frame that follows
 an unapplied one.
 
+Under `interval` the periodic fsync runs on a second thread (`_IntervalSyncer`), so the writer
+is not blocked for its duration; the checkpoint's sync and the final one stay on this thread.
+
 Invariants (checked by tests/durability):
 - a future resolves with a record only after its bytes are written (and, under `always`,
   fsynced) and the batch is applied to the store;
@@ -211,6 +214,58 @@ class SegmentFile:
             self.fd = None
 
 
+class _IntervalSyncer:
+    """The `interval` fsync, off the writer thread: the writer hands over a duplicate of the
+    tail's descriptor (`kick`) and goes on writing while this thread syncs it. A duplicate, so
+    a segment rotated or closed meanwhile never leaves a stale descriptor number here. Kicks
+    that arrive during an fsync coalesce into the next one (it covers them all)."""
+
+    def __init__(self, owner: DurableWriter) -> None:
+        self._owner = owner
+        self._cond = threading.Condition()
+        self._pending: int | None = None  # a dup'ed fd to sync next
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="wal-sync", daemon=True)
+        self._thread.start()
+
+    def kick(self, fd: int | None) -> None:
+        if fd is None:
+            return
+        try:
+            dup = os.dup(fd)
+        except OSError as exc:
+            log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
+            return
+        with self._cond:
+            stale, self._pending = self._pending, dup
+            self._cond.notify()
+        if stale is not None:  # not synced yet: the new one covers its writes too
+            os.close(stale)
+
+    def stop(self) -> None:
+        """Finish the pending fsync, if any, and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stopping:
+                    self._cond.wait()
+                fd, self._pending = self._pending, None
+                if fd is None:
+                    return
+            try:
+                os.fsync(fd)
+                self._owner.fsyncs += 1
+            except OSError as exc:  # acknowledged already: logged, as the writer's own sync
+                log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
+            finally:
+                os.close(fd)
+
+
 class DurableWriter:
     """Owns the write-ahead log tail and the order of every accepted batch.
 
@@ -364,6 +419,15 @@ class DurableWriter:
                 return group, stopping
 
     def _run(self) -> None:
+        syncer = _IntervalSyncer(self) if self.sync == "interval" else None
+        try:
+            self._loop(syncer)
+        finally:
+            if syncer is not None:
+                syncer.stop()  # before the final fsync and close in _shutdown
+            self._shutdown()
+
+    def _loop(self, syncer: _IntervalSyncer | None) -> None:
         dirty = False  # written but not yet fsynced (policy `interval`)
         last_sync = time.monotonic()
         stopping = False
@@ -384,10 +448,12 @@ class DurableWriter:
                     if not dirty:
                         self._checkpointer.run(self.store, self._next_lsn - 1, self._totals)
             if dirty and (stopping or time.monotonic() - last_sync >= self.interval_s):
-                self._sync_quietly()
+                if stopping or syncer is None:
+                    self._sync_quietly()
+                else:  # the syncer thread fsyncs while this one goes on writing
+                    syncer.kick(self._segment.fd)
                 dirty = False
                 last_sync = time.monotonic()
-        self._shutdown()
 
     def _shutdown(self) -> None:
         try:
