@@ -5,7 +5,9 @@ serving. Every comparison is measured in the same run against a baseline on the 
    engine, pinned to the server core), through DEALER with acks (window of unacknowledged
    frames) and through PUSH (completion read from GET /ingest), next to raw pyzmq PUSH -> PULL
    of the same frame bytes between two processes on the same cores (the receiver only counts).
-   Target: >= 150M values/s applied, i.e. >= 0.4 of raw.
+   Target (issue 12): >= 0.5 of raw measured in the same run (the ratio: the absolute figures
+   drift with the machine). Each round times raw, DEALER and PUSH back to back; the report
+   gives the median of the per-round ratios next to the ratio of the medians.
 2. Shared-memory ring latency, publish -> applied, as seen by the publisher: `publish()` then
    `flush()` (returns once the appliance's consumer position passed the slot, which it advances
    after the store append, or the log's commit and append, returned). 1-value and 100-value
@@ -61,8 +63,7 @@ from transport.publishers import connect  # noqa: E402
 from transport.wire import encode_data  # noqa: E402
 
 FRAME_VALUES = 10_000
-TARGET_ZMQ_VALUES_PER_S = 150e6
-TARGET_ZMQ_RATIO = 0.4
+TARGET_ZMQ_RATIO = 0.5
 # Issue 12: shm publish -> applied (flush), 1 value: p50 <= 0.5x and p99 <= 1x the p50 of the
 # same run's ZeroMQ REQ/REP ipc echo of the same 64-byte frame.
 TARGET_SHM_P50_RATIO = 0.5
@@ -228,7 +229,12 @@ def bench_zmq(tmpdir: Path, args: argparse.Namespace) -> dict:
     summary = {"frames_per_run": frames, "frame_values": FRAME_VALUES, "rounds": results}
     for mode in ("dealer", "push"):
         rate = float(np.median(results[mode]))
-        summary[mode] = {"values_per_s": rate, "ratio_to_raw": rate / raw}
+        per_round = [m / r for m, r in zip(results[mode], results["raw"], strict=True)]
+        summary[mode] = {
+            "values_per_s": rate,
+            "ratio_to_raw": rate / raw,
+            "ratio_per_round_median": float(np.median(per_round)),
+        }
     summary["raw"] = {"values_per_s": raw}
     return summary
 
@@ -523,20 +529,19 @@ def render_markdown(report: dict) -> str:
         z = report["zmq"]
         lines += [
             f"| ZeroMQ, {z['frame_values']}-value frames, {z['frames_per_run']} frames per run "
-            "| values/s (median) | ratio to raw | target | verdict |",
+            "| values/s (median) | ratio to raw (of medians; median per round) | target "
+            "| verdict |",
             "|---|---|---|---|---|",
             f"| raw pyzmq PUSH -> PULL, same bytes | {z['raw']['values_per_s'] / 1e6:.1f}M "
             "| 1 | - | - |",
         ]
         for mode, label in (("dealer", "appliance, DEALER with acks"), ("push", "appliance, PUSH")):
             row = z[mode]
-            met = (
-                row["values_per_s"] >= TARGET_ZMQ_VALUES_PER_S
-                and row["ratio_to_raw"] >= TARGET_ZMQ_RATIO
-            )
+            met = row["ratio_to_raw"] >= TARGET_ZMQ_RATIO
             lines.append(
-                f"| {label} | {row['values_per_s'] / 1e6:.1f}M | {row['ratio_to_raw']:.2f} | "
-                f">= 150M and >= 0.4 of raw | {'met' if met else '**missed**'} |"
+                f"| {label} | {row['values_per_s'] / 1e6:.1f}M | {row['ratio_to_raw']:.2f}; "
+                f"{row['ratio_per_round_median']:.2f} | >= {TARGET_ZMQ_RATIO} of raw "
+                f"| {'met' if met else '**missed**'} |"
             )
         lines.append("")
     if "shm" in report:
