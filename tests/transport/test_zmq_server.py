@@ -326,7 +326,9 @@ def test_pull_applies_frames_and_counts_gaps_without_acks(clients: Clients) -> N
         push = clients.connect(zmq.PUSH, ingest.bound_endpoints["pull"])
         for sequence in (1, 2, 4, 4):  # 3 is missing, 4 comes twice
             push.send(data(sequence, "P", [float(sequence)]))
-        wait_until(lambda: ingest.snapshot()["pull"]["messages"] == 4)
+        # Applied frames, not received messages: a batch is applied after it is counted.
+        wait_until(lambda: ingest.snapshot()["pull"]["frames_applied"] == 3)
+        assert ingest.snapshot()["pull"]["messages"] == 4
         # Nobody can resend on PULL: the gap is counted and the frame applied; the duplicate is
         # counted and dropped.
         np.testing.assert_array_equal(sink.values("P"), [1.0, 2.0, 4.0])

@@ -103,6 +103,10 @@ class _Doorbell:
     """Completion signal from the sink's thread to the loop: an eventfd (a pipe elsewhere)."""
 
     def __init__(self) -> None:
+        # ring() runs on the sink's thread: the lock keeps it from writing to a descriptor
+        # number that close() freed and the process reused (a log segment, say).
+        self._lock = threading.Lock()
+        self._closed = False
         if hasattr(os, "eventfd"):
             self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._write_fd = self.fd
@@ -111,17 +115,20 @@ class _Doorbell:
             os.set_blocking(self.fd, False)
 
     def ring(self) -> None:
-        with contextlib.suppress(OSError):  # a full counter or pipe is already ringing
-            os.write(self._write_fd, (1).to_bytes(8, "little"))
+        with self._lock, contextlib.suppress(OSError):  # full: it is already ringing
+            if not self._closed:
+                os.write(self._write_fd, (1).to_bytes(8, "little"))
 
     def clear(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self.fd, 4096)
 
     def close(self) -> None:
-        os.close(self.fd)
-        if self._write_fd != self.fd:
-            os.close(self._write_fd)
+        with self._lock:
+            self._closed = True
+            os.close(self.fd)
+            if self._write_fd != self.fd:
+                os.close(self._write_fd)
 
 
 def _ipc_path(endpoint: str) -> str | None:
