@@ -35,8 +35,11 @@ class ModelSeries:
 
 def rounding_floor(x: np.ndarray) -> float:
     """M2 below this is rounding noise at the data's magnitude: numpy's own mean is off by an
-    ulp or so, which it squares into every deviation; an engine may be *closer* to exact."""
-    return len(x) * (4 * np.finfo(float).eps * float(x.max())) ** 2
+    ulp or so, which it squares into every deviation; an engine may be *closer* to exact.
+    Squares below the smallest normal float64 (values near 1e-162) are subnormal and carry
+    fewer significant bits, so nothing below `tiny` per value can be compared relatively."""
+    info = np.finfo(float)
+    return len(x) * max((4 * info.eps * float(x.max())) ** 2, float(info.tiny))
 
 
 def assert_window_matches(series: Series, model: np.ndarray, window: int, rel: float = 1e-9):
