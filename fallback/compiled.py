@@ -78,7 +78,8 @@ class CompiledSeries(SegmentTreeSeries):
         starting_capacity: int = 0,
         geometry: Geometry | None = None,
     ) -> None:
-        # Per level, pages retired since the last cleanup and not yet reused (see _recycle).
+        # Per level, pages retired since the last cleanup and not yet reused (see
+        # _free_some_retired_pages).
         self._spare: list[list[np.ndarray]] = []
         # True while pages before `head` are still held by their levels (see _drop_oldest).
         self._unretired = False
@@ -145,11 +146,13 @@ class CompiledSeries(SegmentTreeSeries):
             slots,
         )
         control = control_block(self._state, shape, len(self._levels), slots)
-        self._state, self._shape, self._directory = control_views(control)
+        state, shape, directory = control_views(control)
         for depth, level in enumerate(self._levels):
             for number, page in level.pages.items():
-                self._directory[depth, number & (slots - 1)] = page.ctypes.data
-        self._control = control
+                directory[depth, number & (slots - 1)] = page.ctypes.data
+        # Nothing above changed the series (a MemoryError leaves the old block in use): switch
+        # to the new block in one step.
+        self._state, self._shape, self._directory, self._control = state, shape, directory, control
 
     @property
     def slots(self) -> int:
@@ -175,7 +178,15 @@ class CompiledSeries(SegmentTreeSeries):
         for depth, level in enumerate(self._levels):
             number = start // level.span // level.rows_per_page
             if number not in level.pages:  # pages already there are in the directory
-                self._register(depth, number, level.page(number))
+                page = level.page(number)
+                try:
+                    self._register(depth, number, page)
+                except BaseException:
+                    # A page in a level must be in the directory (a retry would skip it and
+                    # the kernel would write through another page's slot): take it out again.
+                    del level.pages[number]
+                    self._spare[depth].append(page)
+                    raise
         # Every page of every level is in the directory below this index: an append that ends
         # below it and evicts nothing is one kernel call (`append_fast`).
         chunk = self.geometry.chunk
@@ -189,7 +200,7 @@ class CompiledSeries(SegmentTreeSeries):
         # kernel call, which cannot fail half-way (it allocates nothing). Otherwise the base
         # class plans it and reserves the pages first.
         if self._unretired:  # before any reservation, so that it can reuse those pages
-            self._free_some_retired_pages()
+            self._free_some_retired_pages(values.shape[0])
         evicted = append_fast(self._control, values)
         if evicted < 0:
             return super().append(values)
@@ -206,9 +217,10 @@ class CompiledSeries(SegmentTreeSeries):
         self._head += count
         self._unretired = True
 
-    def _free_some_retired_pages(self) -> None:
-        """Take at most `_RETIRE_PAGES_PER_APPEND` pages that lie wholly before `head` out of
-        each level and keep them as the level's next pages.
+    def _free_some_retired_pages(self, incoming: int = 0) -> None:
+        """Take at most `_RETIRE_PAGES_PER_APPEND` pages, plus as many as `incoming` values
+        fill (so that retirement keeps pace with eviction whatever the batch size), that lie
+        wholly before `head` out of each level and keep them as the level's next pages.
 
         Why recycle rather than free: freeing a resident 8 MiB page (munmap) costs 40-150 us
         with the GIL held, and a fresh page costs its first-touch faults; after a 150M -> 100M
@@ -224,7 +236,7 @@ class CompiledSeries(SegmentTreeSeries):
         behind = False
         for depth, level in enumerate(self._levels):
             keep_from = head // level.span // level.rows_per_page
-            budget = _RETIRE_PAGES_PER_APPEND
+            budget = _RETIRE_PAGES_PER_APPEND + incoming // (level.span * level.rows_per_page)
             while level.first_page < keep_from and budget:
                 page = level.pages.pop(level.first_page, None)
                 level.first_page += 1
@@ -242,7 +254,8 @@ class CompiledSeries(SegmentTreeSeries):
     def stats(self, window: int) -> WindowStats:
         if window < 1:
             raise ValueError("window must be >= 1")
-        n, mean, m2, lo, hi, last = series_window_stats(self._control, window)
+        # int64 in the kernel; no series holds 2**62 values
+        n, mean, m2, lo, hi, last = series_window_stats(self._control, min(window, 1 << 62))
         if n == 0:
             raise ValueError("series is empty")
         return WindowStats(count=n, min=lo, max=hi, last=last, avg=mean, var=m2 / n)

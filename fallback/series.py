@@ -105,10 +105,12 @@ class SegmentTreeSeries:
             raise
         self._end = start + kept_new
         # Retention runs last: it only moves `head` and retires pages, which cannot fail.
+        # Pages retired by earlier appends are freed first, before this one retires more: a
+        # sliding window (keep close to max) evicts on every append, and its retired pages
+        # would otherwise pile up; a cleanup's own pages are freed by the appends after it.
+        self._free_some_retired_pages()
         if evicted:
             self._drop_oldest(evicted)
-        else:  # the cleanup append already paid for retiring; later ones free
-            self._free_some_retired_pages()
         return evicted
 
     def _chunk_segments(self, start: int, stop: int) -> list[tuple[int, int]]:

@@ -206,3 +206,68 @@ def test_a_page_a_reader_still_views_is_not_reused():
         series.append(rng.uniform(20.0, 30.0, 37))
     np.testing.assert_array_equal(np.concatenate(views), expected)
     assert series.stats(37).min >= 20.0
+
+
+def test_a_failed_directory_growth_changes_nothing_and_a_retry_succeeds(monkeypatch):
+    """MemoryError while the page directory grows: the append fails whole, and the retry
+    registers the page it needs (it must never write through another page's slot)."""
+    from fallback import compiled
+
+    geometry = Geometry(block=4, fanout=4, chunk=4)
+    policy = RetentionPolicy(1_000_000, 500_000)
+    series = CompiledEngine(geometry).new_series(policy, 0)
+    reference = NumpyEngine(geometry).new_series(policy, 0)
+    values = np.random.default_rng(1).uniform(0.0, 100.0, series.slots * 4)  # fills every slot
+    series.append(values)
+    reference.append(values)
+    grow = compiled.control_block
+    calls = []
+
+    def failing_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MemoryError("injected: the grown control block")
+        return grow(*args)
+
+    monkeypatch.setattr(compiled, "control_block", failing_once)
+    batch = np.full(4, 7.0)
+    with pytest.raises(MemoryError):
+        series.append(batch)  # needs one more value page than the directory has slots
+    assert len(series) == len(values)
+    np.testing.assert_array_equal(series.tail(10**9), values)
+    series.append(batch)
+    reference.append(batch)
+    assert len(calls) == 2  # the retry grew the directory
+    np.testing.assert_array_equal(series.tail(10**9), reference.tail(10**9))
+    assert_same_answers(series, reference, WINDOWS)
+
+
+def test_batches_larger_than_pages_retire_as_fast_as_they_evict():
+    """Every append evicts several pages' worth: retirement keeps pace, so pages, directory
+    and memory stay bounded."""
+    geometry = Geometry(block=4, fanout=4, chunk=64)
+    series = CompiledEngine(geometry).new_series(RetentionPolicy(2000, 1000), 0)
+    batch = np.random.default_rng(2).uniform(0.0, 10.0, 1000)
+    for _ in range(400):
+        series.append(batch)
+    assert len(series._values.pages) < 3 * 2000 // 64
+    assert series.slots <= 256
+    assert series.nbytes < 3 * (2000 * 8 + 2000 * 48 // 4)
+
+
+def test_a_sliding_window_frees_what_it_evicts_on_both_engines():
+    """keep == max: every append evicts. Memory stays bounded (the numpy engine used to free
+    retired pages only on appends that evicted nothing)."""
+    geometry = Geometry(block=4, fanout=4, chunk=64)
+    for engine in (NumpyEngine(geometry), CompiledEngine(geometry)):
+        series = engine.new_series(RetentionPolicy(500, 500), 0)
+        batch = np.arange(10.0)
+        for _ in range(3000):
+            series.append(batch)
+        assert series.nbytes < 4 * (500 * 8 + 500 * 48 // 4), engine.name
+
+
+def test_a_window_beyond_int64_covers_the_whole_series():
+    series = CompiledEngine().new_series(RetentionPolicy(), 0)
+    series.append(np.array([1.0, 3.0]))
+    assert series.stats(2**64).count == 2
