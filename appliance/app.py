@@ -332,6 +332,8 @@ class LogIngest:
         return symbol in self._ctx.store
 
     def ingest(self, symbol: str, values: Any, publisher_id: int = 0, sequence: int = 0) -> int:
+        """The ring pollers' call: an inline commit under `interval` / `never` (on this thread,
+        no hand-off to the writer thread), the group commit's fsync under `always`."""
         return self._ctx.durable.ingest(symbol, values, publisher_id, sequence)
 
     def submit_group(self, items: Any, done: Any) -> None:

@@ -8,7 +8,9 @@ and translates the appliance's errors into the wire's nack reasons.
 With durability on, the sink is given the log's `DurableWriter` (or the app's adapter to it) in
 place of the store: its `ingest` has the same contract but returns only once the batch is logged
 (fsynced under `always`) and applied, so a transport acks only what survives a crash. A full
-disk becomes the retryable nack UNAVAILABLE.
+disk becomes the retryable nack UNAVAILABLE. Under `interval` and `never` that `ingest` (the
+shared-memory and RDMA pollers' call, through `__call__`) is an inline commit on the poller's
+thread (`DurableWriter.commit`), with no hand-off to the log's writer thread.
 
 Batches (`StoreSink.submit_batch`, used by the ZeroMQ loop): the frames of one poll batch go to
 the log's writer as one group (`DurableWriter.submit_group`: one write, one apply per frame)

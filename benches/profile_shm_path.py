@@ -8,9 +8,11 @@ the path timed alone, in one process, median and p99 over many calls.
 - appliance, poller thread: an empty pass over a ring, `decode_message`, the frame rules of
   `FrameProcessor` (with a no-op sink), the sink (validation + `Store.ingest`, log off), and
   one published slot polled end to end (decode, rules, sink, consumer position);
-- write-ahead log (log on; the log's pipeline, not the transport's): the blocking
-  `DurableWriter.ingest` a ring's sink makes today (queue hand-off to the writer thread, write,
-  apply, future), and `submit_group` with completion (done on the writer thread);
+- write-ahead log (log on, default sync `interval`; the log's pipeline, not the transport's):
+  `DurableWriter.ingest`, the call a ring's sink makes (an inline commit on the calling thread:
+  encode, write, apply, listeners under the commit lock), `submit().result()` (the hand-off to
+  the writer thread that the ring's sink made before inline commits: queue, wake, write, apply,
+  future) and `submit_group` with completion (done on the writer thread);
 - the OS: `time.sleep(0)` against `os.sched_yield()` (why the poll loops yield, never sleep).
 
     .venv/bin/python benches/profile_shm_path.py [--engine cpu|numpy] [--repeats 20000]
@@ -132,8 +134,15 @@ def main() -> int:
                 sequence[0] += 1
                 writer.ingest(SYMBOL, value, 1, sequence[0])
 
-            rows.append(("log: DurableWriter.ingest, blocking (today's ring sink)",
+            rows.append(("log: DurableWriter.ingest (the ring sink: inline commit)",
                          timed(blocking, wal_n)))  # fmt: skip
+
+            def handed_off() -> None:
+                sequence[0] += 1
+                writer.submit(SYMBOL, value, 1, sequence[0]).result()
+
+            rows.append(("log: submit().result(), hand-off to the writer thread",
+                         timed(handed_off, wal_n)))  # fmt: skip
             submit_group = getattr(writer, "submit_group", None)
             if submit_group is not None:
                 finished = threading.Event()

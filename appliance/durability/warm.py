@@ -2,7 +2,7 @@
 
 Why a superset of what the hot tier evicts: holding every value is the simplest rule that can
 never lose one, and history queries then read one place. Values arrive through `on_record`
-(called by the write-ahead log's single writer thread, in lsn order, and again for every
+(called by the write-ahead log's writer under its commit lock, in lsn order, and again for every
 record still in the log during recovery). Each symbol buffers its newest values in memory
 until `warm_segment_values` are held; that block is handed to one background sealing thread,
 which compresses it and writes `DIR/warm/<hex of the UTF-8 symbol>/<first index>.seg`

@@ -20,9 +20,23 @@ an unapplied one.
 Under `interval` the periodic fsync runs on a second thread (`_IntervalSyncer`), so the writer
 is not blocked for its duration; the checkpoint's sync and the final one stay on this thread.
 
+Inline commits (`commit()`, and `ingest()`, the shared-memory and RDMA pollers' call): under
+`interval` and `never` an ack waits for no fsync, so the calling thread does the whole commit
+itself (encode, write, apply, listeners) with no hand-off to this thread, which costs two
+thread wake-ups per batch. One commit lock (`_commit_lock`) orders them with this thread's
+groups: lsns are assigned, the record written, applied and its listeners run under it, and this
+thread takes it around each group's write and apply, around a checkpoint and around the
+interval sync's hand-over of the tail. So the log's order is still the order of application and
+the counters are never handed out twice. An inline commit that leaves the log dirty (the first
+since the last interval sync) or finds a checkpoint due wakes this thread once (`_WAKE`), which
+schedules the sync / runs the checkpoint as for its own groups. Under `always` an ack must wait
+for an fsync, and one fsync per group is what makes that affordable: `commit()` queues the batch
+and waits for the group commit, as before.
+
 Invariants (checked by tests/durability):
-- a future resolves with a record only after its bytes are written (and, under `always`,
-  fsynced) and the batch is applied to the store;
+- a future resolves (an inline commit returns) with a record only after its bytes are written
+  (and, under `always`, fsynced) and the batch is applied to the store;
+- lsn order is apply order and listener order, across this thread and inline committers;
 - a failed write or fsync truncates the segment back to its last good size, fails the whole
   group with `StorageUnavailableError`, applies nothing and hands back the group's lsns; the
   next submission tries again (the service recovers by itself once space returns);
@@ -108,6 +122,29 @@ class _Group:
             log.exception("write-ahead log group completion failed")
 
 
+class _InlineRequest:
+    """The batch of an inline commit (`DurableWriter.commit`): the caller reads the outcome."""
+
+    __slots__ = ("error", "publisher_id", "received_ns", "record", "sequence", "symbol", "values")
+    group: _Group | None = None
+
+    def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+        self.symbol = symbol
+        self.values = values
+        self.publisher_id = publisher_id
+        self.sequence = sequence
+        self.received_ns = time.time_ns()
+        self.record: BatchRecord | None = None
+        self.error: BaseException | None = _UNRESOLVED
+
+    def succeed(self, record: BatchRecord) -> None:
+        self.record = record
+        self.error = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+
+
 class _GroupRequest:
     """One item of a `_Group`; resolves into the group's result list (no future)."""
 
@@ -137,10 +174,11 @@ def _in(broken: set[tuple[int, int]], request: _GroupRequest | _Request) -> bool
 _UNRESOLVED = RuntimeError("the write-ahead log writer stopped before this batch")
 
 
-_Item = _Request | _GroupRequest
+_Item = _Request | _GroupRequest | _InlineRequest
 
 
 _STOP = object()
+_WAKE = object()  # an inline commit asks the writer thread to schedule a sync or checkpoint
 IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
@@ -270,8 +308,9 @@ class DurableWriter:
     """Owns the write-ahead log tail and the order of every accepted batch.
 
     Construct it after recovery with the restored counters (`next_lsn`, `totals`), then
-    `start()`. `submit()` is thread-safe and never blocks; `ingest()` is the blocking form
-    (same contract as `Store.ingest`) for transport threads.
+    `start()`. `submit()` is thread-safe and never blocks; `commit()` and `ingest()` are the
+    blocking forms (`ingest`: the same contract as `Store.ingest`) for transport threads, inline
+    on the calling thread under `interval` / `never`.
     """
 
     def __init__(
@@ -307,9 +346,17 @@ class DurableWriter:
             queue.SimpleQueue()
         )
         self._thread = threading.Thread(target=self._run, name="wal-writer", daemon=True)
+        self._started = False
         self._closed = False
+        # Orders this thread's groups with inline commits (see the module docstring). Under it:
+        # the segment, _next_lsn, _totals, the store's appends, listeners and the fields below.
+        self._commit_lock = threading.Lock()
+        self._inline = sync != "always"
+        self._dirty = False  # written but not yet fsynced (policy `interval`)
+        self._last_sync = time.monotonic()
         self.fsyncs = 0  # counters for /ingest-style reporting and tests
         self.groups = 0
+        self.inline_commits = 0
         self.recovery: Any = None  # the RecoveryResult this writer continues from, if any
 
     # --- public API ----------------------------------------------------------------------------
@@ -319,6 +366,7 @@ class DurableWriter:
         self._listeners.append(listener)
 
     def start(self) -> None:
+        self._started = True
         self._thread.start()
 
     def submit(
@@ -352,20 +400,57 @@ class DurableWriter:
         now = time.time_ns()
         self._queue.put([_GroupRequest(group, i, item, now) for i, item in enumerate(items)])
 
+    def commit(
+        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+    ) -> BatchRecord:
+        """Log and apply a validated batch before returning its record (blocking).
+
+        Under `interval` and `never` the calling thread commits it inline: encode, write,
+        apply, listeners, under the commit lock that the writer thread's groups also take (no
+        thread hand-off). Under `always` (and before `start()`) it is `submit().result()`: the
+        group commit's fsync covers it before it returns. Raises what `submit`'s future would:
+        `SymbolLimitError`, `StorageUnavailableError` (nothing applied; retry later),
+        `RuntimeError` when the writer is closed.
+        """
+        if not self._inline or not self._started:
+            return self.submit(symbol, values, publisher_id, sequence).result()
+        request = _InlineRequest(symbol, values, publisher_id, sequence)
+        wake = False
+        with self._commit_lock:
+            if self._closed:
+                raise RuntimeError("the write-ahead log is closed")
+            if self._commit_items([request]):
+                self.inline_commits += 1
+                if self.sync == "interval" and not self._dirty:
+                    self._dirty = True
+                    wake = True  # the writer thread schedules the interval fsync
+                checkpointer = self._checkpointer
+                if checkpointer is not None and checkpointer.due():
+                    wake = True  # the writer thread takes it (under this lock)
+        if wake:
+            self._queue.put(_WAKE)
+        if request.error is not None:
+            raise request.error
+        assert request.record is not None
+        return request.record
+
     def ingest(
         self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
     ) -> int:
-        """Blocking `submit`: the drop-in for `Store.ingest` on transport threads."""
-        return int(self.submit(symbol, values, publisher_id, sequence).result().values.shape[0])
+        """Blocking `commit`: the drop-in for `Store.ingest` on transport threads."""
+        return int(self.commit(symbol, values, publisher_id, sequence).values.shape[0])
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self.store
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Finish everything queued, sync (unless `never`) and close the segment."""
-        if self._closed:
-            return
-        self._closed = True
+        """Finish everything queued, sync (unless `never`) and close the segment.
+
+        An inline commit in progress completes first; any later one raises `RuntimeError`."""
+        with self._commit_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._queue.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
@@ -398,17 +483,20 @@ class DurableWriter:
 
     # --- the thread ----------------------------------------------------------------------------
 
-    def _take_group(self, timeout: float | None) -> tuple[list[_Item], bool]:
-        """Everything queued now (waiting up to `timeout` for the first); and whether to stop."""
+    def _take_group(self, timeout: float | None) -> tuple[list[_Item], bool, bool]:
+        """Everything queued now (waiting up to `timeout` for the first); whether to stop; and
+        whether an inline commit asked for the housekeeping (`_WAKE`)."""
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
-            return [], False
+            return [], False, False
         group: list[_Item] = []
-        stopping = False
+        stopping = woken = False
         while True:
             if item is _STOP:
                 stopping = True
+            elif item is _WAKE:
+                woken = True
             elif isinstance(item, list):  # a transport's group: its items, in order
                 group.extend(item)
             else:
@@ -416,46 +504,56 @@ class DurableWriter:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return group, stopping
+                return group, stopping, woken
 
     def _run(self) -> None:
         syncer = _IntervalSyncer(self) if self.sync == "interval" else None
         try:
             self._loop(syncer)
         finally:
+            with self._commit_lock:
+                self._closed = True  # no inline commit after this (also if the loop failed)
             if syncer is not None:
                 syncer.stop()  # before the final fsync and close in _shutdown
-            self._shutdown()
+            with self._commit_lock:
+                self._shutdown()
 
     def _loop(self, syncer: _IntervalSyncer | None) -> None:
-        dirty = False  # written but not yet fsynced (policy `interval`)
-        last_sync = time.monotonic()
         stopping = False
         while not stopping:
             timeout = None
-            if dirty:  # wake up in time for the interval fsync even if nothing arrives
-                timeout = max(0.0, last_sync + self.interval_s - time.monotonic())
-            group, stopping = self._take_group(timeout)
+            if self._dirty:  # wake up in time for the interval fsync even if nothing arrives
+                timeout = max(0.0, self._last_sync + self.interval_s - time.monotonic())
+            group, stopping, woken = self._take_group(timeout)
             if group:
-                wrote = self._commit(group)
-                dirty = dirty or (wrote and self.sync == "interval")
-                if self._checkpointer is not None and self._checkpointer.due():
-                    # A checkpoint must never be ahead of the log on disk: after a power loss
-                    # the hot tier would hold records that the log (and so the warm tier) lost.
-                    if dirty:
-                        dirty = not self._sync_quietly()
-                        last_sync = time.monotonic()
-                    if not dirty:
-                        self._checkpointer.run(self.store, self._next_lsn - 1, self._totals)
-            if dirty and (stopping or time.monotonic() - last_sync >= self.interval_s):
-                if stopping or syncer is None:
-                    self._sync_quietly()
-                else:  # the syncer thread fsyncs while this one goes on writing
-                    syncer.kick(self._segment.fd)
-                dirty = False
-                last_sync = time.monotonic()
+                self._commit(group)
+            with self._commit_lock:  # the store is exactly the log up to _next_lsn - 1 here
+                self._housekeeping(syncer, stopping, bool(group) or woken)
+
+    def _housekeeping(
+        self, syncer: _IntervalSyncer | None, stopping: bool, committed: bool
+    ) -> None:
+        """Between groups, under the commit lock: a due checkpoint (after a group or inline
+        commits), the interval fsync."""
+        checkpointer = self._checkpointer
+        if committed and checkpointer is not None and checkpointer.due():
+            # A checkpoint must never be ahead of the log on disk: after a power loss the hot
+            # tier would hold records that the log (and so the warm tier) lost.
+            if self._dirty:
+                self._dirty = not self._sync_quietly()
+                self._last_sync = time.monotonic()
+            if not self._dirty:
+                checkpointer.run(self.store, self._next_lsn - 1, self._totals)
+        if self._dirty and (stopping or time.monotonic() - self._last_sync >= self.interval_s):
+            if stopping or syncer is None:
+                self._sync_quietly()
+            else:  # the syncer thread fsyncs while this one (and inline commits) go on writing
+                syncer.kick(self._segment.fd)
+            self._dirty = False
+            self._last_sync = time.monotonic()
 
     def _shutdown(self) -> None:
+        """Final fsync, close, final checkpoint (under the commit lock)."""
         try:
             if self.sync != "never":
                 self._segment.fsync()
@@ -485,7 +583,11 @@ class DurableWriter:
     def _commit(self, group: list[_Item]) -> bool:
         """Log, apply and resolve one group; return whether anything was written."""
         try:
-            return self._commit_items(group)
+            with self._commit_lock:
+                wrote = self._commit_items(group)
+                if wrote and self.sync == "interval":
+                    self._dirty = True
+                return wrote
         finally:
             # Every item is resolved by now: each transport group is told once.
             groups = {id(r.group): r.group for r in group if r.group is not None}
@@ -493,6 +595,7 @@ class DurableWriter:
                 done.finish()
 
     def _commit_items(self, group: list[_Item]) -> bool:
+        """Encode, write, apply, notify and resolve (the caller holds the commit lock)."""
         broken: set[tuple[int, int]] = set()  # (id of the group, publisher) no longer in order
         accepted, chunks, lsn, new_totals = self._encode(group, broken)
         if not accepted or not self._write(accepted, chunks):

@@ -148,6 +148,51 @@ def test_kill9_during_zmq_dealer_ingest_keeps_every_acked_frame(tmp_path) -> Non
         assert server.stop() == 0
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_kill9_during_shm_ingest_with_the_log_on_keeps_every_applied_frame(tmp_path) -> None:
+    # The ring's poller commits inline under `interval` (DurableWriter.commit on its own
+    # thread): a frame whose slot the appliance passed (flush returned) is in the log.
+    from transport.publisher import PublishError
+    from transport.shm.publisher import ShmPublisher
+
+    env = {
+        "APP_DURABILITY__SYNC": "interval",
+        "APP_TRANSPORT__ZMQ__ENABLED": "true",  # the control socket that hands out rings
+        "APP_TRANSPORT__SHM__ENABLED": "true",
+        "APP_TRANSPORT__SHM__SLOTS": "64",
+        "APP_TRANSPORT__SHM__SLOT_BYTES": "4096",
+    }
+    server = start(tmp_path, env)
+    acked: list[list[float]] = []
+    pending: list[float] | None = None
+    rng = random.Random(5)
+    publisher = ShmPublisher(server.control_endpoint, timeout_s=1)
+    killer = threading.Timer(1.0, kill9, args=(server,))
+    killer.start()
+    try:
+        while True:
+            pending = [rng.random() * 100 for _ in range(rng.randint(1, 50))]
+            try:
+                publisher.publish("RING", pending)
+                publisher.flush(timeout=5)  # returns once the appliance applied the frame
+            except PublishError:
+                break
+            acked.append(pending)
+            pending = None
+    finally:
+        killer.join()
+        publisher.close()
+    assert len(acked) > 10
+    server = start(tmp_path, env)
+    try:
+        values = [v for batch in acked for v in batch]
+        assert stats_match(server, "RING", values) or (
+            pending is not None and stats_match(server, "RING", values + pending)
+        )
+    finally:
+        assert server.stop() == 0
+
+
 def _post_batches(server: Server, n: int) -> list[list[float]]:
     batches = [[float(i * 10 + j) for j in range(1, 11)] for i in range(n)]
     for batch in batches:
