@@ -51,7 +51,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -212,7 +212,7 @@ class SegmentFile:
         self.close()
         self.fd, self.path, self.size = fd, path, os.fstat(fd).st_size
 
-    def append(self, first_lsn: int, chunks: list[bytes | memoryview]) -> None:
+    def append(self, first_lsn: int, chunks: Sequence[bytes | memoryview]) -> None:
         """Write `chunks` at the end in one write; on error restore the last good size."""
         total = sum(len(c) for c in chunks)
         if self.fd is None or (self.size > 0 and self.size + total > self.segment_bytes):
@@ -419,7 +419,7 @@ class DurableWriter:
         with self._commit_lock:
             if self._closed:
                 raise RuntimeError("the write-ahead log is closed")
-            if self._commit_items([request]):
+            if self._commit_one(request):
                 self.inline_commits += 1
                 if self.sync == "interval" and not self._dirty:
                     self._dirty = True
@@ -621,6 +621,46 @@ class DurableWriter:
             request.succeed(record)
         return True
 
+    def _commit_one(self, request: _InlineRequest) -> bool:
+        """`_commit_items` for the one batch of an inline commit, without a group's
+        bookkeeping (the hot path of a ring's frame); the caller holds the commit lock."""
+        symbol = request.symbol
+        total = self._totals.get(symbol)
+        if total is None:  # a new symbol: the limit is checked before anything is logged
+            known, limit = len(self._totals), self.store.max_symbols
+            if known >= limit:
+                request.fail(SymbolLimitError.at(known, limit))
+                return False
+            total = 0
+        record = BatchRecord(
+            self._next_lsn,
+            symbol,
+            total,
+            request.received_ns,
+            request.publisher_id,
+            request.sequence,
+            request.values,
+        )
+        try:
+            chunks = wal.encode_parts(record)
+        except ValueError as exc:  # a symbol the validators should have refused
+            request.fail(exc)
+            return False
+        if not self._write([(request, record)], chunks):
+            return False
+        self.groups += 1
+        self._next_lsn = record.lsn + 1
+        self._totals[symbol] = total + int(request.values.shape[0])
+        try:
+            self.store.ingest(symbol, record.values)
+        except Exception as exc:  # an engine fault: logged, reported to this caller only
+            log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
+            request.fail(exc)
+            return True
+        self._notify(record)
+        request.succeed(record)
+        return True
+
     def _encode(
         self, group: list[_Item], broken: set[tuple[int, int]]
     ) -> tuple[list[tuple[_Item, BatchRecord]], list[bytes | memoryview], int, dict[str, int]]:
@@ -667,7 +707,9 @@ class DurableWriter:
         return accepted, chunks, lsn, new_totals
 
     def _write(
-        self, accepted: list[tuple[_Item, BatchRecord]], chunks: list[bytes | memoryview]
+        self,
+        accepted: list[tuple[_Item, BatchRecord]],
+        chunks: Sequence[bytes | memoryview],
     ) -> bool:
         """One write (and under `always` one fsync) for the group; on failure fail it all."""
         written = False

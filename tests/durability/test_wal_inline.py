@@ -262,3 +262,26 @@ def test_a_writer_never_started_waits_for_start(tmp_path) -> None:
     thread.join(5)
     assert box[0].lsn == 1
     writer.close()
+
+
+def test_an_engine_fault_fails_only_that_inline_commit(tmp_path, monkeypatch) -> None:
+    store = make_store()
+    writer = make_writer(store, tmp_path, sync="never")
+    original = store.ingest
+
+    def faulty(symbol, values, *origin):
+        if float(values[0]) == 66.0:
+            raise RuntimeError("engine fault")
+        return original(symbol, values, *origin)
+
+    monkeypatch.setattr(store, "ingest", faulty)
+    writer.commit("A", np.array([1.0]))
+    with pytest.raises(RuntimeError, match="engine fault"):
+        writer.commit("A", np.array([66.0]))  # logged (lsn 2), not applied, reported here
+    assert writer.commit("A", np.array([2.0])).lsn == 3
+    assert store.length("A") == 2
+    writer.close()
+    records = [r for _, r in wal.scan_segment(wal.list_segments(wal.wal_dir(tmp_path))[0]).records]
+    assert [(r.lsn, r.first_index, float(r.values[0])) for r in records] == [
+        (1, 0, 1.0), (2, 1, 66.0), (3, 2, 2.0),
+    ]  # fmt: skip
