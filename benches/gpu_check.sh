@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks as one call on a lent GPU machine (see docs and shared/notes/gpu-device.md):
-# the `gpu`-marked tests, then benches/bench_gpu.py, each under its own timeout, logs in $OUT.
-# The machine has CuPy, numpy and pytest but no network: the appliance's other wheels travel in
-# .whl/ (carry it). numba is not there (its llvmlite wheel alone is 60 MB), so the compiled CPU
-# engine's tests are left out and `auto` falls back to numpy on that machine.
+# the `gpu`-marked tests, then benches/bench_gpu.py, each under its own timeout, logs in $OUT;
+# where numba is importable (its wheels carried in .whl/), also the compiled engine's tests and
+# benches/bench_compiled.py, the CPU baseline on the same host.
+# The machine has CuPy, numpy and pytest but no network: wheels travel in .whl/ (carry it; the
+# carry limit is 64 MiB in all: numba + llvmlite + msgspec for Python 3.12 are 61 MiB, the
+# server's wheels (sanic, pyzmq, ...) about 8 MB more, so carry one set or the other).
 #
 #   run: bash benches/gpu_check.sh            (with carry: [".whl"])
 set -uo pipefail
@@ -27,6 +29,16 @@ echo "gpu tests rc=$?" >>"$OUT/summary.txt"
 timeout 240 python3 benches/bench_gpu.py --n "${BENCH_N:-100000000}" >"$OUT/bench_gpu.md" 2>"$OUT/bench_gpu.err"
 echo "bench_gpu rc=$?" >>"$OUT/summary.txt"
 
+if python3 -c 'import numba' 2>/dev/null; then
+    timeout 240 python3 -m pytest -p no:benchmark -p no:cacheprovider -q -n 8 \
+        tests/engine/test_compiled_engine.py >"$OUT/compiled-tests.log" 2>&1
+    echo "compiled engine tests rc=$?" >>"$OUT/summary.txt"
+    timeout 420 python3 benches/bench_compiled.py --json "$OUT/compiled.json" \
+        >"$OUT/compiled.md" 2>"$OUT/compiled.err"
+    echo "bench_compiled rc=$?" >>"$OUT/summary.txt"
+fi
+
 cat "$OUT/gpu.txt" "$OUT/summary.txt"
 tail -n 3 "$OUT/gpu-tests.log"
-cat "$OUT/bench_gpu.md"
+[ -f "$OUT/compiled-tests.log" ] && tail -n 2 "$OUT/compiled-tests.log"
+[ -f "$OUT/compiled.md" ] && cat "$OUT/compiled.md"
