@@ -50,6 +50,10 @@ def load_cpu_engine(compile_cache_dir: str = "") -> Engine:
     Compiling takes seconds the first time; numba's on-disk cache (`compile_cache_dir`, else
     numba's default places) makes later starts take a fraction of a second. Both are logged.
     """
+    log.info(
+        "preparing the compiled kernels (the first start compiles them, seconds; "
+        "later starts load numba's cache)"
+    )
     try:
         from fallback.compiled import CompiledEngine, prepare_kernels
 
