@@ -112,24 +112,25 @@ def test_kill9_during_sustained_ingest_keeps_every_acknowledged_batch(tmp_path, 
         assert server.stop() == 0
 
 
-def test_kill9_during_zmq_dealer_ingest_keeps_every_acked_frame(tmp_path) -> None:
+def publish_until_killed(tmp_path, env, connect, symbol: str, seed: int) -> None:
+    """Publish random batches through `connect(server)`, each confirmed by `flush`, while the
+    appliance is killed with SIGKILL after 1 s; after a restart every confirmed batch is there
+    (and the one in flight may be)."""
     from transport.publisher import PublishError
-    from transport.zmq.publisher import ZmqPublisher
 
-    env = {"APP_TRANSPORT__ZMQ__ENABLED": "true"}
     server = start(tmp_path, env)
     acked: list[list[float]] = []
     pending: list[float] | None = None
-    rng = random.Random(3)
-    publisher = ZmqPublisher(server.router_endpoint, window=1, timeout_s=1, retry_interval_s=0.5)
+    rng = random.Random(seed)
+    publisher = connect(server)
     killer = threading.Timer(1.0, kill9, args=(server,))
     killer.start()
     try:
         while True:
             pending = [rng.random() * 100 for _ in range(rng.randint(1, 50))]
             try:
-                publisher.publish("Z", pending)
-                publisher.flush(timeout=1)  # returns once the appliance acked the frame
+                publisher.publish(symbol, pending)
+                publisher.flush(timeout=5)  # returns once the appliance confirmed the frame
             except PublishError:
                 break
             acked.append(pending)
@@ -141,18 +142,26 @@ def test_kill9_during_zmq_dealer_ingest_keeps_every_acked_frame(tmp_path) -> Non
     server = start(tmp_path, env)
     try:
         values = [v for batch in acked for v in batch]
-        assert stats_match(server, "Z", values) or (
-            pending is not None and stats_match(server, "Z", values + pending)
+        assert stats_match(server, symbol, values) or (
+            pending is not None and stats_match(server, symbol, values + pending)
         )
     finally:
         assert server.stop() == 0
+
+
+def test_kill9_during_zmq_dealer_ingest_keeps_every_acked_frame(tmp_path) -> None:
+    from transport.zmq.publisher import ZmqPublisher
+
+    def connect(server):  # flush returns once the appliance acked the frame
+        return ZmqPublisher(server.router_endpoint, window=1, timeout_s=1, retry_interval_s=0.5)
+
+    publish_until_killed(tmp_path, {"APP_TRANSPORT__ZMQ__ENABLED": "true"}, connect, "Z", 3)
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
 def test_kill9_during_shm_ingest_with_the_log_on_keeps_every_applied_frame(tmp_path) -> None:
     # The ring's poller commits inline under `interval` (DurableWriter.commit on its own
     # thread): a frame whose slot the appliance passed (flush returned) is in the log.
-    from transport.publisher import PublishError
     from transport.shm.publisher import ShmPublisher
 
     env = {
@@ -162,35 +171,11 @@ def test_kill9_during_shm_ingest_with_the_log_on_keeps_every_applied_frame(tmp_p
         "APP_TRANSPORT__SHM__SLOTS": "64",
         "APP_TRANSPORT__SHM__SLOT_BYTES": "4096",
     }
-    server = start(tmp_path, env)
-    acked: list[list[float]] = []
-    pending: list[float] | None = None
-    rng = random.Random(5)
-    publisher = ShmPublisher(server.control_endpoint, timeout_s=1)
-    killer = threading.Timer(1.0, kill9, args=(server,))
-    killer.start()
-    try:
-        while True:
-            pending = [rng.random() * 100 for _ in range(rng.randint(1, 50))]
-            try:
-                publisher.publish("RING", pending)
-                publisher.flush(timeout=5)  # returns once the appliance applied the frame
-            except PublishError:
-                break
-            acked.append(pending)
-            pending = None
-    finally:
-        killer.join()
-        publisher.close()
-    assert len(acked) > 10
-    server = start(tmp_path, env)
-    try:
-        values = [v for batch in acked for v in batch]
-        assert stats_match(server, "RING", values) or (
-            pending is not None and stats_match(server, "RING", values + pending)
-        )
-    finally:
-        assert server.stop() == 0
+
+    def connect(server):  # flush returns once the appliance applied the frame
+        return ShmPublisher(server.control_endpoint, timeout_s=1)
+
+    publish_until_killed(tmp_path, env, connect, "RING", 5)
 
 
 def _post_batches(server: Server, n: int) -> list[list[float]]:
