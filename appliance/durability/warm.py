@@ -412,16 +412,7 @@ class WarmTier:
             return None
         piece = block.piece
         try:
-            return self._process.seal(
-                directory,
-                symbol,
-                piece.first_index,
-                piece.values,
-                piece.mark_index,
-                piece.mark_ns,
-                block.first_lsn,
-                block.last_lsn,
-            )
+            return self._process.seal(directory, symbol, piece, block.first_lsn, block.last_lsn)
         except Exception as exc:
             log.warning(
                 "warm tier: the sealing process could not seal a block; sealing it here",

@@ -26,6 +26,7 @@ import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import crc32c
 import numpy as np
@@ -38,6 +39,9 @@ from appliance.durability.warm_segment import (
     segment_name,
     write_atomically,
 )
+
+if TYPE_CHECKING:
+    from appliance.durability.warm import MemoryPiece
 
 _PR_SET_PDEATHSIG = 1
 CHILD_NICE = 19
@@ -57,17 +61,10 @@ class LogSealer:
         self.sealed = 0  # segments the child wrote (tests, observability)
 
     def seal(
-        self,
-        directory: Path,
-        symbol: str,
-        first_index: int,
-        values: np.ndarray,
-        mark_index: np.ndarray,
-        mark_ns: np.ndarray,
-        first_lsn: int,
-        last_lsn: int,
+        self, directory: Path, symbol: str, piece: MemoryPiece, first_lsn: int, last_lsn: int
     ) -> tuple[SegmentHeader, Path]:
-        """Have the child write the segment of these values; raises if it could not."""
+        """Have the child write the segment of the piece's values; raises if it could not."""
+        values = piece.values
         crc = values_crc(values)
         with self._lock:
             if self._pool is None:
@@ -82,11 +79,11 @@ class LogSealer:
             str(self.log_dir),
             str(directory),
             symbol,
-            first_index,
+            piece.first_index,
             int(values.shape[0]),
             crc,
-            np.ascontiguousarray(mark_index),
-            np.ascontiguousarray(mark_ns),
+            np.ascontiguousarray(piece.mark_index),
+            np.ascontiguousarray(piece.mark_ns),
             first_lsn,
             last_lsn,
         )
