@@ -609,17 +609,34 @@ class DurableWriter:
                 # publisher; it fails like that one (and replays from the log like it).
                 request.fail(_OrderBroken("an earlier frame of this publisher failed"))
                 continue
-            try:
-                self.store.ingest(record.symbol, record.values)
-            except Exception as exc:  # an engine fault: logged, reported to this caller only
-                log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
-                request.fail(exc)
-                if request.group is not None:
-                    broken.add((id(request.group), request.publisher_id))
-                continue
-            self._notify(record)
-            request.succeed(record)
+            if not self._apply(request, record) and request.group is not None:
+                broken.add((id(request.group), request.publisher_id))
         return True
+
+    def _apply(self, request: _Item, record: BatchRecord) -> bool:
+        """Apply a logged record, tell the listeners and the caller; False on an engine fault,
+        which is logged and reported to this caller only (the record replays from the log)."""
+        try:
+            self.store.ingest(record.symbol, record.values)
+        except Exception as exc:
+            log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
+            request.fail(exc)
+            return False
+        self._notify(record)
+        request.succeed(record)
+        return True
+
+    @staticmethod
+    def _record(request: _Item, lsn: int, total: int) -> BatchRecord:
+        return BatchRecord(
+            lsn,
+            request.symbol,
+            total,
+            request.received_ns,
+            request.publisher_id,
+            request.sequence,
+            request.values,
+        )
 
     def _commit_one(self, request: _InlineRequest) -> bool:
         """`_commit_items` for the one batch of an inline commit, without a group's
@@ -632,15 +649,7 @@ class DurableWriter:
                 request.fail(SymbolLimitError.at(known, limit))
                 return False
             total = 0
-        record = BatchRecord(
-            self._next_lsn,
-            symbol,
-            total,
-            request.received_ns,
-            request.publisher_id,
-            request.sequence,
-            request.values,
-        )
+        record = self._record(request, self._next_lsn, total)
         try:
             chunks = wal.encode_parts(record)
         except ValueError as exc:  # a symbol the validators should have refused
@@ -651,14 +660,7 @@ class DurableWriter:
         self.groups += 1
         self._next_lsn = record.lsn + 1
         self._totals[symbol] = total + int(request.values.shape[0])
-        try:
-            self.store.ingest(symbol, record.values)
-        except Exception as exc:  # an engine fault: logged, reported to this caller only
-            log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
-            request.fail(exc)
-            return True
-        self._notify(record)
-        request.succeed(record)
+        self._apply(request, record)
         return True
 
     def _encode(
@@ -684,15 +686,7 @@ class DurableWriter:
                     request.fail(SymbolLimitError.at(known, limit))
                     continue
                 total = 0
-            record = BatchRecord(
-                lsn,
-                symbol,
-                total,
-                request.received_ns,
-                request.publisher_id,
-                request.sequence,
-                request.values,
-            )
+            record = self._record(request, lsn, total)
             try:
                 chunks.extend(wal.encode_parts(record))
             except ValueError as exc:  # a symbol the validators should have refused
