@@ -351,6 +351,18 @@ def series_window_stats(control, window):
 # -- append ---------------------------------------------------------------------------------
 
 
+@njit(nogil=True, inline="always")
+def _set_row(directory, shape, depth, index, row):
+    """Write row `index` of level `depth`: (count, ref, mean, M2, min, max)."""
+    page, base = _row_slot(directory, shape, depth, index)
+    page[base + COUNT] = row[0]
+    page[base + REF] = row[1]
+    page[base + MEAN] = row[2]
+    page[base + M2] = row[3]
+    page[base + MIN] = row[4]
+    page[base + MAX] = row[5]
+
+
 @njit(nogil=True)
 def _summarize_block(directory, shape, block_index):
     """Level-1 row of one whole block: anchored at its first value, two passes."""
@@ -364,13 +376,7 @@ def _summarize_block(directory, shape, block_index):
     total, low, high = _raw_sums(values, offset, offset + width, ref)
     mean = total * (1.0 / width)  # exact: width is a power of two
     m2 = _raw_squares(values, offset, offset + width, (ref, mean))
-    row, base = _row_slot(directory, shape, 1, block_index)
-    row[base + COUNT] = width
-    row[base + REF] = ref
-    row[base + MEAN] = mean
-    row[base + M2] = m2
-    row[base + MIN] = low
-    row[base + MAX] = high
+    _set_row(directory, shape, 1, block_index, (width, ref, mean, m2, low, high))
 
 
 @njit(nogil=True)
@@ -400,13 +406,7 @@ def _merge_group(directory, shape, depth, parent_index):
         row = base + c * ROW_WIDTH
         d = ((children[row + REF] - ref) + children[row + MEAN]) - mean
         m2 += children[row + COUNT] * (d * d)
-    parent, pbase = _row_slot(directory, shape, depth, parent_index)
-    parent[pbase + COUNT] = count
-    parent[pbase + REF] = ref
-    parent[pbase + MEAN] = mean
-    parent[pbase + M2] = m2
-    parent[pbase + MIN] = low
-    parent[pbase + MAX] = high
+    _set_row(directory, shape, depth, parent_index, (count, ref, mean, m2, low, high))
 
 
 @njit(nogil=True)
