@@ -548,19 +548,24 @@ def test_submit_group_logs_applies_and_answers_once_on_the_writer(tmp_path) -> N
     assert hot(replayed, "A") == hot(store, "A") and hot(replayed, "B") == hot(store, "B")
 
 
+def fail_batches_starting_with(store: Store, monkeypatch, value: float) -> None:
+    """Make the store's engine raise on every batch whose first value is `value`."""
+    original = store.ingest
+
+    def faulty(symbol, values, *origin):
+        if float(values[0]) == value:
+            raise RuntimeError("engine fault")
+        return original(symbol, values, *origin)
+
+    monkeypatch.setattr(store, "ingest", faulty)
+
+
 def test_submit_group_symbol_limit_and_an_engine_fault_stop_only_that_publisher(
     tmp_path, monkeypatch
 ) -> None:
     store = make_store(max_symbols=2)
     writer = make_writer(store, tmp_path)
-    original = store.ingest
-
-    def faulty(symbol, values, *origin):
-        if float(values[0]) == 66.0:
-            raise RuntimeError("engine fault")
-        return original(symbol, values, *origin)
-
-    monkeypatch.setattr(store, "ingest", faulty)
+    fail_batches_starting_with(store, monkeypatch, 66.0)
     items = [
         ("A", np.array([1.0]), 1, 1),
         ("B", np.array([66.0]), 1, 2),  # logged, not applied

@@ -16,7 +16,7 @@ from appliance.durability.records import BatchRecord
 from appliance.durability.recovery import recover
 from appliance.durability.writer import DurableWriter, StorageUnavailableError
 from appliance.store import SymbolLimitError
-from tests.durability.test_wal import hot, make_store, make_writer
+from tests.durability.test_wal import fail_batches_starting_with, hot, make_store, make_writer
 from tests.waiting import wait_until
 from transport.ingest import Rejected
 from transport.wire import Reason
@@ -267,14 +267,7 @@ def test_a_writer_never_started_waits_for_start(tmp_path) -> None:
 def test_an_engine_fault_fails_only_that_inline_commit(tmp_path, monkeypatch) -> None:
     store = make_store()
     writer = make_writer(store, tmp_path, sync="never")
-    original = store.ingest
-
-    def faulty(symbol, values, *origin):
-        if float(values[0]) == 66.0:
-            raise RuntimeError("engine fault")
-        return original(symbol, values, *origin)
-
-    monkeypatch.setattr(store, "ingest", faulty)
+    fail_batches_starting_with(store, monkeypatch, 66.0)
     writer.commit("A", np.array([1.0]))
     with pytest.raises(RuntimeError, match="engine fault"):
         writer.commit("A", np.array([66.0]))  # logged (lsn 2), not applied, reported here

@@ -734,14 +734,21 @@ def run_batch(processor: FrameProcessor, sink: BatchSink, messages: list[bytes])
     return [o for per_message in processor.finish(batch, results[0]) for o in per_message]
 
 
-def test_batch_without_failures_answers_like_frame_by_frame() -> None:
-    messages = [frame(1, first=True), frame(2), frame(2), frame(5), frame(3), frame(1, 9)]
+def assert_batch_answers_like_frame_by_frame(messages: list[bytes]):
+    """The batched path's outcomes and applied batches equal the frame-by-frame path's;
+    returns both processors (batched, sequential)."""
     sequential, seq_sink = make()
     expected = [o for m in messages for o in sequential.process_message(m)]
     sink = BatchSink()
     batched = FrameProcessor(sink, "test", strict_order=True)
     assert run_batch(batched, sink, messages) == expected
     assert sink.applied == seq_sink.applied
+    return batched, sequential
+
+
+def test_batch_without_failures_answers_like_frame_by_frame() -> None:
+    messages = [frame(1, first=True), frame(2), frame(2), frame(5), frame(3), frame(1, 9)]
+    batched, sequential = assert_batch_answers_like_frame_by_frame(messages)
     assert batched.consumed(PID) == sequential.consumed(PID) == 3
 
 
@@ -795,9 +802,4 @@ def test_batch_never_acks_an_unapplied_frame_nor_applies_one_twice(frames, faili
 @given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 2), st.booleans()), max_size=12))
 def test_batch_without_failures_is_frame_by_frame(frames) -> None:
     messages = [frame(seq, pid, symbol=f"S{pid}", first=first) for seq, pid, first in frames]
-    sequential, seq_sink = make()
-    expected = [o for m in messages for o in sequential.process_message(m)]
-    sink = BatchSink()
-    batched = FrameProcessor(sink, "test", strict_order=True)
-    assert run_batch(batched, sink, messages) == expected
-    assert sink.applied == seq_sink.applied
+    assert_batch_answers_like_frame_by_frame(messages)
