@@ -80,9 +80,11 @@ class RecordListener(Protocol):
     def on_record(self, record: BatchRecord) -> None: ...
 
 
-class _Request:
-    __slots__ = ("future", "publisher_id", "received_ns", "sequence", "symbol", "values")
-    group: _Group | None = None  # a future-based request (REST) never belongs to a group
+class _Batch:
+    """One batch to log: what its record is made of, stamped when it was received."""
+
+    __slots__ = ("publisher_id", "received_ns", "sequence", "symbol", "values")
+    group: _Group | None = None  # only `_GroupRequest`s belong to a transport's group
 
     def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
         self.symbol = symbol
@@ -90,6 +92,15 @@ class _Request:
         self.publisher_id = publisher_id
         self.sequence = sequence
         self.received_ns = time.time_ns()
+
+
+class _Request(_Batch):
+    """A batch whose caller waits on a future (REST, `submit`)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+        super().__init__(symbol, values, publisher_id, sequence)
         self.future: Future[BatchRecord] = Future()
 
     def succeed(self, record: BatchRecord) -> None:
@@ -122,18 +133,13 @@ class _Group:
             log.exception("write-ahead log group completion failed")
 
 
-class _InlineRequest:
+class _InlineRequest(_Batch):
     """The batch of an inline commit (`DurableWriter.commit`): the caller reads the outcome."""
 
-    __slots__ = ("error", "publisher_id", "received_ns", "record", "sequence", "symbol", "values")
-    group: _Group | None = None
+    __slots__ = ("error", "record")
 
     def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
-        self.symbol = symbol
-        self.values = values
-        self.publisher_id = publisher_id
-        self.sequence = sequence
-        self.received_ns = time.time_ns()
+        super().__init__(symbol, values, publisher_id, sequence)
         self.record: BatchRecord | None = None
         self.error: BaseException | None = _UNRESOLVED
 
