@@ -2,9 +2,12 @@
 
 Why this shape: handlers are thin (validate -> store -> encode), every failure is rendered by
 one error handler as `{"error", "code"}` JSON with the status from `appliance.errors`, and the
-app owns all mutable state (`app.ctx.store`, `app.ctx.ready`, `app.ctx.transports`), so a test
-or benchmark can build as many apps as it likes. One process owns the store: the CLI runs this
-app with `single_process=True`; several Sanic workers would each hold a different store.
+app owns all mutable state (`app.ctx.store`, `app.ctx.readiness`, `app.ctx.transports`), so a
+test or benchmark can build as many apps as it likes. Every route is added through `_route`, the
+one request hook: it says per path whether the route waits for readiness (data routes) or
+answers at once (probes, documents), and marks drained keep-alive connections. One process
+owns the store: the CLI runs this app with `single_process=True`; several Sanic workers would
+each hold a different store.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -34,6 +38,7 @@ from appliance.durability.writer import StorageUnavailableError
 from appliance.engine import select_engine
 from appliance.errors import ApiError
 from appliance.openapi import build_openapi
+from appliance.readiness import Readiness
 from appliance.stats_batch import StatsBatchDecoder, answer, stats_body, unknown_symbol
 from appliance.store import Store, SymbolLimitError, UnknownSymbolError
 from appliance.validation import (
@@ -80,7 +85,8 @@ def close_if_draining(request: Request | None) -> None:
     # getattr chain: also called from the error handler with half-built or absent requests,
     # where raising would replace the JSON error with Sanic's plain-text fallback.
     ctx = getattr(getattr(request, "app", None), "ctx", None)
-    if ctx is not None and not getattr(ctx, "ready", True):
+    readiness = getattr(ctx, "readiness", None)
+    if readiness is not None and readiness.draining:
         stream = getattr(request, "stream", None)
         if stream is not None and hasattr(stream, "keep_alive"):
             stream.keep_alive = False
@@ -202,14 +208,16 @@ def create_app(
     app.ctx.config = config
     app.ctx.engine = engine
     app.ctx.store = build_store(config, engine)
-    app.ctx.ready = False
+    # starting -> (replaying) -> ready -> stopping; data routes wait for `ready` (bounded by
+    # server.wait_for_ready_s), the probes report it (appliance.readiness).
+    app.ctx.readiness = Readiness(config.server.wait_for_ready_s)
     # The write-ahead log's writer (appliance.durability.writer.DurableWriter), attached by the
     # CLI after recovery (`attach_durability`); None: batches go straight to the store (tests,
     # benchmarks, `[durability] enabled = false`).
     app.ctx.durable = None
-    # Set by the CLI with durability on: the after_server_start hook replays the log (batches
-    # and stats answer 503 not_ready meanwhile) and then attaches the writer; a failure is
-    # kept in `start_error` (one line) and the server stops.
+    # Set by the CLI with durability on: the after_server_start hook replays the log (data
+    # requests wait meanwhile) and then attaches the writer; a failure is kept in
+    # `start_error` (one line) and the server stops.
     app.ctx.recover_on_start = False
     app.ctx.start_error = None
     # Objects with `on_record(record)` (the warm tier) to register with the log's writer; they
@@ -249,13 +257,15 @@ def attach_durability(app: Sanic) -> Any:
         app.ctx.warm = WarmTier.from_config(app.ctx.config.durability)
         app.ctx.record_listeners.append(app.ctx.warm)
     listeners = list(getattr(app.ctx, "record_listeners", ()))
-    writer = open_log(app.ctx.config.durability, app.ctx.store, listeners)
+    writer = open_log(
+        app.ctx.config.durability, app.ctx.store, listeners, app.ctx.readiness.progress
+    )
     app.ctx.durable = writer
     return writer
 
 
 async def _recover(app: Sanic) -> bool:
-    """Replay the log while the server already answers (/ready 503, batches 503 not_ready).
+    """Replay the log while the server already answers (probes 503, data requests wait).
 
     On a log or warm directory that must not be served, keep the one-line reason in
     `app.ctx.start_error` and stop the server the way SIGTERM does; the CLI then exits 2.
@@ -268,6 +278,7 @@ async def _recover(app: Sanic) -> bool:
 
     loop = asyncio.get_running_loop()
     stop_requested = _hold_stop_signals(loop)
+    app.ctx.readiness.mark_replaying()
     log.info("replaying the write-ahead log", extra={"dir": app.ctx.config.durability.dir})
     try:
         await asyncio.to_thread(attach_durability, app)
@@ -278,8 +289,8 @@ async def _recover(app: Sanic) -> bool:
         else:
             message = str(exc)
         app.ctx.start_error = message
+        app.ctx.readiness.mark_failed()  # waiting requests answer 503 at once
         log.error("cannot recover the write-ahead log", extra={"reason": message})
-        # recover_on_start stays set: batches and stats keep answering 503 while stopping.
         stop_requested.append(True)
     else:
         app.ctx.recover_on_start = False
@@ -348,16 +359,12 @@ def close_warm(app: Sanic) -> None:
         app.ctx.warm.close()
 
 
-def _refuse_while_recovering(ctx: Any) -> None:
-    if ctx.recover_on_start:
-        raise ApiError("not_ready", "the appliance is replaying its write-ahead log")
-
-
 async def _ingest(ctx: Any, symbol: str, values: Any) -> int:
     """Append a validated batch: straight to the store, or through the write-ahead log."""
     durable = ctx.durable
     if durable is None:
-        _refuse_while_recovering(ctx)  # never bypass the log while it is being replayed
+        if ctx.recover_on_start:  # never bypass the log while it is being replayed
+            raise ctx.readiness.not_ready_error()
         return ctx.store.ingest(symbol, values)
     # Log, then apply, then ack: the writer thread resolves the future only once the record
     # is written (fsynced under `always`) and applied to the store.
@@ -365,27 +372,54 @@ async def _ingest(ctx: Any, symbol: str, values: Any) -> int:
     return int(record.values.shape[0])
 
 
+Handler = Callable[[Request], Awaitable[HTTPResponse]]
+
+
+def _route(
+    app: Sanic, path: str, methods: list[str], *, waits_for_ready: bool
+) -> Callable[[Handler], Handler]:
+    """Add a route through the one request hook every path shares.
+
+    `waits_for_ready`: a data route (it reads or writes the store) waits while the appliance
+    starts, up to `server.wait_for_ready_s`, then answers 503 `not_ready`; probes and documents
+    answer at once. Every route marks drained keep-alive connections (`close_if_draining`).
+    Paths answer with and without the trailing slash.
+    """
+
+    def register(handler: Handler) -> Handler:
+        if waits_for_ready:
+
+            async def hooked(request: Request) -> HTTPResponse:
+                readiness = request.app.ctx.readiness
+                if not readiness.accepting:  # one attribute read once started
+                    await readiness.wait_accepting()
+                close_if_draining(request)
+                return await handler(request)
+
+        else:
+
+            async def hooked(request: Request) -> HTTPResponse:
+                close_if_draining(request)
+                return await handler(request)
+
+        app.route(path, methods=methods, strict_slashes=False, name=handler.__name__)(hooked)
+        return handler
+
+    return register
+
+
 def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> None:
     store: Store = app.ctx.store
     batch_decoder = StatsBatchDecoder(app.ctx.config.server.max_stats_queries)
     openapi_body = _ENCODER.encode(openapi)
+    probe = partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=False)
+    data_get = partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=True)
+    data_post = partial(_route, app, methods=["POST"], waits_for_ready=True)
+    _add_probes(probe)
 
-    @app.route("/health", methods=GET_AND_HEAD, strict_slashes=False)
-    async def health(request: Request) -> HTTPResponse:
-        close_if_draining(request)
-        return json_response({"status": "ok"})
-
-    @app.route("/ready", methods=GET_AND_HEAD, strict_slashes=False)
-    async def ready(request: Request) -> HTTPResponse:
-        close_if_draining(request)
-        if not request.app.ctx.ready:
-            return error_response(ApiError("not_ready", "the appliance is starting or stopping"))
-        return json_response({"status": "ready"})
-
-    @app.post("/add_batch", strict_slashes=False)
+    @data_post("/add_batch")
     async def add_batch(request: Request) -> HTTPResponse:
         # Hot path: one C decode, one array conversion, vectorized checks, one locked append.
-        close_if_draining(request)
         check_json_content_type(request.headers.get("content-type"))
         batch = decoder.decode(request.body)
         try:
@@ -398,12 +432,10 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             raise ApiError("storage_unavailable", str(exc)) from None
         return json_response({"status": "ok", "symbol": batch.symbol, "added": added})
 
-    @app.route("/stats", methods=GET_AND_HEAD, strict_slashes=False)
+    @data_get("/stats")
     async def stats(request: Request) -> HTTPResponse:
         # Hot path: a hand-rolled query parse, dict lookups, and the store's per-symbol cache.
         query = parse_stats_query(parse_query_string(request.query_string))
-        close_if_draining(request)
-        _refuse_while_recovering(request.app.ctx)  # the store is still being rebuilt
         try:
             result = store.stats(query.symbol, query.exponent)
         except UnknownSymbolError:
@@ -412,51 +444,68 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             raise unknown_symbol(query.symbol) from None
         return json_response(stats_body(result))
 
-    @app.post("/stats/batch", strict_slashes=False)
+    @data_post("/stats/batch")
     async def stats_batch(request: Request) -> HTTPResponse:
-        # Whole-body errors (400/413/415) first, before the store is touched; per-item errors
-        # are items of the 200 answer. On the event loop like GET /stats/: 10k queries cost a
-        # few ms of decoding and encoding (benches/RESULTS.md).
-        close_if_draining(request)
+        # Whole-body errors (400/413/415) before the store is touched; per-item errors are
+        # items of the 200 answer. On the event loop like GET /stats/: 10k queries cost a few
+        # ms of decoding and encoding (benches/RESULTS.md).
         check_json_content_type(request.headers.get("content-type"))
         items = batch_decoder.decode(request.body)
-        _refuse_while_recovering(request.app.ctx)
         return HTTPResponse(answer(store, items), content_type=JSON)
 
-    @app.route("/ingest", methods=GET_AND_HEAD, strict_slashes=False)
+    @probe("/ingest")
     async def ingest(request: Request) -> HTTPResponse:
-        close_if_draining(request)
         transports = request.app.ctx.transports
         return json_response({"transports": transports.snapshot() if transports else {}})
 
-    _add_history_routes(app, store)
+    _add_history_routes(data_get, store)
 
-    @app.route("/openapi.json", methods=GET_AND_HEAD, strict_slashes=False)
+    @probe("/openapi.json")
     async def openapi_json(request: Request) -> HTTPResponse:
-        close_if_draining(request)
         return HTTPResponse(openapi_body, content_type=JSON)
 
 
-def _add_history_routes(app: Sanic, store: Store) -> None:
-    """GET /history/stats (the warm tier, issue 5) and GET /symbols (both tiers' counts).
+def _add_probes(probe: Callable[[str], Callable[[Handler], Handler]]) -> None:
+    """Liveness (`/live`: the process serves HTTP) and readiness (`/health`, `/ready`).
 
-    Both answer 503 `not_ready` while the log is replayed: the tiers are still being rebuilt
-    and would answer with part of the history.
+    `/health` keeps the original service's contract, "running and ready to accept traffic":
+    200 only once reads and writes are accepted, 503 with the phase and the replay's progress
+    before (and while stopping). `/ready` says the same with its own bodies.
     """
 
-    def refuse_while_replaying(request: Request) -> None:
-        if getattr(request.app.ctx, "recover_on_start", False):
-            raise ApiError("not_ready", "the appliance is replaying its write-ahead log")
+    @probe("/live")
+    async def live(request: Request) -> HTTPResponse:
+        return json_response({"status": "ok"})
 
-    @app.route("/history/stats", methods=GET_AND_HEAD, strict_slashes=False)
+    @probe("/health")
+    async def health(request: Request) -> HTTPResponse:
+        readiness = request.app.ctx.readiness
+        if not readiness.ready:
+            return json_response(readiness.health_body(), 503)
+        return json_response({"status": "ok"})
+
+    @probe("/ready")
+    async def ready(request: Request) -> HTTPResponse:
+        readiness = request.app.ctx.readiness
+        if not readiness.ready:
+            return error_response(readiness.not_ready_error())
+        return json_response({"status": "ready"})
+
+
+def _add_history_routes(data_get: Callable[[str], Callable[[Handler], Handler]], store: Store):
+    """GET /history/stats (the warm tier, issue 5) and GET /symbols (both tiers' counts).
+
+    Both wait for readiness like every data route: while the log is replayed the tiers are
+    still being rebuilt and would answer with part of the history.
+    """
+
+    @data_get("/history/stats")
     async def history_stats(request: Request) -> HTTPResponse:
-        close_if_draining(request)
         params = parse_query_string(request.query_string)
         symbol = params.get("symbol")
         if symbol is None:
             raise ApiError("missing_parameter", "the symbol query parameter is required")
         validate_symbol(symbol)
-        refuse_while_replaying(request)
         warm = request.app.ctx.warm
         if warm is None:
             raise ApiError(
@@ -479,10 +528,8 @@ def _add_history_routes(app: Sanic, store: Store) -> None:
             raise ApiError(exc.code, exc.message) from None
         return json_response({"symbol": symbol, **result.to_dict()})
 
-    @app.route("/symbols", methods=GET_AND_HEAD, strict_slashes=False)
+    @data_get("/symbols")
     async def symbols(request: Request) -> HTTPResponse:
-        close_if_draining(request)
-        refuse_while_replaying(request)
         warm = request.app.ctx.warm
         totals = warm.symbols() if warm is not None else {}
         rows = []
@@ -503,12 +550,12 @@ def _add_lifecycle(app: Sanic) -> None:
         # Transports start before `ready`: a client that waits for /ready can publish at once.
         if app.ctx.transports is not None:
             app.ctx.transports.start(resume=app.ctx.publisher_sequences.snapshot())
-        app.ctx.ready = True
+        app.ctx.readiness.mark_ready()  # wakes the requests that waited for the replay
         log.info("appliance ready", extra={"symbols": len(app.ctx.store)})
 
     @app.before_server_stop
     async def mark_draining(app: Sanic) -> None:
-        app.ctx.ready = False
+        app.ctx.readiness.mark_stopping()
         log.info("appliance stopping: draining in-flight requests")
         if app.ctx.transports is not None:
             # Ingest stops first (bounded wait, off the loop so REST keeps draining meanwhile).

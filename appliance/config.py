@@ -62,6 +62,9 @@ class ServerConfig(_Section):
     # Most queries in one POST /stats/batch (413 batch_too_large above it).
     max_stats_queries: PositiveInt = 10_000
     graceful_shutdown_s: ShutdownSeconds = 15.0
+    # A data request that arrives while the appliance starts (log replay) waits at most this
+    # long for it to turn ready, then answers 503 not_ready; 0 = answer 503 at once.
+    wait_for_ready_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
 
 
 class StoreConfig(_Section):

@@ -105,8 +105,9 @@ _ROWS = (
     ErrorCode(
         "not_ready",
         503,
-        "The appliance is still starting (readiness probe); also POST /add_batch/, "
-        "GET /stats/ and POST /stats/batch while the write-ahead log is replayed at start.",
+        "The appliance is not ready (GET /health, GET /ready): starting, replaying its "
+        "write-ahead log, stopping, or failed to start; also a data request that waited "
+        "`server.wait_for_ready_s` for the start to end, or came during a failed start.",
     ),
     ErrorCode(
         "storage_unavailable",

@@ -266,6 +266,27 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
             "required": ["status"],
             "properties": {"status": {"type": "string"}},
         },
+        "HealthNotReady": {
+            "type": "object",
+            "required": ["error", "code", "status"],
+            "properties": {
+                "error": {"type": "string"},
+                "code": {"const": "not_ready"},
+                "status": {"enum": ["starting", "replaying", "stopping", "failed"]},
+                "progress": {
+                    "type": "object",
+                    "description": "only while replaying: write-ahead log segments done of "
+                    "total, records and values replayed so far, seconds since the replay began",
+                    "properties": {
+                        "segments_total": {"type": "integer"},
+                        "segments_done": {"type": "integer"},
+                        "records": {"type": "integer"},
+                        "values": {"type": "integer"},
+                        "elapsed_s": {"type": "number"},
+                    },
+                },
+            },
+        },
         "Error": {
             "type": "object",
             "required": ["error", "code"],
@@ -399,11 +420,28 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
             "the trailing slash. Requests to unknown paths answer 404 `not_found`.",
         },
         "paths": {
+            "/live": {
+                "get": {
+                    "operationId": "live",
+                    "summary": "Liveness: 200 whenever the process serves HTTP (liveness probes)",
+                    "responses": {"200": _ok('alive: `{"status": "ok"}`', "Status"), **_errors()},
+                }
+            },
             "/health": {
                 "get": {
                     "operationId": "health",
-                    "summary": "Liveness",
-                    "responses": {"200": _ok('alive: `{"status": "ok"}`', "Status"), **_errors()},
+                    "summary": "Ready to accept traffic: 200 only once reads and writes are "
+                    "accepted; 503 with the phase and the log replay's progress before that and "
+                    "while stopping",
+                    "responses": {
+                        "200": _ok('ready: `{"status": "ok"}`', "Status"),
+                        **_errors(),
+                        "503": {
+                            "description": "`not_ready`: starting, replaying the write-ahead "
+                            "log (with progress), stopping, or failed to start",
+                            "content": {_JSON: {"schema": _ref("HealthNotReady")}},
+                        },
+                    },
                 }
             },
             "/ready": {

@@ -32,6 +32,7 @@ import numpy as np
 from appliance.durability import wal
 from appliance.durability.records import BatchRecord
 from appliance.durability.writer import DurableWriter, RecordListener
+from appliance.readiness import ReplayProgress
 from appliance.store import Store, SymbolLimitError
 
 if TYPE_CHECKING:
@@ -110,12 +111,13 @@ def recover(
     listeners: Iterable[RecordListener] = (),
     *,
     use_checkpoint: bool = True,
+    progress: ReplayProgress | None = None,
 ) -> RecoveryResult:
     """Rebuild `store` (which must be empty) from the checkpoint and the log under `data_dir`.
 
     Raises `CorruptLogError` for damage that is not a torn tail. Every verified record is
     passed to the listeners, those covered by the checkpoint included (a listener knows what
-    it already has).
+    it already has). `progress`, if given, is advanced after each segment (GET /health's body).
     """
     if len(store):
         raise ValueError("recovery needs an empty store")
@@ -139,7 +141,9 @@ def recover(
             result.totals[symbol] = item.total
         result.next_lsn = checkpoint.lsn + 1
 
-    last_lsn = _replay_log(data_dir, after, store, windows, result, listeners)
+    last_lsn = _replay_log(
+        data_dir, after, store, windows, result, listeners, progress or ReplayProgress()
+    )
     result.next_lsn = max(result.next_lsn, last_lsn + 1)
 
     for symbol, window in windows.items():
@@ -174,9 +178,11 @@ def _replay_log(
     windows: dict[str, _Window],
     result: RecoveryResult,
     listeners: list[RecordListener],
+    progress: ReplayProgress,
 ) -> int:
     """Verify and replay every segment in lsn order; trim a torn tail; return the last lsn."""
     segments = wal.list_segments(wal.wal_dir(data_dir))
+    progress.segments_total = len(segments)
     if segments and wal.segment_first_lsn(segments[0]) > after + 1:
         # Segments were retired under a checkpoint that is gone (or damaged): records between
         # are lost, and replaying the rest would rebuild a wrong store.
@@ -214,6 +220,11 @@ def _replay_log(
                 os.fsync(f.fileno())
             result.truncated.append((path, torn.offset))
         result.tail = path
+        progress.segments_done, progress.records, progress.values = (
+            index + 1,
+            result.records,
+            result.values,
+        )
     return last_lsn
 
 
@@ -286,6 +297,7 @@ def open_log(
     config: DurabilityConfig,
     store: Store,
     listeners: Iterable[RecordListener] = (),
+    progress: ReplayProgress | None = None,
 ) -> DurableWriter:
     """Recover `store` from `config.dir`, then start the writer that continues the log.
 
@@ -295,7 +307,7 @@ def open_log(
     listeners = list(listeners)
     lock_fd = wal.lock_dir(wal.wal_dir(config.dir))  # LogBusyError if another process has it
     try:
-        result = recover(store, config.dir, listeners)
+        result = recover(store, config.dir, listeners, progress=progress)
     except BaseException:
         os.close(lock_fd)
         raise

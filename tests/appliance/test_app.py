@@ -79,7 +79,7 @@ def test_app_is_configured_for_production() -> None:
     assert app.config.ACCESS_LOG is False
     shutdown_s = app.config.GRACEFUL_SHUTDOWN_TIMEOUT
     assert shutdown_s == config.server.graceful_shutdown_s
-    assert app.ctx.ready is False
+    assert app.ctx.readiness.ready is False
 
 
 def test_an_injected_engine_is_used() -> None:
@@ -142,15 +142,31 @@ def _handler(app, path: str):
     return next(r.handler for r in app.router.routes if r.path.strip("/") == path)
 
 
-def test_ready_is_503_until_startup_completes() -> None:
+def _probe(app, path: str) -> tuple[int, dict]:
+    response = asyncio.run(_handler(app, path)(SimpleNamespace(app=app, stream=None)))
+    return response.status, json.loads(response.body)
+
+
+def test_ready_and_health_are_503_until_startup_completes_and_live_is_200() -> None:
     app = new_app()
-    request = SimpleNamespace(app=app, stream=None)
-    response = asyncio.run(_handler(app, "ready")(request))
-    assert response.status == 503
-    assert json.loads(response.body)["code"] == "not_ready"
-    app.ctx.ready = True
-    response = asyncio.run(_handler(app, "ready")(request))
-    assert (response.status, json.loads(response.body)) == (200, {"status": "ready"})
+    for path in ("ready", "health"):
+        status, body = _probe(app, path)
+        assert (status, body["code"]) == (503, "not_ready")
+    assert _probe(app, "health")[1]["status"] == "starting"
+    assert _probe(app, "live") == (200, {"status": "ok"})
+    app.ctx.readiness.mark_replaying()
+    app.ctx.readiness.progress.segments_total = 7
+    app.ctx.readiness.progress.segments_done = 3
+    status, body = _probe(app, "health")
+    assert (status, body["status"], body["code"]) == (503, "replaying", "not_ready")
+    assert (body["progress"]["segments_done"], body["progress"]["segments_total"]) == (3, 7)
+    app.ctx.readiness.mark_ready()
+    assert _probe(app, "ready") == (200, {"status": "ready"})
+    assert _probe(app, "health") == (200, {"status": "ok"})
+    app.ctx.readiness.mark_stopping()
+    assert _probe(app, "health")[0] == _probe(app, "ready")[0] == 503
+    assert _probe(app, "health")[1]["status"] == "stopping"
+    assert _probe(app, "live") == (200, {"status": "ok"})
 
 
 def test_sanic_environment_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -286,8 +286,12 @@ def test_too_many_items_is_413_before_any_item_is_looked_at() -> None:
 # --- per-item answers agree with GET /stats/ ------------------------------------------------
 
 
-def new_app(config: AppConfig | None = None):
-    return create_app(config or AppConfig(), name=f"test_{uuid.uuid4().hex[:12]}")
+def new_app(config: AppConfig | None = None, *, ready: bool = True):
+    """An app as the server leaves it once started (`ready=False`: still starting)."""
+    app = create_app(config or AppConfig(), name=f"test_{uuid.uuid4().hex[:12]}")
+    if ready:
+        app.ctx.readiness.mark_ready()
+    return app
 
 
 def _handler(app, path: str):
@@ -323,7 +327,6 @@ def app_with_data():
     rng = np.random.default_rng(5)
     for symbol, n in (("AAPL", 10), ("EUR/USD", 1234), ("BRK.B", 5000), ("日本円-USD", 1)):
         app.ctx.store.ingest(symbol, rng.uniform(1, 500, n))
-    app.ctx.ready = True
     return app
 
 
@@ -427,18 +430,20 @@ def test_a_body_that_is_not_json_by_content_type_is_415(content_type: str | None
     assert (status, got["code"]) == (415, "unsupported_media_type")
 
 
-def test_the_batch_waits_for_the_replay_like_get_stats() -> None:
-    app = new_app()
+def test_the_batch_is_refused_during_the_replay_like_get_stats_when_told_not_to_wait() -> None:
+    # wait_for_ready_s = 0: no wait, 503 at once (the waiting itself: tests/appliance/
+    # test_readiness.py).
+    app = new_app(build_config({"server": {"wait_for_ready_s": 0}}), ready=False)
     app.ctx.store.ingest("A", np.ones(3))
-    app.ctx.recover_on_start = True  # what the CLI sets until the log is replayed
+    app.ctx.readiness.mark_replaying()
     assert call(app, "stats/batch", body=body({"symbol": "A", "exponent": 1}))[1]["code"] == (
         "not_ready"
     )
     assert call(app, "stats/batch", body=body())[0] == 503
-    assert call(app, "stats/batch", body=b"[")[0] == 400  # a bad body is still a bad body
     assert get_stats(app, "A", "1")[0] == 503
-    app.ctx.recover_on_start = False
+    app.ctx.readiness.mark_ready()
     assert call(app, "stats/batch", body=body({"symbol": "A", "exponent": 1}))[0] == 200
+    assert call(app, "stats/batch", body=b"[")[0] == 400
 
 
 def test_the_maximum_comes_from_the_config_and_the_environment() -> None:

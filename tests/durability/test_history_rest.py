@@ -14,9 +14,10 @@ import pytest
 from openapi_spec_validator import validate
 
 from appliance.app import create_app
-from appliance.config import AppConfig
+from appliance.config import AppConfig, ServerConfig
 from appliance.errors import ERROR_CODES, ApiError
 from appliance.openapi import build_openapi
+from appliance.readiness import Readiness
 from tests.durability.warm_helpers import Feeder, warm_tier
 
 
@@ -36,7 +37,11 @@ def _get(app, path: str, **params: str) -> tuple[int, dict]:
 
 @pytest.fixture
 def app_with_history(tmp_path: Path):
-    app = create_app(AppConfig(), name=f"test_{uuid.uuid4().hex[:12]}")
+    # wait_for_ready_s = 0: a request before ready answers 503 at once (the wait itself is
+    # tested in tests/appliance/test_readiness.py).
+    config = AppConfig(server=ServerConfig(wait_for_ready_s=0))
+    app = create_app(config, name=f"test_{uuid.uuid4().hex[:12]}")
+    app.ctx.readiness.mark_ready()
     with warm_tier(tmp_path, segment_values=100) as warm:
         feed = Feeder(warm)
         rng = np.random.default_rng(3)
@@ -120,11 +125,12 @@ def test_openapi_documents_the_history_routes() -> None:
     assert "head" in document["paths"]["/symbols"]
 
 
-def test_history_and_symbols_wait_for_the_replay(app_with_history) -> None:
+def test_history_and_symbols_are_not_answered_before_ready(app_with_history) -> None:
     app, _ = app_with_history
-    app.ctx.recover_on_start = True  # what the CLI sets until the log is replayed
+    app.ctx.readiness = Readiness(0)  # starting, and told not to wait
+    app.ctx.readiness.mark_replaying()
     for path, params in (("history/stats", {"symbol": "EUR/USD"}), ("symbols", {})):
         status, body = _get(app, path, **params)
         assert (status, body["code"]) == (503, "not_ready")
-    app.ctx.recover_on_start = False
+    app.ctx.readiness.mark_ready()
     assert _get(app, "symbols")[0] == 200

@@ -215,3 +215,57 @@ def test_client_disconnecting_mid_upload_is_not_an_error(tmp_path: Path) -> None
     assert "Traceback" not in server.stdout() + server.stderr()
     gone = [r for r in records if r["message"] == "client disconnected before the response"]
     assert gone and all(r["level"] == "DEBUG" and "exc_info" not in r for r in gone)
+
+
+def _write_when_listening(server: Server, timeout_s: float = 60) -> tuple[int, float]:
+    """POST once the socket accepts (retrying only refused connections); (status, seconds)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        assert server.proc.poll() is None, server.stderr()
+        try:
+            return server.post_batch("AT/ONCE", [1.0, 2.0]).status, time.monotonic() - started
+        except ConnectionRefusedError:
+            time.sleep(0.005)
+    raise AssertionError("the server never listened")
+
+
+def _health_then_write(server: Server, timeout_s: float = 60) -> int:
+    """The issue's client: poll /health until 200, then write at once; the write's status."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.proc.poll() is None, server.stderr()
+        try:
+            health = server.request("GET", "/health")
+        except ConnectionRefusedError:
+            time.sleep(0.005)
+            continue
+        if health.status == 200:
+            return server.post_batch("AFTER/HEALTH", [3.0]).status
+        assert (health.status, health.json["code"]) == (503, "not_ready"), health
+        time.sleep(0.005)
+    raise AssertionError("/health never turned 200")
+
+
+@pytest.mark.parametrize("with_log", [False, True], ids=["empty-data-dir", "log-to-replay"])
+def test_a_fresh_start_accepts_a_write_at_once_and_after_health(
+    tmp_path: Path, with_log: bool
+) -> None:
+    """Issue 14: /health 200 means ready, and a write sent before that waits instead of 503.
+
+    Repeated starts, because the race between the first request and the end of the start is
+    what used to fail (18 of 20 starts on an empty data directory).
+    """
+    for attempt in range(4):
+        cwd = tmp_path / f"start{attempt}"
+        if with_log:
+            # A log of 50k records to replay (a few tenths of a second), from a previous run.
+            from tests.durability.test_crash_recovery import write_long_log
+
+            write_long_log(cwd / "data", 50_000)
+        server = Server(cwd)
+        try:
+            status, _ = _write_when_listening(server)
+            assert status == 200, server.stdout()
+            assert _health_then_write(server) == 200
+        finally:
+            assert server.stop() == 0, server.stderr()
