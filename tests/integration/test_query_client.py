@@ -6,12 +6,13 @@ the hot tier evicted and the warm tier sealed, while `stats` covers the hot valu
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from server_harness import running_server
+from server_harness import REPO_ROOT, Server, running_server
 
 from transport import query_client as qc
 from transport.query_client import QueryClient, Stats
@@ -180,3 +181,18 @@ def test_a_stopped_server_is_a_transport_error(tmp_path: Path) -> None:
     with client, pytest.raises(qc.TransportError, match="Connection refused") as info:
         client.stats("A", 1)
     assert isinstance(info.value, ConnectionError) and info.value.status is None
+
+
+def test_the_readme_example_runs(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's "Reading from Python" block, on a symbol of its own, prints what it says."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Reading from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    symbol = f"EUR/USD-{uuid.uuid4().hex[:8]}"
+    code = code.replace("http://127.0.0.1:8080", f"http://127.0.0.1:{server.port}")
+    exec(compile(code.replace('"EUR/USD"', repr(symbol)), "README.md", "exec"), {})
+    assert capsys.readouterr().out == "unknown_symbol 404\n"
+    with QueryClient(f"http://127.0.0.1:{server.port}") as client:
+        got = client.stats(symbol, 1)
+        assert (got.min, got.max, got.last, got.avg) == (1.0849, 1.0851, 1.0849, 1.085)
+        assert client.history(symbol, start=1).count == 2
