@@ -90,6 +90,7 @@ class Reply:
     body: bytes = b'{"status": "ok"}'
     content_type: str = "application/json"
     drop_after: bool = False  # close the connection after answering, without saying so
+    say_close: bool = False  # answer with `Connection: close`, then close (a stopping server)
 
 
 @dataclass
@@ -124,17 +125,19 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        connection_id = id(self.connection)
+        connection_id = self.client_address[1]  # the client port: one per connection
         self.server.script.seen.append((self.command, self.path, connection_id, body))
         self.server.script.auth.append(self.headers.get("Authorization"))
         reply = self.server.script.next(self.path)
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
+        if reply.say_close:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(reply.body)
         self.wfile.flush()
-        if reply.drop_after:
+        if reply.drop_after or reply.say_close:
             self.close_connection = True
 
     do_GET = do_POST = _answer
@@ -176,6 +179,20 @@ def test_a_connection_dropped_while_idle_is_reopened_for_a_query(stub: StubServe
         assert client.stats("A", 1).max == 3.0  # the first connection is gone: reopened, resent
     assert len(stub.script.seen) == 2
     assert stub.script.seen[0][2] != stub.script.seen[1][2]
+
+
+def test_a_stats_batch_is_resent_but_connection_close_needs_no_resend(stub: StubServer) -> None:
+    answer = json.dumps({"results": [json.loads(STATS)]}).encode()
+    stub.script.replies["/stats/batch"] = [
+        Reply(body=answer, drop_after=True),  # the next request finds the connection dead
+        Reply(body=answer, say_close=True),  # announced: the client reconnects before sending
+        Reply(body=answer),
+    ]
+    with QueryClient(stub.url) as client:
+        for _ in range(3):
+            assert client.stats_batch([("A", 1)]) == [Stats(1.0, 3.0, 2.0, 2.0, 0.6666666666666666)]
+    assert len(stub.script.seen) == 3  # nothing was sent twice: the dead connection got nothing
+    assert len({conn for _, _, conn, _ in stub.script.seen}) == 3
 
 
 def test_add_batch_is_never_resent_on_a_dropped_connection(stub: StubServer) -> None:
