@@ -8,6 +8,9 @@
 
 `connect` picks the class; each class can also be constructed directly with its own options
 (`ZmqPublisher(..., window=256)`, `ShmPublisher(..., slots=4096)`).
+
+Reading goes over REST: `QueryClient` (transport.query_client, re-exported here) answers
+`stats`, `stats_batch`, `history`, `symbols` and the probes, raising typed `ApplianceError`s.
 """
 
 from __future__ import annotations
@@ -15,11 +18,20 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from transport.publisher import Publisher, PublishError, Rejection
+from transport.query_client import ApplianceError, QueryClient
 
 TransportName = Literal["zmq", "zmq-push", "shm", "rdma"]
 TRANSPORTS: tuple[str, ...] = ("zmq", "zmq-push", "shm", "rdma")
 
-__all__ = ["TRANSPORTS", "PublishError", "Publisher", "Rejection", "connect"]
+__all__ = [
+    "TRANSPORTS",
+    "ApplianceError",
+    "PublishError",
+    "Publisher",
+    "QueryClient",
+    "Rejection",
+    "connect",
+]
 
 
 def connect(
