@@ -1,4 +1,5 @@
-"""The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck`, `archive`, `verify`.
+"""The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck`, `archive`, `verify`,
+`restore`, and `--version`.
 
 Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
 an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
@@ -32,6 +33,29 @@ log = logging.getLogger(__name__)
 def _fail(message: str) -> int:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+def package_version() -> str:
+    """The installed distribution's version (what `pip show hft-appliance` says).
+
+    Why the metadata and not a constant: the version is declared once, in pyproject.toml, and
+    installing (editable or not) records it. A source tree run without installing falls back to
+    reading pyproject.toml beside the package, then to "unknown".
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PROG)
+    except PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as handle:
+            return str(tomllib.load(handle)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
 
 
 def bind_listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -153,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Low-latency market-data appliance (windowed statistics)."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_parser = commands.add_parser("serve", help="run the REST appliance")
     serve_parser.add_argument(
