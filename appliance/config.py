@@ -82,11 +82,15 @@ class StoreConfig(_Section):
 
 
 class LogConfig(_Section):
-    """[log]: JSON-lines logging to stdout and a daily-rotated file ("" disables the file)."""
+    """[log]: JSON-lines logging to stdout and a rotated file ("" disables the file)."""
 
     level: LogLevel = "info"
     file: str = "logs/app.log"
     access_log: bool = False
+    # The file also rotates when it would grow past this many bytes (0 = daily only).
+    max_file_bytes: NonNegativeInt = 100 << 20
+    # Rotated files kept, daily and size rotations together (0 = keep every one).
+    backup_count: NonNegativeInt = 14
 
 
 class EngineConfig(_Section):
