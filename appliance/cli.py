@@ -173,6 +173,26 @@ def fsck(config_path: str | None, repair: bool) -> int:
         return _fail(f"{exc}: stop it first")
 
 
+def _archive_command(args: argparse.Namespace) -> int:
+    """`archive`, `verify` and `restore` (appliance.durability.archive and .restore)."""
+    from pathlib import Path
+
+    from appliance.durability import archive
+
+    if args.command == "verify":
+        return archive.run_verify(args.directory, sys.stdout)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    durability = config.durability
+    if args.command == "restore":
+        from appliance.durability.restore import run_restore
+
+        return run_restore(args.source, durability.dir, durability.retain_days, sys.stdout)
+    return archive.run_archive(Path(durability.dir) / "warm", args.to, sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Low-latency market-data appliance (windowed statistics)."
@@ -204,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="re-hash an archive against its manifest (exit 1 on any mismatch)"
     )
     verify_parser.add_argument("directory", metavar="DIR", help="a directory made by archive")
+    restore_parser = commands.add_parser(
+        "restore",
+        help="verify an archive and rebuild [durability] dir's warm tier from it (the data "
+        "directory must hold no file)",
+    )
+    restore_parser.add_argument(
+        "--from", dest="source", metavar="DIR", required=True, help="a directory made by archive"
+    )
+    restore_parser.add_argument("--config", metavar="PATH", help="TOML config file")
     from appliance.publish_commands import add_commands
 
     add_commands(commands)
@@ -216,18 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args.config)
     if args.command == "fsck":
         return fsck(args.config, args.repair)
-    if args.command in ("archive", "verify"):
-        from pathlib import Path
-
-        from appliance.durability import archive
-
-        if args.command == "verify":
-            return archive.run_verify(args.directory, sys.stdout)
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            return _fail(f"config error: {exc}")
-        return archive.run_archive(Path(config.durability.dir) / "warm", args.to, sys.stdout)
+    if args.command in ("archive", "verify", "restore"):
+        return _archive_command(args)
     if args.command in ("publish", "replay"):
         try:
             config = load_config(args.config)
