@@ -1,4 +1,5 @@
-"""The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck`, `archive`, `verify`.
+"""The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck`, `archive`, `verify`,
+`restore`, and `--version`.
 
 Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
 an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
@@ -32,6 +33,29 @@ log = logging.getLogger(__name__)
 def _fail(message: str) -> int:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+def package_version() -> str:
+    """The installed distribution's version (what `pip show hft-appliance` says).
+
+    Why the metadata and not a constant: the version is declared once, in pyproject.toml, and
+    installing (editable or not) records it. A source tree run without installing falls back to
+    reading pyproject.toml beside the package, then to "unknown".
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PROG)
+    except PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as handle:
+            return str(tomllib.load(handle)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
 
 
 def bind_listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -149,10 +173,31 @@ def fsck(config_path: str | None, repair: bool) -> int:
         return _fail(f"{exc}: stop it first")
 
 
+def _archive_command(args: argparse.Namespace) -> int:
+    """`archive`, `verify` and `restore` (appliance.durability.archive and .restore)."""
+    from pathlib import Path
+
+    from appliance.durability import archive
+
+    if args.command == "verify":
+        return archive.run_verify(args.directory, sys.stdout)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    durability = config.durability
+    if args.command == "restore":
+        from appliance.durability.restore import run_restore
+
+        return run_restore(args.source, durability.dir, durability.retain_days, sys.stdout)
+    return archive.run_archive(Path(durability.dir) / "warm", args.to, sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Low-latency market-data appliance (windowed statistics)."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_parser = commands.add_parser("serve", help="run the REST appliance")
     serve_parser.add_argument(
@@ -179,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="re-hash an archive against its manifest (exit 1 on any mismatch)"
     )
     verify_parser.add_argument("directory", metavar="DIR", help="a directory made by archive")
+    restore_parser = commands.add_parser(
+        "restore",
+        help="verify an archive and rebuild [durability] dir's warm tier from it (the data "
+        "directory must hold no file)",
+    )
+    restore_parser.add_argument(
+        "--from", dest="source", metavar="DIR", required=True, help="a directory made by archive"
+    )
+    restore_parser.add_argument("--config", metavar="PATH", help="TOML config file")
     from appliance.publish_commands import add_commands
 
     add_commands(commands)
@@ -191,18 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args.config)
     if args.command == "fsck":
         return fsck(args.config, args.repair)
-    if args.command in ("archive", "verify"):
-        from pathlib import Path
-
-        from appliance.durability import archive
-
-        if args.command == "verify":
-            return archive.run_verify(args.directory, sys.stdout)
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            return _fail(f"config error: {exc}")
-        return archive.run_archive(Path(config.durability.dir) / "warm", args.to, sys.stdout)
+    if args.command in ("archive", "verify", "restore"):
+        return _archive_command(args)
     if args.command in ("publish", "replay"):
         try:
             config = load_config(args.config)

@@ -85,11 +85,15 @@ class StoreConfig(_Section):
 
 
 class LogConfig(_Section):
-    """[log]: JSON-lines logging to stdout and a daily-rotated file ("" disables the file)."""
+    """[log]: JSON-lines logging to stdout and a rotated file ("" disables the file)."""
 
     level: LogLevel = "info"
     file: str = "logs/app.log"
     access_log: bool = False
+    # The file also rotates when it would grow past this many bytes (0 = daily only).
+    max_file_bytes: NonNegativeInt = 100 << 20
+    # Rotated files kept, daily and size rotations together (0 = keep every one).
+    backup_count: NonNegativeInt = 14
 
 
 class EngineConfig(_Section):
@@ -318,15 +322,32 @@ def _format_validation_error(
     table_key = re.sub(r"\[\d+\]", "", key)  # `sub_connect[0]`: the key is `sub_connect`
     for part in table_key.split(".") if key else ():
         value = value.get(part) if isinstance(value, Mapping) else None
+    if key and key.count(".") == 0 and problem.startswith(f"{key}."):
+        # A cross-field check (a section's __post_init__) whose message already names its keys:
+        # msgspec reports it at the section, so the origin is every variable that set one of
+        # the keys it names, never one that merely touched the same section.
+        named = _origins_named_in(problem, origins)
+        return f"{problem} (from {', '.join(named)})" if named else problem
     origin = origins.get(table_key)
     where = f" (from {origin})" if origin else ""
     shown = "" if value is None or isinstance(value, Mapping) else f" (value: {value!r})"
     choices = _choices(key)
     if choices and problem.startswith("Invalid enum value"):
         problem = "must be one of " + ", ".join(repr(c) for c in choices)
-    if key and key.count(".") == 0 and problem.startswith(f"{key}."):
-        return f"{problem}{where}"  # a cross-field check whose message already names its keys
     return f"{key or 'config'}{where}: {problem}{shown}"
+
+
+def _origins_named_in(problem: str, origins: Mapping[str, str]) -> list[str]:
+    """The variables whose key a cross-field message names: in full (`store.max_symbols`) or
+    as a bare name after its table (`transport.shm.slots / slot_bytes` names slot_bytes)."""
+    named = []
+    for key, variable in origins.items():
+        table, _, leaf = key.rpartition(".")
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", problem) or (
+            table and table in problem and re.search(rf"(?<![\w.]){re.escape(leaf)}\b", problem)
+        ):
+            named.append(variable)
+    return sorted(set(named))
 
 
 def _choices(key: str) -> tuple[Any, ...]:
@@ -353,11 +374,14 @@ def build_config(
     for path, (name, value) in env_overrides(environ if environ is not None else {}).items():
         target = data
         for depth, part in enumerate(path[:-1]):
+            if part not in target:
+                # A table this variable creates (an unknown one is then its doing); a table
+                # that already exists is not, so its errors never name this variable.
+                origins.setdefault(".".join(path[: depth + 1]), name)
             table = target.setdefault(part, {})
             if not isinstance(table, dict):
                 where = ".".join(path[: depth + 1])
                 raise ConfigError(f"{where}: expected a table, got {table!r}")
-            origins.setdefault(".".join(path[: depth + 1]), name)  # unknown tables too
             target = table
         target[path[-1]] = value
         origins[".".join(path)] = name

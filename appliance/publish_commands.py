@@ -6,6 +6,10 @@ the real binary path with the endpoints of the same Config.toml the server reads
 
 Both commands flush before they report: the numbers printed are frames the appliance
 acknowledged (zmq, shm), except with `zmq-push`, which has no acknowledgements.
+
+`replay` and a bad row: without `--skip-bad-rows` it stops there with `FILE:LINE: reason`,
+after applying (and flushing) every value of the lines before it and none after, so the
+`--start-line LINE` the message suggests resumes the fixed file with nothing applied twice.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import TextIO
 import numpy as np
 
 from appliance.config import AppConfig
-from appliance.replay import Layout, ReplayError, read_batches
+from appliance.replay import BadRowError, Layout, ReplayError, RowProgress, read_batches
 from transport.control import ControlError
 from transport.publisher import Publisher, PublishError
 from transport.publishers import TRANSPORTS, connect
@@ -95,6 +99,7 @@ class Summary:
     frames: int = 0
     batches: int = 0
     seconds: float = 0.0
+    acked: bool = True  # False for zmq-push: "sent", never known to be applied
 
     def line(self, what: str) -> str:
         rate = self.values / self.seconds if self.seconds > 0 else float("inf")
@@ -151,25 +156,70 @@ def _progress(lines: Iterable[str], total_bytes: int, enabled: bool) -> Iterator
             yield line
 
 
+def _say(command: str, message: str) -> None:
+    print(f"hft-appliance {command}: {message}", file=sys.stderr, flush=True)
+
+
+def _stopped_line(name: str, error: BadRowError, summary: Summary, progress: RowProgress) -> str:
+    """What a bad row stopped, what was applied, and the exact flags to go on."""
+    acked = "sent (zmq-push: no acknowledgements)" if summary.acked is False else "applied"
+    last = f"last line applied: {progress.last_line}" if progress.last_line else "none"
+    return (
+        f"{name}:{error.line}: {error.reason}; stopped there: {summary.values} values from the "
+        f"lines before it {acked} ({last}), nothing from line {error.line} on. Fix the row and "
+        f"resume with --start-line {error.line}, or skip it with --start-line {error.line + 1}, "
+        "or rerun with --skip-bad-rows"
+    )
+
+
 def run_replay(args: argparse.Namespace, config: AppConfig) -> int:
     path = Path(args.file)
+    skipped: list[int] = []
+
+    def skip(error: BadRowError) -> None:
+        skipped.append(error.line)
+        _say("replay", f"{path.name}:{error.line}: {error.reason} (row skipped)")
+
     with _reporting("replay"):
-        summary = Summary()
+        summary = Summary(acked=args.transport != "zmq-push")
+        progress = RowProgress()
         layout: Layout = args.layout
         started = time.perf_counter()
         with path.open(encoding="utf-8", newline="") as handle, open_publisher(
             args, config
         ) as publisher:  # fmt: skip
             lines = _progress(handle, path.stat().st_size, not args.quiet)
-            for symbol, values in read_batches(lines, batch=args.batch, layout=layout):
-                publisher.publish(symbol, values)
-                summary.values += values.shape[0]
-                summary.batches += 1
+            batches = read_batches(
+                lines, batch=args.batch, layout=layout, start_line=args.start_line,
+                skip_bad_rows=args.skip_bad_rows, on_skip=skip, progress=progress,
+            )  # fmt: skip
+            try:
+                for symbol, values in batches:
+                    publisher.publish(symbol, values)
+                    summary.values += values.shape[0]
+                    summary.batches += 1
+            except BadRowError as error:
+                publisher.flush(args.timeout)  # "applied" below means acknowledged
+                _say("replay", _stopped_line(path.name, error, summary, progress))
+                return EXIT_FAILED
             publisher.flush(args.timeout)
             summary.frames = publisher.frames_sent
         summary.seconds = time.perf_counter() - started
-        print(summary.line(f"replayed {path.name}"))
+        line = summary.line(f"replayed {path.name}")
+        if args.start_line > 1:
+            line += f"; started at line {args.start_line}"
+        if skipped:
+            shown = ", ".join(map(str, skipped[:20])) + (", ..." if len(skipped) > 20 else "")
+            line += f"; {len(skipped)} bad rows skipped (lines {shown})"
+        print(line)
     return EXIT_OK
+
+
+def _line_number(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"a line number is >= 1, got {number}")
+    return number
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -194,5 +244,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--batch", type=int, default=10_000, help="values per batch and symbol (default 10000)"
     )
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay.add_argument(
+        "--start-line", type=_line_number, default=1, metavar="N",
+        help="skip the rows before line N (the header is still read): resumes a replay that "
+        "stopped at a bad row, as its message says (default 1)",
+    )  # fmt: skip
+    replay.add_argument(
+        "--skip-bad-rows", action="store_true",
+        help="leave out malformed rows (each one is reported on stderr, and their count at "
+        "the end) instead of stopping at the first",
+    )  # fmt: skip
     for sub in (publish, replay):
         sub.add_argument("--config", metavar="PATH", help="config file for default endpoints")

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.cli import bind_listen_socket, main
 from appliance.config import LogConfig
-from appliance.logging_setup import setup_logging
+from appliance.logging_setup import SizeAndTimeRotatingFileHandler, request_id, setup_logging
 
 
 @pytest.fixture
@@ -80,6 +80,8 @@ def test_json_lines_to_stdout_and_file(
         assert lines[0]["level"] == "INFO"
         assert lines[0]["logger"] == "appliance.test"
         assert "time" in lines[0]
+        assert lines[0]["thread"] == "MainThread"
+        assert "request_id" not in lines[0]  # outside a request: no field, not null
         assert lines[1]["logger"] == "sanic.root"
     rotating = [h for h in handlers if isinstance(h, logging.handlers.TimedRotatingFileHandler)]
     assert rotating and rotating[0].when == "MIDNIGHT"
@@ -89,3 +91,94 @@ def test_empty_log_file_means_stdout_only(tmp_path: Path, restore_root_logger: N
     handlers = setup_logging(LogConfig(file=""))
     assert len(handlers) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_version_prints_the_installed_distribution_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hft-appliance {version('hft-appliance')}"
+
+
+def test_version_falls_back_to_pyproject_when_not_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata
+    import tomllib
+
+    from appliance.cli import package_version
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    expected = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert package_version() == expected
+
+
+def test_lines_carry_the_request_id_and_the_thread_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_root_logger: None
+) -> None:
+    import threading
+
+    log_file = tmp_path / "app.log"
+    handlers = setup_logging(LogConfig(file=str(log_file)))
+    logger = logging.getLogger("appliance.test")
+    token = request_id.set("4f1c-req")
+    try:
+        logger.info("inside a request")
+    finally:
+        request_id.reset(token)
+    worker = threading.Thread(target=lambda: logger.info("from a worker"), name="wal-writer")
+    worker.start()
+    worker.join()
+    for handler in handlers:
+        handler.flush()
+    for text in (capsys.readouterr().out, log_file.read_text()):
+        inside, other = (json.loads(x) for x in text.splitlines())
+        assert inside["request_id"] == "4f1c-req"
+        assert inside["thread"] == "MainThread"
+        assert "request_id" not in other  # another thread has its own context: no id
+        assert other["thread"] == "wal-writer"
+
+
+def test_log_file_rotates_by_size_keeping_backup_count_files(
+    tmp_path: Path, restore_root_logger: None
+) -> None:
+    log_file = tmp_path / "app.log"
+    handlers = setup_logging(LogConfig(file=str(log_file), max_file_bytes=1000, backup_count=3))
+    rotating = [h for h in handlers if isinstance(h, SizeAndTimeRotatingFileHandler)]
+    assert rotating and rotating[0].when == "MIDNIGHT" and rotating[0].max_bytes == 1000
+    logger = logging.getLogger("appliance.test")
+    for number in range(60):  # ~120 bytes a line: about 8 lines a file, 7 rotations
+        logger.info("line %03d %s", number, "x" * 40)
+    for handler in handlers:
+        handler.flush()
+    rotated = sorted(p.name for p in tmp_path.iterdir() if p.name != "app.log")
+    assert len(rotated) == 3, rotated  # older ones deleted beyond backup_count
+    assert all(name.startswith("app.log.") and name[-4] == "." for name in rotated), rotated
+    assert log_file.stat().st_size <= 1000
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size <= 1000
+    # Name order is age order, and nothing of the newest lines was lost.
+    kept = [json.loads(x)["message"] for p in [*sorted(tmp_path.glob("app.log.*")), log_file]
+            for x in p.read_text().splitlines()]  # fmt: skip
+    numbers = [int(message.split()[1]) for message in kept]
+    assert numbers == list(range(numbers[0], 60))
+
+
+def test_zero_max_file_bytes_rotates_daily_only(tmp_path: Path, restore_root_logger: None) -> None:
+    handler = SizeAndTimeRotatingFileHandler(tmp_path / "app.log", max_bytes=0)
+    try:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "x" * 10_000, None, None)
+        for _ in range(5):
+            assert not handler.shouldRollover(record)
+            handler.emit(record)
+    finally:
+        handler.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["app.log"]

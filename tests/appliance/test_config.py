@@ -413,3 +413,40 @@ def test_readme_configuration_table_lists_every_key() -> None:
         table = names[0].rpartition(".")[0]
         documented |= {name if "." in name else f"{table}.{name}" for name in names}
     assert documented == _leaf_keys(AppConfig())
+
+
+def test_file_error_in_transport_shm_does_not_name_an_unrelated_variable() -> None:
+    """Regression: an error in the file's [transport.shm] said "(from APP_TRANSPORT__ZMQ__ENABLED)":
+    any variable under [transport] became the origin of every check on that section."""
+    file_data = {"transport": {"shm": {"slots": 3}}}
+    with pytest.raises(ConfigError) as info:
+        build_config(file_data, {"APP_TRANSPORT__ZMQ__ENABLED": "false"})
+    message = str(info.value)
+    assert message == "transport.shm.slots must be a power of two, got 3", message
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"APP_TRANSPORT__SHM__SLOTS": "3"}, "(from APP_TRANSPORT__SHM__SLOTS)"),
+        ({"APP_TRANSPORT__SHM__SLOT_BYTES": "2097152"}, "(from APP_TRANSPORT__SHM__SLOT_BYTES)"),
+        (
+            {"APP_STORE__CLEANUP_KEEP_COUNT": "10", "APP_STORE__MAX_DATA_RETENTION": "5"},
+            "(from APP_STORE__CLEANUP_KEEP_COUNT, APP_STORE__MAX_DATA_RETENTION)",
+        ),
+    ],
+)
+def test_cross_field_error_names_the_variables_that_set_its_keys(
+    env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({}, {**env, "APP_TRANSPORT__ZMQ__ENABLED": "false"})
+    message = str(info.value)
+    assert message.endswith(expected), message
+    assert "ZMQ" not in message
+
+
+def test_bad_value_in_file_with_env_in_same_table_names_no_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"transport": {"shm": {"slots": "x"}}}, {"APP_TRANSPORT__SHM__SPIN_US": "5"})
+    assert "from" not in str(info.value), info.value

@@ -167,9 +167,47 @@ def test_replay_wide_layout_through_the_config_endpoint(tmp_path: Path, server: 
     assert_stats_equal_numpy(server, b, np.array([10.0, 30.0, 40.0]))
 
 
-def test_replay_stops_at_a_malformed_line(tmp_path: Path, server: Server) -> None:
+def test_replay_stops_at_a_malformed_line_and_resumes_from_it(
+    tmp_path: Path, server: Server
+) -> None:
+    """The rows before the bad line are all applied, none after; the message's --start-line
+    then replays the rest of the fixed file: every row exactly once."""
+    a, b = unique("resumeA"), unique("resumeB")
+    rows = [(a if i % 3 else b, float(i)) for i in range(1, 41)]
+    lines = [f"{symbol},{value!r}\n" for symbol, value in rows]
+    bad = 25  # rows[25] is on line 27 (after the header)
     csv = tmp_path / "bad.csv"
-    csv.write_text("symbol,value\nA,1\nA,oops\n")
-    result = replay(tmp_path, server, csv)
+    csv.write_text(
+        "symbol,value\n" + "".join(lines[:bad]) + f"{a},oops\n" + "".join(lines[bad + 1 :])
+    )
+    result = replay(tmp_path, server, csv, "--batch", "4")
     assert result.returncode == 1
-    assert "line 3" in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("hft-appliance replay: bad.csv:27: value: 'oops' is not a number;")
+    assert f"{bad} values from the lines before it applied (last line applied: 26)" in message
+    assert "resume with --start-line 27" in message
+    for symbol in (a, b):
+        assert_stats_equal_numpy(
+            server, symbol, np.array([v for s, v in rows[:bad] if s == symbol])
+        )
+    csv.write_text("symbol,value\n" + "".join(lines))  # the row fixed
+    result = replay(tmp_path, server, csv, "--batch", "4", "--start-line", "27")
+    assert result.returncode == 0, result.stderr
+    assert f"replayed bad.csv: {len(rows) - bad} values" in result.stdout
+    for symbol in (a, b):
+        assert_stats_equal_numpy(server, symbol, np.array([v for s, v in rows if s == symbol]))
+
+
+def test_replay_skip_bad_rows_reports_each_and_applies_the_rest(
+    tmp_path: Path, server: Server
+) -> None:
+    a, b = unique("skipA"), unique("skipB")
+    csv = tmp_path / "wide.csv"
+    csv.write_text(f"{a},{b}\n1,10\n2,x\n3,30\n4,40,99\n5,\n")
+    result = replay(tmp_path, server, csv, "--skip-bad-rows")
+    assert result.returncode == 0, result.stderr
+    assert f"wide.csv:3: {b}: 'x' is not a number (row skipped)" in result.stderr
+    assert "wide.csv:5: 3 cells but 2 columns (row skipped)" in result.stderr
+    assert "2 bad rows skipped (lines 3, 5)" in result.stdout
+    assert_stats_equal_numpy(server, a, np.array([1.0, 3.0, 5.0]))
+    assert_stats_equal_numpy(server, b, np.array([10.0, 30.0]))
