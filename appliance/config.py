@@ -162,6 +162,10 @@ class ShmConfig(_Section):
     # (a publisher wakes it) for pauses doubling up to backoff_max_us.
     spin_us: NonNegativeInt = 200
     backoff_max_us: PositiveInt = 1_000
+    # A ring with no frame and no shm.open for this long is reclaimed (0: never), unless its
+    # publisher still holds the ring's lock (alive and attached). The ring of a publisher that
+    # has verifiably gone is reclaimed within seconds whatever this says.
+    idle_reclaim_s: NonNegativeInt = 600
 
 
 class RdmaConfig(_Section):

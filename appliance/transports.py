@@ -70,7 +70,10 @@ class Transports:
         # Imported here: only an appliance with shared memory enabled needs it.
         from transport.shm.server import ShmIngest
 
-        return ShmIngest(sink, **_ring_options(self.config.shm))
+        shm = self.config.shm
+        # idle_reclaim_s is the shared-memory transport's own: an RDMA ring's publisher is
+        # watched through its queue pair instead.
+        return ShmIngest(sink, idle_reclaim_s=shm.idle_reclaim_s, **_ring_options(shm))
 
     def _open_rdma(self) -> None:
         """Open the RDMA device when enabled; without one, say why once (or refuse to start)."""

@@ -147,7 +147,7 @@ def test_release_closes_the_ring_and_reattach_continues(sserver: Server) -> None
     first.publish(symbol, [5.0])
     first.flush()
     path = first.ring_path
-    first.close()  # detached, the ring stays for a restarted publisher
+    first.close(release=False)  # detached, the ring stays for a restarted publisher
     assert path.exists()
     second = publisher(sserver, publisher_id=publisher_id)
     assert second.ring_path == path and second.last_sequence == 1

@@ -158,7 +158,8 @@ def test_two_publishers_on_two_rings(ingest: ShmIngest, model: Model) -> None:
 
     def run(symbol: str, offset: float) -> None:
         try:
-            with ShmPublisher(control, slots=4) as publisher:
+            # release_on_close=False: the rings stay open for the counters below.
+            with ShmPublisher(control, slots=4, release_on_close=False) as publisher:
                 for i in range(1500):
                     publisher.publish(symbol, [offset + i, offset + i + 0.5])
         except BaseException as exc:  # re-raised in the test thread
@@ -185,7 +186,7 @@ def test_same_publisher_id_reattaches_to_its_ring(ingest: ShmIngest, model: Mode
     for i in range(20):
         first.publish("RE", [float(i)])
     first.flush()
-    first.close()  # detach only: the ring stays
+    first.close(release=False)  # detach only: the ring stays
     second = ShmPublisher(control, publisher_id=77)  # sizes omitted: the existing ring
     assert second.ring_name == first.ring_name and second.slots == 8
     assert second.last_sequence == 20  # numbering continues: nothing counted as duplicate
@@ -391,7 +392,7 @@ def test_without_a_doorbell_the_pause_still_applies(
     ingest.start()
     with ShmPublisher(local_control(ingest)) as publisher:
         os.close(publisher._bell)
-        publisher._bell = None
+        publisher._bell = publisher._hold.bell = None
         time.sleep(0.2)
         cpu = time.process_time()
         time.sleep(0.5)

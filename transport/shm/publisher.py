@@ -15,13 +15,27 @@ sleep: the default covers an apply with the write-ahead log on, so a flush norma
 sleeps. Nothing here talks to a socket after `shm.open`, except the doorbell: when the ring
 says its consumer may be blocked, one byte into the appliance's FIFO wakes it (see
 `transport.shm.server`).
+
+Lifecycle: a ring counts against the appliance's `max_rings` until it is closed, so `close()`
+(and leaving a `with` block) sends `shm.close` by default, and so does a `weakref.finalize`
+hook when the publisher is garbage-collected or the interpreter exits without `close()`. While
+attached, the publisher holds a shared `flock` on the ring file (and says so at `shm.open`,
+with its pid): if the process dies, the kernel drops the lock and the appliance reclaims the
+ring after applying what it holds (see `transport.shm.liveness`). `close(release=False)` keeps
+the ring for a later publisher with the same id, for as long as this process lives (and, at
+most, the appliance's `idle_reclaim_s`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import logging
 import mmap
 import os
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +44,8 @@ from transport.control import ControlError, request
 from transport.publisher import Publisher, PublishError, Rejection
 from transport.shm.ring import STATE_CLOSED, RingError, RingProducer
 from transport.wire import Reason
+
+log = logging.getLogger(__name__)
 
 ControlClient = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -181,7 +197,7 @@ class ShmPublisher(RingPublisher):
     """
 
     transport = "shm"
-    _bell: int | None = None  # write end of the appliance's doorbell FIFO
+    _bell: int | None = None  # write end of the appliance's doorbell FIFO (also in _hold)
 
     def __init__(
         self,
@@ -193,28 +209,36 @@ class ShmPublisher(RingPublisher):
         timeout_s: float = 5.0,
         spin_us: int = DEFAULT_SPIN_US,
         backoff_max_us: int = 1_000,
-        release_on_close: bool = False,
+        release_on_close: bool = True,
     ) -> None:
         super().__init__(
             control, publisher_id=publisher_id, timeout_s=timeout_s, spin_us=spin_us,
             backoff_max_us=backoff_max_us, release_on_close=release_on_close,
         )  # fmt: skip
+        # `pid` and `lock` let the appliance reclaim the ring once this process is gone; an
+        # older appliance ignores both.
         reply = self._call({
             "op": "shm.open", "publisher_id": self.publisher_id,
-            "slots": slots, "slot_bytes": slot_bytes,
+            "slots": slots, "slot_bytes": slot_bytes, "pid": os.getpid(), "lock": True,
         })  # fmt: skip
         self.ring_name = str(reply["name"])
         self.ring_path = Path(reply.get("path") or Path("/dev/shm") / self.ring_name)
-        self._memory = _map(self.ring_path, int(reply["size"]))
+        memory, fd = _map(self.ring_path, int(reply["size"]))
         try:
-            self._attach(RingProducer(self._memory, pid=os.getpid()))
+            producer = RingProducer(memory, pid=os.getpid())
         except RingError as exc:
-            self._memory.close()
+            memory.close()
+            os.close(fd)
             raise PublishError(f"ring {self.ring_path} is unusable: {exc}") from None
-        owner, sequence = self._producer.last_published()
+        self._attach(producer)
+        owner, sequence = producer.last_published()
         if owner == self.publisher_id:
             self.last_sequence = sequence  # resume the predecessor's numbering
         self._bell = _open_bell(reply.get("doorbell"))
+        self._hold = _Hold(self._control, self.publisher_id, memory, fd, producer, self._bell)
+        # Runs _hold.close once: from close(), or at garbage collection or interpreter exit
+        # for a publisher nobody closed. It must not reference self (it would keep it alive).
+        self._finalizer = weakref.finalize(self, self._hold.close)
 
     def _published(self, position: int, length: int) -> None:
         """Wake the appliance's poller if it may be blocked (one byte; a hint, never needed)."""
@@ -226,16 +250,47 @@ class ShmPublisher(RingPublisher):
             except OSError:
                 # EPIPE: the appliance is gone (the next wait says so). Stop ringing.
                 os.close(self._bell)
-                self._bell = None
+                self._bell = self._hold.bell = None
 
     def _close(self) -> None:
-        if self._bell is not None:
-            os.close(self._bell)
-            self._bell = None
-        self._producer.release()
-        self._memory.close()
-        if self._release_on_close:
-            self._call({"op": "shm.close", "publisher_id": self.publisher_id})
+        self._bell = None  # closed by _hold
+        self._hold.release = self._release_on_close
+        self._finalizer()
+
+
+class _Hold:
+    """What a `ShmPublisher` holds of its ring (mapping, locked descriptor, doorbell) and how
+    to let go of it, apart from the publisher so that `weakref.finalize` can run it."""
+
+    def __init__(
+        self, control: ControlClient, publisher_id: int, memory: mmap.mmap, fd: int,
+        producer: RingProducer, bell: int | None,
+    ) -> None:  # fmt: skip
+        self.control = control
+        self.publisher_id = publisher_id
+        self.memory = memory
+        self.fd = fd
+        self.producer = producer
+        self.bell = bell
+        self.release = True
+
+    def close(self) -> None:
+        """Unmap, drop the lock, and (with `release`) send `shm.close`: best effort, since the
+        appliance reclaims the ring of a publisher that has gone anyway. Never raises."""
+        if self.bell is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.bell)
+            self.bell = None
+        closed_by_appliance = self.producer.consumer_state == STATE_CLOSED
+        self.producer.release()
+        self.memory.close()
+        os.close(self.fd)  # drops the flock: the appliance may now reclaim the ring
+        if not self.release or closed_by_appliance:
+            return
+        try:
+            self.control({"op": "shm.close", "publisher_id": self.publisher_id})
+        except Exception as exc:  # the appliance is gone or refuses: it reclaims the ring
+            log.warning("shm.close for publisher %d failed: %s", self.publisher_id, exc)
 
 
 def endpoint_client(endpoint: str, timeout_s: float) -> ControlClient:
@@ -256,11 +311,21 @@ def _open_bell(path: object) -> int | None:
         return None
 
 
-def _map(path: Path, size: int) -> mmap.mmap:
-    """Map the appliance's ring file (it must be on this host)."""
+def _map(path: Path, size: int) -> tuple[mmap.mmap, int]:
+    """Map the appliance's ring file (it must be on this host) and take a shared lock on it.
+
+    The descriptor stays open (returned) because it carries the lock: the appliance reads a
+    free lock as "no publisher maps this ring" (see `transport.shm.liveness`). The lock is
+    taken blocking: the appliance's probe holds its own lock for microseconds only.
+    """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise PublishError(
+                f"ring {path} does not exist: the appliance closed or reclaimed it (open a new "
+                "one), or it runs on another host"
+            ) from None
         raise PublishError(
             f"cannot open ring {path}: {exc.strerror} (the appliance must run on this host)"
         ) from None
@@ -268,7 +333,9 @@ def _map(path: Path, size: int) -> mmap.mmap:
         actual = os.fstat(fd).st_size
         if actual < size:
             raise PublishError(f"ring {path} holds {actual} bytes; the appliance said {size}")
+        fcntl.flock(fd, fcntl.LOCK_SH)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
+        return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE), fd
+    except BaseException:
         os.close(fd)
+        raise

@@ -25,6 +25,19 @@ frame sent to an idle appliance waits for one wake-up rather than up to `backoff
 idle appliance still costs no CPU. The FIFO is a hint: a publisher that never rings (or a missed
 ring, see `transport.shm.ring`) is applied at the end of the pause, as without a doorbell.
 
+Reclaim (why rings do not pile up): a publisher that exits without `shm.close` used to leave
+its ring, and its slot in `max_rings`, until the appliance stopped. A reaper thread now looks at
+every ring once per `check_interval_s` and reclaims the ring of a publisher that has gone (the
+lock or pid rule of `transport.shm.liveness`) or, whatever its publisher, that saw no frame and
+no `shm.open` for `idle_reclaim_s` (0: never), except a ring whose publisher still holds its
+lock: a live, attached publisher keeps its ring however quiet it is. Reclaiming is `shm.close`
+done by the appliance: the ring leaves the registry (its slot is free at once) and goes to the
+poller, which applies what it holds, marks it closed, unmaps and unlinks it. Nothing of this
+runs on the frame path: the poller's only cost is the `_retired` test it always made. A ring
+is not judged for `attach_grace_s` after an `shm.open`, the time its publisher needs to map
+and lock it. Its name is remembered, so a late `shm.open` naming it (`ring`) gets a clear
+error instead of a new, empty ring.
+
 Sequence rules: one `FrameProcessor` per ring, `strict_order=False`: nobody resends on a ring,
 and a lossless ring cannot have gaps, but duplicates or garbage from a buggy producer are still
 counted and reported in the ring's rejection log.
@@ -41,14 +54,15 @@ import secrets
 import select
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transport.control import ControlError, ControlHandler, int_field
 from transport.ingest import FrameProcessor, Sink, add_totals
 from transport.polling import run_poll_loop
+from transport.shm.liveness import Holder, lock_held
 from transport.shm.ring import (
     MIN_SLOT_BYTES,
     RingConsumer,
@@ -65,6 +79,11 @@ TRANSPORT = "shm"
 POLL_BUDGET = 64  # slots per ring per pass, so one busy ring cannot starve the others
 BELL_PREFIX = "hft-bell-"  # the doorbell FIFO: then "<pid>-<random>", swept like the rings
 BELL_DRAIN_BYTES = 4096
+CHECK_INTERVAL_S = 1.0  # how often the reaper looks at every ring
+ATTACH_GRACE_S = 5.0  # after shm.open, time for the publisher to map and lock the ring
+GONE_NAMES = 1024  # names of closed or reclaimed rings remembered for a late shm.open
+RECLAIM_REASONS = ("gone", "idle")
+MAX_PID = (1 << 31) - 1
 
 
 @dataclass(eq=False)
@@ -78,6 +97,20 @@ class _Ring:
     memory: mmap.mmap
     processor: FrameProcessor
     consumer: RingConsumer
+    fd: int  # kept open: the reaper probes the publisher's lock through it
+    device: int
+    inode: int
+    # Liveness, read and written under ShmIngest._lock (control thread and reaper):
+    holder: Holder = field(default_factory=Holder)
+    attached_at: float = 0.0  # monotonic time of the last shm.open
+    active_at: float = 0.0  # when the reaper last saw consumer_position move
+    seen_position: int = 0
+    ended: str = ""  # how it ended, for the one log line (closed, stopped, reclaimed...)
+
+    def attach(self, holder: Holder, now: float) -> None:
+        """A (re-)attaching publisher: its liveness replaces the previous one's."""
+        self.holder = holder
+        self.attached_at = now
 
     def describe(self, doorbell: Path | None = None) -> dict[str, Any]:
         """The `shm.open` reply (`doorbell`: the FIFO to wake the poller, when it has one)."""
@@ -118,6 +151,7 @@ class _Ring:
             log.warning("ring %s still referenced at close; unmapped later", self.name)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        os.close(self.fd)
 
 
 class ShmIngest:
@@ -135,10 +169,18 @@ class ShmIngest:
         spin_us: int = 200,
         backoff_max_us: int = 1_000,
         directory: str | os.PathLike[str] = DEFAULT_DIRECTORY,
+        idle_reclaim_s: float = 600.0,
+        check_interval_s: float = CHECK_INTERVAL_S,
+        attach_grace_s: float = ATTACH_GRACE_S,
     ) -> None:
         self.default_geometry = checked_defaults(
             slots, slot_bytes, max_slots, max_slot_bytes, max_rings, spin_us, backoff_max_us
         )
+        if idle_reclaim_s < 0 or check_interval_s <= 0 or attach_grace_s < 0:
+            raise ValueError("idle_reclaim_s and attach_grace_s must be >= 0, check_interval_s > 0")
+        self.idle_reclaim_s = idle_reclaim_s  # 0: never reclaim for idleness
+        self.check_interval_s = check_interval_s
+        self.attach_grace_s = attach_grace_s
         self.sink = sink
         self.max_slots = max_slots
         self.max_slot_bytes = max_slot_bytes
@@ -158,8 +200,12 @@ class ShmIngest:
         self._bell_path: Path | None = None  # the doorbell FIFO, once start() made it
         self._bell_fd: int | None = None
         self._closed_totals: Counter[str] = Counter()
+        self._reclaimed: Counter[str] = Counter({reason: 0 for reason in RECLAIM_REASONS})
+        self._gone: OrderedDict[str, str] = OrderedDict()  # ring name -> how it ended; _lock
         self._created = 0
         self._thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
+        self._reaper_stop = threading.Event()
         self._running = False
         self._stopped = False
 
@@ -172,6 +218,10 @@ class ShmIngest:
         publisher_id, geometry = requested_ring(
             request, self.default_geometry, self.max_slots, self.max_slot_bytes
         )
+        holder = declared_holder(request)  # reads /proc: before any lock is taken
+        wanted = request.get("ring")
+        if wanted is not None and not isinstance(wanted, str):
+            raise ControlError(f"ring must be a ring name (string), got {wanted!r}")
         # Control ops are serialized by _open_lock; _lock (which GET /ingest and the poller's
         # retirement take) is held only around registry reads and writes, never while a file
         # is allocated and pre-faulted (tens of ms for a large ring).
@@ -180,14 +230,22 @@ class ShmIngest:
                 if self._stopped:
                     raise ControlError("the shared-memory transport is stopping")
                 existing = self._rings.get(publisher_id)
+                if wanted is not None:
+                    self._check_wanted(publisher_id, wanted, existing)
                 if existing is not None:
                     check_reattach(existing.publisher_id, existing.geometry, request)
+                    # Under _lock: the reaper decides under it too, so it either sees this
+                    # attach (and keeps the ring) or reclaimed the ring before (not found).
+                    existing.attach(holder, time.monotonic())
                     return existing.describe(self._bell_path)
                 self._check_room()
             ring = self._create(publisher_id, geometry)
             with self._lock:
                 stopped = self._stopped
                 if not stopped:
+                    now = time.monotonic()
+                    ring.attach(holder, now)
+                    ring.active_at = now
                     self._rings[publisher_id] = ring
                     self._publish_pollers()
             if stopped:
@@ -199,6 +257,27 @@ class ShmIngest:
                    "slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
         )  # fmt: skip
         return ring.describe(self._bell_path)
+
+    def _check_wanted(self, publisher_id: int, name: str, existing: _Ring | None) -> None:
+        """`shm.open` with `ring`: re-attach to exactly that ring, or a clear refusal (under
+        _lock). A client holding the name of a reclaimed ring must not be handed a new, empty
+        ring as if it were the old one."""
+        if existing is not None and existing.name == name:
+            return
+        ended = self._gone.get(name)
+        if ended is not None:
+            raise ControlError(
+                f"ring {name} no longer exists: it was {ended}; send shm.open without `ring` "
+                "for a new ring"
+            )
+        raise ControlError(f"publisher {publisher_id} has no ring named {name}")
+
+    def _forget(self, ring: _Ring, ended: str) -> None:
+        """Remember how a ring left the registry, for a late `shm.open` naming it (_lock)."""
+        ring.ended = ended
+        self._gone[ring.name] = ended
+        while len(self._gone) > GONE_NAMES:
+            self._gone.popitem(last=False)
 
     def _check_room(self) -> None:
         """Refuse a new ring at max_rings (called under _lock; re-attaching is always allowed)."""
@@ -215,6 +294,7 @@ class ShmIngest:
                 ring = self._rings.pop(publisher_id, None)
                 if ring is None:
                     return {"closed": False}
+                self._forget(ring, "closed by shm.close")
                 self._publish_pollers()
                 deferred = self._running
                 if deferred:
@@ -244,15 +324,20 @@ class ShmIngest:
             # MAP_POPULATE pre-faults the pages: no page fault on the poller's first lap.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             memory = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            stat = os.fstat(fd)
         except BaseException:
             path.unlink(missing_ok=True)
-            raise
-        finally:
             os.close(fd)
+            raise
+        # The descriptor stays open for the ring's life: the reaper probes the publisher's
+        # flock through it (see transport.shm.liveness); destroy() closes it.
         init_ring(memory, geometry, publisher_id)
         processor = FrameProcessor(self.sink, TRANSPORT, strict_order=False)
         consumer = RingConsumer(memory, processor.process_message)
-        return _Ring(publisher_id, name, path, geometry, memory, processor, consumer)
+        return _Ring(
+            publisher_id, name, path, geometry, memory, processor, consumer,
+            fd, stat.st_dev, stat.st_ino,
+        )  # fmt: skip
 
     def _publish_pollers(self) -> None:
         """Replace the poller's tuple (a single reference store; called under the lock)."""
@@ -266,9 +351,9 @@ class ShmIngest:
             add_totals(self._closed_totals, ring.processor.counters.snapshot())
         ring.destroy()
         log.info(
-            "shared-memory ring closed",
+            "shared-memory ring %s %s", ring.name, ring.ended or "closed",
             extra={"transport": TRANSPORT, "publisher_id": ring.publisher_id, "ring": ring.name},
-        )
+        )  # fmt: skip
 
     # -- poller thread ------------------------------------------------------------------------
 
@@ -287,6 +372,8 @@ class ShmIngest:
             self._running = True
             self._thread = threading.Thread(target=self._run, name="shm-poller", daemon=True)
             self._thread.start()
+            self._reaper = threading.Thread(target=self._reap, name="shm-reaper", daemon=True)
+            self._reaper.start()
 
     def poll_once(self) -> int:
         """One pass over every ring (the poller's unit of work; also for tests without it)."""
@@ -303,6 +390,68 @@ class ShmIngest:
             spin_us=self.spin_us, backoff_max_us=self.backoff_max_us, transport=TRANSPORT,
             idle_wait=self._idle_wait,
         )  # fmt: skip
+
+    # -- reaper thread ------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Every `check_interval_s`: `reap_once`. Never raises (a failure is logged)."""
+        while not self._reaper_stop.wait(self.check_interval_s):
+            try:
+                self.reap_once()
+            except Exception:
+                log.exception("shared-memory reaper pass failed", extra={"transport": TRANSPORT})
+
+    def reap_once(self, now: float | None = None) -> int:
+        """Reclaim the rings whose publisher has gone or that stayed idle; return how many.
+
+        The verdicts are taken under _lock, so a ring in the registry is still mapped and its
+        descriptor open (it is removed before it is retired), and an `shm.open` re-attaching
+        it is either seen (attached_at moved: kept) or comes after (a new ring). Cost per ring
+        and pass: one flock probe (two system calls) for a lock holder, else a read of
+        /proc/<pid>/stat (and, until the pid is verified, of /proc/<pid>/maps): microseconds,
+        on this thread; the poller only finds the ring in `_retired` on its next pass.
+        """
+        now = time.monotonic() if now is None else now
+        doomed: list[_Ring] = []
+        with self._lock:
+            if self._stopped:
+                return 0
+            for ring in self._rings.values():
+                verdict = self._verdict(ring, now)
+                if verdict is not None:
+                    reason, detail = verdict
+                    self._reclaimed[reason] += 1
+                    self._forget(ring, f"reclaimed: {detail}")
+                    doomed.append(ring)
+            if not doomed:
+                return 0
+            for ring in doomed:
+                del self._rings[ring.publisher_id]
+            self._publish_pollers()
+            deferred = self._running
+            if deferred:
+                self._retired.extend(doomed)  # the poller drains and unmaps them
+        if not deferred:
+            for ring in doomed:  # no poller thread: nobody else touches the ring
+                self._retire(ring)
+        return len(doomed)
+
+    def _verdict(self, ring: _Ring, now: float) -> tuple[str, str] | None:
+        """(reason, detail) if `ring` is to be reclaimed now, else None (under _lock)."""
+        position = ring.consumer.position  # the poller's int: a racy read is fine here
+        if position != ring.seen_position:
+            ring.seen_position, ring.active_at = position, now
+        if now - ring.attached_at < self.attach_grace_s:
+            return None  # its publisher may not have mapped and locked it yet
+        holder = ring.holder
+        if holder.lock and lock_held(ring.fd):
+            return None  # a live publisher maps it: kept, however quiet
+        if holder.gone(ring.device, ring.inode):
+            return "gone", f"its publisher{holder.describe()} has gone"
+        quiet = now - max(ring.attached_at, ring.active_at)
+        if self.idle_reclaim_s and quiet >= self.idle_reclaim_s:
+            return "idle", f"no frame and no shm.open for {quiet:.0f} s"
+        return None
 
     def _open_bell(self) -> None:
         """Create the doorbell FIFO; without one (a filesystem without FIFOs) the poller sleeps
@@ -366,6 +515,9 @@ class ShmIngest:
             self._stopped = True
             self._running = False
             thread = self._thread
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout_s)
         if thread is not None:
             thread.join(timeout_s)
             if thread.is_alive():
@@ -382,10 +534,12 @@ class ShmIngest:
             self._pollers = ()
             self._consumers = ()
         for ring in rings:
+            ring.ended = ring.ended or "closed: the appliance stopped"
             self._retire(ring)
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters per open ring (keyed by publisher id) and totals including closed rings.
+        """Counters per open ring (keyed by publisher id), totals including closed rings, and
+        `rings_reclaimed` by reason (`gone`, `idle`).
 
         Read under the lock: a ring in the registry is never unmapped (it is removed first),
         so its header can be read; the counters themselves are the poller's, read racily.
@@ -393,9 +547,13 @@ class ShmIngest:
         with self._lock:
             per_ring = {str(ring.publisher_id): ring.counters() for ring in self._rings.values()}
             totals = Counter(self._closed_totals)
+            reclaimed = dict(self._reclaimed)
         for counters in per_ring.values():
             add_totals(totals, counters)
-        return {"rings_open": len(per_ring), "rings": per_ring, "totals": dict(totals)}
+        return {
+            "rings_open": len(per_ring), "rings": per_ring, "totals": dict(totals),
+            "rings_reclaimed": reclaimed,
+        }  # fmt: skip
 
 
 def checked_defaults(
@@ -426,6 +584,19 @@ def requested_ring(
         return publisher_id, RingGeometry(slots, slot_bytes)
     except ValueError as exc:
         raise ControlError(str(exc)) from None
+
+
+def declared_holder(request: dict[str, Any]) -> Holder:
+    """What an `shm.open` says about its publisher: `pid` (optional, its process id as it sees
+    it) and `lock` (optional, true: it holds a shared flock on the ring file while mapped)."""
+    pid = request.get("pid")
+    if pid is not None:
+        pid = int_field(request, "pid", 1, MAX_PID)
+    lock = request.get("lock")
+    lock = False if lock is None else lock
+    if not isinstance(lock, bool):
+        raise ControlError(f"lock must be true or false, got {lock!r}")
+    return Holder.declared(pid, lock)
 
 
 def check_reattach(publisher_id: int, have: RingGeometry, request: dict[str, Any]) -> None:
