@@ -37,6 +37,7 @@ from appliance.durability.sequences import PublisherSequences
 from appliance.durability.writer import StorageUnavailableError
 from appliance.engine import select_engine
 from appliance.errors import ApiError
+from appliance.logging_setup import request_id
 from appliance.openapi import build_openapi
 from appliance.readiness import Readiness
 from appliance.stats_batch import StatsBatchDecoder, answer, stats_body, unknown_symbol
@@ -382,7 +383,10 @@ def _route(
 
     `waits_for_ready`: a data route (it reads or writes the store) waits while the appliance
     starts, up to `server.wait_for_ready_s`, then answers 503 `not_ready`; probes and documents
-    answer at once. Every route marks drained keep-alive connections (`close_if_draining`).
+    answer at once. Every route marks drained keep-alive connections (`close_if_draining`) and
+    tags the lines logged while it is handled with the request's id (`X-Request-ID`, else a
+    uuid4): the id stays set after the handler returns or raises, so the error handler's
+    "unhandled error" line carries it too; the next request on the connection replaces it.
     Paths answer with and without the trailing slash.
     """
 
@@ -390,6 +394,7 @@ def _route(
         if waits_for_ready:
 
             async def hooked(request: Request) -> HTTPResponse:
+                request_id.set(request)  # log lines of this request carry its id
                 readiness = request.app.ctx.readiness
                 if not readiness.accepting:  # one attribute read once started
                     await readiness.wait_accepting()
@@ -399,6 +404,7 @@ def _route(
         else:
 
             async def hooked(request: Request) -> HTTPResponse:
+                request_id.set(request)
                 close_if_draining(request)
                 return await handler(request)
 

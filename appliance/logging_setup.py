@@ -20,6 +20,7 @@ import sys
 from contextvars import ContextVar
 from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -31,8 +32,11 @@ _RENAME = {"levelname": "level", "name": "logger", "threadName": "thread"}
 # Loggers that would otherwise keep handlers or levels of their own.
 _SANIC_LOGGERS = ("sanic", "sanic.root", "sanic.error", "sanic.access", "sanic.server")
 
-# The id of the REST request being handled in this context (Sanic's `request.id`), or None.
-request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The REST request being handled in this context, or None. The app sets the request itself and
+# its `.id` (Sanic's: the client's X-Request-ID, else a uuid4 made on first use) is read only
+# when a line is logged, so a request that logs nothing never pays for making an id. A plain
+# string is taken as the id.
+request_id: ContextVar[Any] = ContextVar("request_id", default=None)
 
 
 class RequestIdFilter(logging.Filter):
@@ -43,7 +47,7 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         current = request_id.get()
         if current is not None and not hasattr(record, "request_id"):
-            record.request_id = str(current)
+            record.request_id = str(getattr(current, "id", current))
         return True
 
 

@@ -269,3 +269,22 @@ def test_a_fresh_start_accepts_a_write_at_once_and_after_health(
             assert _health_then_write(server) == 200
         finally:
             assert server.stop() == 0, server.stderr()
+
+
+def test_log_lines_of_a_request_carry_its_id_and_the_thread(tmp_path: Path) -> None:
+    # The access log is written after the handler, in the same context: it carries the id the
+    # request hook set (the client's X-Request-ID here; Sanic makes a uuid4 without one).
+    server = Server(tmp_path, {"APP_LOG__ACCESS_LOG": "true"})
+    try:
+        server.wait_ready()
+        response = server.request("GET", "/stats/?symbol=NONE&exponent=1", headers={
+            "X-Request-ID": "6c1e0c2a-94b5-4a57-9d6e-2f1b8c1f0b11"})  # fmt: skip
+        assert response.status == 404
+    finally:
+        assert server.stop() == 0
+    records = _json_lines(server.stdout())
+    access = [r for r in records if r["logger"] == "sanic.access" and "/stats" in str(r)]
+    assert access, records[-5:]
+    assert access[0]["request_id"] == "6c1e0c2a-94b5-4a57-9d6e-2f1b8c1f0b11"
+    assert all("thread" in r for r in records)
+    assert not any("request_id" in r for r in records if r["message"] == "appliance ready")

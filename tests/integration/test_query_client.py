@@ -6,6 +6,7 @@ the hot tier evicted and the warm tier sealed, while `stats` covers the hot valu
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,8 +166,38 @@ def test_a_new_symbol_beyond_the_limit_is_a_symbol_limit_error(
 def test_probes_on_a_ready_server(loaded: tuple[QueryClient, dict]) -> None:
     client, _ = loaded
     assert client.ready() and client.ready().body == {"status": "ready"}
-    assert client.health().ok
+    assert client.health().ok and client.health().body == {"status": "ok"}
+    assert client.live().ok and client.live().body == {"status": "ok"}
     assert client.wait_ready(timeout_s=1).status == 200
+
+
+def test_probes_while_the_log_replays(tmp_path: Path) -> None:
+    """Against a real start with a log to replay: live() is true at once, health() false with
+    the phase until the replay ends, and a write sent meanwhile waits and succeeds."""
+    from tests.durability.test_crash_recovery import write_long_log
+
+    write_long_log(tmp_path / "data", 100_000)
+    server = Server(tmp_path)
+    try:
+        client = QueryClient(f"http://127.0.0.1:{server.port}", timeout_s=60)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = client.health()
+                break
+            except qc.TransportError:
+                assert time.monotonic() < deadline, server.stderr()
+                time.sleep(0.005)
+        assert client.live().ok
+        if not health.ok:  # the replay may end before the first probe on a fast machine
+            assert health.status == 503 and health.body["code"] == "not_ready"
+            assert health.body["status"] in ("starting", "replaying")
+        assert client.add_batch("R", [5.0]) == 1  # waits for the replay, then succeeds
+        assert client.health().ok
+        assert client.stats("R", 1).last == 5.0
+        client.close()
+    finally:
+        assert server.stop() == 0
 
 
 def test_a_stopped_server_is_a_transport_error(tmp_path: Path) -> None:
