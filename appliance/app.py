@@ -37,6 +37,7 @@ from appliance.durability.sequences import PublisherSequences
 from appliance.durability.writer import StorageUnavailableError
 from appliance.engine import select_engine
 from appliance.errors import ApiError
+from appliance.ingest import as_api_error
 from appliance.logging_setup import request_id
 from appliance.openapi import build_openapi
 from appliance.readiness import Readiness
@@ -430,12 +431,8 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         batch = decoder.decode(request.body)
         try:
             added = await _ingest(request.app.ctx, batch.symbol, batch.values)
-        except SymbolLimitError as exc:
-            raise ApiError(
-                "symbol_limit", f"{exc}; existing symbols still accept batches"
-            ) from None
-        except StorageUnavailableError as exc:
-            raise ApiError("storage_unavailable", str(exc)) from None
+        except (SymbolLimitError, StorageUnavailableError) as exc:
+            raise as_api_error(exc) from None
         return json_response({"status": "ok", "symbol": batch.symbol, "added": added})
 
     @data_get("/stats")

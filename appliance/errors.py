@@ -1,13 +1,16 @@
 """The one error type the REST layer speaks, and the table of every machine-readable code.
 
-Why a table: the HTTP status, the OpenAPI document and the tests all derive from this single
-mapping, so a code cannot exist in one place and be missing in another. `ApiError` carries only
-a code and a human message; its status comes from the table, never from the raiser.
+Why a table: the HTTP status, the binary transports' nack reason, the OpenAPI document and the
+tests all derive from this single mapping, so a code cannot exist in one place and be missing
+in another. `ApiError` carries only a code and a human message; its status and wire reason come
+from the table, never from the raiser.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from transport.wire import Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +20,9 @@ class ErrorCode:
     code: str
     status: int
     description: str
+    # The nack reason a binary transport answers for the same refusal (docs/wire-format.md);
+    # NONE for codes only REST can produce (a route, a method, a query parameter).
+    wire_reason: Reason = Reason.NONE
 
 
 _ROWS = (
@@ -36,13 +42,15 @@ _ROWS = (
         400,
         "The symbol is empty, longer than 64 UTF-8 bytes, or contains control characters "
         "(in a query string: also percent-encoded bytes that are not valid UTF-8).",
+        wire_reason=Reason.INVALID_SYMBOL,
     ),
-    ErrorCode("empty_batch", 400, "`values` is an empty array."),
+    ErrorCode("empty_batch", 400, "`values` is an empty array.", wire_reason=Reason.EMPTY_BATCH),
     ErrorCode(
         "invalid_value",
         400,
         "A value is negative, non-finite, boolean, string, null or "
         "nested; the message names the first bad index.",
+        wire_reason=Reason.INVALID_VALUE,
     ),
     ErrorCode(
         "invalid_exponent", 400, "`exponent` is missing, not a plain integer, or outside 1..8."
@@ -85,12 +93,14 @@ _ROWS = (
         "symbol_limit",
         409,
         "The batch would create a new symbol but `store.max_symbols` symbols already exist.",
+        wire_reason=Reason.SYMBOL_LIMIT,
     ),
     ErrorCode(
         "batch_too_large",
         413,
         "More values than `store.max_batch_size`, more queries than `server.max_stats_queries` "
         "(POST /stats/batch), or a body larger than `server.max_body_bytes`.",
+        wire_reason=Reason.BATCH_TOO_LARGE,
     ),
     ErrorCode(
         "unsupported_media_type",
@@ -101,6 +111,7 @@ _ROWS = (
         "internal_error",
         500,
         "An unexpected server fault; it is logged. Client input never causes it.",
+        wire_reason=Reason.INTERNAL,
     ),
     ErrorCode(
         "not_ready",
@@ -108,12 +119,14 @@ _ROWS = (
         "The appliance is not ready (GET /health, GET /ready): starting, replaying its "
         "write-ahead log, stopping, or failed to start; also a data request that waited "
         "`server.wait_for_ready_s` for the start to end, or came during a failed start.",
+        wire_reason=Reason.UNAVAILABLE,
     ),
     ErrorCode(
         "storage_unavailable",
         503,
         "The write-ahead log cannot be written (disk full, file too large, I/O error): nothing "
         "of the batch was applied; retry later.",
+        wire_reason=Reason.UNAVAILABLE,
     ),
 )
 

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from appliance.durability.writer import StorageUnavailableError
-from appliance.errors import ApiError
+from appliance.errors import ERROR_CODES, ApiError
 from appliance.store import SymbolLimitError
 from appliance.validation import check_values, validate_symbol
 from transport.ingest import Rejected
@@ -36,12 +36,6 @@ from transport.wire import RETRYABLE, Reason
 
 log = logging.getLogger(__name__)
 
-_REASONS = {
-    "invalid_symbol": Reason.INVALID_SYMBOL,
-    "invalid_value": Reason.INVALID_VALUE,
-    "empty_batch": Reason.EMPTY_BATCH,
-    "batch_too_large": Reason.BATCH_TOO_LARGE,
-}
 # The bit pattern of +inf: a float64 whose unsigned 64-bit view is below it is finite and >= 0
 # with its sign bit clear (so not -0.0, which check_values normalizes).
 _INF_BITS = np.uint64(0x7FF0000000000000)
@@ -75,17 +69,27 @@ def fast_check(values: np.ndarray) -> np.ndarray:
     return check_values(values)
 
 
+def as_api_error(exc: BaseException) -> ApiError | None:
+    """The API's error for a refusal by validation, the store or the log's writer; None for
+    anything else (a fault). REST renders it; the transports nack with its table wire reason."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, SymbolLimitError):
+        return ApiError("symbol_limit", f"{exc}; existing symbols still accept batches")
+    if isinstance(exc, StorageUnavailableError):
+        return ApiError("storage_unavailable", str(exc))
+    return None
+
+
 def reason_for(exc: BaseException) -> Reason:
-    """The wire's reason for an exception from validation, the store or the log's writer."""
+    """The wire's reason for an exception from validation, the store or the log's writer: the
+    error table's (appliance.errors), INTERNAL for a fault."""
     if isinstance(exc, Rejected):
         return exc.reason
-    if isinstance(exc, ApiError):
-        return _REASONS.get(exc.code, Reason.INVALID_VALUE)
-    if isinstance(exc, SymbolLimitError):
-        return Reason.SYMBOL_LIMIT
-    if isinstance(exc, StorageUnavailableError):
-        return Reason.UNAVAILABLE
-    return Reason.INTERNAL
+    error = as_api_error(exc)
+    if error is None:
+        return Reason.INTERNAL
+    return ERROR_CODES[error.code].wire_reason or Reason.INVALID_VALUE
 
 
 class StoreSink:

@@ -218,3 +218,27 @@ def test_submit_batch_without_a_log_applies_in_order_and_stops_a_publisher_at_a_
     with pytest.raises(Rejected) as info:
         sink.prepare("A", arr(1.0, -2.0))
     assert info.value.reason is Reason.INVALID_VALUE
+
+
+def test_rest_and_the_wire_refuse_with_one_table() -> None:
+    """One table (appliance.errors) gives REST's status and the transports' nack reason."""
+    from appliance.durability.writer import StorageUnavailableError
+    from appliance.errors import ERROR_CODES, ApiError
+    from appliance.ingest import as_api_error, reason_for
+    from appliance.store import SymbolLimitError
+
+    refusals = {
+        ApiError("invalid_symbol", "m"): (400, Reason.INVALID_SYMBOL),
+        ApiError("invalid_value", "m"): (400, Reason.INVALID_VALUE),
+        ApiError("empty_batch", "m"): (400, Reason.EMPTY_BATCH),
+        ApiError("batch_too_large", "m"): (413, Reason.BATCH_TOO_LARGE),
+        SymbolLimitError.at(10, 10): (409, Reason.SYMBOL_LIMIT),
+        StorageUnavailableError("disk full"): (503, Reason.UNAVAILABLE),
+    }
+    for exc, (status, reason) in refusals.items():
+        error = as_api_error(exc)
+        assert error is not None and (error.status, reason_for(exc)) == (status, reason), exc
+        assert ERROR_CODES[error.code].wire_reason is reason
+    assert as_api_error(RuntimeError("boom")) is None
+    assert reason_for(RuntimeError("boom")) is Reason.INTERNAL
+    assert "existing symbols still accept batches" in str(as_api_error(SymbolLimitError("x")))
