@@ -220,7 +220,21 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                                 "loop_errors": {"type": "integer", "minimum": 0},
                             },
                         },
-                        "shm": {"type": "object", "description": "shared-memory rings"},
+                        "shm": {
+                            "type": "object",
+                            "description": "shared-memory rings: counters per ring, and "
+                            "`rings_reclaimed` (`gone`: the publisher died or detached; `idle`: "
+                            "no frame nor attach for `transport.shm.idle_reclaim_s`)",
+                            "properties": {
+                                "rings_reclaimed": {
+                                    "type": "object",
+                                    "properties": {
+                                        "gone": {"type": "integer", "minimum": 0},
+                                        "idle": {"type": "integer", "minimum": 0},
+                                    },
+                                },
+                            },
+                        },
                         "rdma": {
                             "type": "object",
                             "description": "running: `status`, `device`, `rings_open`, `rings` "
