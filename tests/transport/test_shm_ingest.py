@@ -7,6 +7,7 @@ Rings live in /dev/shm as in production; every test checks that its files are go
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -308,8 +309,9 @@ def test_snapshot_counts_per_ring(ingest: ShmIngest) -> None:
         assert ring["slots"] == 16 and ring["slot_bytes"] == 512
 
 
-def test_control_over_a_real_rep_socket(ingest: ShmIngest, model: Model, tmp_path: Path) -> None:
-    """ShmPublisher(endpoint) uses transport.control.request: REQ -> REP -> dispatch."""
+@contextlib.contextmanager
+def control_socket(ingest: ShmIngest, tmp_path: Path) -> Iterator[str]:
+    """A REP socket answering the ingest's control ops on a thread; yields its endpoint."""
     endpoint = f"ipc://{tmp_path / 'control.sock'}"
     context = zmq.Context()
     rep = context.socket(zmq.REP)
@@ -324,6 +326,17 @@ def test_control_over_a_real_rep_socket(ingest: ShmIngest, model: Model, tmp_pat
     server = threading.Thread(target=serve)
     server.start()
     try:
+        yield endpoint
+    finally:
+        stop.set()
+        server.join(DEADLINE_S)
+        rep.close(linger=0)
+        context.term()
+
+
+def test_control_over_a_real_rep_socket(ingest: ShmIngest, model: Model, tmp_path: Path) -> None:
+    """ShmPublisher(endpoint) uses transport.control.request: REQ -> REP -> dispatch."""
+    with control_socket(ingest, tmp_path) as endpoint:
         publisher = ShmPublisher(endpoint, timeout_s=DEADLINE_S)
         publisher.publish("ZMQ", [4.0, 2.0])
         publisher.flush()
@@ -331,11 +344,6 @@ def test_control_over_a_real_rep_socket(ingest: ShmIngest, model: Model, tmp_pat
         wait_until(
             lambda: ingest.snapshot()["rings_open"] == 0, "shm.close to take effect", DEADLINE_S
         )
-    finally:
-        stop.set()
-        server.join(DEADLINE_S)
-        rep.close(linger=0)
-        context.term()
     np.testing.assert_array_equal(model.values("ZMQ"), [4.0, 2.0])
 
 

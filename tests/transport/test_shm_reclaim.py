@@ -9,23 +9,26 @@ depends on timing; the threaded tests wait with `wait_until`, never with a sleep
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from tests.transport.test_shm_crash import REPO_ROOT, kill, read_line
-from tests.transport.test_shm_ingest import DEADLINE_S, Model, local_control, ring_files
+from tests.transport.test_shm_ingest import (
+    DEADLINE_S,
+    Model,
+    control_socket,
+    local_control,
+    ring_files,
+)
 from tests.waiting import wait_until
-from transport.control import ControlError, dispatch
+from transport.control import ControlError
 from transport.publisher import PublishError
 from transport.shm.liveness import Holder, PidState, lock_held, maps_file, process_start
 from transport.shm.publisher import ShmPublisher, _map
@@ -67,31 +70,6 @@ def child(script: str, *args: object) -> subprocess.Popen[str]:
         [sys.executable, "-c", script, *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
     )  # fmt: skip
-
-
-@contextlib.contextmanager
-def control_socket(ingest: ShmIngest, tmp_path: Path) -> Iterator[str]:
-    """A REP socket answering the ingest's control ops on a thread; yields its endpoint."""
-    endpoint = f"ipc://{tmp_path / 'control.sock'}"
-    context = zmq.Context()
-    rep = context.socket(zmq.REP)
-    rep.bind(endpoint)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            if rep.poll(20):
-                rep.send(dispatch(rep.recv(), ingest.control_handlers()))
-
-    server = threading.Thread(target=serve)
-    server.start()
-    try:
-        yield endpoint
-    finally:
-        stop.set()
-        server.join(DEADLINE_S)
-        rep.close(linger=0)
-        context.term()
 
 
 @pytest.fixture
