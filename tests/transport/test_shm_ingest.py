@@ -76,14 +76,15 @@ def model() -> Model:
     return Model()
 
 
-@pytest.fixture
-def make_ingest(model: Model) -> Iterator[Callable[..., ShmIngest]]:
+@contextlib.contextmanager
+def ingest_factory(model: Model, **defaults: Any) -> Iterator[Callable[..., ShmIngest]]:
     """ShmIngest factory with small rings; stops each one and checks its files are unlinked."""
     made: list[ShmIngest] = []
 
     def make(**kwargs: Any) -> ShmIngest:
         options = {"slots": 16, "slot_bytes": 512, "max_slots": 256, "max_slot_bytes": 8192,
-                   "max_rings": 4, "spin_us": 50, "backoff_max_us": 200, **kwargs}  # fmt: skip
+                   "max_rings": 4, "spin_us": 50, "backoff_max_us": 200, **defaults,
+                   **kwargs}  # fmt: skip
         ingest = ShmIngest(model, **options)
         made.append(ingest)
         return ingest
@@ -92,6 +93,12 @@ def make_ingest(model: Model) -> Iterator[Callable[..., ShmIngest]]:
     for ingest in made:
         ingest.stop(timeout_s=DEADLINE_S)
         assert ring_files(ingest) == []
+
+
+@pytest.fixture
+def make_ingest(model: Model) -> Iterator[Callable[..., ShmIngest]]:
+    with ingest_factory(model) as make:
+        yield make
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from tests.transport.test_shm_ingest import (
     DEADLINE_S,
     Model,
     control_socket,
+    ingest_factory,
     local_control,
     ring_files,
 )
@@ -79,20 +80,9 @@ def model() -> Model:
 
 @pytest.fixture
 def make_ingest(model: Model) -> Iterator[Callable[..., ShmIngest]]:
-    made: list[ShmIngest] = []
-
-    def make(**kwargs: object) -> ShmIngest:
-        options = {"slots": 16, "slot_bytes": 512, "max_slots": 256, "max_slot_bytes": 8192,
-                   "max_rings": 2, "spin_us": 50, "backoff_max_us": 200, "attach_grace_s": 0,
-                   **kwargs}  # fmt: skip
-        ingest = ShmIngest(model, **options)  # type: ignore[arg-type]
-        made.append(ingest)
-        return ingest
-
-    yield make
-    for ingest in made:
-        ingest.stop(timeout_s=DEADLINE_S)
-        assert ring_files(ingest) == []
+    # Two rings and no grace after shm.open: the limits and the reaper are reached at once.
+    with ingest_factory(model, max_rings=2, attach_grace_s=0) as make:
+        yield make
 
 
 def test_killed_publisher_frames_are_applied_then_its_ring_reclaimed(
