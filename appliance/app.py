@@ -33,6 +33,7 @@ from appliance.durability.sequences import PublisherSequences
 from appliance.durability.writer import StorageUnavailableError
 from appliance.engine import select_engine
 from appliance.errors import ApiError
+from appliance.metrics import install_metrics
 from appliance.openapi import build_openapi
 from appliance.stats_batch import StatsBatchDecoder, answer, stats_body, unknown_symbol
 from appliance.store import Store, SymbolLimitError, UnknownSymbolError
@@ -228,6 +229,7 @@ def create_app(
     app.ctx.warm = None
     _add_routes(app, BatchDecoder(config.store.max_batch_size), build_openapi(config))
     _add_lifecycle(app)
+    install_metrics(app)  # GET /metrics and request timing, per [metrics] (appliance.metrics)
     return app
 
 
@@ -249,7 +251,8 @@ def attach_durability(app: Sanic) -> Any:
         app.ctx.warm = WarmTier.from_config(app.ctx.config.durability)
         app.ctx.record_listeners.append(app.ctx.warm)
     listeners = list(getattr(app.ctx, "record_listeners", ()))
-    writer = open_log(app.ctx.config.durability, app.ctx.store, listeners)
+    timings = getattr(app.ctx, "wal_timings", None)  # set by install_metrics (None: off)
+    writer = open_log(app.ctx.config.durability, app.ctx.store, listeners, timings=timings)
     app.ctx.durable = writer
     return writer
 

@@ -36,6 +36,7 @@ from appliance.store import Store, SymbolLimitError
 
 if TYPE_CHECKING:
     from appliance.config import DurabilityConfig
+    from appliance.latency import WalTimings
 
 log = logging.getLogger(__name__)
 
@@ -286,11 +287,13 @@ def open_log(
     config: DurabilityConfig,
     store: Store,
     listeners: Iterable[RecordListener] = (),
+    timings: WalTimings | None = None,
 ) -> DurableWriter:
     """Recover `store` from `config.dir`, then start the writer that continues the log.
 
     Raises `CorruptLogError` (the CLI turns it into exit status 2). `listeners` see the replay
-    and then every new record.
+    and then every new record. `timings`: where the writer records its latencies for GET
+    /metrics (None: nothing is timed).
     """
     listeners = list(listeners)
     lock_fd = wal.lock_dir(wal.wal_dir(config.dir))  # LogBusyError if another process has it
@@ -321,6 +324,7 @@ def open_log(
         tail=result.tail,
         checkpointer=checkpointer,
         lock_fd=lock_fd,
+        timings=timings,
     )
     for listener in listeners:
         writer.add_listener(listener)
