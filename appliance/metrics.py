@@ -152,7 +152,7 @@ class ApplianceCollector(Collector):
             "hft_symbols_max", "The symbol limit (store.max_symbols)", value=store.max_symbols
         )
         hot = GaugeMetricFamily(
-            "hft_series_hot_values", "Values retained in the hot tier, per symbol", labels=["symbol"]
+            "hft_series_hot_values", "Values kept in the hot tier, per symbol", labels=["symbol"]
         )
         total = GaugeMetricFamily(
             "hft_series_total_values",

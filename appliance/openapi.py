@@ -327,9 +327,7 @@ def _metrics_paths() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "every metric of the appliance, for a Prometheus scrape",
-                        "content": {
-                            "text/plain; version=0.0.4": {"schema": {"type": "string"}}
-                        },
+                        "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
                     },
                     **_errors(),
                 },
