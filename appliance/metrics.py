@@ -19,6 +19,7 @@ docs/metrics.md lists every metric.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -319,20 +320,48 @@ def install_metrics(app: Sanic) -> None:
 
 
 def _add_middleware(app: Sanic, rest: RestMetrics) -> None:
-    """A request/response pair: a timestamp in, one histogram update (and for an error, one
-    counter update) out. Plain functions, not coroutines: Sanic awaits only what is awaitable."""
+    """Time every route's handler and count every error response by code.
+
+    Why not a request/response middleware pair: Sanic runs each middleware through its signal
+    machinery, which cost ~4 us per request here (9 % of the server's CPU per GET /stats/,
+    benches/RESULTS.md, issue 14); wrapping each route's handler costs one coroutine frame.
+    Errors: a response a handler returns with status >= 400 is counted here; an exception is
+    counted where the app's error handler renders it (unknown paths included, which reach no
+    handler), so each error response is counted exactly once.
+    """
     clock = time.perf_counter
     observe = rest.observe
+    for route in app.router.routes:
+        route.handler = _timed(route.handler, route.name, rest, clock, observe)
+    render = app.error_handler.response
 
-    def start_timer(request: Request) -> None:
-        request.ctx.metrics_started = clock()
+    def counted(request: Request, exception: BaseException) -> Any:
+        response = render(request, exception)
+        rest.count_error(getattr(response, "body", None))
+        return response
 
-    def record(request: Request, response: HTTPResponse) -> None:
-        started = getattr(request.ctx, "metrics_started", None)
+    app.error_handler.response = counted  # type: ignore[method-assign]
+
+
+def _timed(handler: Any, name: str, rest: RestMetrics, clock: Any, observe: Any) -> Any:
+    @functools.wraps(handler)
+    async def timed(request: Request, **kwargs: Any) -> Any:
+        started = clock()
+        try:
+            response = await handler(request, **kwargs)
+        except Exception as exc:
+            observe(name, getattr(exc, "status", None) or _status_of(exc), clock() - started)
+            raise
         status = response.status
-        observe(request.name, status, None if started is None else clock() - started)
+        observe(name, status, clock() - started)
         if status >= 400:
             rest.count_error(response.body)
+        return response
 
-    app.register_middleware(start_timer, "request")
-    app.register_middleware(record, "response")
+    return timed
+
+
+def _status_of(exc: BaseException) -> int:
+    """The status the error handler will give an exception a handler raised (ApiError's
+    `status`, Sanic's `status_code`, else 500)."""
+    return int(getattr(exc, "status_code", 500) or 500)

@@ -121,7 +121,7 @@ def test_error_responses_are_counted_by_code(mserver: Server) -> None:
             before, "hft_errors_total", code=code
         )
         assert grew == 1, code
-    assert value(after, "hft_http_request_duration_seconds_count", route="unmatched", status="404")
+    assert value(after, "hft_http_request_duration_seconds_count", route="stats", status="404")
 
 
 def rejected_frames(samples: Samples, transport: str, socket: str) -> float:
