@@ -3,14 +3,14 @@
 Why a custom collector: the appliance already counts what matters (the transports' frames,
 values and rejections, the store's series, the log's writer, the warm tier), so a scrape reads
 those counters (`ApplianceCollector.collect`) and the hot paths pay nothing for them. The only
-recording added for metrics is once per REST request (a request/response middleware pair
+recording added for metrics is once per REST request (a wrapper around each route's handler
 filling `RestMetrics`) and once per log commit and fsync (`appliance.latency.WalTimings`); both
 are plain Python objects that the collector turns into families at scrape time.
 
 Every app has its own `CollectorRegistry` (`app.ctx.metrics_registry`), never the library's
 global one: a test or benchmark can build many apps in one process. With `[metrics] enabled =
 false`, `install_metrics` does nothing at all: no route (GET /metrics answers 404 not_found),
-no middleware, no timings.
+no handler wrapped, no timings.
 
 Names: `hft_` prefix, base units, `_total` for counters; per-symbol labels are bounded by
 `store.max_symbols`, error codes by the table in `appliance.errors`, routes by the app's routes.
@@ -56,7 +56,8 @@ _ERROR_BODY = msgspec.json.Decoder(dict[str, Any])
 class RestMetrics:
     """Per (route name, status): a latency histogram; per error code: a count.
 
-    Filled by the middleware on the event loop (one thread), read at scrape time.
+    Filled by the handler wrappers and the error handler on the event loop (one thread), read
+    at scrape time.
     """
 
     __slots__ = ("errors", "latency")
@@ -308,7 +309,7 @@ def install_metrics(app: Sanic) -> None:
     registry.register(ApplianceCollector(app, rest, wal))
     app.ctx.metrics_registry = registry
     app.ctx.wal_timings = wal
-    _add_middleware(app, rest)
+    _time_requests(app, rest)
 
     async def metrics(request: Request) -> HTTPResponse:
         # On the loop: the families are built from in-memory counters (bounded by max_symbols).
@@ -319,7 +320,7 @@ def install_metrics(app: Sanic) -> None:
     )
 
 
-def _add_middleware(app: Sanic, rest: RestMetrics) -> None:
+def _time_requests(app: Sanic, rest: RestMetrics) -> None:
     """Time every route's handler and count every error response by code.
 
     Why not a request/response middleware pair: Sanic runs each middleware through its signal
