@@ -39,6 +39,7 @@ from appliance.engine import select_engine
 from appliance.errors import ApiError
 from appliance.ingest import as_api_error
 from appliance.logging_setup import request_id
+from appliance.metrics import install_metrics
 from appliance.openapi import build_openapi
 from appliance.readiness import Readiness
 from appliance.stats_batch import StatsBatchDecoder, answer, stats_body, unknown_symbol
@@ -238,6 +239,7 @@ def create_app(
     app.ctx.warm = None
     _add_routes(app, BatchDecoder(config.store.max_batch_size), build_openapi(config))
     _add_lifecycle(app)
+    install_metrics(app)  # GET /metrics and request timing, per [metrics] (appliance.metrics)
     return app
 
 
@@ -260,7 +262,11 @@ def attach_durability(app: Sanic) -> Any:
         app.ctx.record_listeners.append(app.ctx.warm)
     listeners = list(getattr(app.ctx, "record_listeners", ()))
     writer = open_log(
-        app.ctx.config.durability, app.ctx.store, listeners, app.ctx.readiness.progress
+        app.ctx.config.durability,
+        app.ctx.store,
+        listeners,
+        progress=app.ctx.readiness.progress,
+        timings=getattr(app.ctx, "wal_timings", None),  # set by install_metrics (None: off)
     )
     app.ctx.durable = writer
     return writer

@@ -129,6 +129,13 @@ class DurabilityConfig(_Section):
     retain_days: NonNegativeInt = 0
 
 
+class MetricsConfig(_Section):
+    """[metrics]: Prometheus metrics at GET /metrics (docs/metrics.md)."""
+
+    # false: no /metrics route (404 not_found) and no per-request timing at all.
+    enabled: bool = True
+
+
 class ZmqConfig(_Section):
     """[transport.zmq]: ZeroMQ ingest (SPEC section 7). An empty endpoint disables that socket."""
 
@@ -234,6 +241,7 @@ class AppConfig(_Section):
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
     durability: DurabilityConfig = msgspec.field(default_factory=DurabilityConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
     @property
     def max_body_bytes(self) -> int:

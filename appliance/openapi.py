@@ -352,6 +352,25 @@ def _history_stats_schema() -> dict[str, Any]:
     }
 
 
+def _metrics_paths() -> dict[str, Any]:
+    """GET /metrics (issue 14): present only with `[metrics] enabled = true`."""
+    return {
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (text exposition format 0.0.4; docs/metrics.md)",
+                "responses": {
+                    "200": {
+                        "description": "every metric of the appliance, for a Prometheus scrape",
+                        "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(),
+                },
+            }
+        }
+    }
+
+
 def _history_paths() -> dict[str, Any]:
     bound = (
         "by=index: a series index (0 = the first value ever accepted); by=time: integer ns "
@@ -574,6 +593,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                 }
             },
             **_history_paths(),
+            **(_metrics_paths() if config.metrics.enabled else {}),
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",

@@ -344,6 +344,17 @@ def _finished(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     return sorted((lsn, path) for lsn, path in found if lsn is not None)
 
 
+def _newest_mtime(directory: str | os.PathLike[str]) -> float | None:
+    """When the newest finished checkpoint in `directory` was written (None: there is none)."""
+    finished = _finished(directory)
+    if not finished:
+        return None
+    try:
+        return finished[-1][1].stat().st_mtime
+    except OSError:
+        return None
+
+
 # -- scheduling -----------------------------------------------------------------------------
 
 
@@ -379,6 +390,9 @@ class Checkpointer:
         self.last_path: Path | None = None
         self.last_error: BaseException | None = None
         self.last_duration_s: float = 0.0
+        # Wall-clock time (s) the newest durable checkpoint was written (GET /metrics: its
+        # age); at start, the newest one already on disk; None when there is none yet.
+        self.last_written_unix: float | None = _newest_mtime(self.directory)
 
     def due(self, now: float | None = None) -> bool:
         """True when a periodic checkpoint should start (and the previous one has finished)."""
@@ -443,6 +457,7 @@ class Checkpointer:
             return
         self.last_duration_s = time.perf_counter() - started
         self.last_lsn, self.last_path, self.last_error = taken.lsn, path, None
+        self.last_written_unix = time.time()
         log.info(
             "checkpoint at lsn %d written in %.2f s: %s", taken.lsn, self.last_duration_s, path
         )

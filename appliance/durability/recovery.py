@@ -37,6 +37,7 @@ from appliance.store import Store, SymbolLimitError
 
 if TYPE_CHECKING:
     from appliance.config import DurabilityConfig
+    from appliance.latency import WalTimings
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +299,13 @@ def open_log(
     store: Store,
     listeners: Iterable[RecordListener] = (),
     progress: ReplayProgress | None = None,
+    timings: WalTimings | None = None,
 ) -> DurableWriter:
     """Recover `store` from `config.dir`, then start the writer that continues the log.
 
     Raises `CorruptLogError` (the CLI turns it into exit status 2). `listeners` see the replay
-    and then every new record.
+    and then every new record. `timings`: where the writer records its latencies for GET
+    /metrics (None: nothing is timed).
     """
     listeners = list(listeners)
     lock_fd = wal.lock_dir(wal.wal_dir(config.dir))  # LogBusyError if another process has it
@@ -333,6 +336,7 @@ def open_log(
         tail=result.tail,
         checkpointer=checkpointer,
         lock_fd=lock_fd,
+        timings=timings,
     )
     for listener in listeners:
         writer.add_listener(listener)

@@ -490,6 +490,11 @@ class WarmTier:
 
     # ----------------------------------------------------------------- readers
 
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes of values handed to the sealer and not sealed yet (GET /metrics; racy read)."""
+        return self._backlog
+
     def oldest_unsealed_lsn(self) -> int | None:
         """The smallest lsn whose values are only in memory here; None when nothing is."""
         oldest: int | None = None

@@ -60,6 +60,7 @@ import numpy as np
 
 from appliance.durability import wal
 from appliance.durability.records import BatchRecord
+from appliance.latency import WalTimings
 from appliance.store import Store, SymbolLimitError
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class SegmentFile:
         self.fd: int | None = None
         self.path: Path | None = None
         self.size = 0  # bytes known good (written completely) in the current segment
+        self.written_total = 0  # bytes appended by this process, all segments (GET /metrics)
 
     def open_existing(self, path: Path) -> None:
         """Continue appending to `path` (recovery has verified and trimmed it)."""
@@ -239,6 +241,7 @@ class SegmentFile:
             self.truncate_to_good()
             raise
         self.size += total
+        self.written_total += total
 
     def fsync(self) -> None:
         if self.fd is not None:
@@ -301,8 +304,12 @@ class _IntervalSyncer:
                 fd, self._pending = self._pending, None
                 if fd is None:
                     return
+            timings = self._owner.timings
             try:
+                started = timings.fsync_started() if timings is not None else 0
                 os.fsync(fd)
+                if timings is not None:
+                    timings.fsync_done(started)
                 self._owner.fsyncs += 1
             except OSError as exc:  # acknowledged already: logged, as the writer's own sync
                 log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
@@ -332,6 +339,7 @@ class DurableWriter:
         tail: Path | None = None,
         checkpointer: Any = None,
         lock_fd: int | None = None,
+        timings: WalTimings | None = None,
     ) -> None:
         self.store = store
         self.sync = sync
@@ -364,6 +372,8 @@ class DurableWriter:
         self.groups = 0
         self.inline_commits = 0
         self.recovery: Any = None  # the RecoveryResult this writer continues from, if any
+        # GET /metrics: apply latency, fsync durations, commit lag (None: not recorded at all).
+        self.timings = timings
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -484,6 +494,16 @@ class DurableWriter:
     def next_lsn(self) -> int:
         return self._next_lsn
 
+    @property
+    def bytes_written(self) -> int:
+        """Bytes this process appended to the log (a failed group's dropped bytes excluded)."""
+        return self._segment.written_total
+
+    @property
+    def checkpointer(self) -> Any:
+        """The `Checkpointer` (or None), for GET /metrics' checkpoint age; read-only use."""
+        return self._checkpointer
+
     def total(self, symbol: str) -> int:
         return self._totals.get(symbol, 0)
 
@@ -578,8 +598,12 @@ class DurableWriter:
     def _sync_quietly(self) -> bool:
         """Interval fsync: the batches are already acknowledged, so a failure is only logged.
         Returns whether the log is now on disk."""
+        timings = self.timings
         try:
+            started = timings.fsync_started() if timings is not None else 0
             self._segment.fsync()
+            if timings is not None:
+                timings.fsync_done(started)
             self.fsyncs += 1
         except OSError as exc:
             log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
@@ -617,6 +641,8 @@ class DurableWriter:
                 continue
             if not self._apply(request, record) and request.group is not None:
                 broken.add((id(request.group), request.publisher_id))
+        if self.timings is not None:  # once per group: its oldest batch waited longest
+            self.timings.committed(accepted[0][0].received_ns)
         return True
 
     def _apply(self, request: _Item, record: BatchRecord) -> bool:
@@ -667,6 +693,8 @@ class DurableWriter:
         self._next_lsn = record.lsn + 1
         self._totals[symbol] = total + int(request.values.shape[0])
         self._apply(request, record)
+        if self.timings is not None:
+            self.timings.committed(request.received_ns)
         return True
 
     def _encode(
@@ -718,12 +746,18 @@ class DurableWriter:
             written = True
             if self.sync == "always":
                 # One fsync covers the whole group: this is the group commit.
+                timings = self.timings
+                started = timings.fsync_started() if timings is not None else 0
                 self._segment.fsync()
+                if timings is not None:
+                    timings.fsync_done(started)
                 self.fsyncs += 1
         except OSError as exc:
             # Nothing of the group is kept or applied; its lsns are handed out again later.
             if written:  # the fsync failed: its pages may or may not reach the disk, drop them
-                self._segment.size -= sum(len(c) for c in chunks)
+                dropped = sum(len(c) for c in chunks)
+                self._segment.size -= dropped
+                self._segment.written_total -= dropped
                 self._segment.truncate_to_good()
             log.error(
                 "write-ahead log unavailable",
