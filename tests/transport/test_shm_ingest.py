@@ -132,6 +132,24 @@ def test_publish_many_wraparounds_equals_numpy(ingest: ShmIngest, model: Model) 
     assert not any(key.startswith("rejected.") for key in totals)
 
 
+def test_totals_never_step_back_while_a_closed_ring_is_retired(
+    ingest: ShmIngest, model: Model
+) -> None:
+    """A closed ring leaves the registry before the poller folds its counters into the totals:
+    GET /ingest and /metrics must count it all along (a Prometheus counter that decreases reads
+    as a process restart)."""
+    for attempt in range(20):
+        symbol = f"S{attempt}"
+        with ShmPublisher(local_control(ingest)) as publisher:
+            publisher.publish(symbol, np.ones(5))
+            publisher.flush()
+            wait_until(lambda: model.values(symbol).size == 5, "the values applied", DEADLINE_S)
+        # Closed (shm.close sent on exit): snapshots taken while the poller retires it.
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            assert ingest.snapshot()["totals"].get("values_applied") == 5 * (attempt + 1)
+
+
 def test_batch_larger_than_a_slot_is_split_to_fit(ingest: ShmIngest, model: Model) -> None:
     with ShmPublisher(local_control(ingest), slot_bytes=256) as publisher:
         assert publisher.max_frame_bytes == 256 - 16

@@ -200,6 +200,10 @@ class ShmIngest:
         self._bell_path: Path | None = None  # the doorbell FIFO, once start() made it
         self._bell_fd: int | None = None
         self._closed_totals: Counter[str] = Counter()
+        # Rings out of the registry whose counters are not in _closed_totals yet (draining):
+        # snapshot() counts them too, so a total never steps back while a ring is retired (a
+        # Prometheus counter that decreases reads as a restart). id(ring) -> ring; under _lock.
+        self._retiring: dict[int, _Ring] = {}
         self._reclaimed: Counter[str] = Counter({reason: 0 for reason in RECLAIM_REASONS})
         self._gone: OrderedDict[str, str] = OrderedDict()  # ring name -> how it ended; _lock
         self._created = 0
@@ -294,6 +298,7 @@ class ShmIngest:
                 ring = self._rings.pop(publisher_id, None)
                 if ring is None:
                     return {"closed": False}
+                self._retiring[id(ring)] = ring
                 self._forget(ring, "closed by shm.close")
                 self._publish_pollers()
                 deferred = self._running
@@ -349,6 +354,7 @@ class ShmIngest:
         ring.drain()
         with self._lock:  # snapshot() copies the totals under the same lock
             add_totals(self._closed_totals, ring.processor.counters.snapshot())
+            self._retiring.pop(id(ring), None)
         ring.destroy()
         log.info(
             "shared-memory ring %s %s", ring.name, ring.ended or "closed",
@@ -427,6 +433,7 @@ class ShmIngest:
                 return 0
             for ring in doomed:
                 del self._rings[ring.publisher_id]
+                self._retiring[id(ring)] = ring
             self._publish_pollers()
             deferred = self._running
             if deferred:
@@ -529,6 +536,7 @@ class ShmIngest:
         self._close_bell()
         with self._lock:
             rings = [*self._retired, *self._rings.values()]
+            self._retiring.update((id(ring), ring) for ring in self._rings.values())
             self._retired = []
             self._rings = {}
             self._pollers = ()
@@ -548,7 +556,8 @@ class ShmIngest:
             per_ring = {str(ring.publisher_id): ring.counters() for ring in self._rings.values()}
             totals = Counter(self._closed_totals)
             reclaimed = dict(self._reclaimed)
-        for counters in per_ring.values():
+            retiring = [ring.processor.counters.snapshot() for ring in self._retiring.values()]
+        for counters in (*per_ring.values(), *retiring):
             add_totals(totals, counters)
         return {
             "rings_open": len(per_ring), "rings": per_ring, "totals": dict(totals),
