@@ -116,7 +116,9 @@ class ApplianceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         ctx = self._app.ctx
         yield GaugeMetricFamily(
-            "hft_ready", "1 when the appliance is ready (GET /ready answers 200)", value=ctx.ready
+            "hft_ready",
+            "1 when the appliance accepts reads and writes (GET /health and /ready answer 200)",
+            value=ctx.readiness.ready,
         )
         yield from self._rest_families()
         yield from ingest_families(ctx.transports.snapshot() if ctx.transports else {})

@@ -117,6 +117,8 @@ def test_ingest_families_label_every_transport_socket_and_reason() -> None:
 
 def test_collector_reads_the_store_the_transports_and_the_rest_counters() -> None:
     app = new_app()
+    assert scrape(app)["hft_ready"] == {(): 0}  # starting
+    app.ctx.readiness.mark_ready()
     app.ctx.store.ingest("AAA", np.arange(1.0, 8.0))
     app.ctx.store.ingest("BBB", np.ones(3))
     app.ctx.transports = SimpleNamespace(
@@ -141,7 +143,7 @@ def test_collector_reads_the_store_the_transports_and_the_rest_counters() -> Non
     route = (("route", "stats"), ("status", "404"))
     assert scraped["hft_http_request_duration_seconds_count"] == {route: 1}
     assert scraped["hft_errors_total"] == {(("code", "unknown_symbol"),): 1}
-    assert scraped["hft_ready"] == {(): 0}
+    assert scraped["hft_ready"] == {(): 1}
     assert scraped["process_resident_memory_bytes"][()] > 0
     # Durability is off here: no log families, no totals per symbol, but the histograms exist.
     assert "hft_wal_written_bytes_total" not in scraped
