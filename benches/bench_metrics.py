@@ -14,7 +14,10 @@ alternating order (on/off, then off/on), runs on each:
 
 and reports per test the medians, the cost `1 - on/off` of the medians and the median of the
 per-round paired ratios (what to trust on a shared machine). Goal: cost < 3 %. Also the time of
-one scrape of GET /metrics.
+one scrape of GET /metrics, and, in process, the wrapper's own cost: the same GET /stats/
+handler chain of two apps (metrics on / off) called directly on one event loop, interleaved,
+so the difference is what metrics add per request, without the HTTP server's noise; it is set
+against the server's CPU per GET /stats/ measured above.
 
     .venv/bin/python benches/bench_metrics.py                   # ~3 minutes
     .venv/bin/python benches/bench_metrics.py --rounds 2 --duration 2 --frames 50   # smoke
@@ -187,6 +190,54 @@ def render(summary: dict, scrape: float, info: dict, args: argparse.Namespace) -
     return "\n".join(lines)
 
 
+def handler_us(app, calls: int) -> float:
+    """Median over 7 runs of the per-call time of `app`'s GET /stats/ handler chain (the route
+    hook, and the metrics wrapper when installed), called directly on one event loop."""
+    import asyncio
+    from types import SimpleNamespace
+
+    handler = next(r.handler for r in app.router.routes if r.name.endswith(".stats"))
+    request = SimpleNamespace(
+        app=app, stream=None, query_string=f"symbol={STATS_SYMBOL}&exponent=3", headers={}
+    )
+
+    async def run() -> list[float]:
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            for _ in range(calls):
+                await handler(request)
+            times.append((time.perf_counter() - started) / calls * 1e6)
+        return times
+
+    return statistics.median(asyncio.run(run()))
+
+
+def wrapper_cost_us(calls: int = 20_000, rounds: int = 5) -> dict[str, float]:
+    """In-process: per-request microseconds the metrics add to GET /stats/ (on minus off)."""
+    from appliance.app import create_app
+    from appliance.config import build_config
+
+    apps = {}
+    for state in ("on", "off"):
+        config = build_config(
+            {"metrics": {"enabled": state == "on"}, "engine": {"backend": "numpy"}}
+        )
+        app = create_app(config, name=f"bench_metrics_{state}")
+        app.ctx.store.ingest(STATS_SYMBOL, np.linspace(1.0, 2.0, 10_000))
+        app.ctx.readiness.mark_ready()
+        apps[state] = app
+    on, off = [], []
+    for round_no in range(rounds):
+        for state in ("on", "off") if round_no % 2 == 0 else ("off", "on"):
+            (on if state == "on" else off).append(handler_us(apps[state], calls))
+    return {
+        "on_us": statistics.median(on),
+        "off_us": statistics.median(off),
+        "added_us": statistics.median(a - b for a, b in zip(on, off, strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
@@ -209,7 +260,16 @@ def main(argv: list[str] | None = None) -> int:
             if status != 404:
                 raise RuntimeError(f"metrics off: GET /metrics answered {status}, not 404")
     summary = summarize(rounds)
+    wrapper = wrapper_cost_us()
+    server_us = summary[TESTS[0]]["cpu_us_off_median"]
     print(render(summary, scrape, info, args))
+    print(
+        f"In process, GET /stats/ handler chain: {wrapper['off_us']:.2f} us off, "
+        f"{wrapper['on_us']:.2f} us on: metrics add {wrapper['added_us']:.2f} us per request, "
+        f"{wrapper['added_us'] / server_us * 100:.1f} % of the server's CPU per GET /stats/ "
+        f"({server_us:.1f} us, metrics off, above)"
+    )
+    summary["in_process_wrapper"] = wrapper
     if args.json:
         report = {"machine": info, "args": vars(args), "rounds": rounds, "summary": summary}
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
