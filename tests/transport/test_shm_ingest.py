@@ -143,9 +143,7 @@ def test_totals_never_step_back_while_a_closed_ring_is_retired(
         with ShmPublisher(local_control(ingest)) as publisher:
             publisher.publish(symbol, np.ones(5))
             publisher.flush()
-            wait_until(
-                lambda s=symbol: model.values(s).size == 5, "the values applied", DEADLINE_S
-            )
+            wait_until(lambda s=symbol: model.values(s).size == 5, "the values applied", DEADLINE_S)
         # Closed (shm.close sent on exit): snapshots taken while the poller retires it.
         deadline = time.monotonic() + 0.05
         while time.monotonic() < deadline:
