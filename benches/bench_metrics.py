@@ -238,6 +238,23 @@ def wrapper_cost_us(calls: int = 20_000, rounds: int = 5) -> dict[str, float]:
     }
 
 
+def wal_timings_cost_us(calls: int = 200_000) -> float:
+    """In process: what the log's writer records per commit with metrics on (one `committed`,
+    one fsync's `fsync_started` + `fsync_done`: an upper bound, as fsyncs are rarer than
+    commits under `interval`), in microseconds, median of 7."""
+    from appliance.latency import WalTimings
+
+    timings = WalTimings()
+    times = []
+    for _ in range(7):
+        started = time.perf_counter()
+        for _ in range(calls):
+            timings.committed(time.time_ns())
+            timings.fsync_done(timings.fsync_started())
+        times.append((time.perf_counter() - started) / calls * 1e6)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
@@ -270,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         f"({server_us:.1f} us, metrics off, above)"
     )
     summary["in_process_wrapper"] = wrapper
+    commit_us = wal_timings_cost_us()
+    frame_us = summary[TESTS[2]]["cpu_us_off_median"]
+    post_us = summary[TESTS[1]]["cpu_us_off_median"]
+    print(
+        f"In process, the log writer's recording per commit (commit + one fsync): "
+        f"{commit_us:.2f} us, {commit_us / frame_us * 100:.2f} % of the server's CPU per "
+        f"ZeroMQ frame ({frame_us:.0f} us) and, with the handler wrapper, "
+        f"{(commit_us + wrapper['added_us']) / post_us * 100:.2f} % per POST /add_batch "
+        f"({post_us:.0f} us): at most one commit per frame or batch"
+    )
+    summary["in_process_wal_timings_us"] = commit_us
     if args.json:
         report = {"machine": info, "args": vars(args), "rounds": rounds, "summary": summary}
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
