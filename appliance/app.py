@@ -180,6 +180,22 @@ def check_json_content_type(header: str | None) -> None:
             )
 
 
+class RestIngestCounters:
+    """Batches and values POST /add_batch/ applied: two integer additions per batch, on the
+    event loop only; read by GET /metrics as transport `rest` (GET /ingest lists the binary
+    transports only)."""
+
+    __slots__ = ("batches", "values")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.values = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"messages": self.batches, "frames_applied": self.batches,
+                "values_applied": self.values}  # fmt: skip
+
+
 def build_store(config: AppConfig, engine: Engine) -> Store:
     return Store(
         engine,
@@ -233,6 +249,8 @@ def create_app(
     # endpoints are bound; None in apps built without them (tests, benchmarks): GET /ingest
     # then reports no transports.
     app.ctx.transports = None
+    # POST /add_batch/'s own counters (the binary transports keep theirs), for GET /metrics.
+    app.ctx.rest_ingest = RestIngestCounters()
     # The warm tier (appliance.durability.warm.WarmTier) behind GET /history/stats and the
     # totals of GET /symbols, set by the CLI with durability on; None: history answers 404
     # `history_disabled` and /symbols reports hot counts only.
@@ -439,6 +457,9 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             added = await _ingest(request.app.ctx, batch.symbol, batch.values)
         except (SymbolLimitError, StorageUnavailableError) as exc:
             raise as_api_error(exc) from None
+        counters = request.app.ctx.rest_ingest
+        counters.batches += 1
+        counters.values += added
         return json_response({"status": "ok", "symbol": batch.symbol, "added": added})
 
     @data_get("/stats")

@@ -121,7 +121,8 @@ class ApplianceCollector(Collector):
             value=ctx.readiness.ready,
         )
         yield from self._rest_families()
-        yield from ingest_families(ctx.transports.snapshot() if ctx.transports else {})
+        snapshot = ctx.transports.snapshot() if ctx.transports else {}
+        yield from ingest_families({**snapshot, "rest": ctx.rest_ingest.snapshot()})
         yield from self._store_families()
         yield from self._wal_families()
         yield from self._warm_families()
@@ -252,7 +253,9 @@ def ingest_families(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
     """The transports' counters (`Transports.snapshot()`, GET /ingest) as counter families.
 
     ZeroMQ is labelled by socket kind (router, pull, sub); shared memory and RDMA by `rings`
-    (their totals, closed rings included: per-publisher labels would be unbounded over time).
+    (their totals, closed rings included: per-publisher labels would be unbounded over time);
+    REST's accepted batches (`POST /add_batch/`) by `http` (its refusals are counted by code in
+    hft_errors_total, like every REST error).
     """
     labels = ["transport", "socket"]
     messages = CounterMetricFamily("hft_ingest_messages", "Messages received", labels=labels)
@@ -275,6 +278,9 @@ def ingest_families(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
 def _ingest_rows(
     snapshot: Mapping[str, Any],
 ) -> Iterator[tuple[str, str, Mapping[str, Any], Mapping[str, int]]]:
+    rest = snapshot.get("rest")
+    if rest:
+        yield "rest", "http", rest, {}
     zmq = snapshot.get("zmq") or {}
     for socket in _ZMQ_SOCKETS:
         counters = zmq.get(socket)

@@ -139,7 +139,8 @@ def test_collector_reads_the_store_the_transports_and_the_rest_counters() -> Non
     assert scraped["hft_series_hot_values"] == {(("symbol", "AAA"),): 7, (("symbol", "BBB"),): 3}
     assert scraped["hft_symbols"] == {(): 2}
     labels = (("socket", "router"), ("transport", "zmq"))
-    assert scraped["hft_ingest_values_total"] == {labels: 9}
+    rest = (("socket", "http"), ("transport", "rest"))  # no POST yet: there, at zero
+    assert scraped["hft_ingest_values_total"] == {labels: 9, rest: 0}
     route = (("route", "stats"), ("status", "404"))
     assert scraped["hft_http_request_duration_seconds_count"] == {route: 1}
     assert scraped["hft_errors_total"] == {(("code", "unknown_symbol"),): 1}

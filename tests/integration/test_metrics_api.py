@@ -94,6 +94,12 @@ def test_rest_and_zmq_ingest_are_counted_per_transport_and_symbol(mserver: Serve
     for symbol, values in ((rest_symbol, rest_values), (zmq_symbol, zmq_values)):
         assert value(after, "hft_series_hot_values", symbol=symbol) == values.size
         assert value(after, "hft_series_total_values", symbol=symbol) == values.size
+    rest = {"transport": "rest", "socket": "http"}
+    for name, grew in (
+        ("hft_ingest_values_total", rest_values.size),
+        ("hft_ingest_frames_total", 1),
+    ):
+        assert value(after, name, **rest) - value(before, name, **rest) == grew, name
     posts = {"route": "add_batch", "status": "200"}
     assert (
         value(after, "hft_http_request_duration_seconds_count", **posts)
