@@ -136,6 +136,28 @@ class MetricsConfig(_Section):
     enabled: bool = True
 
 
+AuthMode = Literal["off", "token"]
+
+
+class AuthConfig(_Section):
+    """[auth]: bearer tokens with roles and symbol patterns (docs/security.md)."""
+
+    # "off": no authentication (refused on a non-loopback server.host unless
+    # allow_unauthenticated); "token": every request but the probes needs a token.
+    mode: AuthMode = "off"
+    # TOML file of [[tokens]] entries (name, sha256, role, symbols), read at start.
+    tokens_file: str = ""
+    # true: the operator means to serve without authentication on a non-loopback address.
+    allow_unauthenticated: bool = False
+    # Per-token rate limits when its entry sets none (0 = unlimited): 429 rate_limited above.
+    default_max_requests_per_s: Annotated[float, Meta(ge=0)] = 0.0
+    default_max_values_per_s: Annotated[float, Meta(ge=0)] = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode == "token" and not self.tokens_file:
+            raise ValueError('auth.tokens_file: required with auth.mode = "token"')
+
+
 class ZmqConfig(_Section):
     """[transport.zmq]: ZeroMQ ingest (SPEC section 7). An empty endpoint disables that socket."""
 
@@ -242,6 +264,7 @@ class AppConfig(_Section):
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
     durability: DurabilityConfig = msgspec.field(default_factory=DurabilityConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
 
     @property
     def max_body_bytes(self) -> int:
