@@ -32,6 +32,9 @@ from sanic.exceptions import (
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse
 
+from appliance.access import Access, principal_of, restrict_queries
+from appliance.audit import Audit, NullAudit
+from appliance.auth import Role, Tokens
 from appliance.config import AppConfig
 from appliance.durability.sequences import PublisherSequences
 from appliance.durability.writer import StorageUnavailableError
@@ -41,6 +44,7 @@ from appliance.ingest import as_api_error
 from appliance.logging_setup import request_id
 from appliance.metrics import install_metrics
 from appliance.openapi import build_openapi
+from appliance.rate_limit import RateLimits
 from appliance.readiness import Readiness
 from appliance.stats_batch import StatsBatchDecoder, answer, stats_body, unknown_symbol
 from appliance.store import Store, SymbolLimitError, UnknownSymbolError
@@ -101,7 +105,7 @@ class JsonErrorHandler(ErrorHandler):
     def default(self, request: Request, exception: BaseException) -> HTTPResponse:
         close_if_draining(request)
         if isinstance(exception, ApiError):
-            return error_response(exception)
+            return error_response(exception, exception.headers)
         if isinstance(exception, CLIENT_GONE):
             return client_gone_response(request, exception)
         if isinstance(exception, NotFound):
@@ -209,11 +213,18 @@ def build_store(config: AppConfig, engine: Engine) -> Store:
 
 
 def create_app(
-    config: AppConfig, engine: Engine | None = None, *, name: str = DEFAULT_APP_NAME
+    config: AppConfig,
+    engine: Engine | None = None,
+    *,
+    name: str = DEFAULT_APP_NAME,
+    tokens: Tokens | None = None,
+    audit: Audit | None = None,
 ) -> Sanic:
     """Build the app. `engine` overrides `[engine] backend` (benchmarks inject a baseline).
 
-    `name` must be unique within a process (Sanic keeps a registry of apps by name).
+    `name` must be unique within a process (Sanic keeps a registry of apps by name). With
+    `auth.mode = "token"`, `tokens` (else `auth.tokens_file`, read here: TokensFileError) are
+    the known tokens. `audit`: the audit trail (default: none).
     """
     if engine is None:
         engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
@@ -255,9 +266,23 @@ def create_app(
     # totals of GET /symbols, set by the CLI with durability on; None: history answers 404
     # `history_disabled` and /symbols reports hot counts only.
     app.ctx.warm = None
+    # Who may do what (appliance.access); None with auth.mode = "off": no check at all.
+    app.ctx.audit = audit if audit is not None else NullAudit()
+    app.ctx.access = None
+    if config.auth.mode == "token":
+        if tokens is None:
+            tokens = Tokens.from_file(config.auth.tokens_file)
+        limits = RateLimits(
+            config.auth.default_max_requests_per_s, config.auth.default_max_values_per_s
+        )
+        app.ctx.access = Access(tokens, limits, app.ctx.audit)
     _add_routes(app, BatchDecoder(config.store.max_batch_size), build_openapi(config))
     _add_lifecycle(app)
-    install_metrics(app)  # GET /metrics and request timing, per [metrics] (appliance.metrics)
+    # GET /metrics (through the route hook: a read token with auth on) and request timing, per
+    # [metrics] (appliance.metrics).
+    install_metrics(
+        app, partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=False, role="read")
+    )
     return app
 
 
@@ -385,27 +410,32 @@ def close_warm(app: Sanic) -> None:
         app.ctx.warm.close()
 
 
-async def _ingest(ctx: Any, symbol: str, values: Any) -> int:
-    """Append a validated batch: straight to the store, or through the write-ahead log."""
+async def _ingest(ctx: Any, symbol: str, values: Any) -> tuple[int, int]:
+    """Append a validated batch: straight to the store, or through the write-ahead log.
+    Returns (values added, the index of the first in the symbol's whole history; -1 without
+    the log, which alone numbers values across evictions)."""
     durable = ctx.durable
     if durable is None:
         if ctx.recover_on_start:  # never bypass the log while it is being replayed
             raise ctx.readiness.not_ready_error()
-        return ctx.store.ingest(symbol, values)
+        return ctx.store.ingest(symbol, values), -1
     # Log, then apply, then ack: the writer thread resolves the future only once the record
     # is written (fsynced under `always`) and applied to the store.
     record = await asyncio.wrap_future(durable.submit(symbol, values))
-    return int(record.values.shape[0])
+    return int(record.values.shape[0]), record.first_index
 
 
 Handler = Callable[[Request], Awaitable[HTTPResponse]]
 
 
 def _route(
-    app: Sanic, path: str, methods: list[str], *, waits_for_ready: bool
+    app: Sanic, path: str, methods: list[str], *, waits_for_ready: bool, role: Role | None
 ) -> Callable[[Handler], Handler]:
     """Add a route through the one request hook every path shares.
 
+    `role`: with `auth.mode = "token"`, the role the route needs (None: none, the probes); the
+    hook authenticates, checks the role and spends a request of the token's rate (401 / 403 /
+    429), and leaves the principal in `request.ctx.principal` for the handler's symbol checks.
     `waits_for_ready`: a data route (it reads or writes the store) waits while the appliance
     starts, up to `server.wait_for_ready_s`, then answers 503 `not_ready`; probes and documents
     answer at once. Every route marks drained keep-alive connections (`close_if_draining`) and
@@ -416,22 +446,15 @@ def _route(
     """
 
     def register(handler: Handler) -> Handler:
-        if waits_for_ready:
-
-            async def hooked(request: Request) -> HTTPResponse:
-                request_id.set(request)  # log lines of this request carry its id
-                readiness = request.app.ctx.readiness
-                if not readiness.accepting:  # one attribute read once started
-                    await readiness.wait_accepting()
-                close_if_draining(request)
-                return await handler(request)
-
-        else:
-
-            async def hooked(request: Request) -> HTTPResponse:
-                request_id.set(request)
-                close_if_draining(request)
-                return await handler(request)
+        async def hooked(request: Request) -> HTTPResponse:
+            request_id.set(request)  # log lines of this request carry its id
+            ctx = request.app.ctx
+            if role is not None and ctx.access is not None:
+                request.ctx.principal = ctx.access.authorize(request, role)
+            if waits_for_ready and not ctx.readiness.accepting:  # one read once started
+                await ctx.readiness.wait_accepting()
+            close_if_draining(request)
+            return await handler(request)
 
         app.route(path, methods=methods, strict_slashes=False, name=handler.__name__)(hooked)
         return handler
@@ -443,9 +466,11 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
     store: Store = app.ctx.store
     batch_decoder = StatsBatchDecoder(app.ctx.config.server.max_stats_queries)
     openapi_body = _ENCODER.encode(openapi)
-    probe = partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=False)
-    data_get = partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=True)
-    data_post = partial(_route, app, methods=["POST"], waits_for_ready=True)
+    probe = partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=False, role=None)
+    document = partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=False, role="read")
+    data_get = partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=True, role="read")
+    data_post = partial(_route, app, methods=["POST"], waits_for_ready=True, role="write")
+    query_post = partial(_route, app, methods=["POST"], waits_for_ready=True, role="read")
     _add_probes(probe)
 
     @data_post("/add_batch")
@@ -453,19 +478,28 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         # Hot path: one C decode, one array conversion, vectorized checks, one locked append.
         check_json_content_type(request.headers.get("content-type"))
         batch = decoder.decode(request.body)
+        ctx = request.app.ctx
+        principal = principal_of(request)
+        if principal is not None:
+            ctx.access.check_symbol(principal, batch.symbol, "POST /add_batch/")
+            ctx.access.spend(principal, "POST /add_batch/", int(batch.values.shape[0]))
         try:
-            added = await _ingest(request.app.ctx, batch.symbol, batch.values)
+            added, first_index = await _ingest(ctx, batch.symbol, batch.values)
         except (SymbolLimitError, StorageUnavailableError) as exc:
             raise as_api_error(exc) from None
-        counters = request.app.ctx.rest_ingest
+        counters = ctx.rest_ingest
         counters.batches += 1
         counters.values += added
+        ctx.audit.rest_write(principal and principal.name, batch.symbol, added, first_index)
         return json_response({"status": "ok", "symbol": batch.symbol, "added": added})
 
     @data_get("/stats")
     async def stats(request: Request) -> HTTPResponse:
         # Hot path: a hand-rolled query parse, dict lookups, and the store's per-symbol cache.
         query = parse_stats_query(parse_query_string(request.query_string))
+        principal = principal_of(request)
+        if principal is not None:
+            request.app.ctx.access.check_symbol(principal, query.symbol, "GET /stats/")
         try:
             result = store.stats(query.symbol, query.exponent)
         except UnknownSymbolError:
@@ -474,23 +508,26 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             raise unknown_symbol(query.symbol) from None
         return json_response(stats_body(result))
 
-    @data_post("/stats/batch")
+    @query_post("/stats/batch")
     async def stats_batch(request: Request) -> HTTPResponse:
         # Whole-body errors (400/413/415) before the store is touched; per-item errors are
         # items of the 200 answer. On the event loop like GET /stats/: 10k queries cost a few
         # ms of decoding and encoding (benches/RESULTS.md).
         check_json_content_type(request.headers.get("content-type"))
         items = batch_decoder.decode(request.body)
+        principal = principal_of(request)
+        if principal is not None:
+            items = restrict_queries(principal, items)
         return HTTPResponse(answer(store, items), content_type=JSON)
 
-    @probe("/ingest")
+    @document("/ingest")
     async def ingest(request: Request) -> HTTPResponse:
         transports = request.app.ctx.transports
         return json_response({"transports": transports.snapshot() if transports else {}})
 
     _add_history_routes(data_get, store)
 
-    @probe("/openapi.json")
+    @document("/openapi.json")
     async def openapi_json(request: Request) -> HTTPResponse:
         return HTTPResponse(openapi_body, content_type=JSON)
 
@@ -536,6 +573,9 @@ def _add_history_routes(data_get: Callable[[str], Callable[[Handler], Handler]],
         if symbol is None:
             raise ApiError("missing_parameter", "the symbol query parameter is required")
         validate_symbol(symbol)
+        principal = principal_of(request)
+        if principal is not None:
+            request.app.ctx.access.check_symbol(principal, symbol, "GET /history/stats")
         warm = request.app.ctx.warm
         if warm is None:
             raise ApiError(
@@ -562,8 +602,11 @@ def _add_history_routes(data_get: Callable[[str], Callable[[Handler], Handler]],
     async def symbols(request: Request) -> HTTPResponse:
         warm = request.app.ctx.warm
         totals = warm.symbols() if warm is not None else {}
+        principal = principal_of(request)
         rows = []
         for name in sorted(set(store.symbols()) | set(totals)):
+            if principal is not None and not principal.may_access(name):
+                continue  # a token sees only the symbols its patterns cover
             hot = store.length(name) if name in store else 0
             total = totals[name].total if name in totals else None
             if warm is not None:

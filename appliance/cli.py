@@ -15,6 +15,7 @@ is done); a corrupt log stops the server and `serve` exits 2 with the one-line r
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import socket
 import sys
@@ -85,8 +86,17 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
 
+    from appliance.auth import Tokens, TokensFileError
     from appliance.engine import EngineUnavailableError, select_engine
     from appliance.logging_setup import setup_logging
+
+    exposed = unauthenticated_exposure(config)
+    if exposed:
+        return _fail(exposed)
+    try:
+        tokens = Tokens.from_file(config.auth.tokens_file) if config.auth.mode == "token" else None
+    except TokensFileError as exc:
+        return _fail(f"config error: auth.tokens_file: {exc}")
 
     try:
         setup_logging(config.log)
@@ -110,7 +120,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     from appliance.transports import Transports
     from transport.errors import TransportStartError
 
-    app = create_app(config, engine)
+    app = create_app(config, engine, tokens=tokens)
     if config.durability.enabled:
         # Recovery runs in the app's after_server_start hook: the server already answers, with
         # /ready 503 until the replay ends; a corrupt log stops it and `serve` exits 2.
@@ -156,6 +166,38 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         sock.close()
     if app.ctx.start_error is not None:  # a corrupt log found by recovery: one line, status 2
         return _fail(app.ctx.start_error)
+    return EXIT_OK
+
+
+def unauthenticated_exposure(config: AppConfig) -> str:
+    """Why the appliance must not start: serving without authentication beyond loopback
+    (SPEC section 9), unless `auth.allow_unauthenticated` says the operator means it; "" if
+    it may. A host name counts as loopback only if every address it resolves to is."""
+    if config.auth.mode != "off" or config.auth.allow_unauthenticated:
+        return ""
+    host = config.server.host
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        addresses = set()
+    if addresses and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return ""
+    return (
+        f'server.host = {host!r} is not a loopback address and auth.mode = "off": anyone who '
+        'reaches it could write and read every symbol. Set auth.mode = "token" with '
+        "auth.tokens_file (docs/security.md), or auth.allow_unauthenticated = true if a "
+        "network boundary you trust protects it"
+    )
+
+
+def token_new(name: str, role: str, symbols: Sequence[str]) -> int:
+    """Print a fresh token once, and the tokens-file entry that admits it."""
+    from appliance.auth import new_token, tokens_file_entry
+
+    token = new_token()
+    print(f"token (shown once; give it to {name!r}, keep it secret):\n{token}\n")
+    print("add this entry to the tokens file (auth.tokens_file) and restart the appliance:\n")
+    print(tokens_file_entry(name, token, role, symbols), end="")  # type: ignore[arg-type]
     return EXIT_OK
 
 
@@ -224,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="re-hash an archive against its manifest (exit 1 on any mismatch)"
     )
     verify_parser.add_argument("directory", metavar="DIR", help="a directory made by archive")
+    token_parser = commands.add_parser(
+        "token", help="bearer tokens for auth.mode = token (docs/security.md)"
+    )
+    token_commands = token_parser.add_subparsers(dest="token_command", required=True)
+    new_parser = token_commands.add_parser(
+        "new", help="print a fresh random token once, and the tokens-file entry to add"
+    )
+    new_parser.add_argument("--name", required=True, help="shows in logs and the audit trail")
+    new_parser.add_argument("--role", required=True, choices=["read", "write", "admin"])
+    new_parser.add_argument(
+        "--symbols",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="fnmatch patterns of the symbols it may touch (default: every symbol)",
+    )
     restore_parser = commands.add_parser(
         "restore",
         help="verify an archive and rebuild [durability] dir's warm tier from it (the data "
@@ -243,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args.config)
+    if args.command == "token":
+        return token_new(args.name, args.role, args.symbols)
     if args.command == "fsck":
         return fsck(args.config, args.repair)
     if args.command in ("archive", "verify", "restore"):

@@ -88,6 +88,18 @@ _ROWS = (
         404,
         "GET /history/stats: history needs `[durability] enabled = true` (the warm tier).",
     ),
+    ErrorCode(
+        "unauthorized",
+        401,
+        'With `auth.mode = "token"`: no `Authorization: Bearer <token>` header, or an '
+        "unknown token (the answer carries `WWW-Authenticate: Bearer`).",
+    ),
+    ErrorCode(
+        "forbidden",
+        403,
+        "The token's role does not allow this route (read < write < admin), or its symbol "
+        "patterns do not cover the symbol; in a POST /stats/batch result, that query's symbol.",
+    ),
     ErrorCode("method_not_allowed", 405, "The path exists but not for this HTTP method."),
     ErrorCode(
         "symbol_limit",
@@ -106,6 +118,13 @@ _ROWS = (
         "unsupported_media_type",
         415,
         "POST body Content-Type is not application/json (charset, if given, must be utf-8).",
+    ),
+    ErrorCode(
+        "rate_limited",
+        429,
+        "The token's requests per second or values per second are spent "
+        "(`max_requests_per_s`, `max_values_per_s`); `Retry-After` says when to retry. "
+        "Nothing of the request was applied.",
     ),
     ErrorCode(
         "internal_error",
@@ -136,7 +155,14 @@ ERROR_CODES: dict[str, ErrorCode] = {row.code: row for row in _ROWS}
 class ApiError(Exception):
     """A client-visible error, rendered as `{"error": message, "code": code}` + table status."""
 
-    def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         if code not in ERROR_CODES:
             raise KeyError(f"unknown error code {code!r}")
         super().__init__(message)
@@ -145,6 +171,8 @@ class ApiError(Exception):
         # Only protocol errors relayed from the HTTP server (code bad_request) may carry a status of
         # their own (e.g. 408, 431); every service error uses its table status.
         self.status = status if status is not None else ERROR_CODES[code].status
+        # Response headers the error needs: WWW-Authenticate on 401, Retry-After on 429.
+        self.headers = headers
 
     def to_body(self) -> dict[str, str]:
         return {"error": self.message, "code": self.code}

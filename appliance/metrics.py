@@ -298,7 +298,7 @@ def _ingest_rows(
         yield transport, "rings", totals, reasons
 
 
-def install_metrics(app: Sanic) -> None:
+def install_metrics(app: Sanic, register: Any = None) -> None:
     """Give `app` GET /metrics and the per-request timing, per `[metrics]` (call once, from
     `create_app`, before the server starts). Disabled: nothing is installed.
 
@@ -323,9 +323,12 @@ def install_metrics(app: Sanic) -> None:
         # On the loop: the families are built from in-memory counters (bounded by max_symbols).
         return HTTPResponse(generate_latest(registry), content_type=CONTENT_TYPE)
 
-    app.add_route(
-        metrics, METRICS_PATH, methods=["GET", "HEAD"], strict_slashes=False, name=ROUTE_NAME
-    )
+    if register is not None:  # the app's route hook (auth, request id): `register(path)(fn)`
+        register(METRICS_PATH)(metrics)
+    else:
+        app.add_route(
+            metrics, METRICS_PATH, methods=["GET", "HEAD"], strict_slashes=False, name=ROUTE_NAME
+        )
 
 
 def _time_requests(app: Sanic, rest: RestMetrics) -> None:
