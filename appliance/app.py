@@ -19,6 +19,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
 from sanic import Request, Sanic
@@ -425,7 +426,7 @@ async def _ingest(ctx: Any, symbol: str, values: Any) -> tuple[int, int]:
     return int(record.values.shape[0]), record.first_index
 
 
-Handler = Callable[[Request], Awaitable[HTTPResponse]]
+Handler = Callable[..., Awaitable[HTTPResponse]]  # (request, **path parameters)
 
 
 def _route(
@@ -446,7 +447,7 @@ def _route(
     """
 
     def register(handler: Handler) -> Handler:
-        async def hooked(request: Request) -> HTTPResponse:
+        async def hooked(request: Request, **params: Any) -> HTTPResponse:
             request_id.set(request)  # log lines of this request carry its id
             ctx = request.app.ctx
             if role is not None and ctx.access is not None:
@@ -454,7 +455,7 @@ def _route(
             if waits_for_ready and not ctx.readiness.accepting:  # one read once started
                 await ctx.readiness.wait_accepting()
             close_if_draining(request)
-            return await handler(request)
+            return await handler(request, **params)
 
         app.route(path, methods=methods, strict_slashes=False, name=handler.__name__)(hooked)
         return handler
@@ -526,10 +527,49 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         return json_response({"transports": transports.snapshot() if transports else {}})
 
     _add_history_routes(data_get, store)
+    admin_delete = partial(_route, app, methods=["DELETE"], waits_for_ready=True, role="admin")
+
+    @admin_delete("/symbols/<symbol:path>")
+    async def delete_symbol(request: Request, symbol: str) -> HTTPResponse:
+        return await _delete_symbol(request, unquote(symbol))
 
     @document("/openapi.json")
     async def openapi_json(request: Request) -> HTTPResponse:
         return HTTPResponse(openapi_body, content_type=JSON)
+
+
+async def _delete_symbol(request: Request, symbol: str) -> HTTPResponse:
+    """DELETE /symbols/{symbol}: free the symbol's slot and drop its hot values; its history
+    stays in the warm tier (GET /history/stats) until `durability.retain_days`, and a later
+    batch for it starts a new hot series whose indexes continue that history."""
+    validate_symbol(symbol)
+    ctx = request.app.ctx
+    principal = principal_of(request)
+    if principal is not None:
+        ctx.access.check_symbol(principal, symbol, "DELETE /symbols/")
+    try:
+        if ctx.durable is not None:  # durable first (a tombstone), off the event loop
+            dropped, tombstone = await asyncio.to_thread(ctx.durable.delete_symbol, symbol)
+            history = (
+                f"kept: its {tombstone.total} values stay in the warm tier (GET /history/stats) "
+                "until durability.retain_days; a new batch continues at index "
+                f"{tombstone.total}"
+            )
+        else:
+            dropped = ctx.store.delete(symbol)
+            history = "none: durability is disabled, so nothing of it is kept"
+    except UnknownSymbolError:
+        raise unknown_symbol(symbol) from None
+    except OSError as exc:  # the tombstone could not be written: nothing was deleted
+        raise ApiError(
+            "storage_unavailable", f"cannot record the deletion of {symbol!r}: {exc}"
+        ) from None
+    who = principal.name if principal is not None else "(auth off)"
+    ctx.audit.admin(who, "delete_symbol", {"symbol": symbol, "hot_values_dropped": dropped})
+    log.info("symbol deleted", extra={"symbol": symbol, "by": who, "values": dropped})
+    return json_response(
+        {"status": "deleted", "symbol": symbol, "hot_values_dropped": dropped, "history": history}
+    )
 
 
 def _add_probes(probe: Callable[[str], Callable[[Handler], Handler]]) -> None:

@@ -280,6 +280,20 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
             "required": ["status"],
             "properties": {"status": {"type": "string"}},
         },
+        "DeleteSymbolResponse": {
+            "type": "object",
+            "required": ["status", "symbol", "hot_values_dropped", "history"],
+            "properties": {
+                "status": {"const": "deleted"},
+                "symbol": {"type": "string"},
+                "hot_values_dropped": {"type": "integer", "minimum": 0},
+                "history": {
+                    "type": "string",
+                    "description": "what happens to its history: kept in the warm tier (and "
+                    "the index the next batch continues at), or none without durability",
+                },
+            },
+        },
         "HealthNotReady": {
             "type": "object",
             "required": ["error", "code", "status"],
@@ -611,7 +625,62 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
         "components": {
             "schemas": _schemas(config),
             "responses": {"NotFound": _errors("not_found")["404"]},
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": 'With `auth.mode = "token"`: `Authorization: Bearer <token>`; '
+                    "the token's role (read < write < admin) and symbol patterns decide what "
+                    "it may do (docs/security.md). The probes need none.",
+                }
+            },
         },
     }
+    document["paths"].update(_delete_symbol_path())
+    if config.auth.mode == "token":
+        _add_security(document["paths"])
     _add_head_operations(document["paths"])
     return document
+
+
+_OPEN_PATHS = ("/health", "/live", "/ready")
+
+
+def _add_security(paths: dict[str, Any]) -> None:
+    """Every operation but the probes needs a bearer token, and may answer 401, 403, 429."""
+    for path, item in paths.items():
+        if path in _OPEN_PATHS:
+            continue
+        for operation in item.values():
+            operation["security"] = [{"bearerAuth": []}]
+            for status, response in _errors("unauthorized", "forbidden", "rate_limited").items():
+                if status in ("401", "403", "429"):
+                    operation["responses"].setdefault(status, response)
+
+
+def _delete_symbol_path() -> dict[str, Any]:
+    return {
+        "/symbols/{symbol}": {
+            "delete": {
+                "operationId": "deleteSymbol",
+                "summary": "Free a symbol's slot and drop its hot values (an admin token with "
+                "auth on); its history stays in the warm tier, and a later batch starts a new "
+                "hot series whose indexes continue that history",
+                "parameters": [
+                    {
+                        "name": "symbol",
+                        "in": "path",
+                        "required": True,
+                        "description": "the symbol; a `/` in it may be sent as is or as %2F",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _ok("deleted", "DeleteSymbolResponse"),
+                    **_errors(
+                        "invalid_symbol", "unknown_symbol", "not_ready", "storage_unavailable"
+                    ),
+                },
+            }
+        }
+    }

@@ -52,12 +52,15 @@ class _Entry:
     `order` is the symbol's creation rank, the order in which `stats_many` takes locks.
     """
 
-    __slots__ = ("cache", "lock", "order", "series")
+    __slots__ = ("cache", "deleted", "lock", "order", "series")
 
     def __init__(self, series: Series, order: int) -> None:
         self.series = series
         self.order = order
         self.lock = threading.Lock()
+        # Set under `lock` by `Store.delete`: a writer that found this entry before the delete
+        # sees it once it holds the lock and starts over, so no batch lands in a dropped series.
+        self.deleted = False
         # Replaced (never mutated in place by writers) on every append; see the module docstring.
         self.cache: dict[int, WindowStats] = {}
 
@@ -85,6 +88,7 @@ class Store:
         self.starting_capacity = starting_capacity
         self._entries: dict[str, _Entry] = {}
         self._registry_lock = threading.Lock()
+        self._created = 0  # creation ranks stay unique after deletions (the lock order)
 
     def ingest(
         self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
@@ -98,18 +102,20 @@ class Store:
         A batch for a new symbol is appended before the symbol is published, so a failure
         (the limit, or the engine raising) leaves no trace: no symbol, no partial batch.
         """
-        entry = self._entries.get(symbol)
-        if entry is None:
-            entry = self._create_with(symbol, values)
-            if entry is not None:
-                return int(values.shape[0])
-            entry = self._entries[symbol]
-        with entry.lock:
-            try:
-                entry.series.append(values)
-            finally:
-                entry.cache = {}  # even if the engine raised: never serve pre-append results
-        return int(values.shape[0])
+        while True:
+            entry = self._entries.get(symbol)
+            if entry is None:
+                if self._create_with(symbol, values) is not None:
+                    return int(values.shape[0])
+                continue  # another thread created it first (or deleted it again)
+            with entry.lock:
+                if entry.deleted:
+                    continue  # deleted after the lookup: append to the symbol's next series
+                try:
+                    entry.series.append(values)
+                finally:
+                    entry.cache = {}  # even if the engine raised: never serve old results
+            return int(values.shape[0])
 
     def _create_with(self, symbol: str, values: np.ndarray) -> _Entry | None:
         """Create `symbol` holding `values`; None if another thread created it first."""
@@ -119,10 +125,24 @@ class Store:
             if len(self._entries) >= self.max_symbols:
                 raise SymbolLimitError.at(len(self._entries), self.max_symbols)
             series = self.engine.new_series(self.retention, self.starting_capacity)
-            entry = _Entry(series, len(self._entries))  # symbols are never removed
+            entry = _Entry(series, self._created)
             entry.series.append(values)
             self._entries[symbol] = entry
+            self._created += 1
             return entry
+
+    def delete(self, symbol: str) -> int:
+        """Drop `symbol` and its series, freeing its slot of `max_symbols`; returns the number
+        of values dropped. Raises UnknownSymbolError. The engine's memory goes with the last
+        reference to the series (a reader in flight keeps it until it is done)."""
+        with self._registry_lock:
+            entry = self._entries.pop(symbol, None)
+            if entry is None:
+                raise UnknownSymbolError(symbol)
+            with entry.lock:
+                entry.deleted = True
+                entry.cache = {}
+                return len(entry.series)
 
     def stats(self, symbol: str, exponent: int) -> WindowStats:
         """Statistics over the last min(10**exponent, len) values of `symbol`."""

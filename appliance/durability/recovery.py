@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from appliance.durability import wal
+from appliance.durability import tombstones, wal
 from appliance.durability.records import BatchRecord
+from appliance.durability.tombstones import Tombstone
 from appliance.durability.writer import DurableWriter, RecordListener
 from appliance.readiness import ReplayProgress
 from appliance.store import Store, SymbolLimitError
@@ -68,6 +69,8 @@ class RecoveryResult:
     truncated: list[tuple[Path, int]] = field(default_factory=list)
     checkpoint_lsn: int | None = None
     seconds: float = 0.0
+    # Deleted symbols not brought back since: their totals (index numbering goes on from there).
+    retired_totals: dict[str, int] = field(default_factory=dict)
 
 
 class _Window:
@@ -127,6 +130,7 @@ def recover(
     result = RecoveryResult()
     listeners = list(listeners)
     windows: dict[str, _Window] = {}
+    deleted = tombstones.load(data_dir)
 
     checkpoint = _load_checkpoint(data_dir) if use_checkpoint else None
     after = 0
@@ -135,17 +139,25 @@ def recover(
         after = checkpoint.lsn
         result.checkpoint_lsn = checkpoint.lsn
         for symbol, item in checkpoint.symbols.items():
+            result.totals[symbol] = item.total
+            gone = deleted.get(symbol)
+            if gone is not None and checkpoint.lsn <= gone.lsn:
+                continue  # taken before the symbol was deleted: its values are gone
             window = _Window()
             if item.values.shape[0]:
                 window.add(np.asarray(item.values), store)
             windows[symbol] = window
-            result.totals[symbol] = item.total
         result.next_lsn = checkpoint.lsn + 1
 
     last_lsn = _replay_log(
-        data_dir, after, store, windows, result, listeners, progress or ReplayProgress()
-    )
+        data_dir, after, store, windows, result, listeners, progress or ReplayProgress(),
+        deleted,
+    )  # fmt: skip
     result.next_lsn = max(result.next_lsn, last_lsn + 1)
+    for symbol, gone in deleted.items():
+        if symbol not in windows:  # not brought back by a batch after its deletion
+            total = max(result.totals.pop(symbol, 0), gone.total)
+            result.retired_totals[symbol] = total
 
     for symbol, window in windows.items():
         if window.hot == 0:
@@ -180,6 +192,7 @@ def _replay_log(
     result: RecoveryResult,
     listeners: list[RecordListener],
     progress: ReplayProgress,
+    deleted: dict[str, Tombstone],
 ) -> int:
     """Verify and replay every segment in lsn order; trim a torn tail; return the last lsn."""
     segments = wal.list_segments(wal.wal_dir(data_dir))
@@ -207,7 +220,10 @@ def _replay_log(
                 path, offset, f"lsn {record.lsn} does not follow {last_lsn} of the previous segment"
             )
         for _, record in scan.records:
-            _replay(record, after, store, windows, result, listeners)
+            gone = deleted.get(record.symbol) if deleted else None
+            # A batch logged before its symbol's deletion: history only, not the hot tier.
+            floor = after if gone is None else max(after, gone.lsn)
+            _replay(record, floor, store, windows, result, listeners)
         if scan.records:
             last_lsn = scan.records[-1][1].lsn
         torn = scan.torn_tail
@@ -333,6 +349,7 @@ def open_log(
         segment_bytes=config.segment_bytes,
         next_lsn=result.next_lsn,
         totals=result.totals,
+        retired_totals=result.retired_totals,
         tail=result.tail,
         checkpointer=checkpointer,
         lock_fd=lock_fd,

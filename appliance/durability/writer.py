@@ -58,10 +58,11 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from appliance.durability import wal
+from appliance.durability import tombstones, wal
 from appliance.durability.records import BatchRecord
+from appliance.durability.tombstones import Tombstone
 from appliance.latency import WalTimings
-from appliance.store import Store, SymbolLimitError
+from appliance.store import Store, SymbolLimitError, UnknownSymbolError
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +341,7 @@ class DurableWriter:
         checkpointer: Any = None,
         lock_fd: int | None = None,
         timings: WalTimings | None = None,
+        retired_totals: dict[str, int] | None = None,
     ) -> None:
         self.store = store
         self.sync = sync
@@ -351,6 +353,10 @@ class DurableWriter:
         # Per symbol: values ever accepted (evicted ones included); its keys are exactly the
         # store's symbols, so the symbol limit is checked here, before logging.
         self._totals: dict[str, int] = dict(totals or {})
+        # Deleted symbols' totals (appliance.durability.tombstones): a batch that brings one
+        # back continues its index numbering instead of starting again at 0.
+        self._retired_totals: dict[str, int] = dict(retired_totals or {})
+        self._data_dir = Path(directory).parent  # where the tombstones file lives
         self._listeners: list[RecordListener] = []
         # appliance.durability.checkpoint.Checkpointer (or None): asked `due()` between groups,
         # where the store is exactly the log up to next_lsn - 1.
@@ -458,6 +464,26 @@ class DurableWriter:
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self.store
+
+    def delete_symbol(self, symbol: str) -> tuple[int, Tombstone]:
+        """Drop `symbol` from the hot tier and free its slot, durably: returns (values dropped,
+        its tombstone). Raises UnknownSymbolError; OSError if the tombstone cannot be written
+        (then nothing changed).
+
+        Under the commit lock: every batch logged so far is applied, none is half-way, so
+        "batches up to lsn N are gone" is exactly what the store drops; a batch logged later
+        brings the symbol back (and the replay does the same).
+        """
+        with self._commit_lock:
+            total = self._totals.get(symbol)
+            if total is None:
+                raise UnknownSymbolError(symbol)
+            tombstone = Tombstone(self._next_lsn - 1, total)
+            tombstones.record(self._data_dir, symbol, tombstone)
+            dropped = self.store.delete(symbol)
+            del self._totals[symbol]
+            self._retired_totals[symbol] = total
+        return dropped, tombstone
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Finish everything queued, sync (unless `never`) and close the segment.
@@ -633,6 +659,9 @@ class DurableWriter:
         self.groups += 1
         self._next_lsn = lsn
         self._totals.update(new_totals)
+        if self._retired_totals:
+            for symbol in new_totals:
+                self._retired_totals.pop(symbol, None)
         for request, record in accepted:
             if request.group is not None and broken and _in(broken, request):
                 # Logged, but applying it would put it after an unapplied frame of its
@@ -680,7 +709,7 @@ class DurableWriter:
             if known >= limit:
                 request.fail(SymbolLimitError.at(known, limit))
                 return False
-            total = 0
+            total = self._retired_totals.get(symbol, 0)
         record = self._record(request, self._next_lsn, total)
         try:
             chunks = wal.encode_parts(record)
@@ -692,6 +721,8 @@ class DurableWriter:
         self.groups += 1
         self._next_lsn = record.lsn + 1
         self._totals[symbol] = total + int(request.values.shape[0])
+        if self._retired_totals:
+            self._retired_totals.pop(symbol, None)
         self._apply(request, record)
         if self.timings is not None:
             self.timings.committed(request.received_ns)
@@ -719,7 +750,7 @@ class DurableWriter:
                 if known >= limit:
                     request.fail(SymbolLimitError.at(known, limit))
                     continue
-                total = 0
+                total = self._retired_totals.get(symbol, 0)
             record = self._record(request, lsn, total)
             try:
                 chunks.extend(wal.encode_parts(record))

@@ -127,3 +127,22 @@ def test_granted_values_never_exceed_one_second_plus_the_rate(
         if limits.take_values(p, amount) == 0.0:
             granted += min(amount, rate)
         assert granted <= rate * (clock.now - start) + rate + 1e-6
+
+
+def test_the_openapi_document_states_the_security_of_each_route() -> None:
+    from openapi_spec_validator import validate
+
+    from appliance.config import build_config
+    from appliance.openapi import build_openapi
+
+    secured = build_openapi(build_config({"auth": {"mode": "token", "tokens_file": "t.toml"}}))
+    validate(secured)
+    assert secured["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    paths = secured["paths"]
+    assert paths["/stats/"]["get"]["security"] == [{"bearerAuth": []}]
+    assert {"401", "403", "429"} <= set(paths["/add_batch/"]["post"]["responses"])
+    assert "security" not in paths["/health"]["get"] and "security" not in paths["/live"]["get"]
+    assert paths["/symbols/{symbol}"]["delete"]["security"] == [{"bearerAuth": []}]
+    open_doc = build_openapi(build_config({}))
+    validate(open_doc)
+    assert "security" not in open_doc["paths"]["/stats/"]["get"]
