@@ -168,18 +168,17 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         setup_logging(config.log)
     except OSError as exc:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
+    try:  # before the engine (which may take seconds to load): a bad file fails at once
+        tls = tls_context(config.server)
+    except TlsFileError as exc:
+        log.error("cannot load TLS files", extra={"reason": str(exc)})
+        return _fail(str(exc))
     if engine is None:
         try:
             engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
         except EngineUnavailableError as exc:
             log.error("engine unavailable", extra={"reason": str(exc)})
             return _fail(str(exc))
-
-    try:
-        tls = tls_context(config.server)
-    except TlsFileError as exc:
-        log.error("cannot load TLS files", extra={"reason": str(exc)})
-        return _fail(str(exc))
 
     host, port = config.server.host, config.server.port
     try:
