@@ -112,6 +112,17 @@ def test_https_with_a_self_signed_certificate(tls_server: tuple[Server, Path]) -
     assert starting[0]["tls"] is True and starting[0]["client_certificates"] is False
 
 
+def test_the_python_query_client_speaks_https(tls_server: tuple[Server, Path]) -> None:
+    from transport.query_client import QueryClient
+
+    server, cert = tls_server
+    url = f"https://127.0.0.1:{server.port}"
+    with QueryClient(url, timeout_s=10.0, ssl_context=trusting(cert)) as client:
+        client.wait_ready(timeout_s=10)
+        assert client.add_batch("TLS-CLIENT", [4.0, 6.0]) == 2
+        assert client.stats("TLS-CLIENT", 1).avg == 5.0
+
+
 def test_the_negotiated_protocol_is_tls_1_2_or_later(tls_server: tuple[Server, Path]) -> None:
     server, cert = tls_server
     with tls_connect(server.port, cert) as tls:
