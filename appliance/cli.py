@@ -10,6 +10,12 @@ Sanic (stop accepting, stop the transports, drain in-flight requests up to
 `server.graceful_shutdown_s`), after which `serve` returns 0. With `[durability] enabled`, the
 write-ahead log is replayed in that hook too, before the transports start (/ready is 503 until it
 is done); a corrupt log stops the server and `serve` exits 2 with the one-line reason.
+
+With `server.tls_cert_file` and `server.tls_key_file` the REST API speaks HTTPS only
+(`tls_context`): the files are read and matched here, before the socket is bound, so a missing,
+unreadable, malformed or mismatched file is one line naming it and exit status 2. The server
+runs with `AppHttpProtocol` (appliance.http_protocol), Sanic's own protocol with a fix that
+answers a request line with an unparseable URL with the JSON 400.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import argparse
 import ipaddress
 import logging
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
 
-from appliance.config import AppConfig, ConfigError, load_config
+from appliance.config import AppConfig, ConfigError, ServerConfig, load_config
 from engine_core.contract import Engine
 
 EXIT_OK = 0
@@ -76,6 +83,75 @@ def bind_listen_socket(host: str, port: int, backlog: int = 1024) -> socket.sock
     return sock
 
 
+class TlsFileError(Exception):
+    """A TLS file cannot be used; the message is one line naming the key and the file."""
+
+
+def _read_pem(key: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise TlsFileError(f"server.{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+
+
+def _check_pem_files(server: ServerConfig) -> None:
+    """Parse each file on its own, so an error names the file at fault.
+
+    Why not leave it to `load_cert_chain`: OpenSSL's error for a bad certificate and for a bad
+    key is the same "PEM lib", which names neither.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    checks = [("tls_cert_file", server.tls_cert_file, x509.load_pem_x509_certificates)]
+    checks.append(("tls_key_file", server.tls_key_file, lambda d: load_pem_private_key(d, None)))
+    if server.tls_client_ca_file:
+        checks.append(
+            ("tls_client_ca_file", server.tls_client_ca_file, x509.load_pem_x509_certificates)
+        )
+    for key, path, parse in checks:
+        data = _read_pem(key, path)
+        try:
+            parse(data)
+        except TypeError:  # the key is encrypted: we never ask for a passphrase
+            raise TlsFileError(
+                f"server.{key}: {path!r} is an encrypted private key; give an unencrypted one "
+                "(readable by this user only)"
+            ) from None
+        except ValueError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TlsFileError(f"server.{key}: {path!r} is not valid PEM: {reason}") from None
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """The server-side TLS context for `[server]`, or None for plain HTTP.
+
+    TLS 1.2 or later with Python's default server ciphers (forward-secret AEAD suites), ALPN
+    `http/1.1` (the only protocol served), no compression, no renegotiation. With
+    `tls_client_ca_file`, a client certificate signed by one of its CAs is required. Raises
+    TlsFileError (one line naming the file) for anything that would fail at the first handshake.
+    """
+    if not server.tls:
+        return None
+    _check_pem_files(server)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(server.tls_cert_file, server.tls_key_file)
+    except ssl.SSLError as exc:  # both parse: the key is not the certificate's
+        raise TlsFileError(
+            f"server.tls_key_file: {server.tls_key_file!r} does not match the certificate in "
+            f"{server.tls_cert_file!r} ({exc.reason or exc})"
+        ) from None
+    if server.tls_client_ca_file:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=server.tls_client_ca_file)
+    return context
+
+
 def serve(config_path: str | None, engine: Engine | None = None) -> int:
     """Load config, set up logging, pick the engine, bind, run until SIGINT/SIGTERM.
 
@@ -102,6 +178,11 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         setup_logging(config.log)
     except OSError as exc:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
+    try:  # before the engine (which may take seconds to load): a bad file fails at once
+        tls = tls_context(config.server)
+    except TlsFileError as exc:
+        log.error("cannot load TLS files", extra={"reason": str(exc)})
+        return _fail(str(exc))
     if engine is None:
         try:
             engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
@@ -117,6 +198,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from appliance.app import close_warm, create_app
+    from appliance.http_protocol import AppHttpProtocol
     from appliance.transports import Transports
     from transport.errors import TransportStartError
 
@@ -143,6 +225,8 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         extra={
             "host": host,
             "port": port,
+            "tls": tls is not None,
+            "client_certificates": bool(config.server.tls_client_ca_file),
             "engine": getattr(engine, "name", type(engine).__name__),
             "max_symbols": config.store.max_symbols,
             "max_body_bytes": config.max_body_bytes,
@@ -152,6 +236,8 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     try:
         app.run(
             sock=sock,
+            ssl=tls,
+            protocol=AppHttpProtocol,
             single_process=True,
             debug=False,
             auto_reload=False,

@@ -65,6 +65,29 @@ class ServerConfig(_Section):
     # A data request that arrives while the appliance starts (log replay) waits at most this
     # long for it to turn ready, then answers 503 not_ready; 0 = answer 503 at once.
     wait_for_ready_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    # TLS for the REST API: PEM certificate (chain) and private key, both or neither ("" = plain
+    # HTTP). Read and matched at start; an unreadable or mismatched file exits with status 2.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # PEM CA bundle: when set, every client must present a certificate signed by one of these
+    # CAs (mutual TLS); "" = any client may connect. Needs tls_cert_file and tls_key_file.
+    tls_client_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            present = "tls_cert_file" if self.tls_cert_file else "tls_key_file"
+            raise ValueError(f"server.{missing}: required when server.{present} is set")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError(
+                "server.tls_cert_file: required when server.tls_client_ca_file is set "
+                "(client certificates are only asked for over TLS)"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """True when the REST API speaks HTTPS (a certificate and key are configured)."""
+        return bool(self.tls_cert_file)
 
 
 class StoreConfig(_Section):
@@ -94,6 +117,10 @@ class LogConfig(_Section):
     max_file_bytes: NonNegativeInt = 100 << 20
     # Rotated files kept, daily and size rotations together (0 = keep every one).
     backup_count: NonNegativeInt = 14
+    # Warning and error lines let through per second for each (logger, message) pair; the rest
+    # are dropped and counted, and the next line let through carries `"suppressed": n`. Bounds
+    # the log a client can cause with bad requests (0 = no limit).
+    max_errors_per_s: NonNegativeInt = 10
 
 
 class EngineConfig(_Section):

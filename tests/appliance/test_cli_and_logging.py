@@ -12,7 +12,12 @@ import pytest
 
 from appliance.cli import bind_listen_socket, main
 from appliance.config import LogConfig
-from appliance.logging_setup import SizeAndTimeRotatingFileHandler, request_id, setup_logging
+from appliance.logging_setup import (
+    ErrorRateLimitFilter,
+    SizeAndTimeRotatingFileHandler,
+    request_id,
+    setup_logging,
+)
 
 
 @pytest.fixture
@@ -182,3 +187,88 @@ def test_zero_max_file_bytes_rotates_daily_only(tmp_path: Path, restore_root_log
     finally:
         handler.close()
     assert [p.name for p in tmp_path.iterdir()] == ["app.log"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(msg: str = "bad request %s", level: int = logging.ERROR, name: str = "sanic.error"):
+    return logging.LogRecord(name, level, __file__, 1, msg, ("x",), None)
+
+
+def test_rate_limit_passes_n_per_interval_then_reports_the_dropped_count() -> None:
+    clock = FakeClock()
+    limit = ErrorRateLimitFilter(3, interval_s=1.0, clock=clock)
+    passed = [limit.filter(_record()) for _ in range(200)]
+    assert passed == [True] * 3 + [False] * 197
+    clock.now += 0.5  # same interval: still dropped
+    assert not limit.filter(_record())
+    clock.now += 0.5
+    first = _record()
+    assert limit.filter(first)
+    assert first.suppressed == 198
+    second = _record()
+    assert limit.filter(second)
+    assert not hasattr(second, "suppressed")  # the count is reported once
+
+
+def test_rate_limit_is_per_logger_and_message_template_and_spares_info() -> None:
+    limit = ErrorRateLimitFilter(1, clock=FakeClock())
+    assert limit.filter(_record("a %s"))
+    assert not limit.filter(_record("a %s"))
+    assert limit.filter(_record("b %s"))  # another template
+    assert limit.filter(_record("a %s", name="appliance.app"))  # another logger
+    assert limit.filter(_record("a %s", level=logging.WARNING, name="other"))
+    assert not limit.filter(_record("a %s", level=logging.WARNING, name="other"))
+    assert all(limit.filter(_record("a %s", level=logging.INFO)) for _ in range(50))
+
+
+def test_rate_limit_zero_means_no_limit() -> None:
+    limit = ErrorRateLimitFilter(0, clock=FakeClock())
+    assert all(limit.filter(_record()) for _ in range(1000))
+
+
+def test_rate_limit_decides_once_per_record_for_several_handlers() -> None:
+    """The filter is shared by the stdout and file handlers: a record seen twice counts once."""
+    limit = ErrorRateLimitFilter(2, clock=FakeClock())
+    for _ in range(2):
+        record = _record()
+        assert limit.filter(record) and limit.filter(record)
+    record = _record()
+    assert not limit.filter(record) and not limit.filter(record)
+
+
+def test_rate_limit_bounds_its_memory_when_every_message_differs() -> None:
+    """Varying the text (an f-string with the client's URL) gets no more lines than one pair."""
+    clock = FakeClock()
+    limit = ErrorRateLimitFilter(2, clock=clock, max_keys=8)
+    passed = sum(limit.filter(_record(f"bad url /{n}")) for n in range(1000))
+    assert passed == 8 + 2  # one window per key until the table is full, then one shared
+    assert len(limit._windows) == 9
+    clock.now += 1.0  # expired windows with nothing pending are dropped for new keys
+    assert limit.filter(_record("new one"))
+    assert len(limit._windows) <= 9
+
+
+def test_setup_logging_rate_limits_errors_in_stdout_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_root_logger: None
+) -> None:
+    log_file = tmp_path / "app.log"
+    handlers = setup_logging(LogConfig(file=str(log_file), max_errors_per_s=5))
+    for n in range(500):
+        try:
+            raise ValueError(f"bad {n}")
+        except ValueError:
+            logging.getLogger("sanic.error").exception("protocol.connection_task uncaught")
+    logging.getLogger("appliance.test").info("still logged")
+    for handler in handlers:
+        handler.flush()
+    for text in (capsys.readouterr().out, log_file.read_text()):
+        lines = [json.loads(x) for x in text.splitlines()]
+        assert [line["logger"] for line in lines] == ["sanic.error"] * 5 + ["appliance.test"]
+        assert "_rate_limit_passed" not in lines[0]

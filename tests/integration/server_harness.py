@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -96,10 +97,13 @@ class Server:
         env: Mapping[str, str] | None = None,
         args: tuple = (),
         command: list[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """`command` replaces `python -m appliance serve ARGS` (a script that serves through
-        `appliance.cli.serve` with an injected engine)."""
+        `appliance.cli.serve` with an injected engine); with `ssl_context`, `request` speaks
+        HTTPS through it (a server configured with `server.tls_*`)."""
         self.cwd = cwd
+        self.ssl_context = ssl_context
         self.port = free_port()
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.stdout_path = cwd / "stdout.log"
@@ -139,7 +143,13 @@ class Server:
         headers: Mapping[str, str] | None = None,
         timeout_s: float = 60.0,
     ) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        conn = (
+            http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=timeout_s, context=self.ssl_context
+            )
+            if self.ssl_context is not None
+            else http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        )
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             raw = conn.getresponse()

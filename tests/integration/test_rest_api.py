@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 from openapi_spec_validator import validate
-from server_harness import REPO_ROOT, Response, Server
+from server_harness import REPO_ROOT, Response, Server, running_server
 
 SEED = [150.1, 150.5, 151.0, 149.8, 150.2, 151.1, 151.2, 152.0, 151.5, 151.9]
 JSON_CT = {"Content-Type": "application/json"}
@@ -360,6 +360,44 @@ def test_malformed_http_gets_a_json_error(
     head, body = _raw_exchange(server, data)
     assert head.startswith(b"HTTP/1.1 %d" % status)
     assert body["code"] == code
+
+
+# Bad request lines (issue 15 item 7). The NUL and control-byte URLs used to get no answer and
+# a 2 KB traceback in the log each (Sanic could not build even the stand-in request it renders
+# errors for); appliance.http_protocol fixes that.
+BAD_REQUEST_LINES = [
+    b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",  # non-UTF-8 URL
+    b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",  # NUL in the URL
+    b"GET /stats/?symbol=\x01&exponent=1 HTTP/1.1\r\nHost: x\r\n\r\n",  # control byte
+    b"GET /\r\nHost: x\r\n\r\n",  # no version
+    b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",  # unknown version
+    b"GET  /  HTTP/1.1\r\nHost: x\r\n\r\n",  # extra spaces
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello to a plain port
+    b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",  # a header line without a colon
+]
+
+
+@pytest.mark.parametrize("data", BAD_REQUEST_LINES)
+def test_a_bad_request_line_gets_the_json_400(server: Server, data: bytes) -> None:
+    head, body = _raw_exchange(server, data)
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert body["code"] == "bad_request" and body["error"]
+    assert b"connection: close" in head.lower()
+
+
+def test_a_flood_of_bad_requests_is_answered_and_logs_almost_nothing(tmp_path) -> None:
+    """500 bad request lines: each answered 400, and the log grows by well under 20 KB (before
+    the fix: no answer to some, and 2 KB of traceback each)."""
+    with running_server(tmp_path, {"APP_TRANSPORT__ZMQ__ENABLED": "false"}) as fresh:
+        log_file = tmp_path / "logs" / "app.log"
+        before = log_file.stat().st_size
+        for n in range(500):
+            head, body = _raw_exchange(fresh, BAD_REQUEST_LINES[n % len(BAD_REQUEST_LINES)])
+            assert head.startswith(b"HTTP/1.1 400") and body["code"] == "bad_request"
+        assert fresh.request("GET", "/health").status == 200
+        grown = log_file.stat().st_size - before
+        assert grown < 20_000, grown
+        assert "Traceback" not in log_file.read_text()
 
 
 @pytest.mark.parametrize(
