@@ -27,6 +27,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from appliance.config import AppConfig, ConfigError, ServerConfig, load_config
 from engine_core.contract import Engine
@@ -162,26 +163,17 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
 
-    from appliance.auth import Tokens, TokensFileError
     from appliance.engine import EngineUnavailableError, select_engine
     from appliance.logging_setup import setup_logging
-
-    exposed = unauthenticated_exposure(config)
-    if exposed:
-        return _fail(exposed)
-    try:
-        tokens = Tokens.from_file(config.auth.tokens_file) if config.auth.mode == "token" else None
-    except TokensFileError as exc:
-        return _fail(f"config error: auth.tokens_file: {exc}")
 
     try:
         setup_logging(config.log)
     except OSError as exc:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
     try:  # before the engine (which may take seconds to load): a bad file fails at once
-        tls = tls_context(config.server)
-    except TlsFileError as exc:
-        log.error("cannot load TLS files", extra={"reason": str(exc)})
+        tokens, tls = load_security(config)
+    except StartRefused as exc:
+        log.error("refusing to start", extra={"reason": str(exc)})
         return _fail(str(exc))
     if engine is None:
         try:
@@ -253,6 +245,31 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     if app.ctx.start_error is not None:  # a corrupt log found by recovery: one line, status 2
         return _fail(app.ctx.start_error)
     return EXIT_OK
+
+
+class StartRefused(Exception):
+    """The appliance must not start as configured; the message is the one line to print."""
+
+
+def load_security(config: AppConfig) -> tuple[Any, Any]:
+    """(tokens or None, TLS context or None) for `serve`; raises StartRefused: serving
+    unauthenticated beyond loopback, an unusable tokens file, unusable TLS files."""
+    from appliance.auth import Tokens, TokensFileError
+
+    exposed = unauthenticated_exposure(config)
+    if exposed:
+        raise StartRefused(exposed)
+    tokens = None
+    if config.auth.mode == "token":
+        try:
+            tokens = Tokens.from_file(config.auth.tokens_file)
+        except TokensFileError as exc:
+            raise StartRefused(f"config error: auth.tokens_file: {exc}") from None
+    try:
+        tls = tls_context(config.server)
+    except TlsFileError as exc:
+        raise StartRefused(str(exc)) from None
+    return tokens, tls
 
 
 def unauthenticated_exposure(config: AppConfig) -> str:
