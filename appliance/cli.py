@@ -92,6 +92,13 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         setup_logging(config.log)
     except OSError as exc:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
+    # [security] data_key_file (encryption at rest): a bad key file is a config error, exit 2.
+    from appliance.durability.encryption import KeyFileError, load_cipher
+
+    try:
+        data_cipher = load_cipher(config.security.data_key_file)
+    except KeyFileError as exc:
+        return _fail(f"config error: {exc}")
     if engine is None:
         try:
             engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
@@ -111,6 +118,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     from transport.errors import TransportStartError
 
     app = create_app(config, engine)
+    app.ctx.data_cipher = data_cipher  # encryption at rest: read by attach_durability
     if config.durability.enabled:
         # Recovery runs in the app's after_server_start hook: the server already answers, with
         # /ready 503 until the replay ends; a corrupt log stops it and `serve` exits 2.
@@ -165,12 +173,18 @@ def fsck(config_path: str | None, repair: bool) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     from appliance.durability import fsck as wal_fsck
+    from appliance.durability.encryption import DataKeyError, KeyFileError, load_cipher
     from appliance.durability.wal import LogBusyError
 
     try:
-        return wal_fsck.run(config.durability.dir, repair=repair, out=sys.stdout)
+        cipher = load_cipher(config.security.data_key_file)
+        return wal_fsck.run(config.durability.dir, repair=repair, out=sys.stdout, cipher=cipher)
     except LogBusyError as exc:
         return _fail(f"{exc}: stop it first")
+    except KeyFileError as exc:
+        return _fail(f"config error: {exc}")
+    except DataKeyError as exc:
+        return _fail(str(exc))
 
 
 def _archive_command(args: argparse.Namespace) -> int:
@@ -186,11 +200,20 @@ def _archive_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     durability = config.durability
+    from appliance.durability.encryption import DataKeyError, KeyFileError, load_cipher
+
+    try:
+        cipher = load_cipher(config.security.data_key_file)
+    except KeyFileError as exc:
+        return _fail(f"config error: {exc}")
     if args.command == "restore":
         from appliance.durability.restore import run_restore
 
-        return run_restore(args.source, durability.dir, durability.retain_days, sys.stdout)
-    return archive.run_archive(Path(durability.dir) / "warm", args.to, sys.stdout)
+        return run_restore(args.source, durability.dir, durability.retain_days, sys.stdout, cipher)
+    try:
+        return archive.run_archive(Path(durability.dir) / "warm", args.to, sys.stdout, cipher)
+    except DataKeyError as exc:
+        return _fail(str(exc))
 
 
 def build_parser() -> argparse.ArgumentParser:

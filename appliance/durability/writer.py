@@ -59,6 +59,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from appliance.durability import wal
+from appliance.durability.encryption import DataCipher
+from appliance.durability.fsutil import make_private_dir, open_private
 from appliance.durability.records import BatchRecord
 from appliance.latency import WalTimings
 from appliance.store import Store, SymbolLimitError
@@ -208,9 +210,9 @@ class SegmentFile:
         self.size = os.fstat(self.fd).st_size
 
     def _create(self, first_lsn: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.directory)
         path = self.directory / wal.segment_name(first_lsn)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_private(path, os.O_WRONLY | os.O_APPEND)
         try:
             # The new name must survive a crash before any record in it is acknowledged.
             wal.fsync_dir(self.directory)
@@ -340,8 +342,12 @@ class DurableWriter:
         checkpointer: Any = None,
         lock_fd: int | None = None,
         timings: WalTimings | None = None,
+        cipher: DataCipher | None = None,
     ) -> None:
         self.store = store
+        # AES-256-GCM for every record (None: plain); one call per record, on the thread that
+        # commits it (this one, or an inline committer), never per value.
+        self._cipher = cipher
         self.sync = sync
         self.interval_s = interval_ms / 1000.0
         self._segment = SegmentFile(directory, segment_bytes, sync)
@@ -683,7 +689,7 @@ class DurableWriter:
             total = 0
         record = self._record(request, self._next_lsn, total)
         try:
-            chunks = wal.encode_parts(record)
+            chunks = wal.encode_parts(record, self._cipher)
         except ValueError as exc:  # a symbol the validators should have refused
             request.fail(exc)
             return False
@@ -722,7 +728,7 @@ class DurableWriter:
                 total = 0
             record = self._record(request, lsn, total)
             try:
-                chunks.extend(wal.encode_parts(record))
+                chunks.extend(wal.encode_parts(record, self._cipher))
             except ValueError as exc:  # a symbol the validators should have refused
                 request.fail(exc)
                 if request.group is not None:
