@@ -196,6 +196,8 @@ def _decrypt_values(
             f"written with another data key (key id {kid:08x}, configured {cipher.key_id_hex})"
         )
     nonce_at = values_at - NONCE_FIELD
+    if any(view[nonce_at + NONCE_BYTES : values_at]):  # the only bytes outside the AD and tag
+        raise RecordError("nonce padding is not zero")
     aad = bytearray(view[offset:nonce_at])
     aad[8:12] = b"\0\0\0\0"  # the CRC is computed over the ciphertext, after sealing
     try:
