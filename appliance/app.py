@@ -301,8 +301,9 @@ def attach_durability(app: Sanic) -> Any:
     from appliance.durability.recovery import open_log
     from appliance.durability.warm import WarmTier
 
+    cipher = getattr(app.ctx, "data_cipher", None)  # encryption at rest (None: off), by the CLI
     if app.ctx.warm is None:
-        app.ctx.warm = WarmTier.from_config(app.ctx.config.durability)
+        app.ctx.warm = WarmTier.from_config(app.ctx.config.durability, cipher=cipher)
         app.ctx.record_listeners.append(app.ctx.warm)
     listeners = list(getattr(app.ctx, "record_listeners", ()))
     writer = open_log(
@@ -311,6 +312,7 @@ def attach_durability(app: Sanic) -> Any:
         listeners,
         progress=app.ctx.readiness.progress,
         timings=getattr(app.ctx, "wal_timings", None),  # set by install_metrics (None: off)
+        cipher=cipher,
     )
     app.ctx.durable = writer
     return writer
@@ -325,6 +327,7 @@ async def _recover(app: Sanic) -> bool:
     startup hooks run) and honoured as soon as the replay ends: the appliance then stops
     without ever turning ready. Returns whether to go on to ready.
     """
+    from appliance.durability.encryption import DataKeyError
     from appliance.durability.recovery import CorruptLogError
     from appliance.durability.warm import WarmTierError
 
@@ -334,7 +337,7 @@ async def _recover(app: Sanic) -> bool:
     log.info("replaying the write-ahead log", extra={"dir": app.ctx.config.durability.dir})
     try:
         await asyncio.to_thread(attach_durability, app)
-    except (CorruptLogError, WarmTierError, OSError) as exc:
+    except (CorruptLogError, WarmTierError, DataKeyError, OSError) as exc:
         if isinstance(exc, OSError):
             where = app.ctx.config.durability.dir
             message = f"cannot open the write-ahead log in {where!r}: {exc}"

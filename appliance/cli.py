@@ -171,7 +171,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     except OSError as exc:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
     try:  # before the engine (which may take seconds to load): a bad file fails at once
-        tokens, tls = load_security(config)
+        tokens, tls, data_cipher = load_security(config)
     except StartRefused as exc:
         log.error("refusing to start", extra={"reason": str(exc)})
         return _fail(str(exc))
@@ -195,6 +195,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     from transport.errors import TransportStartError
 
     app = create_app(config, engine, tokens=tokens)
+    app.ctx.data_cipher = data_cipher  # encryption at rest: read by attach_durability
     if config.durability.enabled:
         # Recovery runs in the app's after_server_start hook: the server already answers, with
         # /ready 503 until the replay ends; a corrupt log stops it and `serve` exits 2.
@@ -251,10 +252,12 @@ class StartRefused(Exception):
     """The appliance must not start as configured; the message is the one line to print."""
 
 
-def load_security(config: AppConfig) -> tuple[Any, Any]:
-    """(tokens or None, TLS context or None) for `serve`; raises StartRefused: serving
-    unauthenticated beyond loopback, an unusable tokens file, unusable TLS files."""
+def load_security(config: AppConfig) -> tuple[Any, Any, Any]:
+    """(tokens, TLS context, data cipher; each None when off) for `serve`; raises
+    StartRefused: serving unauthenticated beyond loopback, an unusable tokens file, unusable
+    TLS files, an unusable data key file ([security] data_key_file: encryption at rest)."""
     from appliance.auth import Tokens, TokensFileError
+    from appliance.durability.encryption import KeyFileError, load_cipher
 
     exposed = unauthenticated_exposure(config)
     if exposed:
@@ -269,7 +272,11 @@ def load_security(config: AppConfig) -> tuple[Any, Any]:
         tls = tls_context(config.server)
     except TlsFileError as exc:
         raise StartRefused(str(exc)) from None
-    return tokens, tls
+    try:
+        cipher = load_cipher(config.security.data_key_file)
+    except KeyFileError as exc:
+        raise StartRefused(f"config error: {exc}") from None
+    return tokens, tls, cipher
 
 
 def unauthenticated_exposure(config: AppConfig) -> str:
@@ -310,12 +317,18 @@ def fsck(config_path: str | None, repair: bool) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     from appliance.durability import fsck as wal_fsck
+    from appliance.durability.encryption import DataKeyError, KeyFileError, load_cipher
     from appliance.durability.wal import LogBusyError
 
     try:
-        return wal_fsck.run(config.durability.dir, repair=repair, out=sys.stdout)
+        cipher = load_cipher(config.security.data_key_file)
+        return wal_fsck.run(config.durability.dir, repair=repair, out=sys.stdout, cipher=cipher)
     except LogBusyError as exc:
         return _fail(f"{exc}: stop it first")
+    except KeyFileError as exc:
+        return _fail(f"config error: {exc}")
+    except DataKeyError as exc:
+        return _fail(str(exc))
 
 
 def _archive_command(args: argparse.Namespace) -> int:
@@ -331,11 +344,20 @@ def _archive_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     durability = config.durability
+    from appliance.durability.encryption import DataKeyError, KeyFileError, load_cipher
+
+    try:
+        cipher = load_cipher(config.security.data_key_file)
+    except KeyFileError as exc:
+        return _fail(f"config error: {exc}")
     if args.command == "restore":
         from appliance.durability.restore import run_restore
 
-        return run_restore(args.source, durability.dir, durability.retain_days, sys.stdout)
-    return archive.run_archive(Path(durability.dir) / "warm", args.to, sys.stdout)
+        return run_restore(args.source, durability.dir, durability.retain_days, sys.stdout, cipher)
+    try:
+        return archive.run_archive(Path(durability.dir) / "warm", args.to, sys.stdout, cipher)
+    except DataKeyError as exc:
+        return _fail(str(exc))
 
 
 def build_parser() -> argparse.ArgumentParser:

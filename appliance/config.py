@@ -156,6 +156,15 @@ class DurabilityConfig(_Section):
     retain_days: NonNegativeInt = 0
 
 
+class SecurityConfig(_Section):
+    """[security]: SPEC section 9 (docs/security.md)."""
+
+    # Encryption at rest (AES-256-GCM) of the write-ahead log, checkpoints, warm segments and
+    # archives: a file of exactly 32 raw bytes, mode 0600 (or stricter). "" = off. Checked at
+    # start (a bad file is a config error; a key that does not fit the data: exit 2).
+    data_key_file: str = ""
+
+
 class MetricsConfig(_Section):
     """[metrics]: Prometheus metrics at GET /metrics (docs/metrics.md)."""
 
@@ -292,6 +301,7 @@ class AppConfig(_Section):
     durability: DurabilityConfig = msgspec.field(default_factory=DurabilityConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     @property
     def max_body_bytes(self) -> int:

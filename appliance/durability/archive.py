@@ -7,6 +7,11 @@ changed or went missing. `hft-appliance verify DIR` re-hashes every listed file.
 Sealed segments are immutable, so archiving a running appliance's directory is safe: only
 `*.seg` files (renamed into place complete) are read, never `*.tmp`. Re-archiving into the
 same directory copies only files that are new or differ, and rewrites the manifest.
+
+Encrypted segments (`[security] data_key_file`) are copied as they are: an archive is as
+encrypted as the data directory, `verify` checks the sha256 of the encrypted bytes without the
+key, and `archive` (which reads each header for the manifest) and `restore` need the key. The
+manifest (paths, symbols, index and time ranges, hashes: no values) stays readable.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from typing import Any, NamedTuple, TextIO
 
 import msgspec
 
+from appliance.durability.encryption import DataCipher
+from appliance.durability.fsutil import make_private_dir, open_private
+from appliance.durability.keycheck import check_data_dir
 from appliance.durability.warm import symbol_from_key
 from appliance.durability.warm_segment import (
     SUFFIX,
@@ -72,9 +80,10 @@ def sha256_file(path: Path) -> str:
 
 def _copy_durably(source: Path, target: Path) -> None:
     """Copy via a temp file, fsync, rename, fsync the directory (never a half file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(target.parent)
     tmp = target.with_name(target.name + ".tmp")
-    with open(source, "rb") as src, open(tmp, "wb") as dst:
+    dst_fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+    with open(source, "rb") as src, open(dst_fd, "wb") as dst:
         shutil.copyfileobj(src, dst, _CHUNK)
         dst.flush()
         os.fsync(dst.fileno())
@@ -87,10 +96,11 @@ def archive(
     to: Path | str,
     *,
     progress: Callable[[str], None] = lambda line: None,
+    cipher: DataCipher | None = None,
 ) -> Manifest:
     """Copy every sealed segment under `warm_dir` into `to` and write `to/manifest.json`."""
     warm_dir, to = Path(warm_dir), Path(to)
-    to.mkdir(parents=True, exist_ok=True)
+    make_private_dir(to)
     entries: list[ManifestEntry] = []
     for sub in sorted(p for p in warm_dir.iterdir() if p.is_dir()) if warm_dir.is_dir() else []:
         try:
@@ -99,7 +109,7 @@ def archive(
             continue
         for source in sorted(sub.glob("*" + SUFFIX)):
             try:
-                header = read_header(source)
+                header = read_header(source, cipher)
                 digest = sha256_file(source)
             except FileNotFoundError:  # deleted by retention meanwhile
                 continue
@@ -167,9 +177,14 @@ def summary_line(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def run_archive(warm_dir: Path | str, to: Path | str, out: TextIO) -> int:
-    """`hft-appliance archive --to DIR`: 0 once the copy and manifest are durable."""
-    manifest = archive(warm_dir, to, progress=lambda line: print(line, file=out))
+def run_archive(
+    warm_dir: Path | str, to: Path | str, out: TextIO, cipher: DataCipher | None = None
+) -> int:
+    """`hft-appliance archive --to DIR`: 0 once the copy and manifest are durable.
+
+    Raises `encryption.DataKeyError` (exit 2) when the data key does not fit the segments."""
+    check_data_dir(Path(warm_dir).parent, cipher)
+    manifest = archive(warm_dir, to, progress=lambda line: print(line, file=out), cipher=cipher)
     totals = summary_line(manifest)
     print(
         f"archived {totals['files']} segments ({totals['bytes']} bytes, {totals['symbols']} "

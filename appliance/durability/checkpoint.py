@@ -20,6 +20,13 @@ Crash-safety invariants:
   or for a full replay of the log (None);
 - the values of a checkpoint are exactly the store after record `lsn` and before `lsn + 1`: the
   log's writer thread, the store's only appender, takes the snapshot between two groups.
+
+Encrypted (`[security] data_key_file`): each symbol's values are `sNNNN.enc` instead of `.npy`,
+an `encryption` chunked file (4 MiB chunks, AES-256-GCM) whose associated data binds the
+checkpoint's lsn and the manifest's symbol, hot length and total, so a manifest edited or a file
+swapped between symbols or checkpoints fails authentication. The manifest (symbols, lengths,
+totals, CRCs: no values) stays readable and records the key id; the CRC32C covers the file as
+written (ciphertext), so damage reads as damage before any decryption.
 """
 
 from __future__ import annotations
@@ -40,7 +47,14 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from appliance.durability.fsutil import fsync_dir
+from appliance.durability.encryption import (
+    KIND_CHECKPOINT,
+    DataCipher,
+    DecryptError,
+    open_chunks,
+    seal_chunks,
+)
+from appliance.durability.fsutil import fsync_dir, make_private_dir, open_private
 from appliance.store import Store, SymbolLimitError
 
 log = logging.getLogger(__name__)
@@ -49,7 +63,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 1
 _PREFIX = "ckpt-"
-_FILE_NAME = re.compile(r"s[0-9]{4,}\.npy")
+_FILE_NAME = re.compile(r"s[0-9]{4,}\.(npy|enc)")
 _TMP = ".tmp"
 # Values per store append during restore: large enough that per-call costs vanish, small
 # enough that the temporary copies of one append stay a few tens of MiB.
@@ -138,31 +152,47 @@ def snapshot(store: Store, lsn: int, totals: Mapping[str, int]) -> Snapshot:
 
 
 def write_checkpoint(
-    directory: str | os.PathLike[str], store: Store, lsn: int, totals: Mapping[str, int]
+    directory: str | os.PathLike[str],
+    store: Store,
+    lsn: int,
+    totals: Mapping[str, int],
+    cipher: DataCipher | None = None,
 ) -> Path:
     """Write the store's hot tier as checkpoint `lsn` (see the module docstring); its path."""
-    return write_snapshot(directory, snapshot(store, lsn, totals))
+    return write_snapshot(directory, snapshot(store, lsn, totals), cipher)
 
 
-def write_snapshot(directory: str | os.PathLike[str], checkpoint: Snapshot) -> Path:
+def _context(lsn: int, symbol: str, hot: int, total: int) -> bytes:
+    """The associated data of an encrypted values file: what the manifest says about it."""
+    return f"checkpoint\0{lsn}\0{symbol}\0{hot}\0{total}".encode()
+
+
+def write_snapshot(
+    directory: str | os.PathLike[str], checkpoint: Snapshot, cipher: DataCipher | None = None
+) -> Path:
     """Write `checkpoint` durably: .tmp directory, fsync files and directory, rename, fsync parent.
 
     Writing a checkpoint for an lsn that already has one returns the existing one (nothing
     was logged in between, so the contents are the same).
     """
     root = checkpoint_dir(directory)
-    root.mkdir(parents=True, exist_ok=True)
+    make_private_dir(root)
     final = root / _name(checkpoint.lsn)
     if final.exists():
         return final
     tmp = root / (_name(checkpoint.lsn) + _TMP)
     if tmp.exists():  # left by a crash, or by a failed attempt of this same process
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    make_private_dir(tmp)
     entries = []
     for number, (symbol, item) in enumerate(checkpoint.symbols.items()):
-        file_name = f"s{number:04d}.npy"
-        checksum = _write_npy(tmp / file_name, item.parts)
+        if cipher is None:
+            file_name = f"s{number:04d}.npy"
+            checksum = _write_npy(tmp / file_name, item.parts)
+        else:
+            file_name = f"s{number:04d}.enc"
+            context = _context(checkpoint.lsn, symbol, item.hot, item.total)
+            checksum = _write_encrypted(tmp / file_name, item.parts, cipher, context)
         entries.append(
             {
                 "symbol": symbol,
@@ -172,8 +202,10 @@ def write_snapshot(directory: str | os.PathLike[str], checkpoint: Snapshot) -> P
                 "crc32c": checksum,
             }
         )
-    manifest = {"format": FORMAT, "lsn": checkpoint.lsn, "symbols": entries}
-    with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+    manifest: dict[str, object] = {"format": FORMAT, "lsn": checkpoint.lsn, "symbols": entries}
+    if cipher is not None:
+        manifest["key_id"] = cipher.key_id_hex
+    with open(open_private(tmp / MANIFEST, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -194,7 +226,7 @@ def _write_npy(path: Path, parts: tuple[np.ndarray, ...]) -> int:
     )
     header = buffer.getvalue()
     checksum = crc32c.crc32c(header)
-    with open(path, "wb", buffering=0) as f:
+    with open(open_private(path, os.O_WRONLY | os.O_TRUNC), "wb", buffering=0) as f:
         f.write(header)
         unsynced = 0
         for part in parts:
@@ -214,10 +246,56 @@ def _write_npy(path: Path, parts: tuple[np.ndarray, ...]) -> int:
     return checksum
 
 
+def _write_encrypted(
+    path: Path, parts: tuple[np.ndarray, ...], cipher: DataCipher, context: bytes
+) -> int:
+    """`_write_npy` for an encrypted checkpoint: raw float64 values in 4 MiB AES-GCM chunks
+    (no .npy header: the manifest says how many); returns the CRC32C of the file's bytes."""
+
+    def pieces():  # no copy before the cipher: views of the pages, 4 MiB at a time
+        for part in parts:
+            data = memoryview(np.ascontiguousarray(part, dtype="<f8")).cast("B")
+            for start in range(0, len(data), _SYNC_BYTES):
+                yield data[start : start + _SYNC_BYTES]
+
+    checksum = 0
+    with open(open_private(path, os.O_WRONLY | os.O_TRUNC), "wb", buffering=0) as f:
+        unsynced = 0
+        for piece in seal_chunks(cipher, KIND_CHECKPOINT, pieces(), context):
+            f.write(piece)
+            checksum = crc32c.crc32c(piece, value=checksum)
+            unsynced += len(piece)
+            if unsynced >= _SYNC_BYTES:  # see _write_npy: keep each stall of the log short
+                os.fdatasync(f.fileno())
+                unsynced = 0
+        os.fsync(f.fileno())
+    return checksum
+
+
+def _read_encrypted(file: Path, cipher: DataCipher, context: bytes, hot: int) -> np.ndarray:
+    values = np.empty(hot, dtype="<f8")
+    target = memoryview(values).cast("B")
+    at = 0
+    try:
+        for plain in open_chunks(cipher, KIND_CHECKPOINT, file.read_bytes(), context):
+            if at + len(plain) > len(target):
+                raise CheckpointError(f"{file.name}: more values than the manifest's {hot}")
+            target[at : at + len(plain)] = plain
+            at += len(plain)
+    except DecryptError as exc:
+        raise CheckpointError(f"{file.name}: {exc}") from None
+    if at != len(target):
+        raise CheckpointError(f"{file.name}: {at // 8} values, the manifest says {hot}")
+    values.setflags(write=False)
+    return values
+
+
 # -- read -----------------------------------------------------------------------------------
 
 
-def load_latest(directory: str | os.PathLike[str]) -> Checkpoint | None:
+def load_latest(
+    directory: str | os.PathLike[str], cipher: DataCipher | None = None
+) -> Checkpoint | None:
     """The newest checkpoint whose files all verify, or None (replay the whole log).
 
     Deletes `.tmp` directories (interrupted checkpoints) first. Call it before a `Checkpointer`
@@ -237,13 +315,13 @@ def load_latest(directory: str | os.PathLike[str]) -> Checkpoint | None:
             found.append((lsn, path))
     for lsn, path in sorted(found, reverse=True):
         try:
-            return _load(path, lsn)
+            return _load(path, lsn, cipher)
         except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("skipping checkpoint %s, it cannot be trusted: %s", path, exc)
     return None
 
 
-def _load(path: Path, lsn: int) -> Checkpoint:
+def _load(path: Path, lsn: int, cipher: DataCipher | None = None) -> Checkpoint:
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -252,6 +330,10 @@ def _load(path: Path, lsn: int) -> Checkpoint:
         raise CheckpointError(f"unknown manifest format {manifest.get('format')!r}")
     if manifest.get("lsn") != lsn:
         raise CheckpointError(f"manifest lsn {manifest.get('lsn')} does not match the name")
+    kid = manifest.get("key_id")
+    if (cipher is None) != (kid is None) or (cipher is not None and kid != cipher.key_id_hex):
+        configured = "none" if cipher is None else cipher.key_id_hex
+        raise CheckpointError(f"written with data key {kid or 'none'}, configured {configured}")
     symbols = {}
     for entry in manifest["symbols"]:
         if not _FILE_NAME.fullmatch(entry["file"]):  # never read outside the checkpoint
@@ -260,7 +342,11 @@ def _load(path: Path, lsn: int) -> Checkpoint:
         checksum = _file_crc32c(file)
         if checksum != entry["crc32c"]:
             raise CheckpointError(f"{file.name}: crc32c {checksum} != manifest {entry['crc32c']}")
-        values = np.load(file, mmap_mode="r") if entry["hot"] else np.load(file)
+        if cipher is not None:
+            context = _context(lsn, entry["symbol"], entry["hot"], entry["total"])
+            values = _read_encrypted(file, cipher, context, int(entry["hot"]))
+        else:
+            values = np.load(file, mmap_mode="r") if entry["hot"] else np.load(file)
         if values.dtype != np.float64 or values.shape != (entry["hot"],):
             raise CheckpointError(f"{file.name}: {values.dtype} {values.shape}, not the manifest's")
         symbols[entry["symbol"]] = SymbolCheckpoint(int(entry["total"]), values)
@@ -330,10 +416,28 @@ def prune(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:
     return removed
 
 
+def manifest_key_id(path: Path) -> tuple[bool, str | None]:
+    """(whether `path` is a readable checkpoint manifest, its key id or None if plain): the
+    up-front wrong-key check at start (a damaged manifest is left to `load_latest`)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False, None
+    if not isinstance(manifest, dict):
+        return False, None
+    kid = manifest.get("key_id")
+    return True, kid if isinstance(kid, str) else None
+
+
 def oldest_lsn(directory: str | os.PathLike[str]) -> int | None:
     """The lsn of the oldest finished checkpoint kept: log records up to it are covered twice."""
     found = _finished(directory)
     return found[0][0] if found else None
+
+
+def finished(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Every finished checkpoint, (lsn, path), oldest first."""
+    return _finished(directory)
 
 
 def _finished(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -377,8 +481,10 @@ class Checkpointer:
         background: bool = True,
         on_written: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cipher: DataCipher | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.cipher = cipher
         self.interval_s = interval_s
         self.keep = keep
         self.background = background
@@ -449,7 +555,7 @@ class Checkpointer:
     def _write(self, taken: Snapshot) -> None:
         started = time.perf_counter()
         try:
-            path = write_snapshot(self.directory, taken)
+            path = write_snapshot(self.directory, taken, self.cipher)
             prune(self.directory, self.keep)
         except Exception as exc:  # a full disk must not kill the writer: log, retry next time
             self.last_error = exc

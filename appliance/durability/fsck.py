@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import TextIO
 
 from appliance.durability import wal
+from appliance.durability.encryption import DataCipher
+from appliance.durability.fsutil import make_private_dir, write_private
+from appliance.durability.keycheck import check_data_dir
 
 EXIT_CLEAN = 0
 EXIT_DAMAGED = 1
@@ -27,31 +30,27 @@ class Repaired:
     quarantined: list[Path]
 
 
-def scan(data_dir: str | os.PathLike[str]) -> list[wal.SegmentScan]:
-    return list(wal.iter_scans(wal.wal_dir(data_dir)))
+def scan(
+    data_dir: str | os.PathLike[str], cipher: DataCipher | None = None
+) -> list[wal.SegmentScan]:
+    return list(wal.iter_scans(wal.wal_dir(data_dir), cipher))
 
 
 def repair_segment(seg: wal.SegmentScan, quarantine: Path) -> Repaired:
     """Keep every valid record of `seg`, quarantine each bad stretch, rewrite atomically."""
     data = seg.path.read_bytes()
-    quarantine.mkdir(parents=True, exist_ok=True)
+    make_private_dir(quarantine)
     moved = []
     for damage in seg.damage:
         target = quarantine / f"{seg.path.name}.{damage.offset}-{damage.end}.bad"
-        with open(target, "wb") as f:
-            f.write(data[damage.offset : damage.end])
-            f.flush()
-            os.fsync(f.fileno())
+        write_private(target, data[damage.offset : damage.end])
         moved.append(target)
     wal.fsync_dir(quarantine)
     kept = bytearray()
     for damage_free in _good_stretches(seg):
         kept += data[damage_free[0] : damage_free[1]]
     tmp = seg.path.with_name(seg.path.name + ".repair")
-    with open(tmp, "wb") as f:
-        f.write(kept)
-        f.flush()
-        os.fsync(f.fileno())
+    write_private(tmp, kept)
     os.replace(tmp, seg.path)  # atomic: the segment is either the old or the repaired bytes
     wal.fsync_dir(seg.path.parent)
     return Repaired(seg.path, len(seg.records), moved)
@@ -69,10 +68,18 @@ def _good_stretches(seg: wal.SegmentScan) -> list[tuple[int, int]]:
     return stretches
 
 
-def run(data_dir: str | os.PathLike[str], *, repair: bool, out: TextIO) -> int:
+def run(
+    data_dir: str | os.PathLike[str],
+    *,
+    repair: bool,
+    out: TextIO,
+    cipher: DataCipher | None = None,
+) -> int:
     """Print one line per segment (and per problem); return the exit status.
 
-    Holds the log directory's lock throughout: never run against a log being written.
+    Holds the log directory's lock throughout: never run against a log being written. With a
+    data key (`cipher`), a log written with another key raises `encryption.DataKeyError`
+    before anything is read or repaired: a wrong key must never read as damage to quarantine.
     """
     directory = wal.wal_dir(data_dir)
     if not directory.is_dir():
@@ -80,13 +87,20 @@ def run(data_dir: str | os.PathLike[str], *, repair: bool, out: TextIO) -> int:
         return EXIT_CLEAN
     lock_fd = wal.lock_dir(directory)
     try:
-        return _run(data_dir, directory, repair, out)
+        check_data_dir(data_dir, cipher)
+        return _run(data_dir, directory, repair, out, cipher)
     finally:
         os.close(lock_fd)
 
 
-def _run(data_dir: str | os.PathLike[str], directory: Path, repair: bool, out: TextIO) -> int:
-    segments = scan(data_dir)
+def _run(
+    data_dir: str | os.PathLike[str],
+    directory: Path,
+    repair: bool,
+    out: TextIO,
+    cipher: DataCipher | None,
+) -> int:
+    segments = scan(data_dir, cipher)
     if not segments:
         print(f"{directory}: no write-ahead log segments", file=out)
         return EXIT_CLEAN

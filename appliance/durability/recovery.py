@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from appliance.durability import tombstones, wal
+from appliance.durability.encryption import DataCipher
+from appliance.durability.keycheck import check_data_dir
 from appliance.durability.records import BatchRecord
 from appliance.durability.tombstones import Tombstone
 from appliance.durability.writer import DurableWriter, RecordListener
@@ -100,13 +102,13 @@ class _Window:
         return window[window.shape[0] - self.hot :]
 
 
-def _load_checkpoint(data_dir: Path):  # -> Checkpoint | None
+def _load_checkpoint(data_dir: Path, cipher: DataCipher | None):  # -> Checkpoint | None
     """The newest valid checkpoint, or None (none written, or the module is absent)."""
     try:
         from appliance.durability.checkpoint import load_latest
     except ImportError:  # pragma: no cover - the checkpoint module is optional
         return None
-    return load_latest(data_dir)
+    return load_latest(data_dir, cipher)
 
 
 def recover(
@@ -116,6 +118,7 @@ def recover(
     *,
     use_checkpoint: bool = True,
     progress: ReplayProgress | None = None,
+    cipher: DataCipher | None = None,
 ) -> RecoveryResult:
     """Rebuild `store` (which must be empty) from the checkpoint and the log under `data_dir`.
 
@@ -132,7 +135,7 @@ def recover(
     windows: dict[str, _Window] = {}
     deleted = tombstones.load(data_dir)
 
-    checkpoint = _load_checkpoint(data_dir) if use_checkpoint else None
+    checkpoint = _load_checkpoint(data_dir, cipher) if use_checkpoint else None
     after = 0
     if checkpoint is not None:
         # Hook: the checkpoint is the starting state; only records after its lsn are replayed.
@@ -151,7 +154,7 @@ def recover(
 
     last_lsn = _replay_log(
         data_dir, after, store, windows, result, listeners, progress or ReplayProgress(),
-        deleted,
+        deleted, cipher,
     )  # fmt: skip
     result.next_lsn = max(result.next_lsn, last_lsn + 1)
     for symbol, gone in deleted.items():
@@ -193,6 +196,7 @@ def _replay_log(
     listeners: list[RecordListener],
     progress: ReplayProgress,
     deleted: dict[str, Tombstone],
+    cipher: DataCipher | None = None,
 ) -> int:
     """Verify and replay every segment in lsn order; trim a torn tail; return the last lsn."""
     segments = wal.list_segments(wal.wal_dir(data_dir))
@@ -208,7 +212,7 @@ def _replay_log(
         )
     last_lsn = 0
     for index, path in enumerate(segments):
-        scan = wal.scan_segment(path)
+        scan = wal.scan_segment(path, cipher=cipher)
         result.segments += 1
         is_last = index == len(segments) - 1
         for damage in scan.damage:
@@ -271,10 +275,12 @@ def _replay(
             log.exception("listener failed during replay", extra={"lsn": record.lsn})
 
 
-def replay_batch_by_batch(store: Store, data_dir: str | os.PathLike[str]) -> None:
+def replay_batch_by_batch(
+    store: Store, data_dir: str | os.PathLike[str], cipher: DataCipher | None = None
+) -> None:
     """Reference replay (every record through `Store.ingest`, retention included); for tests."""
     for path in wal.list_segments(wal.wal_dir(data_dir)):
-        for _, record in wal.scan_segment(path).records:
+        for _, record in wal.scan_segment(path, cipher=cipher).records:
             store.ingest(record.symbol, np.ascontiguousarray(record.values))
 
 
@@ -316,17 +322,21 @@ def open_log(
     listeners: Iterable[RecordListener] = (),
     progress: ReplayProgress | None = None,
     timings: WalTimings | None = None,
+    cipher: DataCipher | None = None,
 ) -> DurableWriter:
     """Recover `store` from `config.dir`, then start the writer that continues the log.
 
     Raises `CorruptLogError` (the CLI turns it into exit status 2). `listeners` see the replay
     and then every new record. `timings`: where the writer records its latencies for GET
-    /metrics (None: nothing is timed).
+    /metrics (None: nothing is timed). `cipher`: AES-256-GCM for everything read and written
+    (`[security] data_key_file`; None: plain); a data directory written with another key (or
+    not as configured) raises `encryption.DataKeyError` before anything is changed.
     """
     listeners = list(listeners)
     lock_fd = wal.lock_dir(wal.wal_dir(config.dir))  # LogBusyError if another process has it
     try:
-        result = recover(store, config.dir, listeners, progress=progress)
+        check_data_dir(config.dir, cipher)
+        result = recover(store, config.dir, listeners, progress=progress, cipher=cipher)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -340,6 +350,7 @@ def open_log(
             config.dir,
             config.checkpoint_interval_s,
             on_written=lambda lsn: retire_covered(config.dir, listeners, lsn),
+            cipher=cipher,
         )
     writer = DurableWriter(
         store,
@@ -354,6 +365,7 @@ def open_log(
         checkpointer=checkpointer,
         lock_fd=lock_fd,
         timings=timings,
+        cipher=cipher,
     )
     for listener in listeners:
         writer.add_listener(listener)

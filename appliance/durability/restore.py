@@ -18,6 +18,10 @@ Never over data: the data directory must hold no file (empty directories are fin
 is first written under `<dir>/.restoring/` (same filesystem: renames are atomic), then moved in:
 checkpoints first, warm last, so an interruption never leaves segments without the totals that
 protect them. A leftover `.restoring/` from an interrupted run is ours and is removed.
+
+Encrypted archives: the segments are copied as they are (still encrypted) and read with the
+configured data key (a segment written with another key stops the restore, naming both key
+ids); the checkpoint is written encrypted with it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import NamedTuple, TextIO
 
 from appliance.durability.archive import ManifestEntry, _copy_durably, load_manifest, verify
 from appliance.durability.checkpoint import CHECKPOINTS, Snapshot, SymbolSnapshot, write_snapshot
-from appliance.durability.fsutil import fsync_dir
+from appliance.durability.encryption import DataCipher
+from appliance.durability.fsutil import fsync_dir, make_private_dir
 from appliance.durability.warm import NS_PER_DAY, symbol_key
 from appliance.durability.warm_segment import SegmentCorruptError, read_header, segment_name
 
@@ -68,7 +73,7 @@ def _check_entry(entry: ManifestEntry) -> None:
 
 
 def _copy_segments(
-    archive_dir: Path, entries: list[ManifestEntry], staging: Path
+    archive_dir: Path, entries: list[ManifestEntry], staging: Path, cipher: DataCipher | None
 ) -> dict[str, int]:
     """Copy and re-read every listed segment; per symbol, the end of its newest one."""
     ends: dict[str, int] = {}
@@ -78,7 +83,7 @@ def _copy_segments(
         target = staging / entry.path
         _copy_durably(archive_dir / entry.path, target)
         try:
-            header = read_header(target)
+            header = read_header(target, cipher)
         except SegmentCorruptError as exc:
             raise RestoreError(str(exc)) from None
         if (header.symbol, header.first_index, header.end_index) != (
@@ -109,6 +114,7 @@ def restore(
     *,
     retain_days: int = 0,
     now_ns: int | None = None,
+    cipher: DataCipher | None = None,
 ) -> RestoreReport:
     """Verify `archive_dir`, then rebuild `data_dir`'s warm tier from it (module docstring)."""
     archive_dir, data_dir = Path(archive_dir), Path(data_dir)
@@ -130,11 +136,11 @@ def restore(
             f"{data_dir} already holds data ({len(held)} files, e.g. {held[0]}): restore only "
             "into an empty data directory; move this one aside or set [durability] dir"
         )
-    staging.mkdir(parents=True)
-    ends = _copy_segments(archive_dir, list(manifest.files), staging)
+    make_private_dir(staging)
+    ends = _copy_segments(archive_dir, list(manifest.files), staging, cipher)
     if ends:
         snapshot = Snapshot(0, {symbol: SymbolSnapshot(end, ()) for symbol, end in ends.items()})
-        write_snapshot(staging, snapshot)
+        write_snapshot(staging, snapshot, cipher)
     _move_in(staging, data_dir)
     cutoff = (time.time_ns() if now_ns is None else now_ns) - retain_days * NS_PER_DAY
     expired = sum(e.last_received_ns < cutoff for e in manifest.files) if retain_days > 0 else 0
@@ -142,11 +148,15 @@ def restore(
 
 
 def run_restore(
-    archive_dir: Path | str, data_dir: Path | str, retain_days: int, out: TextIO
+    archive_dir: Path | str,
+    data_dir: Path | str,
+    retain_days: int,
+    out: TextIO,
+    cipher: DataCipher | None = None,
 ) -> int:
     """`hft-appliance restore --from ARCHIVE`: 0 once the data directory is durable, else 1."""
     try:
-        report = restore(archive_dir, data_dir, retain_days=retain_days)
+        report = restore(archive_dir, data_dir, retain_days=retain_days, cipher=cipher)
     except RestoreError as exc:
         print(f"restore: nothing restored: {exc}", file=out)
         return 1

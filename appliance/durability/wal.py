@@ -15,6 +15,15 @@ Record layout (little-endian, every record starts 8-byte aligned within its segm
 
 The CRC covers every byte after the CRC field (12 .. length), padding included, so a torn or
 flipped byte anywhere in a record is caught before any of it is trusted.
+
+Encrypted records (`[security] data_key_file`, `appliance.durability.encryption`): magic "HWAE",
+the u32 at 60 holds the key id, and after the symbol come a 12-byte nonce (padded to 16), the
+values encrypted with AES-256-GCM, and the 16-byte tag. The header and symbol stay readable
+(torn-tail detection, resync, fsck and the sealer's index work unchanged) but are authenticated
+as associated data, so no field can be changed and no record moved undetected. The CRC still
+covers every byte: a torn or flipped byte reads as before (torn tail or corruption), and an
+authentication failure of a record whose CRC checks is corruption (or a wrong key, which the
+key id tells first).
 """
 
 from __future__ import annotations
@@ -29,10 +38,15 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from appliance.durability.fsutil import fsync_dir
+from appliance.durability.encryption import NONCE_BYTES, TAG_BYTES, DataCipher, DecryptError
+from appliance.durability.fsutil import DATA_FILE_MODE, fsync_dir, make_private_dir
 from appliance.durability.records import BatchRecord
 
 MAGIC = b"HWAL"
+MAGIC_ENCRYPTED = b"HWAE"
+NONCE_FIELD = 16  # the nonce, zero-padded to keep the values 8-byte aligned
+ENCRYPTION_BYTES = NONCE_FIELD + TAG_BYTES  # what encryption adds to a record
+_AD_DOMAIN = b"hft-appliance wal record v1\0"
 KIND_BATCH = 1
 HEADER = struct.Struct("<4sII BBH QQQQQ II")
 HEADER_SIZE = HEADER.size  # 64
@@ -56,32 +70,43 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def record_size(symbol_bytes: int, count: int) -> int:
-    return HEADER_SIZE + _pad8(symbol_bytes) + 8 * count
+def record_size(symbol_bytes: int, count: int, encrypted: bool = False) -> int:
+    return HEADER_SIZE + _pad8(symbol_bytes) + 8 * count + (ENCRYPTION_BYTES if encrypted else 0)
 
 
-def encode(record: BatchRecord) -> bytes:
+def values_offset(symbol_bytes: int, encrypted: bool = False) -> int:
+    """Where the values (plain, or their ciphertext) start within a record."""
+    return HEADER_SIZE + _pad8(symbol_bytes) + (NONCE_FIELD if encrypted else 0)
+
+
+def encode(record: BatchRecord, cipher: DataCipher | None = None) -> bytes:
     """One record's bytes, CRC included. Raises ValueError for a symbol over 255 bytes."""
-    head, payload = encode_parts(record)
+    head, payload = encode_parts(record, cipher)
     return head + bytes(payload)
 
 
-def encode_parts(record: BatchRecord) -> tuple[bytes, memoryview]:
+def encode_parts(
+    record: BatchRecord, cipher: DataCipher | None = None
+) -> tuple[bytes, memoryview | bytes]:
     """A record as (header with symbol and CRC, the values' own bytes): the writer hands both
     to `writev`, so the values are never copied on the way to the log (hot path: a 10k-value
-    batch saved three 80 KB copies). The CRC is chained over the two parts."""
+    batch saved three 80 KB copies). The CRC is chained over the two parts.
+
+    With `cipher` the second part is the values' ciphertext and tag (one AES-GCM call reading
+    the values in place; the header up to the nonce is its associated data)."""
     sym = record.symbol.encode()
     if len(sym) > MAX_SYMBOL_BYTES:
         raise ValueError("symbol longer than 255 UTF-8 bytes")
     values = np.ascontiguousarray(record.values, dtype="<f8")
     count = int(values.shape[0])
-    values_at = HEADER_SIZE + _pad8(len(sym))
-    length = values_at + 8 * count
+    encrypted = cipher is not None
+    values_at = values_offset(len(sym), encrypted)
+    length = record_size(len(sym), count, encrypted)
     out = bytearray(values_at)
     HEADER.pack_into(
         out,
         0,
-        MAGIC,
+        MAGIC_ENCRYPTED if encrypted else MAGIC,
         length,
         0,
         KIND_BATCH,
@@ -93,29 +118,36 @@ def encode_parts(record: BatchRecord) -> tuple[bytes, memoryview]:
         record.publisher_id,
         record.sequence,
         count,
-        0,
+        cipher.key_id if cipher is not None else 0,
     )
     out[HEADER_SIZE : HEADER_SIZE + len(sym)] = sym
-    payload = memoryview(values).cast("B")
+    payload: memoryview | bytes = memoryview(values).cast("B")
+    if cipher is not None:
+        nonce_at = values_at - NONCE_FIELD
+        nonce, payload = cipher.seal(payload, _AD_DOMAIN + out[:nonce_at])  # CRC field still 0
+        out[nonce_at : nonce_at + NONCE_BYTES] = nonce
     crc = crc32c.crc32c(payload, crc32c.crc32c(memoryview(out)[CRC_END:]))
     struct.pack_into("<I", out, 8, crc)
     return bytes(out), payload
 
 
-def decode(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[BatchRecord, int]:
+def decode(
+    buf: bytes | bytearray | memoryview, offset: int = 0, cipher: DataCipher | None = None
+) -> tuple[BatchRecord, int]:
     """Decode the record at `offset`; return it and its length. Raises `RecordError`.
 
     The values are a read-only view into `buf` (no copy): keep `buf` alive as long as them.
+    With `cipher` only encrypted records are accepted (a plain record slipped into an
+    encrypted log is refused, never trusted) and the values are a decrypted copy.
     """
     view = memoryview(buf)
     available = len(view) - offset
     if available < HEADER_SIZE:
         raise RecordError(f"incomplete header ({available} of {HEADER_SIZE} bytes)")
-    (magic, length, crc, kind, sym_len, _, lsn, first, received, publisher, sequence, count, _) = (
-        HEADER.unpack_from(view, offset)
-    )
-    if magic != MAGIC:
-        raise RecordError("bad magic")
+    fields = HEADER.unpack_from(view, offset)
+    (magic, length, crc, kind, sym_len, _, lsn, first, received, publisher, sequence) = fields[:11]
+    count, kid = fields[11], fields[12]
+    _check_magic(magic, cipher)
     if length % 8 or length < HEADER_SIZE:
         raise RecordError(f"bad record length {length}")
     if length > available:
@@ -124,31 +156,73 @@ def decode(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[BatchR
         raise RecordError("CRC mismatch")
     if kind != KIND_BATCH:
         raise RecordError(f"unknown record kind {kind}")
-    if length != record_size(sym_len, count):
+    if length != record_size(sym_len, count, cipher is not None):
         raise RecordError(f"length {length} does not match {count} values")
     sym_at = offset + HEADER_SIZE
     try:
         symbol = bytes(view[sym_at : sym_at + sym_len]).decode()
     except UnicodeDecodeError:
         raise RecordError("symbol is not UTF-8") from None
-    values = np.frombuffer(view, dtype="<f8", count=count, offset=sym_at + _pad8(sym_len))
+    values_at = offset + values_offset(sym_len, cipher is not None)
+    if cipher is not None:
+        values = _decrypt_values(view, offset, values_at, length, kid, cipher)
+    else:
+        values = np.frombuffer(view, dtype="<f8", count=count, offset=values_at)
     if values.flags.writeable:
         values = values.view()
         values.setflags(write=False)
     return BatchRecord(lsn, symbol, first, received, publisher, sequence, values), length
 
 
-def resync(buf: bytes | memoryview, start: int) -> int | None:
+def _check_magic(magic: bytes, cipher: DataCipher | None) -> None:
+    """Plain records in a plain log, encrypted ones with a key: a plain record slipped into an
+    encrypted log would otherwise be trusted without authentication."""
+    expected = MAGIC if cipher is None else MAGIC_ENCRYPTED
+    if magic != expected:
+        if magic == MAGIC_ENCRYPTED:
+            raise RecordError("encrypted record, but no data key is configured")
+        if magic == MAGIC:
+            raise RecordError("unencrypted record in an encrypted log")
+        raise RecordError("bad magic")
+
+
+def _decrypt_values(
+    view: memoryview, offset: int, values_at: int, length: int, kid: int, cipher: DataCipher
+) -> np.ndarray:
+    """The decrypted values of a record whose CRC checked (so a failure here is not a torn
+    write: a wrong key, which the key id tells, or a deliberate change)."""
+    if kid != cipher.key_id:
+        raise RecordError(
+            f"written with another data key (key id {kid:08x}, configured {cipher.key_id_hex})"
+        )
+    nonce_at = values_at - NONCE_FIELD
+    if any(view[nonce_at + NONCE_BYTES : values_at]):  # the only bytes outside the AD and tag
+        raise RecordError("nonce padding is not zero")
+    aad = bytearray(view[offset:nonce_at])
+    aad[8:12] = b"\0\0\0\0"  # the CRC is computed over the ciphertext, after sealing
+    try:
+        plain = cipher.open(
+            view[nonce_at : nonce_at + NONCE_BYTES],
+            view[values_at : offset + length],
+            _AD_DOMAIN + aad,
+        )
+    except DecryptError:
+        raise RecordError("authentication failed (AES-GCM tag mismatch)") from None
+    return np.frombuffer(plain, dtype="<f8")
+
+
+def resync(buf: bytes | memoryview, start: int, cipher: DataCipher | None = None) -> int | None:
     """Offset of the next valid record at or after `start` (8-aligned magic, CRC checks)."""
     data = bytes(buf) if isinstance(buf, memoryview) else buf
+    magic = MAGIC if cipher is None else MAGIC_ENCRYPTED
     at = start + (-start % 8)
     while True:
-        at = data.find(MAGIC, at)
+        at = data.find(magic, at)
         if at < 0:
             return None
         if at % 8 == 0:
             try:
-                decode(data, at)
+                decode(data, at, cipher)
                 return at
             except RecordError:
                 pass
@@ -218,8 +292,8 @@ def lock_dir(directory: Path) -> int:
     """
     import fcntl
 
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    make_private_dir(directory)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, DATA_FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -264,10 +338,13 @@ class SegmentScan:
         return self.records[-1][1].lsn if self.records else None
 
 
-def scan_segment(path: Path, data: bytes | None = None) -> SegmentScan:
+def scan_segment(
+    path: Path, data: bytes | None = None, cipher: DataCipher | None = None
+) -> SegmentScan:
     """Verify every record of one segment; bad stretches are skipped by resync, never trusted.
 
-    The decoded values are views into the file's bytes (read once, no per-record copy).
+    The decoded values are views into the file's bytes (read once, no per-record copy), or
+    decrypted copies with `cipher`.
     """
     if data is None:
         data = path.read_bytes()
@@ -276,11 +353,11 @@ def scan_segment(path: Path, data: bytes | None = None) -> SegmentScan:
     last_lsn = 0
     while offset < len(data):
         try:
-            record, length = decode(data, offset)
+            record, length = decode(data, offset, cipher)
             if record.lsn <= last_lsn:
                 raise RecordError(f"lsn {record.lsn} does not follow {last_lsn}")
         except RecordError as exc:
-            nxt = resync(data, offset + 1)
+            nxt = resync(data, offset + 1, cipher)
             end = len(data) if nxt is None else nxt
             scan.damage.append(Damage(offset, end, exc.reason))
             offset = end
@@ -291,6 +368,19 @@ def scan_segment(path: Path, data: bytes | None = None) -> SegmentScan:
     return scan
 
 
-def iter_scans(directory: Path) -> Iterator[SegmentScan]:
+def iter_scans(directory: Path, cipher: DataCipher | None = None) -> Iterator[SegmentScan]:
     for path in list_segments(directory):
-        yield scan_segment(path)
+        yield scan_segment(path, cipher=cipher)
+
+
+def segment_key_id(path: Path) -> tuple[bool, int | None]:
+    """(whether the segment holds a record, the key id of its first record or None if plain),
+    from its first header alone: the up-front wrong-key check at start."""
+    with open(path, "rb") as handle:
+        head = handle.read(HEADER_SIZE)
+    if len(head) < HEADER_SIZE:
+        return False, None
+    fields = HEADER.unpack(head)
+    if fields[0] == MAGIC_ENCRYPTED:
+        return True, fields[12]
+    return fields[0] == MAGIC, None

@@ -29,6 +29,9 @@ from typing import NamedTuple
 import numpy as np
 
 from appliance.config import DurabilityConfig
+from appliance.durability.encryption import DataCipher
+from appliance.durability.fsutil import make_private_dir
+from appliance.durability.keycheck import check_data_dir
 from appliance.durability.records import BatchRecord
 from appliance.durability.warm_sealer import LogSealer
 from appliance.durability.warm_segment import (
@@ -186,10 +189,12 @@ class WarmTier:
         retain_days: int = 0,
         clock: Callable[[], int] = time.time_ns,
         log_dir: Path | str | None = None,
+        cipher: DataCipher | None = None,
     ) -> None:
         if segment_values < 1:
             raise ValueError("segment_values must be >= 1")
         self.directory = Path(directory)
+        self.cipher = cipher  # AES-256-GCM for every segment written and read (None: plain)
         self.segment_values = segment_values
         self.retain_days = retain_days
         self._clock = clock
@@ -205,23 +210,31 @@ class WarmTier:
         self._backlog = 0  # bytes of blocks handed to the sealer and not yet finished
         # With the log's directory, the compression runs in a nice-19 child process that reads
         # the values from the log (warm_sealer); this thread only waits for it.
-        self._process = LogSealer(Path(log_dir)) if log_dir is not None else None
+        self._process = LogSealer(Path(log_dir), cipher) if log_dir is not None else None
         self._closed = False
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.directory)
         self._scan()
         self.apply_retention()
 
     @classmethod
     def from_config(
-        cls, durability: DurabilityConfig, clock: Callable[[], int] = time.time_ns
+        cls,
+        durability: DurabilityConfig,
+        clock: Callable[[], int] = time.time_ns,
+        cipher: DataCipher | None = None,
     ) -> WarmTier:
-        """Build from `config.durability`: the segments live in `<dir>/warm`."""
+        """Build from `config.durability`: the segments live in `<dir>/warm`.
+
+        Raises `DataKeyError` before touching anything when the data directory was written
+        with another key (or not encrypted as configured)."""
+        check_data_dir(durability.dir, cipher)
         return cls(
             Path(durability.dir) / "warm",
             segment_values=durability.warm_segment_values,
             retain_days=durability.retain_days,
             clock=clock,
             log_dir=Path(durability.dir) / "wal",
+            cipher=cipher,
         )
 
     # ----------------------------------------------------------------- startup scan
@@ -245,7 +258,7 @@ class WarmTier:
             segments: list[SealedSegment] = []
             for path in sorted(sub.glob("*" + SUFFIX)):
                 try:
-                    header = read_header(path)
+                    header = read_header(path, self.cipher)
                 except SegmentCorruptError as exc:
                     raise WarmTierError(str(exc)) from None
                 if header.symbol != symbol or path.name != segment_name(header.first_index):
@@ -380,7 +393,7 @@ class WarmTier:
                 self._publish(symbol, block, header, path)
                 return
             if not directory.is_dir():
-                directory.mkdir(parents=True, exist_ok=True)
+                make_private_dir(directory)
                 fsync_dir(self.directory)
             header, data = build_segment(
                 symbol,
@@ -390,6 +403,7 @@ class WarmTier:
                 piece.mark_ns,
                 block.first_lsn,
                 block.last_lsn,
+                self.cipher,
             )
             path = write_atomically(directory, segment_name(piece.first_index), data)
         except Exception:
@@ -547,7 +561,7 @@ class WarmTier:
             if cached is not None:
                 self._decoded.move_to_end(segment.path)
                 return cached
-        data = read_segment(segment.path, segment.header)
+        data = read_segment(segment.path, segment.header, self.cipher)
         with self._lock:
             self._decoded[segment.path] = data
             while len(self._decoded) > _DECODED_CACHE:

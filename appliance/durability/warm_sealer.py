@@ -14,6 +14,12 @@ The CRC makes the child's answer independent of how it found the values: any mis
 retired or damaged segment, or a dead child raises, and the caller seals the block from memory
 on its own thread instead. The child dies with the parent (PR_SET_PDEATHSIG): a kill -9 of the
 appliance leaves at most a `*.tmp` file, which the next start deletes.
+
+Encryption at rest: the child needs the data key to read encrypted log records and to write
+encrypted segments. It gets the `DataCipher` as an argument of each seal, pickled through the
+pool's pipe (never on a command line or in the environment); the child's copy draws its own
+random nonce start (see `encryption`). It then decrypts each whole record it needs (the GCM tag
+covers the record, so a slice cannot be decrypted alone).
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import crc32c
 import numpy as np
 
 from appliance.durability import wal
-from appliance.durability.fsutil import fsync_dir
+from appliance.durability.encryption import DataCipher
+from appliance.durability.fsutil import fsync_dir, make_private_dir
 from appliance.durability.warm_segment import (
     SegmentHeader,
     build_segment,
@@ -54,8 +61,9 @@ def values_crc(values: np.ndarray) -> int:
 class LogSealer:
     """The parent's handle: one child process, started at the first seal."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, cipher: DataCipher | None = None) -> None:
         self.log_dir = Path(log_dir)
+        self.cipher = cipher
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self.sealed = 0  # segments the child wrote (tests, observability)
@@ -86,6 +94,7 @@ class LogSealer:
             np.ascontiguousarray(piece.mark_ns),
             first_lsn,
             last_lsn,
+            self.cipher,
         )
         try:
             header, path = future.result()
@@ -153,9 +162,10 @@ def _index(path: Path) -> list[_Entry]:
             magic, length, sym_len, lsn, first, count = (
                 fields[0], fields[1], fields[4], fields[6], fields[7], fields[11],
             )  # fmt: skip
+            encrypted = magic == wal.MAGIC_ENCRYPTED
             if (
-                magic != wal.MAGIC
-                or length != wal.record_size(sym_len, count)
+                magic not in (wal.MAGIC, wal.MAGIC_ENCRYPTED)
+                or length != wal.record_size(sym_len, count, encrypted)
                 or at + length > len(data)
             ):
                 break  # torn, damaged or still being written: indexed up to here
@@ -170,6 +180,20 @@ def _index(path: Path) -> list[_Entry]:
     return entries
 
 
+def _decrypted(
+    handle: BinaryIO, offset: int, symbol: str, count: int, cipher: DataCipher
+) -> np.ndarray:
+    """The values of the encrypted record at `offset`, authenticated (raises if not)."""
+    length = wal.record_size(len(symbol.encode()), count, encrypted=True)
+    handle.seek(offset)
+    data = handle.read(length)
+    try:
+        record, _ = wal.decode(data, 0, cipher)
+    except wal.RecordError as exc:
+        raise ValueError(f"log record at offset {offset}: {exc.reason}") from None
+    return record.values
+
+
 def seal_from_log(
     log_dir: str,
     directory: str,
@@ -181,6 +205,7 @@ def seal_from_log(
     mark_ns: np.ndarray,
     first_lsn: int,
     last_lsn: int,
+    cipher: DataCipher | None = None,
 ) -> tuple[SegmentHeader, str]:
     """Child: gather the block's values from the log, check them, write the segment."""
     segments = wal.list_segments(Path(log_dir))
@@ -210,11 +235,16 @@ def seal_from_log(
             for _, offset, rec_first, rec_count, _ in wanted:
                 lo = max(rec_first, first_index)
                 hi = min(rec_first + rec_count, end_index)
-                values_at = offset + wal.record_size(len(symbol.encode()), 0)
-                handle.seek(values_at + 8 * (lo - rec_first))
-                target = memoryview(values[lo - first_index : hi - first_index]).cast("B")
-                if handle.readinto(target) != len(target):
-                    raise OSError(f"{path}: short read")
+                target = values[lo - first_index : hi - first_index]
+                if cipher is not None:
+                    target[:] = _decrypted(handle, offset, symbol, rec_count, cipher)[
+                        lo - rec_first : hi - rec_first
+                    ]
+                else:
+                    values_at = offset + wal.values_offset(len(symbol.encode()))
+                    handle.seek(values_at + 8 * (lo - rec_first))
+                    if handle.readinto(memoryview(target).cast("B")) != 8 * (hi - lo):
+                        raise OSError(f"{path}: short read")
                 filled += hi - lo
     if filled != count or values_crc(values) != crc:
         raise ValueError(
@@ -222,10 +252,10 @@ def seal_from_log(
         )
     target_dir = Path(directory)
     if not target_dir.is_dir():
-        target_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(target_dir)
         fsync_dir(target_dir.parent)
     header, data = build_segment(
-        symbol, first_index, values, mark_index, mark_ns, first_lsn, last_lsn
+        symbol, first_index, values, mark_index, mark_ns, first_lsn, last_lsn, cipher
     )
     path = write_atomically(target_dir, segment_name(first_index), data)
     return header, str(path)

@@ -19,6 +19,12 @@ The summary rows are a storage format, not an engine's internals: this module de
 `engine_core.summary` (their definition and version), never on an engine. Segments written
 before the header recorded `summary_row_version` hold version-1 rows and read as version 1; a
 segment of any other row version is refused on read rather than misread.
+
+Encrypted (`[security] data_key_file`): the file is an `encryption` chunked file of kind WARM
+with two chunks, the header JSON (it holds min, max, mean and first/last values, so it is
+secret too) and the zstd payload. `read_header` decrypts only the first. Both chunks are bound
+to the file's random id, so a header and a payload from two files cannot be spliced; the
+header's symbol and first index are checked against the file's name as for plain segments.
 """
 
 from __future__ import annotations
@@ -33,7 +39,18 @@ import msgspec
 import numpy as np
 import zstandard
 
-from appliance.durability.fsutil import fsync_dir
+from appliance.durability.encryption import (
+    KIND_WARM,
+    DataCipher,
+    DecryptError,
+    file_key_id,
+    is_encrypted_file,
+    key_id_hex,
+    open_chunks,
+    read_first_chunk,
+    seal_chunks,
+)
+from appliance.durability.fsutil import fsync_dir, write_private
 from engine_core.summary import ROW_WIDTH, SUMMARY_ROW_VERSION, summarize_blocks
 
 MAGIC = b"HFTWARM1"
@@ -147,8 +164,10 @@ def build_segment(
     mark_ns: np.ndarray,
     first_lsn: int,
     last_lsn: int,
+    cipher: DataCipher | None = None,
 ) -> tuple[SegmentHeader, bytes]:
-    """The header and the full file bytes of a segment (pure: no I/O)."""
+    """The header and the full file bytes of a segment (pure: no I/O), encrypted with
+    `cipher` if given."""
     values = np.ascontiguousarray(values, dtype=_LE_F8)
     mark_index = np.ascontiguousarray(mark_index, dtype=_LE_I8)
     mark_ns = np.ascontiguousarray(mark_ns, dtype=_LE_I8)
@@ -186,6 +205,8 @@ def build_segment(
         summary_row_version=SUMMARY_ROW_VERSION,
     )
     head = msgspec.json.encode(header)
+    if cipher is not None:
+        return header, b"".join(seal_chunks(cipher, KIND_WARM, (head, payload)))
     return header, MAGIC + _LEN.pack(len(head)) + head + payload
 
 
@@ -199,22 +220,48 @@ def write_atomically(directory: Path, name: str, data: bytes) -> Path:
     """
     final = directory / name
     tmp = directory / (name + TMP_SUFFIX)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_private(tmp, data)  # 0600, whatever the umask
     os.replace(tmp, final)
     fsync_dir(directory)
     return final
 
 
-def read_header(path: Path) -> SegmentHeader:
+def _check_key(path: Path, prefix: bytes, cipher: DataCipher | None) -> bool:
+    """Whether the file is encrypted; raises if it cannot be read with `cipher`."""
+    encrypted = is_encrypted_file(prefix)
+    if encrypted and cipher is None:
+        raise SegmentCorruptError(f"{path}: encrypted, and no data key is configured")
+    if not encrypted and cipher is not None:
+        raise SegmentCorruptError(f"{path}: not encrypted, but a data key is configured")
+    if cipher is not None and file_key_id(prefix) != cipher.key_id:
+        raise SegmentCorruptError(
+            f"{path}: written with data key {key_id_hex(file_key_id(prefix))}, "
+            f"configured {cipher.key_id_hex}"
+        )
+    return encrypted
+
+
+def read_header(path: Path, cipher: DataCipher | None = None) -> SegmentHeader:
     with open(path, "rb") as handle:
-        prefix = handle.read(_PREFIX)
-        if len(prefix) != _PREFIX or prefix[: len(MAGIC)] != MAGIC:
-            raise SegmentCorruptError(f"{path}: not a warm segment (bad magic)")
-        (length,) = _LEN.unpack_from(prefix, len(MAGIC))
+        prefix = handle.read(max(_PREFIX, 24))
+    if cipher is not None or is_encrypted_file(prefix):
+        _check_key(path, prefix, cipher)
+        assert cipher is not None
+        try:
+            head = read_first_chunk(cipher, KIND_WARM, path)
+        except DecryptError as exc:
+            raise SegmentCorruptError(f"{path}: header: {exc}") from None
+        return _decode_header(path, head)
+    if len(prefix) < _PREFIX or prefix[: len(MAGIC)] != MAGIC:
+        raise SegmentCorruptError(f"{path}: not a warm segment (bad magic)")
+    (length,) = _LEN.unpack_from(prefix, len(MAGIC))
+    with open(path, "rb") as handle:
+        handle.seek(_PREFIX)
         head = handle.read(length)
+    return _decode_header(path, head)
+
+
+def _decode_header(path: Path, head: bytes) -> SegmentHeader:
     try:
         header = msgspec.json.decode(head, type=SegmentHeader)
     except msgspec.DecodeError as exc:
@@ -229,11 +276,23 @@ def read_header(path: Path) -> SegmentHeader:
     return header
 
 
-def read_segment(path: Path, header: SegmentHeader) -> SegmentData:
+def read_segment(
+    path: Path, header: SegmentHeader, cipher: DataCipher | None = None
+) -> SegmentData:
     """Decompress a segment, checking the payload hash and sizes against the header."""
     data = path.read_bytes()
-    (length,) = _LEN.unpack_from(data, len(MAGIC))
-    payload = data[_PREFIX + length :]
+    if _check_key(path, data[:24], cipher):
+        assert cipher is not None
+        try:
+            chunks = list(open_chunks(cipher, KIND_WARM, data))
+        except DecryptError as exc:
+            raise SegmentCorruptError(f"{path}: {exc}") from None
+        if len(chunks) != 2:
+            raise SegmentCorruptError(f"{path}: {len(chunks)} encrypted chunks, expected 2")
+        payload = chunks[1]
+    else:
+        (length,) = _LEN.unpack_from(data, len(MAGIC))
+        payload = data[_PREFIX + length :]
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         raise SegmentCorruptError(f"{path}: payload sha256 does not match its header")
     expected = 8 * (header.count + 2 * header.n_marks + ROW_WIDTH * header.n_blocks)

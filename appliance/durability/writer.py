@@ -59,6 +59,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from appliance.durability import tombstones, wal
+from appliance.durability.encryption import DataCipher
+from appliance.durability.fsutil import make_private_dir, open_private
 from appliance.durability.records import BatchRecord
 from appliance.durability.tombstones import Tombstone
 from appliance.latency import WalTimings
@@ -209,9 +211,9 @@ class SegmentFile:
         self.size = os.fstat(self.fd).st_size
 
     def _create(self, first_lsn: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.directory)
         path = self.directory / wal.segment_name(first_lsn)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_private(path, os.O_WRONLY | os.O_APPEND)
         try:
             # The new name must survive a crash before any record in it is acknowledged.
             wal.fsync_dir(self.directory)
@@ -342,8 +344,12 @@ class DurableWriter:
         lock_fd: int | None = None,
         timings: WalTimings | None = None,
         retired_totals: dict[str, int] | None = None,
+        cipher: DataCipher | None = None,
     ) -> None:
         self.store = store
+        # AES-256-GCM for every record (None: plain); one call per record, on the thread that
+        # commits it (this one, or an inline committer), never per value.
+        self._cipher = cipher
         self.sync = sync
         self.interval_s = interval_ms / 1000.0
         self._segment = SegmentFile(directory, segment_bytes, sync)
@@ -712,7 +718,7 @@ class DurableWriter:
             total = self._retired_totals.get(symbol, 0)
         record = self._record(request, self._next_lsn, total)
         try:
-            chunks = wal.encode_parts(record)
+            chunks = wal.encode_parts(record, self._cipher)
         except ValueError as exc:  # a symbol the validators should have refused
             request.fail(exc)
             return False
@@ -753,7 +759,7 @@ class DurableWriter:
                 total = self._retired_totals.get(symbol, 0)
             record = self._record(request, lsn, total)
             try:
-                chunks.extend(wal.encode_parts(record))
+                chunks.extend(wal.encode_parts(record, self._cipher))
             except ValueError as exc:  # a symbol the validators should have refused
                 request.fail(exc)
                 if request.group is not None:
