@@ -287,7 +287,10 @@ def _first_bad(lines: list[Line], seen: set[int | None], anchor: Anchor | None) 
 
 def _blame_link(lines: list[Line], index: int, anchor: Anchor | None) -> str:
     """Line `index` does not link to the line before: which of the two changed?"""
-    line, before = lines[index], lines[index - 1]
+    line = lines[index]
+    if index == 0:
+        return f"record 1 {_where(line)}: changed (its prev is not the chain's start)"
+    before = lines[index - 1]
     if index + 1 < len(lines):
         own_prev_changed = lines[index + 1].prev != line.hash
     else:
