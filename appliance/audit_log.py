@@ -45,7 +45,7 @@ MAX_TICK_S = 0.1
 LOCK_FILE = ".lock"
 
 # Queue entries: (tag, time_ns or 0, fields...). Tags:
-_REST, _TRANSPORT, _ADMIN, _DENIED = 0, 1, 2, 3
+_REST, _TRANSPORT, _ADMIN, _DENIED, _SESSIONS = 0, 1, 2, 3, 4
 
 
 def iso(time_ns: int) -> str:
@@ -199,6 +199,14 @@ class AuditLog:
     ) -> None:
         self._put((_TRANSPORT, 0, transport, publisher_id, who, symbol, values, sequence))
 
+    def transport_sessions(
+        self, transport: str, sessions: Mapping[tuple[int, str], list[int]]
+    ) -> None:
+        """A poll batch's applied frames already folded by the caller (`fold_sessions`):
+        (publisher_id, symbol) -> [frames, values, first seq, last seq]; one queue entry."""
+        if sessions:
+            self._put((_SESSIONS, 0, transport, sessions))
+
     def admin(self, who: str, action: str, detail: Mapping[str, Any]) -> None:
         self._put((_ADMIN, self._clock(), who, action, dict(detail)))
 
@@ -245,7 +253,9 @@ class AuditLog:
         while queue:
             item = queue.popleft()
             tag = item[0]
-            if tag == _TRANSPORT:
+            if tag == _SESSIONS:
+                self._add_sessions(item)
+            elif tag == _TRANSPORT:
                 self._add_frame(item)
             elif tag == _REST:
                 _, at, who, symbol, values, first_index = item
@@ -280,6 +290,18 @@ class AuditLog:
             entry[0] += 1
             entry[1] += values
             entry[3] = sequence
+
+    def _add_sessions(self, item: tuple[Any, ...]) -> None:
+        _, _, transport, sessions = item
+        for (publisher_id, symbol), (frames, values, first, last) in sessions.items():
+            key = (transport, publisher_id, None, symbol)
+            entry = self._frames.get(key)
+            if entry is None:
+                self._frames[key] = [frames, values, first, last]
+            else:
+                entry[0] += frames
+                entry[1] += values
+                entry[3] = last
 
     def _add_denial(self, item: tuple[Any, ...]) -> None:
         _, at, who, where, code, detail = item

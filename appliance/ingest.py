@@ -156,18 +156,23 @@ class StoreSink:
     def _audited(
         self, items: list[Item], done: Callable[[list[Reason]], None]
     ) -> Callable[[list[Reason]], None]:
-        """`done`, after reporting each applied item to the audit log."""
+        """`done`, after reporting the applied items to the audit log: folded per (publisher,
+        symbol) here, one queue entry per batch, when the log takes that (`AuditLog`)."""
         audit, transport = self.audit, self.transport
         assert audit is not None
+        sessions_call = getattr(audit, "transport_sessions", None)
 
         def report(reasons: list[Reason]) -> None:
-            for (symbol, values, publisher_id, sequence), reason in zip(
-                items, reasons, strict=True
-            ):
-                if reason is Reason.NONE:
-                    audit.transport_write(
-                        transport, publisher_id, None, symbol, values.shape[0], sequence
-                    )
+            if sessions_call is not None:
+                sessions_call(transport, fold_sessions(items, reasons))
+            else:
+                for (symbol, values, publisher_id, sequence), reason in zip(
+                    items, reasons, strict=True
+                ):
+                    if reason is Reason.NONE:
+                        audit.transport_write(
+                            transport, publisher_id, None, symbol, values.shape[0], sequence
+                        )
             done(reasons)
 
         return report
@@ -191,6 +196,23 @@ class StoreSink:
                 continue
             reasons.append(Reason.NONE)
         return reasons
+
+
+def fold_sessions(items: list[Item], reasons: list[Reason]) -> dict[tuple[int, str], list[int]]:
+    """The applied items per (publisher_id, symbol): [frames, values, first seq, last seq]."""
+    sessions: dict[tuple[int, str], list[int]] = {}
+    applied = Reason.NONE
+    last_id, last_symbol, entry = -1, "", [0, 0, 0, 0]
+    for (symbol, values, publisher_id, sequence), reason in zip(items, reasons, strict=True):
+        if reason is not applied:
+            continue
+        if publisher_id != last_id or symbol != last_symbol:  # a batch is mostly one session
+            last_id, last_symbol = publisher_id, symbol
+            entry = sessions.setdefault((publisher_id, symbol), [0, 0, sequence, sequence])
+        entry[0] += 1
+        entry[1] += len(values)
+        entry[3] = sequence
+    return sessions
 
 
 def _reasons(results: list[BaseException | None]) -> list[Reason]:

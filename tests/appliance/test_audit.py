@@ -426,3 +426,22 @@ def test_the_sink_reports_each_applied_frame_with_its_transport() -> None:
 
 def test_the_sink_makes_no_audit_call_without_an_audit_log() -> None:
     assert StoreSink(FakeStore(), 100, NullAudit(), "zmq").audit is None
+
+
+def test_a_batch_is_folded_per_session_before_it_reaches_the_log(tmp_path: Path) -> None:
+    clock = Clock()
+    audit = make_log(tmp_path, clock)
+    sink = StoreSink(FakeStore(), 100, audit, "zmq")
+    values = np.ones(4)
+    items = [("A", values, 1, 1), ("A", values, 1, 2), ("B", values, 2, 9), ("FULL", values, 3, 1),
+             ("A", values, 1, 3)]  # fmt: skip
+    sink.submit_batch(items, lambda reasons: None)
+    assert len(audit._queue) == 1  # one entry for the whole batch
+    sink("A", values, 1, 4)  # the per-frame path (shared memory, RDMA)
+    audit.close()
+    got = [r for r in records(tmp_path) if r["kind"] == "transport_write"]
+    fields = ("publisher_id", "symbol", "frames", "values", "first_sequence", "last_sequence")
+    assert [tuple(r[f] for f in fields) for r in got] == [
+        (1, "A", 4, 16, 1, 4),
+        (2, "B", 1, 4, 9, 9),
+    ]
