@@ -1,5 +1,5 @@
 """The `hft-appliance` command line: `serve`, `publish`, `replay`, `fsck`, `archive`, `verify`,
-`restore`, and `--version`.
+`restore`, `audit verify`, and `--version`.
 
 Why the socket is bound here, before Sanic starts: a port already in use, a bad config value or
 an unavailable engine each become one line on stderr and exit status 2, instead of a traceback
@@ -190,11 +190,20 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from appliance.app import close_warm, create_app
+    from appliance.audit_chain import AuditError
+    from appliance.audit_log import open_audit
     from appliance.http_protocol import AppHttpProtocol
     from appliance.transports import Transports
     from transport.errors import TransportStartError
 
-    app = create_app(config, engine, tokens=tokens)
+    try:  # before any producer: it writes the `start` record, and a damaged chain stops here
+        audit = open_audit(config.audit, package_version())
+    except (AuditError, OSError) as exc:
+        sock.close()
+        log.error("cannot open the audit log", extra={"reason": str(exc)})
+        return _fail(f"audit log: {exc}")
+    # The audit trail also records REST writes, admin actions and denials (app.ctx.audit).
+    app = create_app(config, engine, tokens=tokens, audit=audit)
     app.ctx.data_cipher = data_cipher  # encryption at rest: read by attach_durability
     if config.durability.enabled:
         # Recovery runs in the app's after_server_start hook: the server already answers, with
@@ -203,13 +212,14 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
 
         app.ctx.recover_on_start = True
         # Transports ingest through the log's writer (same contract as the store).
-        transports = Transports(config, LogIngest(app))  # type: ignore[arg-type]
+        transports = Transports(config, LogIngest(app), audit)  # type: ignore[arg-type]
     else:
-        transports = Transports(config, app.ctx.store)
+        transports = Transports(config, app.ctx.store, audit)
     try:
         transports.bind()
     except TransportStartError as exc:
         sock.close()
+        audit.close()
         log.error("cannot start transports", extra={"reason": str(exc)})
         return _fail(str(exc))
     app.ctx.transports = transports
@@ -241,6 +251,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         transports.stop()  # already stopped by the app's hook unless Sanic failed to start
         if app.ctx.durable is not None:
             app.ctx.durable.close()  # after every producer stopped: drains, fsyncs, checkpoints
+        audit.close()  # after the log's writer: its commit callbacks report transport frames
         close_warm(app)  # then the warm tier finishes its queued seals
         sock.close()
     if app.ctx.start_error is not None:  # a corrupt log found by recovery: one line, status 2
@@ -360,6 +371,32 @@ def _archive_command(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def _audit_command(args: argparse.Namespace) -> int:
+    """`audit verify [DIR | --config PATH]`: check the hash chain (appliance.audit_chain)."""
+    from appliance.audit_chain import run_verify
+
+    directory = args.directory
+    if directory is None:
+        try:
+            directory = load_config(args.config).audit.dir
+        except ConfigError as exc:
+            return _fail(f"config error: {exc}")
+    return run_verify(directory, sys.stdout)
+
+
+def _add_audit_parser(commands: argparse._SubParsersAction) -> None:
+    audit_parser = commands.add_parser("audit", help="the audit trail (docs/security.md)")
+    actions = audit_parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify_parser = actions.add_parser(
+        "verify",
+        help="check the hash chain: exit 0 if intact, 1 naming the first record changed, "
+        "missing or out of order",
+    )
+    where = verify_parser.add_mutually_exclusive_group()
+    where.add_argument("directory", metavar="DIR", nargs="?", help="the audit directory")
+    where.add_argument("--config", metavar="PATH", help="TOML config file ([audit] dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Low-latency market-data appliance (windowed statistics)."
@@ -416,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="source", metavar="DIR", required=True, help="a directory made by archive"
     )
     restore_parser.add_argument("--config", metavar="PATH", help="TOML config file")
+    _add_audit_parser(commands)
     from appliance.publish_commands import add_commands
 
     add_commands(commands)
@@ -432,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fsck(args.config, args.repair)
     if args.command in ("archive", "verify", "restore"):
         return _archive_command(args)
+    if args.command == "audit":
+        return _audit_command(args)
     if args.command in ("publish", "replay"):
         try:
             config = load_config(args.config)

@@ -194,6 +194,25 @@ class AuthConfig(_Section):
             raise ValueError('auth.tokens_file: required with auth.mode = "token"')
 
 
+class AuditConfig(_Section):
+    """[audit]: the hash-chained audit trail of writes, admin actions and denials
+    (docs/security.md, "Audit trail")."""
+
+    enabled: bool = False
+    # Directory of audit-NNNNNN.jsonl files and anchor.json (relative to the working directory).
+    dir: str = "data/audit"
+    # A new file is started past this size; the chain runs on across files.
+    max_file_bytes: Annotated[int, Meta(ge=4096)] = 64 << 20
+    # fsync (and anchor.json rewrite) period; a power loss loses at most this window.
+    fsync_interval_ms: PositiveInt = 1000
+    # Denials written one by one per (who, where, code) per second; the rest become one
+    # counted record at the end of the second.
+    max_denied_per_s: PositiveInt = 1
+    # Most records queued for the writer thread; past it calls are counted and reported in
+    # one "dropped" record instead of blocking ingest.
+    queue_records: PositiveInt = 100_000
+
+
 class ZmqConfig(_Section):
     """[transport.zmq]: ZeroMQ ingest (SPEC section 7). An empty endpoint disables that socket."""
 
@@ -302,6 +321,7 @@ class AppConfig(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
 
     @property
     def max_body_bytes(self) -> int:

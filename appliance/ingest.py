@@ -17,6 +17,11 @@ the log's writer as one group (`DurableWriter.submit_group`: one write, one appl
 and the transport is told when that commit completes, without a blocked thread per frame.
 Without the log the batch is applied at once, in order. Either way, once a frame of a publisher
 fails retryably, its later frames in the batch are not applied (the transport nacks them GAP).
+
+Audit (appliance.audit): each applied frame is reported with `audit.transport_write` (one deque
+append; the audit log folds them per session per second), after the store or the log's commit
+accepted it, so the trail never lists a frame that was refused. A sink serves one transport,
+whose name the records carry; with `NullAudit` the sink skips the calls altogether.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
+from appliance.audit import Audit, NullAudit
 from appliance.durability.writer import StorageUnavailableError
 from appliance.errors import ERROR_CODES, ApiError
 from appliance.store import SymbolLimitError
@@ -96,9 +102,15 @@ class StoreSink:
     """The transports' sink: `sink(symbol, values, publisher_id, sequence)` appends all of the
     batch or raises `Rejected`; `prepare` + `submit_batch` do the same for a poll batch."""
 
-    def __init__(self, store: Ingestor, max_batch_size: int) -> None:
+    def __init__(
+        self, store: Ingestor, max_batch_size: int, audit: Audit | None = None,
+        transport: str = "",
+    ) -> None:  # fmt: skip
         self.store = store
         self.max_batch_size = max_batch_size
+        self.transport = transport
+        # None when there is no audit log: the hot path then tests one attribute.
+        self.audit = None if audit is None or isinstance(audit, NullAudit) else audit
 
     def __call__(
         self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
@@ -109,6 +121,10 @@ class StoreSink:
         except (ApiError, SymbolLimitError, StorageUnavailableError) as exc:
             message = exc.message if isinstance(exc, ApiError) else str(exc)
             raise Rejected(reason_for(exc), message) from None
+        if self.audit is not None:
+            self.audit.transport_write(
+                self.transport, publisher_id, None, symbol, values.shape[0], sequence
+            )
 
     def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
         """Validate like REST: the values to append, or `Rejected` (nothing applied)."""
@@ -129,11 +145,37 @@ class StoreSink:
     def submit_batch(self, items: list[Item], done: Callable[[list[Reason]], None]) -> None:
         """Apply prepared items in order; `done` gets one Reason per item (NONE: applied),
         from the log's writer thread once its commit covers them, or before this returns."""
+        if self.audit is not None:
+            done = self._audited(items, done)
         submit_group = getattr(self.store, "submit_group", None)
         if submit_group is not None:
             submit_group(items, lambda results: done(_reasons(results)))
             return
         done(self._apply_now(items))
+
+    def _audited(
+        self, items: list[Item], done: Callable[[list[Reason]], None]
+    ) -> Callable[[list[Reason]], None]:
+        """`done`, after reporting the applied items to the audit log: folded per (publisher,
+        symbol) here, one queue entry per batch, when the log takes that (`AuditLog`)."""
+        audit, transport = self.audit, self.transport
+        assert audit is not None
+        sessions_call = getattr(audit, "transport_sessions", None)
+
+        def report(reasons: list[Reason]) -> None:
+            if sessions_call is not None:
+                sessions_call(transport, fold_sessions(items, reasons))
+            else:
+                for (symbol, values, publisher_id, sequence), reason in zip(
+                    items, reasons, strict=True
+                ):
+                    if reason is Reason.NONE:
+                        audit.transport_write(
+                            transport, publisher_id, None, symbol, values.shape[0], sequence
+                        )
+            done(reasons)
+
+        return report
 
     def _apply_now(self, items: list[Item]) -> list[Reason]:
         reasons: list[Reason] = []
@@ -156,6 +198,23 @@ class StoreSink:
         return reasons
 
 
+def fold_sessions(items: list[Item], reasons: list[Reason]) -> dict[tuple[int, str], list[int]]:
+    """The applied items per (publisher_id, symbol): [frames, values, first seq, last seq]."""
+    sessions: dict[tuple[int, str], list[int]] = {}
+    applied = Reason.NONE
+    last_id, last_symbol, entry = -1, "", [0, 0, 0, 0]
+    for (symbol, values, publisher_id, sequence), reason in zip(items, reasons, strict=True):
+        if reason is not applied:
+            continue
+        if publisher_id != last_id or symbol != last_symbol:  # a batch is mostly one session
+            last_id, last_symbol = publisher_id, symbol
+            entry = sessions.setdefault((publisher_id, symbol), [0, 0, sequence, sequence])
+        entry[0] += 1
+        entry[1] += len(values)
+        entry[3] = sequence
+    return sessions
+
+
 def _reasons(results: list[BaseException | None]) -> list[Reason]:
     out = [Reason.NONE if exc is None else reason_for(exc) for exc in results]
     for exc in results:
@@ -165,7 +224,9 @@ def _reasons(results: list[BaseException | None]) -> list[Reason]:
     return out
 
 
-def make_sink(store: Ingestor, max_batch_size: int) -> StoreSink:
-    """The sink for every transport (see `StoreSink`); the log (when `store` is the
-    `DurableWriter`) records each batch's identity."""
-    return StoreSink(store, max_batch_size)
+def make_sink(
+    store: Ingestor, max_batch_size: int, audit: Audit | None = None, transport: str = ""
+) -> StoreSink:
+    """The sink for one transport (see `StoreSink`); the log (when `store` is the
+    `DurableWriter`) records each batch's identity, `audit` each applied frame."""
+    return StoreSink(store, max_batch_size, audit, transport)

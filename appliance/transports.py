@@ -3,8 +3,8 @@
 Why a class between the CLI and the transports: the CLI needs one `bind()` that either binds
 every endpoint or raises one error type naming the endpoint (exit status 2), the app needs
 `start()` / `stop()` for its lifecycle hooks and `snapshot()` for GET /ingest, and neither should
-know which transports exist. Every transport gets the same sink (`appliance.ingest.make_sink`):
-the validation and store call of POST /add_batch/.
+know which transports exist. Every transport gets a sink of its own (`appliance.ingest.make_sink`,
+named for the audit trail), all with the validation and store call of POST /add_batch/.
 
 Order matters: the shared-memory transport creates rings through control requests, so its ops
 are registered on the ZeroMQ control socket before that socket starts answering.
@@ -16,6 +16,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from appliance.audit import Audit
 from appliance.config import AppConfig, RdmaConfig, ShmConfig
 from appliance.ingest import make_sink
 from appliance.store import Store
@@ -45,9 +46,11 @@ class _Polling(Protocol):
 class Transports:
     """Every enabled transport of one appliance; `bind()`, `start()`, `stop()`, `snapshot()`."""
 
-    def __init__(self, config: AppConfig, store: Store) -> None:
+    def __init__(self, config: AppConfig, store: Store, audit: Audit | None = None) -> None:
         self.config = config.transport
-        sink = make_sink(store, config.store.max_batch_size)
+        # One sink per transport: the same store and checks, and the audit trail's name for it.
+        max_batch = config.store.max_batch_size
+        sink = make_sink(store, max_batch, audit, "zmq")
         zmq_config = self.config.zmq
         self.zmq: ZmqIngest | None = None
         if zmq_config.enabled:
@@ -60,10 +63,12 @@ class Transports:
                 rcvhwm=zmq_config.rcvhwm,
                 batch_messages=zmq_config.batch_messages,
             )
-        self.shm: _Polling | None = self._make_shm(sink) if self.config.shm_active else None
+        self.shm: _Polling | None = None
+        if self.config.shm_active:
+            self.shm = self._make_shm(make_sink(store, max_batch, audit, "shm"))
         self.rdma: _Polling | None = None
         self.rdma_reason = ""  # why RDMA is enabled but not running
-        self._sink = sink
+        self._sink = make_sink(store, max_batch, audit, "rdma")  # opened in bind()
         self._started = False
 
     def _make_shm(self, sink: Sink) -> _Polling:
