@@ -100,13 +100,17 @@ class ControlGate:
         caller = self._authenticate(token)
         if caller is None:
             raise ControlError("unknown token", UNAUTHORIZED)
-        if not caller.has_role(REQUIRED_ROLE):
+        return caller
+
+    @staticmethod
+    def admit(caller: Caller | None) -> None:
+        """Refuse (forbidden) a caller whose token lacks the role every control op needs."""
+        if caller is not None and not caller.has_role(REQUIRED_ROLE):
             raise ControlError(
                 f"token {caller.name!r} has role {getattr(caller, 'role', '?')}; control ops "
                 f"need {REQUIRED_ROLE}",
                 FORBIDDEN,
             )
-        return caller
 
 
 OPEN_GATE = ControlGate()
@@ -127,6 +131,7 @@ def dispatch(
             raise ControlError(f"request is not a JSON object: {exc}") from None
         op = request.get("op")
         caller = gate.caller(request)
+        gate.admit(caller)
         handler = handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             known = ", ".join(sorted(handlers)) or "none"

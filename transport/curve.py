@@ -151,7 +151,7 @@ class ClientAuthenticator(ThreadAuthenticator):
         self._provider = _Admit(self._names, denied)
 
     def start(self) -> None:
-        self.configure_curve_callback("*", credentials_provider=self._provider)
+        self.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._provider)
         super().start()
 
     def curve_user_id(self, client_public_key: bytes) -> str:
