@@ -476,6 +476,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
     data_post = partial(_route, app, methods=["POST"], waits_for_ready=True, role="write")
     query_post = partial(_route, app, methods=["POST"], waits_for_ready=True, role="read")
     _add_probes(probe)
+    _add_documents(document, openapi_body)
 
     @data_post("/add_batch")
     async def add_batch(request: Request) -> HTTPResponse:
@@ -524,21 +525,12 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             items = restrict_queries(principal, items)
         return HTTPResponse(answer(store, items), content_type=JSON)
 
-    @document("/ingest")
-    async def ingest(request: Request) -> HTTPResponse:
-        transports = request.app.ctx.transports
-        return json_response({"transports": transports.snapshot() if transports else {}})
-
     _add_history_routes(data_get, store)
     admin_delete = partial(_route, app, methods=["DELETE"], waits_for_ready=True, role="admin")
 
     @admin_delete("/symbols/<symbol:path>")
     async def delete_symbol(request: Request, symbol: str) -> HTTPResponse:
         return await _delete_symbol(request, unquote(symbol))
-
-    @document("/openapi.json")
-    async def openapi_json(request: Request) -> HTTPResponse:
-        return HTTPResponse(openapi_body, content_type=JSON)
 
 
 async def _delete_symbol(request: Request, symbol: str) -> HTTPResponse:
@@ -573,6 +565,27 @@ async def _delete_symbol(request: Request, symbol: str) -> HTTPResponse:
     return json_response(
         {"status": "deleted", "symbol": symbol, "hot_values_dropped": dropped, "history": history}
     )
+
+
+def _add_documents(
+    document: Callable[[str], Callable[[Handler], Handler]], openapi_body: bytes
+) -> None:
+    """GET /ingest (the transports' counters) and GET /openapi.json: a `read` token with auth
+    on, answered at once (no wait for the start)."""
+
+    @document("/ingest")
+    async def ingest(request: Request) -> HTTPResponse:
+        transports = request.app.ctx.transports
+        if transports is None:
+            return json_response({"transports": {}})
+        # Ring ids (publisher ids) help take over a ring: admins only, with auth on.
+        principal = principal_of(request)
+        admin = principal is None or principal.has_role("admin")
+        return json_response({"transports": transports.snapshot(show_ring_ids=admin)})
+
+    @document("/openapi.json")
+    async def openapi_json(request: Request) -> HTTPResponse:
+        return HTTPResponse(openapi_body, content_type=JSON)
 
 
 def _add_probes(probe: Callable[[str], Callable[[Handler], Handler]]) -> None:

@@ -125,6 +125,10 @@ class Tokens:
         match = _BEARER.match(header)
         return self.authenticate(match.group(1)) if match else None
 
+    def by_name(self) -> dict[str, Principal]:
+        """Token name -> principal (the CURVE clients file names tokens)."""
+        return {principal.name: principal for principal in self._by_hash.values()}
+
 
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()

@@ -212,9 +212,9 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
 
         app.ctx.recover_on_start = True
         # Transports ingest through the log's writer (same contract as the store).
-        transports = Transports(config, LogIngest(app), audit)  # type: ignore[arg-type]
+        transports = Transports(config, LogIngest(app), tokens=tokens, audit=audit)  # type: ignore[arg-type]
     else:
-        transports = Transports(config, app.ctx.store, audit)
+        transports = Transports(config, app.ctx.store, tokens=tokens, audit=audit)
     try:
         transports.bind()
     except TransportStartError as exc:

@@ -229,6 +229,21 @@ class ZmqConfig(_Section):
     rcvhwm: PositiveInt = 10_000
     # Most messages handled per poll wakeup before the loop yields to other sockets.
     batch_messages: PositiveInt = 256
+    # Largest message part a ROUTER, PULL or SUB socket accepts (ZMQ_MAXMSGSIZE: a peer that
+    # declares more is disconnected before anything is allocated); 0 = derived from
+    # store.max_batch_size (one full frame plus 1 MiB for coalesced frames).
+    max_message_bytes: NonNegativeInt = 0
+    # CURVE (docs/security.md): the server's pyzmq certificate (`.key_secret`) and a TOML file
+    # of the client public keys it admits ([[clients]] name, public_key). Both or neither;
+    # with them the ROUTER, PULL and control sockets refuse clients without a listed key.
+    curve_secret_key_file: str = ""
+    curve_clients_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.curve_secret_key_file) != bool(self.curve_clients_file):
+            raise ValueError(
+                "transport.zmq.curve_secret_key_file and curve_clients_file: set both or neither"
+            )
 
 
 class ShmConfig(_Section):
@@ -250,6 +265,8 @@ class ShmConfig(_Section):
     # publisher still holds the ring's lock (alive and attached). The ring of a publisher that
     # has verifiably gone is reclaimed within seconds whatever this says.
     idle_reclaim_s: NonNegativeInt = 600
+    # With [auth] mode = "token": most rings one token holds at once (0 = only max_rings).
+    max_rings_per_token: NonNegativeInt = 0
 
 
 class RdmaConfig(_Section):
@@ -274,6 +291,8 @@ class RdmaConfig(_Section):
     max_total_bytes: PositiveInt = 1 << 30
     spin_us: NonNegativeInt = 200
     backoff_max_us: PositiveInt = 1_000
+    # With [auth] mode = "token": most RDMA rings one token holds at once (0 = only max_rings).
+    max_rings_per_token: NonNegativeInt = 0
 
 
 class TransportConfig(_Section):

@@ -99,6 +99,7 @@ _ROWS = (
         403,
         "The token's role does not allow this route (read < write < admin), or its symbol "
         "patterns do not cover the symbol; in a POST /stats/batch result, that query's symbol.",
+        wire_reason=Reason.FORBIDDEN,
     ),
     ErrorCode("method_not_allowed", 405, "The path exists but not for this HTTP method."),
     ErrorCode(

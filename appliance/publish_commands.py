@@ -15,6 +15,7 @@ after applying (and flushing) every value of the lines before it and none after,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -28,11 +29,15 @@ import numpy as np
 from appliance.config import AppConfig
 from appliance.replay import BadRowError, Layout, ReplayError, RowProgress, read_batches
 from transport.control import ControlError
+from transport.curve import CurveConfigError, CurveKeys
 from transport.publisher import Publisher, PublishError
 from transport.publishers import TRANSPORTS, connect
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+
+
+TOKEN_ENV = "HFT_TOKEN"
 
 
 def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +70,34 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for acks (default 30)"
     )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"token for the control socket (shm, rdma) when the appliance has auth on "
+        f"(default: ${TOKEN_ENV}; prefer the variable: arguments are visible in ps)",
+    )
+    parser.add_argument(
+        "--curve-server-key",
+        metavar="PATH",
+        help="the appliance's CURVE public certificate (server.key), when its sockets use CURVE",
+    )
+    parser.add_argument(
+        "--curve-key",
+        metavar="PATH",
+        help="this client's CURVE secret certificate (.key_secret); with --curve-server-key",
+    )
+
+
+def curve_keys(args: argparse.Namespace) -> CurveKeys | None:
+    """The CURVE keys of --curve-server-key / --curve-key (both or neither)."""
+    if not args.curve_server_key and not args.curve_key:
+        return None
+    if not (args.curve_server_key and args.curve_key):
+        raise PublishError("--curve-server-key and --curve-key go together")
+    try:
+        return CurveKeys.from_files(args.curve_server_key, args.curve_key)
+    except CurveConfigError as exc:
+        raise PublishError(str(exc)) from None
 
 
 def open_publisher(args: argparse.Namespace, config: AppConfig) -> Publisher:
@@ -74,9 +107,10 @@ def open_publisher(args: argparse.Namespace, config: AppConfig) -> Publisher:
     )
     # A command is a one-shot publisher: its ring is released at the end, not left to count
     # against the appliance's transport.shm.max_rings (or rdma.max_rings).
-    options: dict[str, object] = {}
+    options: dict[str, object] = {"curve": curve_keys(args)}
     if args.transport in ("shm", "rdma"):
         options["release_on_close"] = True
+        options["token"] = args.token
     if args.transport == "rdma":
         rdma = config.transport.rdma
         options["device"] = rdma.device if args.rdma_device is None else args.rdma_device

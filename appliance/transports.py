@@ -8,6 +8,12 @@ named for the audit trail), all with the validation and store call of POST /add_
 
 Order matters: the shared-memory transport creates rings through control requests, so its ops
 are registered on the ZeroMQ control socket before that socket starts answering.
+
+Security (docs/security.md, "Binary transports"): with `[auth] mode = "token"` the control
+socket admits only requests carrying a token with the `write` role (`ControlGate`), rings
+belong to their opener, and `snapshot(show_ring_ids=False)` hides ring ids from non-admins.
+With CURVE configured the ROUTER, PULL and control sockets admit only listed client keys. Key
+and token files are read in `bind()`, so an unusable one stops the start with exit status 2.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from appliance.audit import Audit
+from appliance.audit import Audit, NullAudit
+from appliance.auth import Tokens, TokensFileError
 from appliance.config import AppConfig, RdmaConfig, ShmConfig
 from appliance.ingest import make_sink
 from appliance.store import Store
-from transport.control import ControlHandler
+from transport.control import REQUIRED_ROLE, ControlGate, ControlHandler
+from transport.curve import CurveConfigError, CurveServer
 from transport.errors import TransportStartError
 from transport.ingest import Sink
+from transport.wire import MAX_SYMBOL_BYTES, frame_bytes
 from transport.zmq.server import ZmqIngest
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,7 @@ RDMA_NO_CONTROL = (
     "is false or control_endpoint is empty"
 )
 DEFAULT_STOP_TIMEOUT_S = 5.0
+COALESCE_ROOM_BYTES = 1 << 20  # beyond one full frame: room for a publisher's coalesced frames
 
 
 class _Polling(Protocol):
@@ -40,13 +50,37 @@ class _Polling(Protocol):
     def control_handlers(self) -> dict[str, ControlHandler]: ...
     def start(self) -> None: ...
     def stop(self, timeout_s: float) -> Any: ...
-    def snapshot(self) -> dict[str, Any]: ...
+    def snapshot(self, show_ring_ids: bool = True) -> dict[str, Any]: ...
+
+
+def max_message_bytes(config: AppConfig) -> int:
+    """The largest message part a ZeroMQ data socket accepts: the configured value, or one
+    frame of `store.max_batch_size` values with the longest symbol, plus room to coalesce."""
+    configured = config.transport.zmq.max_message_bytes
+    if configured:
+        return configured
+    return frame_bytes(MAX_SYMBOL_BYTES, config.store.max_batch_size) + COALESCE_ROOM_BYTES
 
 
 class Transports:
-    """Every enabled transport of one appliance; `bind()`, `start()`, `stop()`, `snapshot()`."""
+    """Every enabled transport of one appliance; `bind()`, `start()`, `stop()`, `snapshot()`.
 
-    def __init__(self, config: AppConfig, store: Store, audit: Audit | None = None) -> None:
+    `tokens`: the appliance's tokens when `[auth] mode = "token"` (read from `auth.tokens_file`
+    at `bind()` when not given); `audit`: where applied frames (per transport session),
+    refused control requests and CURVE handshakes are recorded.
+    """
+
+    def __init__(
+        self,
+        config: AppConfig,
+        store: Store,
+        *,
+        tokens: Tokens | None = None,
+        audit: Audit | None = None,
+    ) -> None:
+        self.auth = config.auth
+        self.tokens = tokens
+        self.audit: Audit = audit if audit is not None else NullAudit()
         self.config = config.transport
         # One sink per transport: the same store and checks, and the audit trail's name for it.
         max_batch = config.store.max_batch_size
@@ -62,6 +96,7 @@ class Transports:
                 sub_connect=zmq_config.sub_connect,
                 rcvhwm=zmq_config.rcvhwm,
                 batch_messages=zmq_config.batch_messages,
+                max_message_bytes=max_message_bytes(config),
             )
         self.shm: _Polling | None = None
         if self.config.shm_active:
@@ -118,10 +153,44 @@ class Transports:
                 "socket, and transport.zmq.enabled is false or control_endpoint is empty"
             )
         if self.zmq is not None:
+            self._secure_zmq(self.zmq)
             for ringed in (self.shm, self.rdma):
                 if ringed is not None:
                     self.zmq.add_control_handlers(ringed.control_handlers())
             self.zmq.bind()
+
+    def _load_tokens(self) -> Tokens | None:
+        """The tokens when auth is on (None when off); TransportStartError if unreadable."""
+        if self.auth.mode != "token":
+            return None
+        if self.tokens is None:
+            try:
+                self.tokens = Tokens.from_file(self.auth.tokens_file)
+            except TokensFileError as exc:
+                raise TransportStartError(str(exc)) from None
+        return self.tokens
+
+    def _secure_zmq(self, zmq_ingest: ZmqIngest) -> None:
+        """The control socket's gate and, when configured, CURVE (before `bind()`)."""
+        tokens = self._load_tokens()
+        authenticate = tokens.authenticate if tokens is not None else None
+        zmq_ingest.gate = ControlGate(authenticate, self.audit)
+        zmq = self.config.zmq
+        if not zmq.curve_secret_key_file:
+            if tokens is not None:
+                log.warning(
+                    "auth.mode is token but ZeroMQ CURVE is off: the ROUTER and PULL sockets "
+                    "accept frames from anyone who can connect (set transport.zmq."
+                    "curve_secret_key_file and curve_clients_file)"
+                )
+            return
+        try:
+            curve = CurveServer.from_files(zmq.curve_secret_key_file, zmq.curve_clients_file)
+        except CurveConfigError as exc:
+            raise TransportStartError(str(exc)) from None
+        if tokens is not None:
+            check_client_names(curve, tokens)
+        zmq_ingest.curve = curve
 
     def start(self, resume: Mapping[int, int] | None = None) -> None:
         """Start polling (after `bind()`); ZeroMQ first, then shared memory.
@@ -156,22 +225,35 @@ class Transports:
                 ringed.stop(timeout_s)
         self._started = False
 
-    def snapshot(self) -> dict[str, Any]:
-        """Counters per enabled transport, for GET /ingest."""
+    def snapshot(self, show_ring_ids: bool = True) -> dict[str, Any]:
+        """Counters per enabled transport, for GET /ingest. `show_ring_ids`: only for admins
+        (with auth off, everyone): otherwise rings are listed without publisher ids or names."""
         out: dict[str, Any] = {}
         if self.zmq is not None:
             out["zmq"] = self.zmq.snapshot()
         if self.shm is not None:
-            out["shm"] = self.shm.snapshot()
+            out["shm"] = self.shm.snapshot(show_ring_ids)
         if self.rdma is not None:
-            out["rdma"] = self.rdma.snapshot()
+            out["rdma"] = self.rdma.snapshot(show_ring_ids)
         elif self.config.rdma.enabled is not False:
             out["rdma"] = {"status": "unavailable", "reason": self.rdma_reason}
         return out
 
 
 _RING_OPTIONS = ("slots", "slot_bytes", "max_slots", "max_slot_bytes", "max_rings", "spin_us",
-                 "backoff_max_us")  # fmt: skip
+                 "backoff_max_us", "max_rings_per_token")  # fmt: skip
+
+
+def check_client_names(curve: CurveServer, tokens: Tokens) -> None:
+    """With auth on, a CURVE client stands for a token: each name must be a write token."""
+    by_name = tokens.by_name()
+    for name in curve.clients.values():
+        principal = by_name.get(name)
+        if principal is None or not principal.has_role(REQUIRED_ROLE):
+            raise TransportStartError(
+                f"transport.zmq.curve_clients_file: client {name!r} is not a token with the "
+                f"{REQUIRED_ROLE} role in auth.tokens_file"
+            )
 
 
 def _ring_options(section: ShmConfig | RdmaConfig) -> dict[str, int]:

@@ -69,6 +69,8 @@ class Reason(enum.IntEnum):
     # retryable: the appliance has no sequence state for this publisher (its first frame was
     # lost, or the appliance restarted): resend from the oldest unacked frame, flagged FIRST.
     UNKNOWN_PUBLISHER = 15
+    # the publisher's token may not write this symbol (its symbol patterns); not retryable
+    FORBIDDEN = 16
 
 
 RETRYABLE = frozenset(

@@ -149,7 +149,7 @@ def test_release_closes_the_ring_and_reattach_continues(sserver: Server) -> None
     path = first.ring_path
     first.close(release=False)  # detached, the ring stays for a restarted publisher
     assert path.exists()
-    second = publisher(sserver, publisher_id=publisher_id)
+    second = publisher(sserver, publisher_id=publisher_id, secret=first.secret)
     assert second.ring_path == path and second.last_sequence == 1
     second.publish(symbol, [7.0])
     second.flush()

@@ -117,7 +117,9 @@ def test_publisher_killed_mid_stream_then_resumed(ingest: ShmIngest, model: Mode
         kill(child)
     killed_at = ring()["producer_position"]
 
-    with ShmPublisher(control, publisher_id=PUBLISHER_ID, release_on_close=False) as resumed:
+    with ShmPublisher(
+        control, publisher_id=PUBLISHER_ID, release_on_close=False, secret=reply["secret"]
+    ) as resumed:
         first = resumed.last_sequence + 1
         assert resumed.producer_position == resumed.last_sequence >= killed_at
         for sequence in range(first, first + 500):
@@ -140,7 +142,7 @@ def test_torn_slot_of_a_killed_publisher_is_never_applied(ingest: ShmIngest, mod
         kill(child)
     # Re-attach before the consumer ran: the 40 published slots are still pending, so the
     # producer finds its place by scanning slot sequences, not from the consumer position.
-    resumed = ShmPublisher(control, publisher_id=PUBLISHER_ID)
+    resumed = ShmPublisher(control, publisher_id=PUBLISHER_ID, secret=reply["secret"])
     assert resumed.consumer_position == 0
     assert resumed.last_sequence == 40 and resumed.producer_position == 40
     applied = 0

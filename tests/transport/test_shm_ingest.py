@@ -213,7 +213,11 @@ def test_same_publisher_id_reattaches_to_its_ring(ingest: ShmIngest, model: Mode
         first.publish("RE", [float(i)])
     first.flush()
     first.close(release=False)  # detach only: the ring stays
-    second = ShmPublisher(control, publisher_id=77)  # sizes omitted: the existing ring
+    with pytest.raises(PublishError, match="belongs to the client that opened it"):
+        ShmPublisher(control, publisher_id=77)  # another client, without the ring's secret
+    # sizes omitted: the existing ring
+    second = ShmPublisher(control, publisher_id=77, secret=first.secret)
+    assert second.secret == first.secret
     assert second.ring_name == first.ring_name and second.slots == 8
     assert second.last_sequence == 20  # numbering continues: nothing counted as duplicate
     second.publish("RE", [20.0])
@@ -244,16 +248,18 @@ def test_open_requests_are_validated(make_ingest: Callable[..., ShmIngest]) -> N
     assert reply["slots"] == 32 and reply["slot_bytes"] == 1024
     assert reply["size"] == 4096 + 32 * 1024 == Path(reply["path"]).stat().st_size
     assert Path(reply["path"]).stat().st_mode & 0o777 == 0o600
-    assert control({"op": "shm.open", "publisher_id": 1}) == reply
+    assert len(reply["secret"]) == 32  # 128 bits, hex
+    mine = {"publisher_id": 1, "secret": reply["secret"]}
+    assert control({"op": "shm.open", **mine}) == reply
     with pytest.raises(ControlError, match="already has a ring of 32 slots"):
-        control({"op": "shm.open", "publisher_id": 1, "slots": 64})
+        control({"op": "shm.open", **mine, "slots": 64})
     control({"op": "shm.open", "publisher_id": 2})
     with pytest.raises(ControlError, match="max_rings is 2"):
         control({"op": "shm.open", "publisher_id": 3})
-    assert control({"op": "shm.open", "publisher_id": 1}) == reply  # re-attach: no new ring
-    assert control({"op": "shm.close", "publisher_id": 1})["closed"] is True
+    assert control({"op": "shm.open", **mine}) == reply  # re-attach: no new ring
+    assert control({"op": "shm.close", **mine})["closed"] is True
     assert not Path(reply["path"]).exists()  # not started: closed at once
-    assert control({"op": "shm.close", "publisher_id": 1})["closed"] is False
+    assert control({"op": "shm.close", **mine})["closed"] is False
     control({"op": "shm.open", "publisher_id": 3})  # room again
 
 

@@ -163,7 +163,9 @@ def test_idle_rule_for_a_publisher_that_states_nothing(
     reply = control({"op": "shm.open", "publisher_id": 7})
     start = time.monotonic()
     assert ingest.reap_once(now=start + 59) == 0
-    with ShmPublisher(control, publisher_id=7, release_on_close=False) as publisher:
+    with ShmPublisher(
+        control, publisher_id=7, release_on_close=False, secret=reply["secret"]
+    ) as publisher:
         publisher.publish("IDLE", [1.0])
         assert ingest.poll_once() == 1
     # The re-attach above (shm.open) restarted the clock; the frame moves it again when seen.
@@ -186,7 +188,8 @@ def test_attached_live_publisher_is_never_reclaimed_and_reattaches(
     assert ingest.reap_once(now=time.monotonic() + FAR) == 0  # holds its lock: kept
     first.close(release=False)  # lock dropped, but this process (its pid) is alive...
     assert ingest.reap_once() == 0  # ...so not "gone": the idle rule alone may take it
-    second = ShmPublisher(control, publisher_id=9)  # re-attach: same ring, numbering goes on
+    # re-attach (with the ring's secret): same ring, numbering goes on
+    second = ShmPublisher(control, publisher_id=9, secret=first.secret)
     assert second.ring_name == first.ring_name and second.last_sequence == 1
     second.publish("LIVE", [2.0])
     while ingest.poll_once():  # no poller thread here
@@ -212,8 +215,9 @@ def test_pid_rule_without_lock_needs_a_verified_pid(
         ring = control({"op": "shm.open", "publisher_id": 1})
         mapper = child(MAPPING_CHILD, ring["path"])
         read_line(mapper)
-        control({"op": "shm.open", "publisher_id": 1, "pid": mapper.pid})
-        control({"op": "shm.open", "publisher_id": 2, "pid": bystander.pid})
+        control({"op": "shm.open", "publisher_id": 1, "pid": mapper.pid,
+                 "secret": ring["secret"]})  # fmt: skip
+        other = control({"op": "shm.open", "publisher_id": 2, "pid": bystander.pid})
         assert ingest.reap_once() == 0  # both alive; the mapper is now verified
     finally:
         kill(bystander)
@@ -222,7 +226,7 @@ def test_pid_rule_without_lock_needs_a_verified_pid(
     assert ingest.reap_once() == 1  # the verified one; the bystander never mapped ring 2
     assert set(ingest.snapshot()["rings"]) == {"2"}
     invisible = next(pid for pid in range(4_000_000, 4_100_000) if process_start(pid) is None)
-    control({"op": "shm.open", "publisher_id": 2, "pid": invisible})
+    control({"op": "shm.open", "publisher_id": 2, "pid": invisible, "secret": other["secret"]})
     assert ingest.reap_once(now=time.monotonic() + FAR) == 0  # unknown: not dead
 
 
@@ -238,8 +242,9 @@ def test_open_validates_pid_lock_and_ring(make_ingest: Callable[..., ShmIngest])
         with pytest.raises(ControlError, match=message):
             control({"op": "shm.open", "publisher_id": 1, **body})
     reply = control({"op": "shm.open", "publisher_id": 1, "pid": None, "lock": None})
-    assert control({"op": "shm.open", "publisher_id": 1, "ring": reply["name"]}) == reply
-    control({"op": "shm.close", "publisher_id": 1})
+    mine = {"publisher_id": 1, "secret": reply["secret"]}
+    assert control({"op": "shm.open", **mine, "ring": reply["name"]}) == reply
+    control({"op": "shm.close", **mine})
     with pytest.raises(ControlError, match=r"it was closed by shm\.close"):
         control({"op": "shm.open", "publisher_id": 1, "ring": reply["name"]})
 

@@ -384,16 +384,16 @@ def test_control_requests_reach_the_registered_handlers(clients: Clients) -> Non
         Recorder(),
         router_endpoint=LOCAL,
         control_endpoint=LOCAL,
-        control_handlers={"echo": lambda body: {"echo": body["text"]}},
+        control_handlers={"echo": lambda body, caller: {"echo": body["text"]}},
     )
-    ingest.add_control_handlers({"twice": lambda body: {"value": 2 * body["value"]}})
+    ingest.add_control_handlers({"twice": lambda body, caller: {"value": 2 * body["value"]}})
     with pytest.raises(ValueError, match="echo"):
-        ingest.add_control_handlers({"echo": lambda body: {}})
+        ingest.add_control_handlers({"echo": lambda body, caller: {}})
     ingest.bind()
     ingest.start()
     try:
         with pytest.raises(RuntimeError, match="before start"):
-            ingest.add_control_handlers({"late": lambda body: {}})
+            ingest.add_control_handlers({"late": lambda body, caller: {}})
         endpoint = ingest.bound_endpoints["control"]
         reply_body = request(endpoint, {"op": "echo", "text": "hi"}, context=clients.context)
         assert reply_body == {"ok": True, "echo": "hi"}

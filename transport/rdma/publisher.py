@@ -31,6 +31,7 @@ import os
 import socket
 from typing import Any
 
+from transport.curve import CurveKeys
 from transport.publisher import PublishError
 from transport.rdma import verbs as rdma_verbs
 from transport.rdma.verbs import Port, QpInfo, RdmaUnavailable
@@ -75,13 +76,18 @@ class RdmaPublisher(RingPublisher):
         backoff_max_us: int = 1_000,
         signal_every: int = 16,
         release_on_close: bool = False,
+        secret: str | None = None,
+        token: str | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         if not 1 <= signal_every <= SEND_DEPTH // 2:
             raise ValueError(f"signal_every must be in 1..{SEND_DEPTH // 2}")
         super().__init__(
             control, publisher_id=publisher_id, timeout_s=timeout_s, spin_us=spin_us,
-            backoff_max_us=backoff_max_us, release_on_close=release_on_close,
+            backoff_max_us=backoff_max_us, release_on_close=release_on_close, token=token,
+            curve=curve,
         )  # fmt: skip
+        self.secret = secret or ""  # the ring's, from rdma.open (pass it to re-attach)
         self._signal_every = signal_every
         self._resources: list[Any] = []  # closed in reverse order
         try:
@@ -94,11 +100,17 @@ class RdmaPublisher(RingPublisher):
             self._release()
             raise
 
+    def _owner(self) -> dict[str, str]:
+        """The ring's secret for a request on it (none before the first rdma.open)."""
+        return {"secret": self.secret} if self.secret else {}
+
     def _setup(self, slots: int | None, slot_bytes: int | None) -> None:
         port = self._port
         v, c = port.verbs, port.c
         opened = self._call({"op": "rdma.open", "publisher_id": self.publisher_id,
-                             "slots": slots, "slot_bytes": slot_bytes})  # fmt: skip
+                             "slots": slots, "slot_bytes": slot_bytes,
+                             **self._owner()})  # fmt: skip
+        self.secret = str(opened.get("secret") or self.secret)
         geometry = RingGeometry(int(opened["slots"]), int(opened["slot_bytes"]))
         self.ring_name = f"rdma:{self.publisher_id}"
         size = geometry.total_bytes
@@ -126,6 +138,7 @@ class RdmaPublisher(RingPublisher):
             "op": "rdma.connect", "publisher_id": self.publisher_id,
             **QpInfo(self._qp.qp_num, psn, port.gid).to_dict(),
             "credit_addr": base + OFF_CONSUMER_POSITION, "credit_rkey": self._header.rkey,
+            **self._owner(),
         })  # fmt: skip
         if int(reply["size"]) != size:
             raise PublishError(f"the appliance's ring is {reply['size']} bytes, expected {size}")
@@ -238,10 +251,12 @@ class RdmaPublisher(RingPublisher):
         # pair goes. Without release the ring stays for a publisher with the same id.
         try:
             if self._release_on_close:
-                self._call({"op": "rdma.close", "publisher_id": self.publisher_id})
+                self._call({"op": "rdma.close", "publisher_id": self.publisher_id,
+                            **self._owner()})  # fmt: skip
             else:
                 with contextlib.suppress(PublishError):  # a courtesy: the appliance may be gone
-                    self._call({"op": "rdma.disconnect", "publisher_id": self.publisher_id})
+                    self._call({"op": "rdma.disconnect", "publisher_id": self.publisher_id,
+                                **self._owner()})  # fmt: skip
         finally:
             self._release()
 

@@ -44,12 +44,14 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
-from transport.control import ControlError, ControlHandler, int_field
+from transport.control import Caller, ControlError, ControlHandler, int_field
 from transport.ingest import FrameProcessor, Sink, add_totals
+from transport.ownership import check_owner, new_secret, owner_sink, rings_per_token
 from transport.polling import run_poll_loop
 from transport.rdma import verbs as rdma_verbs
 from transport.rdma.verbs import Port, QpInfo, RdmaUnavailable
@@ -86,6 +88,8 @@ class _Ring:
     processor: FrameProcessor
     consumer: RingConsumer
     link: _Link | None = None
+    secret: str = field(default_factory=new_secret)  # re-attach, connect and close need it
+    owner: str | None = None  # the opening token's name (auth on)
 
     @property
     def address(self) -> int:
@@ -100,6 +104,7 @@ class _Ring:
             # Where a (re)connecting publisher starts, and its wire numbering so far.
             "position": self.consumer.position,
             "last_sequence": self.consumer.applied_sequence,
+            "secret": self.secret,
         }
 
     def counters(self) -> dict[str, Any]:
@@ -236,6 +241,7 @@ class RdmaIngest:
         max_slots: int = 4096,
         max_slot_bytes: int = 1 << 20,
         max_rings: int = 16,
+        max_rings_per_token: int = 0,
         max_total_bytes: int = 1 << 30,
         spin_us: int = 200,
         backoff_max_us: int = 1_000,
@@ -249,6 +255,7 @@ class RdmaIngest:
         self.sink = sink
         self.device, self.port_number, self.gid_index = device, port, gid_index
         self.max_slots, self.max_slot_bytes, self.max_rings = max_slots, max_slot_bytes, max_rings
+        self.max_rings_per_token = max_rings_per_token  # 0: only max_rings (auth on only)
         self.spin_us, self.backoff_max_us = spin_us, backoff_max_us
         self.port: Port | None = None
         self._rings: dict[int, _Ring] = {}  # changed by the poller thread under _lock
@@ -273,12 +280,13 @@ class RdmaIngest:
     # -- control (ZeroMQ control thread) ------------------------------------------------------
 
     def control_handlers(self) -> dict[str, ControlHandler]:
-        return {
-            "rdma.open": lambda request: self._on_poller(self._open_ring, request),
-            "rdma.connect": lambda request: self._on_poller(self._connect, request),
-            "rdma.disconnect": lambda request: self._on_poller(self._disconnect, request),
-            "rdma.close": lambda request: self._on_poller(self._close_ring, request),
-        }
+        ops = {"rdma.open": self._open_ring, "rdma.connect": self._connect,
+               "rdma.disconnect": self._disconnect, "rdma.close": self._close_ring}  # fmt: skip
+        return {op: self._queued(handler) for op, handler in ops.items()}
+
+    def _queued(self, handler: Any) -> ControlHandler:
+        """A control handler that runs `handler(request, caller)` on the poller thread."""
+        return lambda request, caller: self._on_poller(partial(handler, caller=caller), request)
 
     def _on_poller(self, handler: Any, request: dict[str, Any]) -> dict[str, Any]:
         """Run `handler(request)` on the poller thread; inline only before it ever started
@@ -322,18 +330,31 @@ class RdmaIngest:
             if future.set_running_or_notify_cancel():
                 future.set_exception(ControlError("the RDMA transport is stopping"))
 
-    def _open_ring(self, request: dict[str, Any]) -> dict[str, Any]:
-        """rdma.open: the ring of `publisher_id`, created or (same id again) re-attached."""
+    def _owned(self, request: dict[str, Any], caller: Caller | None) -> tuple[int, _Ring | None]:
+        """The request's publisher id and ring, once the caller proved it owns it."""
+        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
+        ring = self._rings.get(publisher_id)
+        if ring is not None:
+            check_owner(publisher_id, ring.secret, ring.owner, request, caller)
+        return publisher_id, ring
+
+    def _open_ring(self, request: dict[str, Any], caller: Caller | None) -> dict[str, Any]:
+        """rdma.open: the ring of `publisher_id`, created or (same id again, with its secret)
+        re-attached."""
         publisher_id, geometry = requested_ring(
             request, self.default_geometry, self.max_slots, self.max_slot_bytes
         )
-        ring = self._rings.get(publisher_id)
+        _, ring = self._owned(request, caller)
         if ring is not None:
             check_reattach(publisher_id, ring.geometry, request)
             self._unlink(ring)  # a restarted publisher: the old queue pair goes first
             return ring.describe()
         self._check_room(geometry)
-        ring = self._create_ring(publisher_id, geometry)
+        rings_per_token(
+            "rdma", caller, self.max_rings_per_token, (r.owner for r in self._rings.values())
+        )
+        ring = self._create_ring(publisher_id, geometry, owner_sink(self.sink, caller))
+        ring.owner = caller.name if caller is not None else None
         with self._lock:
             self._rings[publisher_id] = ring
         log.info(
@@ -365,7 +386,7 @@ class RdmaIngest:
                 "queue pair"
             )
 
-    def _create_ring(self, publisher_id: int, geometry: RingGeometry) -> _Ring:
+    def _create_ring(self, publisher_id: int, geometry: RingGeometry, sink: Sink) -> _Ring:
         port = self._port()
         c = port.c
         size = geometry.total_bytes
@@ -396,15 +417,14 @@ class RdmaIngest:
                 f"cannot register a {size}-byte ring: {exc} (registered memory is locked: "
                 "check `ulimit -l` / LimitMEMLOCK)"
             ) from None
-        processor = FrameProcessor(self.sink, TRANSPORT, strict_order=False)
+        processor = FrameProcessor(sink, TRANSPORT, strict_order=False)
         consumer = RingConsumer(memory, processor.process_message)
         return _Ring(publisher_id, geometry, memory, anchor, pd, header, slots, processor,
                      consumer)  # fmt: skip
 
-    def _connect(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _connect(self, request: dict[str, Any], caller: Caller | None) -> dict[str, Any]:
         """rdma.connect: a queue pair to the publisher's, receives posted, ring address back."""
-        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        ring = self._rings.get(publisher_id)
+        publisher_id, ring = self._owned(request, caller)
         if ring is None:
             raise ControlError(f"publisher {publisher_id} has no ring: send rdma.open first")
         try:
@@ -466,20 +486,18 @@ class RdmaIngest:
         link.psn = psn
         return link
 
-    def _disconnect(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _disconnect(self, request: dict[str, Any], caller: Caller | None) -> dict[str, Any]:
         """rdma.disconnect: a publisher leaving for now: stop its queue pair, apply what it
         completed, keep the ring for its return (`rdma.open` with the same id)."""
-        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        ring = self._rings.get(publisher_id)
+        _, ring = self._owned(request, caller)
         if ring is None or ring.link is None:
             return {"disconnected": False}
         self._unlink(ring)
         return {"disconnected": True}
 
-    def _close_ring(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _close_ring(self, request: dict[str, Any], caller: Caller | None) -> dict[str, Any]:
         """rdma.close: drain and forget the publisher's ring."""
-        publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
-        ring = self._rings.get(publisher_id)
+        _, ring = self._owned(request, caller)
         if ring is None:
             return {"closed": False}
         self._destroy(ring)
@@ -567,7 +585,8 @@ class RdmaIngest:
             self.port.close()
             self.port = None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, show_ring_ids: bool = True) -> dict[str, Any]:
+        """Counters per ring (by publisher id; a list without ids unless `show_ring_ids`)."""
         with self._lock:
             rings = dict(self._rings)
             totals = Counter(self._closed_totals)
@@ -578,7 +597,7 @@ class RdmaIngest:
             "status": "running" if self._running else "stopped",
             "device": self.port.device if self.port else "",
             "rings_open": len(per_ring),
-            "rings": per_ring,
+            "rings": per_ring if show_ring_ids else list(per_ring.values()),
             "totals": dict(totals),
         }
 

@@ -24,6 +24,10 @@ with its pid): if the process dies, the kernel drops the lock and the appliance 
 ring after applying what it holds (see `transport.shm.liveness`). `close(release=False)` keeps
 the ring for a later publisher with the same id, for as long as this process lives (and, at
 most, the appliance's `idle_reclaim_s`).
+
+Ownership: `shm.open` returns the ring's `secret` (`self.secret`); a later publisher re-attaching
+to the ring passes it (`secret=`), and `shm.close` sends it. With `[auth] mode = "token"` every
+control request carries `token`; `curve` holds the keys for a control socket behind CURVE.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from transport.control import ControlError, request
+from transport.curve import CurveKeys
 from transport.publisher import Publisher, PublishError, Rejection
 from transport.shm.ring import STATE_CLOSED, RingError, RingProducer
 from transport.wire import Reason
@@ -79,14 +84,15 @@ class RingPublisher(Publisher):
         spin_us: int,
         backoff_max_us: int,
         release_on_close: bool,
+        token: str | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         super().__init__(publisher_id=publisher_id, max_frame_bytes=0)
         self.timeout_s = timeout_s
         self._spin_s = spin_us / 1e6
         self._backoff_max_s = backoff_max_us / 1e6
-        self._control: ControlClient = (
-            endpoint_client(control, timeout_s) if isinstance(control, str) else control
-        )
+        client = endpoint_client(control, timeout_s, curve) if isinstance(control, str) else control
+        self._control: ControlClient = with_token(client, token)
         # One-shot publishers (the CLI) release their ring; long-lived ones keep it so that a
         # restart with the same id re-attaches (see close()).
         self._release_on_close = release_on_close
@@ -210,17 +216,25 @@ class ShmPublisher(RingPublisher):
         spin_us: int = DEFAULT_SPIN_US,
         backoff_max_us: int = 1_000,
         release_on_close: bool = True,
+        secret: str | None = None,
+        token: str | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         super().__init__(
             control, publisher_id=publisher_id, timeout_s=timeout_s, spin_us=spin_us,
-            backoff_max_us=backoff_max_us, release_on_close=release_on_close,
+            backoff_max_us=backoff_max_us, release_on_close=release_on_close, token=token,
+            curve=curve,
         )  # fmt: skip
         # `pid` and `lock` let the appliance reclaim the ring once this process is gone; an
-        # older appliance ignores both.
-        reply = self._call({
+        # older appliance ignores both. `secret`: re-attach to the ring this id already has.
+        body: dict[str, Any] = {
             "op": "shm.open", "publisher_id": self.publisher_id,
             "slots": slots, "slot_bytes": slot_bytes, "pid": os.getpid(), "lock": True,
-        })  # fmt: skip
+        }  # fmt: skip
+        if secret is not None:
+            body["secret"] = secret
+        reply = self._call(body)
+        self.secret = str(reply.get("secret") or secret or "")
         self.ring_name = str(reply["name"])
         self.ring_path = Path(reply.get("path") or Path("/dev/shm") / self.ring_name)
         memory, fd = _map(self.ring_path, int(reply["size"]))
@@ -235,7 +249,9 @@ class ShmPublisher(RingPublisher):
         if owner == self.publisher_id:
             self.last_sequence = sequence  # resume the predecessor's numbering
         self._bell = _open_bell(reply.get("doorbell"))
-        self._hold = _Hold(self._control, self.publisher_id, memory, fd, producer, self._bell)
+        self._hold = _Hold(
+            self._control, self.publisher_id, self.secret, memory, fd, producer, self._bell
+        )
         # Runs _hold.close once: from close(), or at garbage collection or interpreter exit
         # for a publisher nobody closed. It must not reference self (it would keep it alive).
         self._finalizer = weakref.finalize(self, self._hold.close)
@@ -263,11 +279,12 @@ class _Hold:
     to let go of it, apart from the publisher so that `weakref.finalize` can run it."""
 
     def __init__(
-        self, control: ControlClient, publisher_id: int, memory: mmap.mmap, fd: int,
-        producer: RingProducer, bell: int | None,
+        self, control: ControlClient, publisher_id: int, secret: str, memory: mmap.mmap,
+        fd: int, producer: RingProducer, bell: int | None,
     ) -> None:  # fmt: skip
         self.control = control
         self.publisher_id = publisher_id
+        self.secret = secret
         self.memory = memory
         self.fd = fd
         self.producer = producer
@@ -288,14 +305,29 @@ class _Hold:
         if not self.release or closed_by_appliance:
             return
         try:
-            self.control({"op": "shm.close", "publisher_id": self.publisher_id})
+            self.control(
+                {"op": "shm.close", "publisher_id": self.publisher_id, "secret": self.secret}
+            )
         except Exception as exc:  # the appliance is gone or refuses: it reclaims the ring
             log.warning("shm.close for publisher %d failed: %s", self.publisher_id, exc)
 
 
-def endpoint_client(endpoint: str, timeout_s: float) -> ControlClient:
+def endpoint_client(
+    endpoint: str, timeout_s: float, curve: CurveKeys | None = None
+) -> ControlClient:
     def call(body: dict[str, Any]) -> dict[str, Any]:
-        return request(endpoint, body, timeout_s=timeout_s)
+        return request(endpoint, body, timeout_s=timeout_s, curve=curve)
+
+    return call
+
+
+def with_token(client: ControlClient, token: str | None) -> ControlClient:
+    """`client`, adding `token` to every request (an appliance with auth on needs it)."""
+    if not token:
+        return client
+
+    def call(body: dict[str, Any]) -> dict[str, Any]:
+        return client({**body, "token": token})
 
     return call
 

@@ -38,6 +38,13 @@ is not judged for `attach_grace_s` after an `shm.open`, the time its publisher n
 and lock it. Its name is remembered, so a late `shm.open` naming it (`ring`) gets a clear
 error instead of a new, empty ring.
 
+Ownership (docs/security.md): a ring belongs to the client that opened it. `shm.open` returns a
+random 128-bit `secret`; re-attaching (`shm.open` naming an id that has a ring) and `shm.close`
+need it, so knowing a publisher id (GET /ingest shows them to admins) takes nothing over. With
+`[auth] mode = "token"` the ring also records its owner's token: only that token may re-attach
+or close it, it counts against the token's `max_rings_per_token`, and a frame for a symbol the
+token may not access is rejected (FORBIDDEN, content error) by a sink wrapped per ring.
+
 Sequence rules: one `FrameProcessor` per ring, `strict_order=False`: nobody resends on a ring,
 and a lossless ring cannot have gaps, but duplicates or garbage from a buggy producer are still
 counted and reported in the ring's rejection log.
@@ -59,8 +66,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transport.control import ControlError, ControlHandler, int_field
+from transport.control import Caller, ControlError, ControlHandler, int_field
 from transport.ingest import FrameProcessor, Sink, add_totals
+from transport.ownership import check_owner, new_secret, owner_sink, rings_per_token
 from transport.polling import run_poll_loop
 from transport.shm.liveness import Holder, lock_held
 from transport.shm.ring import (
@@ -100,6 +108,8 @@ class _Ring:
     fd: int  # kept open: the reaper probes the publisher's lock through it
     device: int
     inode: int
+    secret: str = field(default_factory=new_secret)  # re-attach and close need it
+    owner: str | None = None  # the opening token's name (auth on), else None
     # Liveness, read and written under ShmIngest._lock (control thread and reaper):
     holder: Holder = field(default_factory=Holder)
     attached_at: float = 0.0  # monotonic time of the last shm.open
@@ -122,6 +132,7 @@ class _Ring:
             "slots": self.geometry.slots,
             "slot_bytes": self.geometry.slot_bytes,
             "doorbell": str(doorbell) if doorbell is not None else None,
+            "secret": self.secret,
         }
 
     def counters(self) -> dict[str, Any]:
@@ -170,6 +181,7 @@ class ShmIngest:
         backoff_max_us: int = 1_000,
         directory: str | os.PathLike[str] = DEFAULT_DIRECTORY,
         idle_reclaim_s: float = 600.0,
+        max_rings_per_token: int = 0,
         check_interval_s: float = CHECK_INTERVAL_S,
         attach_grace_s: float = ATTACH_GRACE_S,
     ) -> None:
@@ -185,6 +197,7 @@ class ShmIngest:
         self.max_slots = max_slots
         self.max_slot_bytes = max_slot_bytes
         self.max_rings = max_rings
+        self.max_rings_per_token = max_rings_per_token  # 0: only max_rings (auth on only)
         self.spin_us = spin_us
         self.backoff_max_us = backoff_max_us
         self.directory = Path(directory)
@@ -218,7 +231,7 @@ class ShmIngest:
     def control_handlers(self) -> dict[str, ControlHandler]:
         return {"shm.open": self._handle_open, "shm.close": self._handle_close}
 
-    def _handle_open(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _handle_open(self, request: dict[str, Any], caller: Caller | None) -> dict[str, Any]:
         publisher_id, geometry = requested_ring(
             request, self.default_geometry, self.max_slots, self.max_slot_bytes
         )
@@ -237,13 +250,16 @@ class ShmIngest:
                 if wanted is not None:
                     self._check_wanted(publisher_id, wanted, existing)
                 if existing is not None:
+                    check_owner(existing.publisher_id, existing.secret, existing.owner, request,
+                                caller)  # fmt: skip
                     check_reattach(existing.publisher_id, existing.geometry, request)
                     # Under _lock: the reaper decides under it too, so it either sees this
                     # attach (and keeps the ring) or reclaimed the ring before (not found).
                     existing.attach(holder, time.monotonic())
                     return existing.describe(self._bell_path)
-                self._check_room()
-            ring = self._create(publisher_id, geometry)
+                self._check_room(caller)
+            ring = self._create(publisher_id, geometry, owner_sink(self.sink, caller))
+            ring.owner = caller.name if caller is not None else None
             with self._lock:
                 stopped = self._stopped
                 if not stopped:
@@ -283,21 +299,27 @@ class ShmIngest:
         while len(self._gone) > GONE_NAMES:
             self._gone.popitem(last=False)
 
-    def _check_room(self) -> None:
-        """Refuse a new ring at max_rings (called under _lock; re-attaching is always allowed)."""
+    def _check_room(self, caller: Caller | None) -> None:
+        """Refuse a new ring at max_rings, or at the caller's max_rings_per_token (under _lock;
+        re-attaching is always allowed)."""
         if len(self._rings) >= self.max_rings:
             raise ControlError(
                 f"{len(self._rings)} rings are open; transport.shm.max_rings is "
                 f"{self.max_rings} (close one with shm.close)"
             )
+        rings_per_token(
+            "shm", caller, self.max_rings_per_token, (r.owner for r in self._rings.values())
+        )
 
-    def _handle_close(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _handle_close(self, request: dict[str, Any], caller: Caller | None) -> dict[str, Any]:
         publisher_id = int_field(request, "publisher_id", 0, MAX_SEQUENCE)
         with self._open_lock:
             with self._lock:
-                ring = self._rings.pop(publisher_id, None)
+                ring = self._rings.get(publisher_id)
                 if ring is None:
                     return {"closed": False}
+                check_owner(publisher_id, ring.secret, ring.owner, request, caller)
+                del self._rings[publisher_id]
                 self._retiring[id(ring)] = ring
                 self._forget(ring, "closed by shm.close")
                 self._publish_pollers()
@@ -308,7 +330,7 @@ class ShmIngest:
                 self._retire(ring)  # no poller thread: nobody else touches the ring
         return {"closed": True}
 
-    def _create(self, publisher_id: int, geometry: RingGeometry) -> _Ring:
+    def _create(self, publisher_id: int, geometry: RingGeometry, sink: Sink) -> _Ring:
         """File, size, map, initialise (under _open_lock only)."""
         self._created += 1
         name = f"{self._prefix}-{self._created}"
@@ -337,7 +359,7 @@ class ShmIngest:
         # The descriptor stays open for the ring's life: the reaper probes the publisher's
         # flock through it (see transport.shm.liveness); destroy() closes it.
         init_ring(memory, geometry, publisher_id)
-        processor = FrameProcessor(self.sink, TRANSPORT, strict_order=False)
+        processor = FrameProcessor(sink, TRANSPORT, strict_order=False)
         consumer = RingConsumer(memory, processor.process_message)
         return _Ring(
             publisher_id, name, path, geometry, memory, processor, consumer,
@@ -545,9 +567,12 @@ class ShmIngest:
             ring.ended = ring.ended or "closed: the appliance stopped"
             self._retire(ring)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, show_ring_ids: bool = True) -> dict[str, Any]:
         """Counters per open ring (keyed by publisher id), totals including closed rings, and
         `rings_reclaimed` by reason (`gone`, `idle`).
+
+        Without `show_ring_ids` (a caller that is not an admin) `rings` is a list of the
+        counters without publisher ids or ring names: nothing that names a ring to attack.
 
         Read under the lock: a ring in the registry is never unmapped (it is removed first),
         so its header can be read; the counters themselves are the poller's, read racily.
@@ -559,10 +584,19 @@ class ShmIngest:
             retiring = [ring.processor.counters.snapshot() for ring in self._retiring.values()]
         for counters in (*per_ring.values(), *retiring):
             add_totals(totals, counters)
+        rings: dict[str, Any] | list[dict[str, Any]] = per_ring
+        if not show_ring_ids:
+            rings = [redacted(counters) for counters in per_ring.values()]
         return {
-            "rings_open": len(per_ring), "rings": per_ring, "totals": dict(totals),
+            "rings_open": len(per_ring), "rings": rings, "totals": dict(totals),
             "rings_reclaimed": reclaimed,
         }  # fmt: skip
+
+
+def redacted(counters: dict[str, Any]) -> dict[str, Any]:
+    """A ring's counters without what identifies it (its name holds no secret, but names the
+    file a same-user process could open)."""
+    return {key: value for key, value in counters.items() if key != "name"}
 
 
 def checked_defaults(

@@ -28,6 +28,12 @@ cannot confirm delivery, though: messages still in transit when a PUSH socket cl
 appliance is back-pressuring can be lost (measured over ipc:// with libzmq 4.3.5: the last few
 hundred of a burst). Where every frame matters, use DEALER.
 
+An appliance with CURVE on (docs/security.md) admits only listed client keys: pass `curve`
+(`CurveKeys.from_files(server_public, client_secret)`); without it the handshake fails and
+nothing is delivered (`publish` blocks, `flush` times out). A message (one part) larger than the
+appliance's `max_message_bytes` drops the connection: keep `coalesce_bytes` and
+`max_frame_bytes` below it (the defaults are).
+
 Either mode can coalesce several frames into one message (`coalesce_bytes`), which saves a
 ZeroMQ message and an ack message per frame when frames are small.
 """
@@ -41,6 +47,7 @@ from typing import Literal
 
 import zmq
 
+from transport.curve import CurveKeys
 from transport.publisher import Publisher, PublishError, Rejection
 from transport.wire import RETRYABLE, Frame, Kind, Reason, WireError, decode_message, mark_first
 
@@ -68,6 +75,7 @@ class ZmqPublisher(Publisher):
         retry_interval_s: float = 2.0,
         max_retries: int = 16,
         context: zmq.Context | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         if mode not in ("dealer", "push"):
             raise ValueError(f"mode must be 'dealer' or 'push', got {mode!r}")
@@ -89,6 +97,8 @@ class ZmqPublisher(Publisher):
         # only drop acks while `publish` is blocked in a send, and cost a retry timeout.
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        if curve is not None:  # an appliance whose sockets require CURVE admits only known keys
+            curve.apply(self._socket)
         self._socket.connect(endpoint)
         # sequence -> (symbol, encoded frame), oldest first; pending frames are in here too.
         self._unacked: OrderedDict[int, tuple[str, bytes]] = OrderedDict()

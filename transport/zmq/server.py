@@ -19,6 +19,14 @@ Protocol invariants on the ROUTER (docs/wire-format.md):
 - a reply is never allowed to block the loop: a publisher that does not read its acks (send
   queue full) or is gone loses that reply, counted as `acks_dropped`.
 
+Limits and authentication (docs/security.md): every socket caps the size of one message part
+(`ZMQ_MAXMSGSIZE`): libzmq reads a part's declared length first and drops the connection of a
+peer that declares more, before allocating anything, so a client declaring an 8 GiB frame costs
+nothing. The data sockets take `max_message_bytes` (derived from `store.max_batch_size`), the
+control socket `MAX_REQUEST_BYTES`. With a `CurveServer`, the ROUTER, PULL and control sockets
+are CURVE servers and a ZAP handler thread admits only the listed client keys; a client without
+keys, or with another key, fails the handshake and never reaches the loop.
+
 The loop never dies: any exception while handling one message is logged (at most once a second)
 and counted as `loop_errors`, and the next message is handled.
 
@@ -44,7 +52,8 @@ from typing import Any
 
 import zmq
 
-from transport.control import ControlHandler, dispatch
+from transport.control import MAX_REQUEST_BYTES, OPEN_GATE, ControlGate, ControlHandler, dispatch
+from transport.curve import ClientAuthenticator, CurveServer
 from transport.errors import TransportBindError
 from transport.ingest import Batch, BatchSink, FrameProcessor, Outcome, Sink
 from transport.wire import Reason, encode_ack, encode_nack, peek_identity
@@ -170,9 +179,17 @@ class ZmqIngest:
         rcvhwm: int = 10_000,
         batch_messages: int = 256,
         control_handlers: Mapping[str, ControlHandler] | None = None,
+        max_message_bytes: int = -1,
+        curve: CurveServer | None = None,
+        gate: ControlGate = OPEN_GATE,
     ) -> None:
         if rcvhwm < 1 or batch_messages < 1:
             raise ValueError("rcvhwm and batch_messages must be >= 1")
+        self.max_message_bytes = max_message_bytes  # per message part; -1: no cap (tests)
+        self.curve = curve
+        self.gate = gate
+        self.curve_denied = 0  # handshakes the ZAP handler refused (its thread writes it)
+        self._authenticator: ClientAuthenticator | None = None
         self.router_endpoint = router_endpoint
         self.pull_endpoint = pull_endpoint
         self.control_endpoint = control_endpoint
@@ -231,6 +248,12 @@ class ZmqIngest:
             raise RuntimeError("bind() was already called")
         self._context = zmq.Context()
         try:
+            if self.curve is not None:
+                # Before any bind: a connection is admitted by the ZAP handler or not at all.
+                self._authenticator = ClientAuthenticator(
+                    self._context, self.curve, self._on_curve_denied
+                )
+                self._authenticator.start()
             if self.router_endpoint:
                 router = self._bind("router", zmq.ROUTER, self.router_endpoint)
                 # Replies never block the loop: a full or vanished peer raises instead of waiting.
@@ -258,10 +281,19 @@ class ZmqIngest:
         sock.setsockopt(zmq.LINGER, 0)  # stop() never waits for undelivered replies
         return sock
 
+    def _on_curve_denied(self, key: str) -> None:
+        """A CURVE handshake with an unlisted key (ZAP handler's thread)."""
+        self.curve_denied += 1
+        self.gate.audit.denied(None, "zmq.curve", "unauthorized", f"unknown client key {key}")
+
     def _bind(self, name: str, kind: int, endpoint: str) -> zmq.Socket:
         sock = self._new_socket(kind)
         self._sockets[name] = sock  # registered first, so a failed bind still closes it
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)  # back-pressure: senders block beyond this
+        cap = MAX_REQUEST_BYTES if name == "control" else self.max_message_bytes
+        sock.setsockopt(zmq.MAXMSGSIZE, cap)  # a larger declared part drops the connection
+        if self.curve is not None:
+            self.curve.apply(sock)
         if endpoint.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)  # an IPv6 literal, e.g. tcp://[::1]:5555
         path = _ipc_path(endpoint)
@@ -283,6 +315,7 @@ class ZmqIngest:
         sock = self._new_socket(zmq.SUB)
         self._sockets[f"sub{index}"] = sock
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         try:
             sock.connect(endpoint)
@@ -553,7 +586,7 @@ class ZmqIngest:
             self.control_requests += 1
             # REP alternates strictly: dispatch never raises, so a reply is always sent.
             try:
-                reply = dispatch(raw, self._handlers)
+                reply = dispatch(raw, self._handlers, self.gate)
             except Exception:  # pragma: no cover - dispatch catches everything
                 self._loop_error("control")
                 reply = b'{"ok":false,"error":"internal error in the appliance (logged)"}'
@@ -596,6 +629,9 @@ class ZmqIngest:
             self._wake_rx = None
 
     def _terminate(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
         if self._context is not None:
             if self._wake_tx is not None:
                 self._wake_tx.close(linger=0)
@@ -626,5 +662,7 @@ class ZmqIngest:
             out["sub"] = self._processors["sub"].counters.snapshot()
         if self.control_endpoint:
             out["control"] = {"requests": self.control_requests, "ops": sorted(self._handlers)}
+        if self.curve is not None:
+            out["curve"] = {"clients": len(self.curve.clients), "denied": self.curve_denied}
         out["loop_errors"] = self.loop_errors
         return out
