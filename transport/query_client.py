@@ -54,6 +54,7 @@ __all__ = [
     "BatchTooLargeError",
     "EmptyBatchError",
     "EmptyRangeError",
+    "ForbiddenError",
     "HistoryDisabledError",
     "HistoryStats",
     "InternalServerError",
@@ -70,12 +71,14 @@ __all__ = [
     "NotReadyError",
     "Probe",
     "QueryClient",
+    "RateLimitedError",
     "Stats",
     "StatsArrays",
     "StorageUnavailableError",
     "SymbolInfo",
     "SymbolLimitError",
     "TransportError",
+    "UnauthorizedError",
     "UnavailableError",
     "UnexpectedResponseError",
     "UnknownSymbolError",
@@ -182,6 +185,19 @@ class InvalidRangeError(InvalidRequestError):
     """`invalid_range`: history bounds that are not indexes/times, negative, or start >= end."""
 
 
+class UnauthorizedError(ApplianceError):
+    """401 `unauthorized`: the server runs with `auth.mode = "token"` and this client sent no
+    token or an unknown one (pass `token=`)."""
+
+    status_family = 401
+
+
+class ForbiddenError(ApplianceError):
+    """403 `forbidden`: the token's role or symbol patterns do not allow this."""
+
+    status_family = 403
+
+
 class NotFoundError(ApplianceError):
     """404 (`not_found`: no such path, e.g. a server older than the route)."""
 
@@ -226,6 +242,13 @@ class UnsupportedMediaTypeError(ApplianceError):
     status_family = 415
 
 
+class RateLimitedError(ApplianceError):
+    """429 `rate_limited`: the token's requests or values per second are spent; nothing was
+    applied. The server's `Retry-After` says how many seconds to wait."""
+
+    status_family = 429
+
+
 class InternalServerError(ApplianceError):
     """500 `internal_error`: a server fault, logged by the server."""
 
@@ -259,6 +282,9 @@ ERROR_CLASSES: Mapping[str, type[ApplianceError]] = {
     "missing_parameter": MissingParameterError,
     "bad_request": BadHttpRequestError,
     "invalid_range": InvalidRangeError,
+    "unauthorized": UnauthorizedError,
+    "forbidden": ForbiddenError,
+    "rate_limited": RateLimitedError,
     "not_found": NotFoundError,
     "unknown_symbol": UnknownSymbolError,
     "empty_range": EmptyRangeError,
@@ -276,11 +302,14 @@ _FAMILY_BY_STATUS: Mapping[int, type[ApplianceError]] = {
     cls.status_family: cls
     for cls in (
         InvalidRequestError,
+        UnauthorizedError,
+        ForbiddenError,
         NotFoundError,
         MethodNotAllowedError,
         SymbolLimitError,
         BatchTooLargeError,
         UnsupportedMediaTypeError,
+        RateLimitedError,
         InternalServerError,
         UnavailableError,
     )

@@ -64,8 +64,8 @@ def test_families_group_codes_by_status() -> None:
 def test_an_unknown_code_falls_back_to_its_status_family() -> None:
     error = qc.error_from_body(404, b'{"error": "gone", "code": "some_new_code"}')
     assert type(error) is qc.NotFoundError and error.code == "some_new_code"
-    error = qc.error_from_body(401, b'{"error": "who are you", "code": "unauthorized"}')
-    assert type(error) is ApplianceError and error.status == 401
+    error = qc.error_from_body(418, b'{"error": "a teapot", "code": "teapot"}')
+    assert type(error) is ApplianceError and error.status == 418
 
 
 @pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b"", b'{"error": 1}', b"[]"])
