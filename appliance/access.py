@@ -20,6 +20,7 @@ from appliance.auth import Principal, Role, Tokens
 from appliance.errors import ApiError
 from appliance.rate_limit import RateLimits, retry_after_header
 
+_VERDICTS_SIZE = 65_536
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="hft-appliance"'}
 
 
@@ -30,12 +31,19 @@ class Access:
         self.tokens = tokens
         self.limits = limits
         self.audit = audit
+        # (token name, symbol) -> may access: fnmatch per request was about 1 us. Symbols come
+        # from clients, so the table is bounded (cleared when full), not a leak.
+        self._verdicts: dict[tuple[str, str], bool] = {}
+        # No request rate set anywhere (the [auth] default nor any token): skip the buckets.
+        self._requests_limited = bool(limits.default_requests_per_s) or any(
+            p.max_requests_per_s for p in tokens.principals()
+        )
 
     def authorize(self, request: Any, role: Role) -> Principal:
         """The request's principal if it may use a route that needs `role`; raises ApiError."""
-        where = f"{request.method} {request.path}"
         principal = self.tokens.from_authorization(request.headers.get("authorization"))
         if principal is None:
+            where = _where(request)
             self.audit.denied(None, where, "unauthorized", "no or unknown bearer token")
             raise ApiError(
                 "unauthorized",
@@ -43,13 +51,14 @@ class Access:
                 headers=_CHALLENGE,
             )
         if not principal.has_role(role):
-            self.audit.denied(principal.name, where, "forbidden", f"needs role {role}")
+            self.audit.denied(principal.name, _where(request), "forbidden", f"needs role {role}")
             raise ApiError(
                 "forbidden",
                 f"token {principal.name!r} has role {principal.role!r}; this route needs "
                 f"{role!r} (read < write < admin)",
             )
-        self.spend(principal, where, 0)
+        if self._requests_limited:
+            self.spend(principal, _where(request), 0)
         return principal
 
     def spend(self, principal: Principal, where: str, values: int) -> None:
@@ -69,9 +78,21 @@ class Access:
 
     def check_symbol(self, principal: Principal, symbol: str, where: str) -> None:
         """403 unless the token's patterns cover `symbol`."""
-        if not principal.may_access(symbol):
+        if principal.symbols is None:
+            return
+        key = (principal.name, symbol)
+        allowed = self._verdicts.get(key)
+        if allowed is None:
+            if len(self._verdicts) >= _VERDICTS_SIZE:
+                self._verdicts.clear()
+            allowed = self._verdicts[key] = principal.may_access(symbol)
+        if not allowed:
             self.audit.denied(principal.name, where, "forbidden", f"symbol {symbol!r}")
             raise forbidden_symbol(principal, symbol)
+
+
+def _where(request: Any) -> str:
+    return f"{request.method} {request.path}"
 
 
 def forbidden_symbol(principal: Principal, symbol: str) -> ApiError:

@@ -32,6 +32,7 @@ ROLES: tuple[Role, ...] = ("read", "write", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 TOKEN_PREFIX = "hft_"  # makes a token recognisable in a secret scanner or a leaked log
 _BEARER = re.compile(r"^\s*Bearer\s+(\S+)\s*$", re.IGNORECASE)
+_HEADER_CACHE_SIZE = 1024
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 RatePerSecond = Annotated[float, Meta(ge=0)]
 
@@ -77,6 +78,11 @@ class Tokens:
 
     def __init__(self, principals: Mapping[str, Principal]) -> None:
         self._by_hash = dict(principals)
+        # Authorization header -> principal, for headers that named a known token: a client
+        # sends the same header on every request, and hashing it each time was most of the
+        # cost of auth per request. Only known tokens enter, so it is bounded by the tokens'
+        # spellings; cleared past _HEADER_CACHE_SIZE all the same.
+        self._by_header: dict[str, Principal] = {}
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokens:
@@ -113,6 +119,9 @@ class Tokens:
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def principals(self) -> list[Principal]:
+        return list(self._by_hash.values())
+
     def authenticate(self, token: str) -> Principal | None:
         """The principal of a token's text, or None for an unknown token."""
         return self._by_hash.get(token_sha256(token))
@@ -122,8 +131,16 @@ class Tokens:
         bearer token, or unknown (all three are 401 `unauthorized`)."""
         if not header:
             return None
+        principal = self._by_header.get(header)
+        if principal is not None:
+            return principal
         match = _BEARER.match(header)
-        return self.authenticate(match.group(1)) if match else None
+        principal = self.authenticate(match.group(1)) if match else None
+        if principal is not None:
+            if len(self._by_header) >= _HEADER_CACHE_SIZE:
+                self._by_header.clear()
+            self._by_header[header] = principal
+        return principal
 
     def by_name(self) -> dict[str, Principal]:
         """Token name -> principal (the CURVE clients file names tokens)."""

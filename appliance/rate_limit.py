@@ -45,8 +45,8 @@ class RateLimits:
         default_values_per_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._default_requests = default_requests_per_s
-        self._default_values = default_values_per_s
+        self.default_requests_per_s = default_requests_per_s
+        self.default_values_per_s = default_values_per_s
         self._clock = clock
         self._requests: dict[str, _Bucket] = {}
         self._values: dict[str, _Bucket] = {}
@@ -54,13 +54,13 @@ class RateLimits:
     def take_request(self, principal: Principal) -> float:
         """Spend one request of the token's allowance: 0.0 if granted, else the seconds to
         wait (nothing spent)."""
-        rate = principal.max_requests_per_s or self._default_requests
+        rate = principal.max_requests_per_s or self.default_requests_per_s
         return self._take(self._requests, principal.name, rate, 1)
 
     def take_values(self, principal: Principal, values: int) -> float:
         """Spend `values` values of the token's allowance (POST /add_batch/), like
         `take_request`."""
-        rate = principal.max_values_per_s or self._default_values
+        rate = principal.max_values_per_s or self.default_values_per_s
         return self._take(self._values, principal.name, rate, values)
 
     def _take(self, buckets: dict[str, _Bucket], name: str, rate: float, amount: int) -> float:
