@@ -61,7 +61,7 @@ def client_for(ingest: RdmaIngest) -> Any:
     handlers = ingest.control_handlers()
 
     def call(body: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, **handlers[body["op"]](body)}
+        return {"ok": True, **handlers[body["op"]](body, None)}
 
     return call
 
@@ -205,9 +205,12 @@ def test_a_failed_queue_pair_stops_only_that_publisher_and_a_restart_continues(
         first.close()
     assert collector.values("OTHER").tolist() == [*other_sent, 1000.0]
     np.testing.assert_array_equal(collector.values("CUT"), [1.0, 2.0])
-    # A restarted publisher with the same id gets the same ring and goes on numbering.
+    # A restarted publisher with the same id and the ring's secret gets the same ring and goes
+    # on numbering; without the secret it is refused (the ring belongs to its opener).
     applied_before = collector.values("CUT").size
-    with publisher(lab, ingest, publisher_id=first.publisher_id) as again:
+    with pytest.raises(PublishError, match="secret"):
+        publisher(lab, ingest, publisher_id=first.publisher_id)
+    with publisher(lab, ingest, publisher_id=first.publisher_id, secret=first.secret) as again:
         assert again.last_sequence >= 1
         again.publish("CUT", [7.0])
         again.flush(10)
@@ -229,7 +232,9 @@ def test_bad_control_requests_are_refused_and_change_nothing(
         pub.flush(10)
         good = {"op": "rdma.connect", "publisher_id": pub.publisher_id, "qpn": 5, "psn": 1,
                 "gid": "0000:0000:0000:0000:0000:ffff:0a63:0002", "credit_addr": 4096,
-                "credit_rkey": 1}  # fmt: skip
+                "credit_rkey": 1, "secret": pub.secret}  # fmt: skip
+        with pytest.raises(ControlError, match="secret"):  # the ring is not anyone's to touch
+            client({**good, "secret": "0" * 32})
         for field, bad in (("gid", "zzzz:0000:0000:0000:0000:ffff:0a63:0002"), ("qpn", -1),
                            ("credit_addr", 0)):  # fmt: skip
             with pytest.raises(ControlError, match=field):
@@ -262,7 +267,7 @@ def test_a_publisher_cannot_write_into_another_ring(
     handlers = ingest.control_handlers()
 
     def recording(body: dict[str, Any]) -> dict[str, Any]:
-        reply = {"ok": True, **handlers[body["op"]](body)}
+        reply = {"ok": True, **handlers[body["op"]](body, None)}
         replies[body["publisher_id"]] = reply
         return reply
 
