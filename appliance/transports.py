@@ -31,6 +31,7 @@ from transport.control import REQUIRED_ROLE, ControlGate, ControlHandler
 from transport.curve import CurveConfigError, CurveServer
 from transport.errors import TransportStartError
 from transport.ingest import Sink
+from transport.ownership import symbol_check
 from transport.wire import MAX_SYMBOL_BYTES, frame_bytes
 from transport.zmq.server import ZmqIngest
 
@@ -190,6 +191,14 @@ class Transports:
             raise TransportStartError(str(exc)) from None
         if tokens is not None:
             check_client_names(curve, tokens)
+            # A client's frames are held to its token's symbol patterns, like a ring's.
+            principals = tokens.by_name()
+            checks = {
+                name: check
+                for name in curve.clients.values()
+                if (check := symbol_check(principals.get(name))) is not None
+            }
+            zmq_ingest.symbol_checks = checks or None
         zmq_ingest.curve = curve
 
     def start(self, resume: Mapping[int, int] | None = None) -> None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 MAX_TRACKED_PUBLISHERS = 65_536
 LOG_EVERY_S = 1.0
+
+
+# `check(symbol)` raises Rejected when the sender may not write `symbol` (transport.ownership).
+SymbolCheck = Callable[[str], None]
 
 
 class Rejected(Exception):
@@ -207,32 +211,42 @@ class FrameProcessor:
         """Highest in-order sequence finished for `publisher_id` (0: never seen)."""
         return self._consumed.get(publisher_id, 0)
 
-    def process_message(self, buffer: bytes | bytearray | memoryview) -> list[Outcome]:
+    def process_message(
+        self, buffer: bytes | bytearray | memoryview, check: SymbolCheck | None = None
+    ) -> list[Outcome]:
         """Decode all frames, then handle each in order; one outcome per frame.
 
         A message that does not decode gets one outcome, addressed with the (untrusted) id and
-        sequence of its first header, and nothing of it is applied.
+        sequence of its first header, and nothing of it is applied. `check(symbol)`, when
+        given, may refuse a frame's symbol (Rejected: the sender's token may not write it).
         """
         self.counters.messages += 1
         try:
             frames = decode_message(buffer)
         except WireError as exc:
             return [self._malformed(buffer, exc)]
-        return [self.process_frame(frame) for frame in frames]
+        return [self.process_frame(frame, check) for frame in frames]
 
-    def process_frame(self, frame: Frame) -> Outcome:
+    def process_frame(self, frame: Frame, check: SymbolCheck | None = None) -> Outcome:
         outcome, consumed, known = self._admit(frame)
         if outcome is not None:
             return outcome
-        return self._settle(frame, self._apply(frame), consumed, known)
+        return self._settle(frame, self._apply(frame, check), consumed, known)
 
     # -- batches ----------------------------------------------------------------------------
 
-    def begin(self, buffers: list[bytes | bytearray | memoryview], sink: BatchSink) -> Batch:
+    def begin(
+        self,
+        buffers: list[bytes | bytearray | memoryview],
+        sink: BatchSink,
+        checks: Sequence[SymbolCheck | None] | None = None,
+    ) -> Batch:
         """Decode and check every message, validate each frame to apply (`sink.prepare`) and
-        collect them in `Batch.items` for one `sink.submit_batch`; then call `finish`."""
+        collect them in `Batch.items` for one `sink.submit_batch`; then call `finish`.
+        `checks[i]`, when given, may refuse the symbols of `buffers[i]`'s frames."""
         batch = Batch()
-        for buffer in buffers:
+        for position, buffer in enumerate(buffers):
+            check = checks[position] if checks is not None else None
             self.counters.messages += 1
             try:
                 frames = decode_message(buffer)
@@ -244,6 +258,8 @@ class FrameProcessor:
                 outcome, consumed, known = self._admit(frame)
                 if outcome is None:
                     try:
+                        if check is not None:
+                            check(frame.symbol)
                         values = sink.prepare(frame.symbol, frame.values)
                     except Exception as exc:
                         outcome = self._settle(frame, self._refused(frame, exc), consumed, known)
@@ -369,8 +385,10 @@ class FrameProcessor:
         self._advance(publisher_id, sequence)
         return Outcome(publisher_id, sequence, sequence, reason)
 
-    def _apply(self, frame: Frame) -> Reason:
+    def _apply(self, frame: Frame, check: SymbolCheck | None = None) -> Reason:
         try:
+            if check is not None:
+                check(frame.symbol)
             self.sink(frame.symbol, frame.values, frame.publisher_id, frame.sequence)
         except Exception as exc:
             return self._refused(frame, exc)

@@ -66,17 +66,17 @@ def rings_per_token(
         )
 
 
-class _SymbolGate:
-    """A sink that refuses (FORBIDDEN) symbols its token may not access."""
+class SymbolCheck:
+    """Raises Rejected(FORBIDDEN) for a symbol its token may not write; the verdict per symbol
+    is cached, so a frame costs one dict lookup (a ring's or a CURVE client's token)."""
 
-    __slots__ = ("_allowed", "_caller", "_sink")
+    __slots__ = ("_allowed", "_caller")
 
-    def __init__(self, sink: Sink, caller: Caller) -> None:
-        self._sink = sink
+    def __init__(self, caller: Caller) -> None:
         self._caller = caller
         self._allowed: dict[str, bool] = {}
 
-    def __call__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+    def __call__(self, symbol: str) -> None:
         allowed = self._allowed.get(symbol)
         if allowed is None:
             allowed = self._caller.may_access(symbol)
@@ -86,11 +86,30 @@ class _SymbolGate:
             raise Rejected(
                 Reason.FORBIDDEN, f"token {self._caller.name!r} may not write symbol {symbol!r}"
             )
+
+
+def symbol_check(caller: Caller | None) -> SymbolCheck | None:
+    """The check for `caller`'s frames; None when it may write every symbol (no cost)."""
+    if caller is None or caller.symbols is None:
+        return None
+    return SymbolCheck(caller)
+
+
+class _SymbolGate:
+    """A sink that refuses (FORBIDDEN) symbols its token may not access."""
+
+    __slots__ = ("_check", "_sink")
+
+    def __init__(self, sink: Sink, check: SymbolCheck) -> None:
+        self._sink = sink
+        self._check = check
+
+    def __call__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+        self._check(symbol)
         self._sink(symbol, values, publisher_id, sequence)
 
 
 def owner_sink(sink: Sink, caller: Caller | None) -> Sink:
     """`sink` for a ring opened by `caller`: as is without symbol patterns, else gated."""
-    if caller is None or caller.symbols is None:
-        return sink
-    return _SymbolGate(sink, caller)
+    check = symbol_check(caller)
+    return sink if check is None else _SymbolGate(sink, check)

@@ -173,7 +173,11 @@ class Server:
 
     def ingest_counters(self) -> dict[str, Any]:
         """GET /ingest: the counters of every transport, by transport name."""
-        response = self.request("GET", "/ingest")
+        return self.ingest_counters_with({})
+
+    def ingest_counters_with(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        """GET /ingest with `headers` (an admin token when auth is on)."""
+        response = self.request("GET", "/ingest", headers=headers)
         assert response.status == 200, response
         return response.json["transports"]
 

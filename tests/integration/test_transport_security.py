@@ -33,6 +33,7 @@ from transport.curve import CurveKeys
 from transport.publisher import PublishError
 from transport.shm.publisher import ShmPublisher
 from transport.shm.server import DEFAULT_DIRECTORY
+from transport.wire import Reason
 from transport.zmq.publisher import ZmqPublisher
 
 TIMEOUT_S = 20.0
@@ -50,11 +51,13 @@ class Tokens:
 
     def __init__(self, directory: Path) -> None:
         self.admin, self.writer, self.reader = new_token(), new_token(), new_token()
+        self.eur_desk = new_token()
         self.path = directory / "tokens.toml"
         self.path.write_text(
             tokens_file_entry("ops", self.admin, "admin")
             + tokens_file_entry("feeder", self.writer, "write")
             + tokens_file_entry("viewer", self.reader, "read")
+            + tokens_file_entry("eur-desk", self.eur_desk, "write", ["EUR/*"])
         )
 
     @property
@@ -77,9 +80,14 @@ def curve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
     server_public, server_secret = zmq.auth.create_certificates(keys, "server")
     client_public, client_secret = zmq.auth.create_certificates(keys, "client")
     _, stranger_secret = zmq.auth.create_certificates(keys, "stranger")
+    eur_public, eur_secret = zmq.auth.create_certificates(keys, "eur")
     public_key, _ = zmq.auth.load_certificate(client_public)
+    eur_key, _ = zmq.auth.load_certificate(eur_public)
     clients = root / "clients.toml"
-    clients.write_text(f'[[clients]]\nname = "feeder"\npublic_key = "{public_key.decode()}"\n')
+    clients.write_text(
+        f'[[clients]]\nname = "feeder"\npublic_key = "{public_key.decode()}"\n'
+        f'[[clients]]\nname = "eur-desk"\npublic_key = "{eur_key.decode()}"\n'
+    )
     tokens = Tokens(root)
     env = {
         "APP_AUTH__MODE": "token",
@@ -96,6 +104,7 @@ def curve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
         ns.tokens = tokens
         ns.good = CurveKeys.from_files(server_public, client_secret)
         ns.stranger = CurveKeys.from_files(server_public, stranger_secret)
+        ns.eur = CurveKeys.from_files(server_public, eur_secret)
         yield server, ns
 
 
@@ -123,6 +132,44 @@ def test_curve_admits_a_listed_key_and_refuses_others(curve_server: tuple[Server
     with pytest.raises(ControlError, match="no reply"):
         request(server.control_endpoint, {"op": "shm.open", "publisher_id": 1,
                                           "token": keys.tokens.writer}, timeout_s=1.0)  # fmt: skip
+
+
+def test_a_curve_client_is_held_to_its_tokens_symbol_patterns(
+    curve_server: tuple[Server, Any],
+) -> None:
+    """The ZAP handler names each connection's token; its frames for symbols outside the
+    token's patterns are nacked FORBIDDEN and not applied, on the ROUTER and on PULL."""
+    server, keys = curve_server
+    allowed, refused = f"EUR/{unique('OK')}", unique("USD")
+    with ZmqPublisher(server.router_endpoint, curve=keys.eur, timeout_s=TIMEOUT_S) as pub:
+        pub.publish(allowed, [1.0])
+        pub.flush(TIMEOUT_S)
+        pub.publish(refused, [2.0])
+        with pytest.raises(PublishError) as info:
+            pub.flush(TIMEOUT_S)
+    assert [r.reason for r in info.value.rejections] == [Reason.FORBIDDEN]
+    # PULL: fire and forget, the frame is counted as rejected and never applied.
+    rejected_before = server.ingest_counters_with(keys.tokens.rest)["zmq"]["pull"]["rejected"]
+    pull = ZmqPublisher(server.pull_endpoint, mode="push", curve=keys.eur, timeout_s=TIMEOUT_S)
+    with pull:
+        pull.publish(refused, [3.0])
+        pull.flush(TIMEOUT_S)
+    wait_until(
+        lambda: (
+            server.ingest_counters_with(keys.tokens.rest)["zmq"]["pull"]["rejected"].get(
+                "forbidden", 0
+            )
+            == rejected_before.get("forbidden", 0) + 1
+        ),
+        "the PULL frame refused",
+        TIMEOUT_S,
+    )
+    stats = server.request("GET", f"/stats/?symbol={refused}&exponent=1", headers=keys.tokens.rest)
+    assert stats.json["code"] == "unknown_symbol"  # nothing of it was applied
+    # The feeder (no patterns) may write that symbol.
+    with ZmqPublisher(server.router_endpoint, curve=keys.good, timeout_s=TIMEOUT_S) as pub:
+        pub.publish(refused, [4.0])
+        pub.flush(TIMEOUT_S)
 
 
 @pytest.mark.skipif(not DEFAULT_DIRECTORY.is_dir(), reason="needs /dev/shm")

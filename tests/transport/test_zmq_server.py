@@ -288,18 +288,18 @@ def test_an_unexpected_error_in_the_loop_still_answers_and_the_loop_survives(
         original = processor.process_message
         calls = iter([True])
 
-        def broken_once(buffer: bytes | memoryview) -> list:
+        def broken_once(buffer: bytes | memoryview, *check: object) -> list:
             if next(calls, False):
                 raise AssertionError("a bug in the transport")
-            return original(buffer)
+            return original(buffer, *check)
 
         monkeypatch.setattr(processor, "process_message", broken_once)
         original_begin = processor.begin
 
-        def begin_broken_once(buffers: list, batch_sink: object) -> object:
+        def begin_broken_once(buffers: list, batch_sink: object, *checks: object) -> object:
             if next(calls, False):
                 raise AssertionError("a bug in the transport")
-            return original_begin(buffers, batch_sink)
+            return original_begin(buffers, batch_sink, *checks)
 
         monkeypatch.setattr(processor, "begin", begin_broken_once)
         dealer = clients.connect(zmq.DEALER, ingest.bound_endpoints["router"])

@@ -55,7 +55,7 @@ import zmq
 from transport.control import MAX_REQUEST_BYTES, OPEN_GATE, ControlGate, ControlHandler, dispatch
 from transport.curve import ClientAuthenticator, CurveServer
 from transport.errors import TransportBindError
-from transport.ingest import Batch, BatchSink, FrameProcessor, Outcome, Sink
+from transport.ingest import Batch, BatchSink, FrameProcessor, Outcome, Sink, SymbolCheck
 from transport.wire import Reason, encode_ack, encode_nack, peek_identity
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,9 @@ class ZmqIngest:
         self.max_message_bytes = max_message_bytes  # per message part; -1: no cap (tests)
         self.curve = curve
         self.gate = gate
+        # CURVE client (token) name -> its symbol check, for tokens with symbol patterns; set
+        # with `curve` by appliance.transports. None: no frame is checked (no cost per frame).
+        self.symbol_checks: dict[str, SymbolCheck] | None = None
         self.curve_denied = 0  # handshakes the ZAP handler refused (its thread writes it)
         self._authenticator: ClientAuthenticator | None = None
         self.router_endpoint = router_endpoint
@@ -397,6 +400,28 @@ class ZmqIngest:
 
     # -- batches ------------------------------------------------------------------------------
 
+    def _check_of(self, message: list[Any]) -> SymbolCheck | None:
+        """The symbol check of the message's sender: its CURVE client's token, named in the
+        `User-Id` property the ZAP handler gave its connection."""
+        checks = self.symbol_checks
+        if checks is None:
+            return None
+        try:
+            user = message[-1].get("User-Id")
+        except zmq.ZMQError:  # no ZAP identity: CURVE refuses such connections before this
+            return None
+        return checks.get(user)
+
+    def _checks_of(self, messages: list[list[Any]], parts: list[int]) -> list[Any] | None:
+        """One check per buffer of a batch (None when nothing is checked)."""
+        if self.symbol_checks is None:
+            return None
+        return [
+            check
+            for message, count in zip(messages, parts, strict=True)
+            for check in [self._check_of(message)] * count
+        ]
+
     def _submit_router(self, sock: zmq.Socket) -> None:
         """Hot path: every ready DEALER (or REQ) message as one submission to the sink."""
         messages = list(self._ready_messages(sock))
@@ -415,7 +440,8 @@ class ZmqIngest:
             parts.append(len(payloads))
             buffers.extend(_buffer(part) for part in payloads)
         processor = self._processors["router"]
-        self._submit(_Flight("router", sock, processor, messages, envelopes, parts), buffers)
+        flight = _Flight("router", sock, processor, messages, envelopes, parts)
+        self._submit(flight, buffers, self._checks_of(messages, parts))
 
     def _submit_pull(self, sock: zmq.Socket) -> None:
         messages = list(self._ready_messages(sock))
@@ -424,14 +450,16 @@ class ZmqIngest:
         buffers = [_buffer(part) for message in messages for part in message]
         parts = [len(message) for message in messages]
         processor = self._processors["pull"]
-        self._submit(_Flight("pull", sock, processor, messages, [[]] * len(messages), parts),
-                     buffers)  # fmt: skip
+        flight = _Flight("pull", sock, processor, messages, [[]] * len(messages), parts)
+        self._submit(flight, buffers, self._checks_of(messages, parts))
 
-    def _submit(self, flight: _Flight, buffers: list[Buffer]) -> None:
+    def _submit(
+        self, flight: _Flight, buffers: list[Buffer], checks: list[Any] | None = None
+    ) -> None:
         sink = self._batch_sink
         assert sink is not None
         try:
-            flight.batch = flight.processor.begin(buffers, sink)
+            flight.batch = flight.processor.begin(buffers, sink, checks)
         except Exception:
             self._loop_error(flight.name)
             self._answer_all_internal(flight)
@@ -542,8 +570,9 @@ class ZmqIngest:
         if len(payloads) > 1 and len(payloads[0]) == 0:
             envelope, payloads = parts[:2], parts[2:]
         outcomes: list[Outcome] = []
+        check = self._check_of(parts)
         for part in payloads or [b""]:  # an empty message is answered (BAD_LENGTH), not lost
-            outcomes.extend(processor.process_message(_buffer(part)))
+            outcomes.extend(processor.process_message(_buffer(part), check))
         reply = b"".join(encode_outcome(outcome) for outcome in outcomes)
         try:
             sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
@@ -563,8 +592,9 @@ class ZmqIngest:
         processor = self._processors["pull"]
         for parts in self._ready_messages(sock):
             try:
+                check = self._check_of(parts)
                 for part in parts:  # each part is a wire message of its own
-                    processor.process_message(_buffer(part))
+                    processor.process_message(_buffer(part), check)
             except Exception:
                 self._loop_error("pull")
 
