@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from appliance.durability.fsutil import replace_private
+
 GENESIS = "0" * 64
 ANCHOR_FILE = "anchor.json"
 _FILE_RE = re.compile(r"^audit-(\d{6,})\.jsonl$")
@@ -84,15 +86,10 @@ def read_anchor(directory: Path) -> Anchor | None:
 
 
 def write_anchor(directory: Path, anchor: Anchor) -> None:
-    """Replace `anchor.json` atomically (write, fsync, rename)."""
-    path = directory / ANCHOR_FILE
-    tmp = path.with_suffix(".tmp")
+    """Replace `anchor.json` atomically and durably (the rename too: a power loss must not
+    leave an anchor older than the records fsynced before it)."""
     body = json.dumps({"seq": anchor.seq, "hash": anchor.hash, "file": anchor.file})
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(body + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    replace_private(directory / ANCHOR_FILE, (body + "\n").encode())
 
 
 @dataclass(frozen=True)

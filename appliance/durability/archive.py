@@ -27,13 +27,12 @@ from typing import Any, NamedTuple, TextIO
 import msgspec
 
 from appliance.durability.encryption import DataCipher
-from appliance.durability.fsutil import make_private_dir, open_private
+from appliance.durability.fsutil import fsync_dir, make_private_dir, open_private
 from appliance.durability.keycheck import check_data_dir
 from appliance.durability.warm import symbol_from_key
 from appliance.durability.warm_segment import (
     SUFFIX,
     SegmentCorruptError,
-    fsync_dir,
     read_header,
     write_atomically,
 )

@@ -67,3 +67,13 @@ def write_private(path: Path, data: bytes | memoryview) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_private(path: Path, data: bytes | memoryview) -> None:
+    """Replace `path` atomically and durably with `data`: a 0600 temp file beside it, fsync,
+    rename, fsync of the directory. A crash leaves the old file or the new one, never half;
+    a leftover `<name>.tmp` is garbage to delete."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_private(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

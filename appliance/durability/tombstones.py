@@ -8,7 +8,7 @@ later batch for it continues the history's index numbering (the warm tier keeps 
 would take a restarted numbering for values it already holds). Entries are never pruned: one
 line per deleted symbol.
 
-The file is replaced atomically (temp file, fsync, rename, directory fsync) before the store
+The file is replaced atomically (`fsutil.replace_private`) before the store
 drops the symbol, under the log writer's commit lock: what the file says and what the store
 holds never disagree about a committed batch.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from appliance.durability.fsutil import fsync_dir
+from appliance.durability.fsutil import replace_private
 
 FILE_NAME = "deleted-symbols.json"
 
@@ -56,12 +56,4 @@ def record(data_dir: str | os.PathLike[str], symbol: str, tombstone: Tombstone) 
     body = msgspec.json.encode(
         {name: _Entry(t.lsn, t.total) for name, t in sorted(entries.items())}
     )
-    temp = directory / (FILE_NAME + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, directory / FILE_NAME)
-    fsync_dir(directory)
+    replace_private(directory / FILE_NAME, body)

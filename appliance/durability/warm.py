@@ -30,7 +30,7 @@ import numpy as np
 
 from appliance.config import DurabilityConfig
 from appliance.durability.encryption import DataCipher
-from appliance.durability.fsutil import make_private_dir
+from appliance.durability.fsutil import fsync_dir, make_private_dir
 from appliance.durability.keycheck import check_data_dir
 from appliance.durability.records import BatchRecord
 from appliance.durability.warm_sealer import LogSealer
@@ -42,7 +42,6 @@ from appliance.durability.warm_segment import (
     SegmentData,
     SegmentHeader,
     build_segment,
-    fsync_dir,
     read_header,
     read_segment,
     segment_name,

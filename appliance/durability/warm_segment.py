@@ -30,7 +30,6 @@ header's symbol and first index are checked against the file's name as for plain
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -50,13 +49,13 @@ from appliance.durability.encryption import (
     read_first_chunk,
     seal_chunks,
 )
-from appliance.durability.fsutil import fsync_dir, write_private
+from appliance.durability.fsutil import replace_private
 from engine_core.summary import ROW_WIDTH, SUMMARY_ROW_VERSION, summarize_blocks
 
 MAGIC = b"HFTWARM1"
 FORMAT_VERSION = 1
 SUFFIX = ".seg"
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # what fsutil.replace_private names its temp file; the startup scan deletes it
 _LEN = struct.Struct("<I")
 _PREFIX = len(MAGIC) + _LEN.size
 _ZSTD_LEVEL = 1  # float64 prices compress the same at 1 and 3 (1.151 vs 1.135 B/value on a
@@ -219,10 +218,7 @@ def write_atomically(directory: Path, name: str, data: bytes) -> Path:
     until the segment is sealed.
     """
     final = directory / name
-    tmp = directory / (name + TMP_SUFFIX)
-    write_private(tmp, data)  # 0600, whatever the umask
-    os.replace(tmp, final)
-    fsync_dir(directory)
+    replace_private(final, data)  # a `<name>.tmp` first, 0600 whatever the umask
     return final
 
 
