@@ -18,6 +18,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
+from time import perf_counter
 from typing import Any
 from urllib.parse import unquote
 
@@ -103,6 +104,15 @@ def close_if_draining(request: Request | None) -> None:
 class JsonErrorHandler(ErrorHandler):
     """Renders every exception, Sanic's own included, as the API's JSON error body."""
 
+    def response(self, request: Request, exception: BaseException) -> HTTPResponse:
+        """Sanic's entry for every exception (unknown paths included, which reach no route):
+        the rendered error is counted by code for GET /metrics."""
+        response = super().response(request, exception)
+        timing = getattr(getattr(getattr(request, "app", None), "ctx", None), "rest_metrics", None)
+        if timing is not None:
+            timing.count_error(getattr(response, "body", None))
+        return response
+
     def default(self, request: Request, exception: BaseException) -> HTTPResponse:
         close_if_draining(request)
         if isinstance(exception, ApiError):
@@ -163,6 +173,12 @@ def client_gone_response(request: Request | None, exception: BaseException) -> H
         },
     )
     return error_response(ApiError("bad_request", "the client closed the connection"))
+
+
+def status_of(exception: BaseException) -> int:
+    """The status the error handler gives an exception a route raised (ApiError's `status`,
+    Sanic's `status_code`, else 500): the latency histogram's label for it."""
+    return int(getattr(exception, "status", None) or getattr(exception, "status_code", 500) or 500)
 
 
 def check_json_content_type(header: str | None) -> None:
@@ -450,15 +466,29 @@ def _route(
     """
 
     def register(handler: Handler) -> Handler:
+        name = handler.__name__
+
         async def hooked(request: Request, **params: Any) -> HTTPResponse:
             request_id.set(request)  # log lines of this request carry its id
             ctx = request.app.ctx
-            if role is not None and ctx.access is not None:
-                request.ctx.principal = ctx.access.authorize(request, role)
-            if waits_for_ready and not ctx.readiness.accepting:  # one read once started
-                await ctx.readiness.wait_accepting()
-            close_if_draining(request)
-            return await handler(request, **params)
+            timing = ctx.rest_metrics  # None with [metrics] off: no clock read at all
+            started = perf_counter() if timing is not None else 0.0
+            try:
+                if role is not None and ctx.access is not None:
+                    request.ctx.principal = ctx.access.authorize(request, role)
+                if waits_for_ready and not ctx.readiness.accepting:  # one read once started
+                    await ctx.readiness.wait_accepting()
+                close_if_draining(request)
+                response = await handler(request, **params)
+            except Exception as exc:
+                if timing is not None:  # counted by code where the error handler renders it
+                    timing.observe(name, status_of(exc), perf_counter() - started)
+                raise
+            if timing is not None:
+                timing.observe(name, response.status, perf_counter() - started)
+                if response.status >= 400:  # an error body a handler returned (probes' 503)
+                    timing.count_error(response.body)
+            return response
 
         app.route(path, methods=methods, strict_slashes=False, name=handler.__name__)(hooked)
         return handler

@@ -3,14 +3,15 @@
 Why a custom collector: the appliance already counts what matters (the transports' frames,
 values and rejections, the store's series, the log's writer, the warm tier), so a scrape reads
 those counters (`ApplianceCollector.collect`) and the hot paths pay nothing for them. The only
-recording added for metrics is once per REST request (a wrapper around each route's handler
-filling `RestMetrics`) and once per log commit and fsync (`appliance.latency.WalTimings`); both
-are plain Python objects that the collector turns into families at scrape time.
+recording added for metrics is once per REST request (the app's route hook,
+`appliance.app._route`, filling `RestMetrics`) and once per log commit and fsync
+(`appliance.latency.WalTimings`); both are plain Python objects that the collector turns into
+families at scrape time.
 
 Every app has its own `CollectorRegistry` (`app.ctx.metrics_registry`), never the library's
 global one: a test or benchmark can build many apps in one process. With `[metrics] enabled =
 false`, `install_metrics` does nothing at all: no route (GET /metrics answers 404 not_found),
-no handler wrapped, no timings.
+no request timing (`app.ctx.rest_metrics` is None), no log timings.
 
 Names: `hft_` prefix, base units, `_total` for counters; per-symbol labels are bounded by
 `store.max_symbols`, error codes by the table in `appliance.errors`, routes by the app's routes.
@@ -19,7 +20,6 @@ docs/metrics.md lists every metric.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -44,7 +44,6 @@ from appliance.latency import REQUEST_BUCKETS_S, LatencyHistogram, WalTimings
 # The Prometheus text exposition format (the library's CONTENT_TYPE_LATEST may name 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
-ROUTE_NAME = "metrics"
 UNMATCHED_ROUTE = "unmatched"  # a request no route matched (404 not_found, 405)
 OTHER_CODE = "other"  # an error body without a known code (never expected)
 
@@ -56,7 +55,7 @@ _ERROR_BODY = msgspec.json.Decoder(dict[str, Any])
 class RestMetrics:
     """Per (route name, status): a latency histogram; per error code: a count.
 
-    Filled by the handler wrappers and the error handler on the event loop (one thread), read
+    Filled by the app's route hook and its error handler on the event loop (one thread), read
     at scrape time.
     """
 
@@ -298,7 +297,7 @@ def _ingest_rows(
         yield transport, "rings", totals, reasons
 
 
-def install_metrics(app: Sanic, register: Any = None) -> None:
+def install_metrics(app: Sanic, register: Any) -> None:
     """Give `app` GET /metrics and the per-request timing, per `[metrics]` (call once, from
     `create_app`, before the server starts). Disabled: nothing is installed.
 
@@ -307,6 +306,7 @@ def install_metrics(app: Sanic, register: Any = None) -> None:
     """
     app.ctx.metrics_registry = None
     app.ctx.wal_timings = None
+    app.ctx.rest_metrics = None
     if not app.ctx.config.metrics.enabled:
         return
     rest = RestMetrics()
@@ -317,63 +317,12 @@ def install_metrics(app: Sanic, register: Any = None) -> None:
     registry.register(ApplianceCollector(app, rest, wal))
     app.ctx.metrics_registry = registry
     app.ctx.wal_timings = wal
-    _time_requests(app, rest)
+    # The app's route hook times every request and counts error bodies into it; its error
+    # handler counts the errors it renders (appliance.app).
+    app.ctx.rest_metrics = rest
 
     async def metrics(request: Request) -> HTTPResponse:
         # On the loop: the families are built from in-memory counters (bounded by max_symbols).
         return HTTPResponse(generate_latest(registry), content_type=CONTENT_TYPE)
 
-    if register is not None:  # the app's route hook (auth, request id): `register(path)(fn)`
-        register(METRICS_PATH)(metrics)
-    else:
-        app.add_route(
-            metrics, METRICS_PATH, methods=["GET", "HEAD"], strict_slashes=False, name=ROUTE_NAME
-        )
-
-
-def _time_requests(app: Sanic, rest: RestMetrics) -> None:
-    """Time every route's handler and count every error response by code.
-
-    Why not a request/response middleware pair: Sanic runs each middleware through its signal
-    machinery, which cost ~4 us per request here (9 % of the server's CPU per GET /stats/,
-    benches/RESULTS.md, issue 14); wrapping each route's handler costs one coroutine frame.
-    Errors: a response a handler returns with status >= 400 is counted here; an exception is
-    counted where the app's error handler renders it (unknown paths included, which reach no
-    handler), so each error response is counted exactly once.
-    """
-    clock = time.perf_counter
-    observe = rest.observe
-    for route in app.router.routes:
-        route.handler = _timed(route.handler, route.name, rest, clock, observe)
-    render = app.error_handler.response
-
-    def counted(request: Request, exception: BaseException) -> Any:
-        response = render(request, exception)
-        rest.count_error(getattr(response, "body", None))
-        return response
-
-    app.error_handler.response = counted  # type: ignore[method-assign]
-
-
-def _timed(handler: Any, name: str, rest: RestMetrics, clock: Any, observe: Any) -> Any:
-    @functools.wraps(handler)
-    async def timed(request: Request, **kwargs: Any) -> Any:
-        started = clock()
-        try:
-            response = await handler(request, **kwargs)
-        except Exception as exc:
-            observe(name, getattr(exc, "status", None) or _status_of(exc), clock() - started)
-            raise
-        status = response.status
-        observe(name, status, clock() - started)
-        if status >= 400:
-            rest.count_error(response.body)
-        return response
-
-    return timed
-
-
-def _status_of(exc: BaseException) -> int:
-    """The status the error handler will give an exception a handler raised (ApiError's
-    `status`, Sanic's `status_code`, else 500)."""
-    return int(getattr(exc, "status_code", 500) or 500)
+    register(METRICS_PATH)(metrics)  # through the app's route hook: auth, request id
