@@ -192,6 +192,16 @@ _WAKE = object()  # an inline commit asks the writer thread to schedule a sync o
 IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
+def timed_fsync(timings: WalTimings | None, fd: int) -> None:
+    """fsync `fd`, recording its duration for GET /metrics when `timings` is given."""
+    if timings is None:
+        os.fsync(fd)
+        return
+    started = timings.fsync_started()
+    os.fsync(fd)
+    timings.fsync_done(started)
+
+
 class SegmentFile:
     """The open tail segment: appends, truncation back to the last good size, rotation."""
 
@@ -246,9 +256,9 @@ class SegmentFile:
         self.size += total
         self.written_total += total
 
-    def fsync(self) -> None:
+    def fsync(self, timings: WalTimings | None = None) -> None:
         if self.fd is not None:
-            os.fsync(self.fd)
+            timed_fsync(timings, self.fd)
 
     def truncate_to_good(self) -> None:
         """Drop a torn write: the file ends at the last record written completely."""
@@ -307,12 +317,8 @@ class _IntervalSyncer:
                 fd, self._pending = self._pending, None
                 if fd is None:
                     return
-            timings = self._owner.timings
             try:
-                started = timings.fsync_started() if timings is not None else 0
-                os.fsync(fd)
-                if timings is not None:
-                    timings.fsync_done(started)
+                timed_fsync(self._owner.timings, fd)
                 self._owner.fsyncs += 1
             except OSError as exc:  # acknowledged already: logged, as the writer's own sync
                 log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
@@ -630,12 +636,8 @@ class DurableWriter:
     def _sync_quietly(self) -> bool:
         """Interval fsync: the batches are already acknowledged, so a failure is only logged.
         Returns whether the log is now on disk."""
-        timings = self.timings
         try:
-            started = timings.fsync_started() if timings is not None else 0
-            self._segment.fsync()
-            if timings is not None:
-                timings.fsync_done(started)
+            self._segment.fsync(self.timings)
             self.fsyncs += 1
         except OSError as exc:
             log.error("write-ahead log fsync failed", extra={"reason": str(exc)})
@@ -783,11 +785,7 @@ class DurableWriter:
             written = True
             if self.sync == "always":
                 # One fsync covers the whole group: this is the group commit.
-                timings = self.timings
-                started = timings.fsync_started() if timings is not None else 0
-                self._segment.fsync()
-                if timings is not None:
-                    timings.fsync_done(started)
+                self._segment.fsync(self.timings)
                 self.fsyncs += 1
         except OSError as exc:
             # Nothing of the group is kept or applied; its lsns are handed out again later.
