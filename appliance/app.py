@@ -226,6 +226,7 @@ def build_store(config: AppConfig, engine: Engine) -> Store:
         ),
         max_symbols=config.store.max_symbols,
         starting_capacity=config.store.starting_capacity,
+        clamp_out_of_order=config.store.out_of_order == "clamp",
     )
 
 
@@ -413,10 +414,17 @@ class LogIngest:
     def __contains__(self, symbol: object) -> bool:
         return symbol in self._ctx.store
 
-    def ingest(self, symbol: str, values: Any, publisher_id: int = 0, sequence: int = 0) -> int:
+    def ingest(
+        self,
+        symbol: str,
+        values: Any,
+        publisher_id: int = 0,
+        sequence: int = 0,
+        timestamps: Any = None,
+    ) -> int:
         """The ring pollers' call: an inline commit under `interval` / `never` (on this thread,
         no hand-off to the writer thread), the group commit's fsync under `always`."""
-        return self._ctx.durable.ingest(symbol, values, publisher_id, sequence)
+        return self._ctx.durable.ingest(symbol, values, publisher_id, sequence, timestamps)
 
     def submit_group(self, items: Any, done: Any) -> None:
         """A transport's poll batch as one log group (`DurableWriter.submit_group`)."""

@@ -26,7 +26,9 @@ DEFAULT_CONFIG_FILE = "Config.toml"
 
 # Worst-case bytes one JSON value occupies in a POST body ("1.2345678901234567e-300, " is 25),
 # rounded up; used when `server.max_body_bytes` is 0 (derived from `store.max_batch_size`).
-BODY_BYTES_PER_VALUE = 32
+# A value and its timestamp as JSON, with margin: "1.7976931348623157e+308," is 24 bytes and
+# "9223372036854775807," 20.
+BODY_BYTES_PER_VALUE = 48
 BODY_BYTES_OVERHEAD = 64 * 1024
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -98,6 +100,10 @@ class StoreConfig(_Section):
     max_symbols: PositiveInt = 10
     starting_capacity: PositiveInt = 1_000_000
     max_batch_size: PositiveInt = 1_000_000
+    # A batch whose timestamps go backwards: "reject" refuses it whole (400 out_of_order, nack
+    # OUT_OF_ORDER); "clamp" stores each value that goes back at the previous timestamp and
+    # counts it (appliance.timestamps).
+    out_of_order: Literal["reject", "clamp"] = "reject"
 
     def __post_init__(self) -> None:
         if self.cleanup_keep_count > self.max_data_retention:
@@ -172,6 +178,30 @@ class MetricsConfig(_Section):
     enabled: bool = True
 
 
+class StreamConfig(_Section):
+    """[stream]: live statistics pushed to clients (GET /stream, the stats PUB socket)."""
+
+    # Most events per symbol per second on each stream: batches in between coalesce (the
+    # newest state wins).
+    max_rate_hz: Annotated[float, Meta(gt=0, le=1000)] = 10.0
+    # Events queued per SSE client; a client that falls this far behind is dropped with a
+    # final event, never slowing ingest or other clients.
+    queue_events: PositiveInt = 256
+    # Most concurrent GET /stream clients (429 rate_limited above it).
+    max_clients: PositiveInt = 64
+    # A comment line sent on an idle stream this often, so proxies keep it open.
+    heartbeat_s: Annotated[float, Meta(gt=0, le=3600)] = 15.0
+    # The window of the PUB socket's events: the last 10**pub_exponent values.
+    pub_exponent: Annotated[int, Meta(ge=1, le=8)] = 3
+
+
+class HistoryConfig(_Section):
+    """[history]: bounds of history answers (GET /history/bars)."""
+
+    # Most bars in one GET /history/bars answer (413 batch_too_large above it).
+    max_bars: PositiveInt = 100_000
+
+
 AuthMode = Literal["off", "token"]
 
 
@@ -238,6 +268,9 @@ class ZmqConfig(_Section):
     # with them the ROUTER, PULL and control sockets refuse clients without a listed key.
     curve_secret_key_file: str = ""
     curve_clients_file: str = ""
+    # PUB socket of live statistics (the events of GET /stream, topic = symbol, window
+    # stream.pub_exponent); "" = off.
+    stats_pub_endpoint: OptionalEndpoint = ""
 
     def __post_init__(self) -> None:
         if bool(self.curve_secret_key_file) != bool(self.curve_clients_file):
@@ -341,6 +374,8 @@ class AppConfig(_Section):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    stream: StreamConfig = msgspec.field(default_factory=StreamConfig)
+    history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
 
     @property
     def max_body_bytes(self) -> int:

@@ -56,6 +56,27 @@ _ROWS = (
         "invalid_exponent", 400, "`exponent` is missing, not a plain integer, or outside 1..8."
     ),
     ErrorCode(
+        "invalid_window",
+        400,
+        "`seconds` is not a positive decimal (at least 1 ns, at most 2**63 - 1 ns), or both "
+        "`exponent` and `seconds` were given (a window is one or the other).",
+    ),
+    ErrorCode(
+        "invalid_timestamps",
+        400,
+        "`timestamps` is not an array of integers in 0..2**63-1 (ns since the epoch), or its "
+        "length differs from `values`; on the wire, a negative timestamp.",
+        wire_reason=Reason.INVALID_TIMESTAMP,
+    ),
+    ErrorCode(
+        "out_of_order",
+        400,
+        "The batch's timestamps go backwards: its first is before the symbol's newest "
+        'timestamp, or one is before its predecessor (`store.out_of_order = "reject"`); '
+        "nothing of the batch was applied.",
+        wire_reason=Reason.OUT_OF_ORDER,
+    ),
+    ErrorCode(
         "missing_parameter",
         400,
         "A required query parameter (`symbol`) is missing; in a POST /stats/batch result, the "

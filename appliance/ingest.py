@@ -36,8 +36,9 @@ from appliance.audit import Audit, NullAudit
 from appliance.durability.writer import StorageUnavailableError
 from appliance.errors import ERROR_CODES, ApiError
 from appliance.store import SymbolLimitError
+from appliance.timestamps import OutOfOrderError, check_timestamps
 from appliance.validation import check_values, validate_symbol
-from transport.ingest import Rejected
+from transport.ingest import Item, Rejected
 from transport.wire import RETRYABLE, Reason
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ log = logging.getLogger(__name__)
 # with its sign bit clear (so not -0.0, which check_values normalizes).
 _INF_BITS = np.uint64(0x7FF0000000000000)
 _FEW_VALUES = 8
-
-Item = tuple[str, np.ndarray, int, int]
+_REFUSALS = (ApiError, SymbolLimitError, StorageUnavailableError, OutOfOrderError)
 
 
 class Ingestor(Protocol):
@@ -56,7 +56,12 @@ class Ingestor(Protocol):
     def __contains__(self, symbol: object) -> bool: ...
 
     def ingest(
-        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int = 0,
+        sequence: int = 0,
+        timestamps: np.ndarray | None = None,
     ) -> int: ...
 
 
@@ -84,6 +89,8 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return ApiError("symbol_limit", f"{exc}; existing symbols still accept batches")
     if isinstance(exc, StorageUnavailableError):
         return ApiError("storage_unavailable", str(exc))
+    if isinstance(exc, OutOfOrderError):
+        return ApiError("out_of_order", f"{exc}; nothing of the batch was applied")
     return None
 
 
@@ -99,8 +106,9 @@ def reason_for(exc: BaseException) -> Reason:
 
 
 class StoreSink:
-    """The transports' sink: `sink(symbol, values, publisher_id, sequence)` appends all of the
-    batch or raises `Rejected`; `prepare` + `submit_batch` do the same for a poll batch."""
+    """The transports' sink: `sink(symbol, values, publisher_id, sequence, timestamps)` appends
+    all of the batch or raises `Rejected`; `prepare` + `submit_batch` do the same for a poll
+    batch."""
 
     def __init__(
         self, store: Ingestor, max_batch_size: int, audit: Audit | None = None,
@@ -113,12 +121,17 @@ class StoreSink:
         self.audit = None if audit is None or isinstance(audit, NullAudit) else audit
 
     def __call__(
-        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int = 0,
+        sequence: int = 0,
+        timestamps: np.ndarray | None = None,
     ) -> None:
-        values = self.prepare(symbol, values)
+        values = self.prepare(symbol, values, timestamps)
         try:
-            self.store.ingest(symbol, values, publisher_id, sequence)
-        except (ApiError, SymbolLimitError, StorageUnavailableError) as exc:
+            self.store.ingest(symbol, values, publisher_id, sequence, timestamps)
+        except _REFUSALS as exc:
             message = exc.message if isinstance(exc, ApiError) else str(exc)
             raise Rejected(reason_for(exc), message) from None
         if self.audit is not None:
@@ -126,8 +139,12 @@ class StoreSink:
                 self.transport, publisher_id, None, symbol, values.shape[0], sequence
             )
 
-    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
-        """Validate like REST: the values to append, or `Rejected` (nothing applied)."""
+    def prepare(
+        self, symbol: str, values: np.ndarray, timestamps: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Validate like REST: the values to append, or `Rejected` (nothing applied).
+        `timestamps` (a decoded frame's column: int64, one per value) are checked to be
+        >= 0; their order is the store's (or the log writer's) to check."""
         # Hot path: one reduction over the values, one dict lookup.
         try:
             if values.shape[0] > self.max_batch_size:
@@ -138,9 +155,15 @@ class StoreSink:
                 )
             if symbol not in self.store:
                 validate_symbol(symbol)  # every stored symbol was validated when created
-            return fast_check(values)
+            checked = fast_check(values)
         except ApiError as exc:
             raise Rejected(reason_for(exc), exc.message) from None
+        if timestamps is not None:
+            try:
+                check_timestamps(timestamps, values.shape[0])
+            except ValueError as exc:
+                raise Rejected(Reason.INVALID_TIMESTAMP, str(exc)) from None
+        return checked
 
     def submit_batch(self, items: list[Item], done: Callable[[list[Reason]], None]) -> None:
         """Apply prepared items in order; `done` gets one Reason per item (NONE: applied),
@@ -166,7 +189,7 @@ class StoreSink:
             if sessions_call is not None:
                 sessions_call(transport, fold_sessions(items, reasons))
             else:
-                for (symbol, values, publisher_id, sequence), reason in zip(
+                for (symbol, values, publisher_id, sequence, _), reason in zip(
                     items, reasons, strict=True
                 ):
                     if reason is Reason.NONE:
@@ -180,12 +203,12 @@ class StoreSink:
     def _apply_now(self, items: list[Item]) -> list[Reason]:
         reasons: list[Reason] = []
         broken: set[int] = set()  # publishers with a retryable failure in this batch
-        for symbol, values, publisher_id, sequence in items:
+        for symbol, values, publisher_id, sequence, timestamps in items:
             if publisher_id in broken:
                 reasons.append(Reason.INTERNAL)
                 continue
             try:
-                self.store.ingest(symbol, values, publisher_id, sequence)
+                self.store.ingest(symbol, values, publisher_id, sequence, timestamps)
             except Exception as exc:
                 reason = reason_for(exc)
                 if reason is Reason.INTERNAL:
@@ -203,7 +226,7 @@ def fold_sessions(items: list[Item], reasons: list[Reason]) -> dict[tuple[int, s
     sessions: dict[tuple[int, str], list[int]] = {}
     applied = Reason.NONE
     last_id, last_symbol, entry = -1, "", [0, 0, 0, 0]
-    for (symbol, values, publisher_id, sequence), reason in zip(items, reasons, strict=True):
+    for (symbol, values, publisher_id, sequence, _), reason in zip(items, reasons, strict=True):
         if reason is not applied:
             continue
         if publisher_id != last_id or symbol != last_symbol:  # a batch is mostly one session

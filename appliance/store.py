@@ -18,16 +18,25 @@ symbols with a miss are locked together, so that the engine answers all their mi
 call (one launch for a GPU engine). Those locks are taken in creation order; every other
 caller holds at most one symbol lock at a time, so no cycle of waiting threads can form.
 
-The store never knows about HTTP: it raises `UnknownSymbolError` / `SymbolLimitError`.
+Why timestamps live here too: every value has a time (its event timestamp, or its batch's
+receive time; `appliance.timestamps`), kept as marks in a `TimeIndex` beside the series and
+updated under the same lock, so a time window (`stats_seconds`) maps to a count window in
+O(log marks) and is answered by the same engine call as a count window. Count windows are
+cached under their exponent (1..8), time windows under minus their length in ns: one dict.
+
+The store never knows about HTTP: it raises `UnknownSymbolError` / `SymbolLimitError` /
+`OutOfOrderError`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from appliance.timestamps import Resolved, TimeIndex, resolve
 from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats
 
 
@@ -50,19 +59,47 @@ class _Entry:
     """One symbol: its series, the lock serializing access to it, and its stats cache.
 
     `order` is the symbol's creation rank, the order in which `stats_many` takes locks.
+    `version` counts applied batches (live streams compare it instead of being told of each
+    batch, so ingest pays nothing for them); `clamped` counts values whose timestamp was moved
+    forward (`store.out_of_order = "clamp"`).
     """
 
-    __slots__ = ("cache", "deleted", "lock", "order", "series")
+    __slots__ = ("cache", "clamped", "deleted", "lock", "order", "series", "time", "version")
 
     def __init__(self, series: Series, order: int) -> None:
         self.series = series
         self.order = order
+        self.time = TimeIndex()
+        self.version = 0
+        self.clamped = 0
         self.lock = threading.Lock()
         # Set under `lock` by `Store.delete`: a writer that found this entry before the delete
         # sees it once it holds the lock and starts over, so no batch lands in a dropped series.
         self.deleted = False
         # Replaced (never mutated in place by writers) on every append; see the module docstring.
         self.cache: dict[int, WindowStats] = {}
+
+    def apply(self, values: np.ndarray, resolved: Resolved) -> None:
+        """Append a batch and its timestamps (the caller holds `lock`)."""
+        try:
+            evicted = self.series.append(values)
+        finally:
+            self.cache = {}  # even if the engine raised: never serve old results
+        times = self.time
+        times.append(int(values.shape[0]), resolved)
+        if evicted:
+            times.evict_to(times.end - len(self.series))
+        self.clamped += resolved.clamped
+        self.version += 1
+
+    def window_of(self, key: int) -> int:
+        """The engine window of a cache key: 10**exponent, or the count of a time window."""
+        if key > 0:
+            return 10**key
+        times = self.time
+        newest = times.newest
+        assert newest is not None  # a symbol exists only with values
+        return times.count_since(newest + key, times.end - len(self.series))
 
 
 # The "cache" of a symbol the store does not hold: never written, every lookup misses.
@@ -79,6 +116,7 @@ class Store:
         retention: RetentionPolicy,
         max_symbols: int,
         starting_capacity: int,
+        clamp_out_of_order: bool = False,
     ) -> None:
         if max_symbols < 1:
             raise ValueError("max_symbols must be >= 1")
@@ -86,47 +124,62 @@ class Store:
         self.retention = retention
         self.max_symbols = max_symbols
         self.starting_capacity = starting_capacity
+        # store.out_of_order = "clamp": timestamps that go back are moved forward, not refused.
+        self.clamp_out_of_order = clamp_out_of_order
         self._entries: dict[str, _Entry] = {}
         self._registry_lock = threading.Lock()
         self._created = 0  # creation ranks stay unique after deletions (the lock order)
 
     def ingest(
-        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int = 0,
+        sequence: int = 0,
+        timestamps: np.ndarray | None = None,
+        received_ns: int = 0,
     ) -> int:
         """Append a validated batch (1-D float64, finite, >= 0, non-empty); return its length.
 
         `publisher_id` / `sequence` say where a transport batch came from; the store keeps no
         origin (the write-ahead log records it), they are accepted so that the store and the
-        log's writer are interchangeable behind `appliance.ingest.make_sink`.
+        log's writer are interchangeable behind `appliance.ingest.make_sink`. `timestamps`
+        (int64 ns, checked by `appliance.timestamps.check_timestamps`) are the values' event
+        times; without them every value gets `received_ns` (0: now). Timestamps that go back
+        raise OutOfOrderError unless `clamp_out_of_order` (see `appliance.timestamps`).
 
         A batch for a new symbol is appended before the symbol is published, so a failure
-        (the limit, or the engine raising) leaves no trace: no symbol, no partial batch.
+        (the limit, the order, or the engine raising) leaves no trace: no symbol, no partial
+        batch.
         """
+        if not received_ns:
+            received_ns = time.time_ns()
+        clamp = self.clamp_out_of_order
         while True:
             entry = self._entries.get(symbol)
             if entry is None:
-                if self._create_with(symbol, values) is not None:
+                if self._create_with(symbol, values, timestamps, received_ns) is not None:
                     return int(values.shape[0])
                 continue  # another thread created it first (or deleted it again)
             with entry.lock:
                 if entry.deleted:
                     continue  # deleted after the lookup: append to the symbol's next series
-                try:
-                    entry.series.append(values)
-                finally:
-                    entry.cache = {}  # even if the engine raised: never serve old results
+                entry.apply(values, resolve(timestamps, received_ns, entry.time.newest, clamp))
             return int(values.shape[0])
 
-    def _create_with(self, symbol: str, values: np.ndarray) -> _Entry | None:
+    def _create_with(
+        self, symbol: str, values: np.ndarray, timestamps: np.ndarray | None, received_ns: int
+    ) -> _Entry | None:
         """Create `symbol` holding `values`; None if another thread created it first."""
         with self._registry_lock:
             if symbol in self._entries:
                 return None
             if len(self._entries) >= self.max_symbols:
                 raise SymbolLimitError.at(len(self._entries), self.max_symbols)
+            resolved = resolve(timestamps, received_ns, None, self.clamp_out_of_order)
             series = self.engine.new_series(self.retention, self.starting_capacity)
             entry = _Entry(series, self._created)
-            entry.series.append(values)
+            entry.apply(values, resolved)
             self._entries[symbol] = entry
             self._created += 1
             return entry
@@ -146,21 +199,31 @@ class Store:
 
     def stats(self, symbol: str, exponent: int) -> WindowStats:
         """Statistics over the last min(10**exponent, len) values of `symbol`."""
+        return self._stats(symbol, exponent)
+
+    def stats_seconds(self, symbol: str, window_ns: int) -> WindowStats:
+        """Statistics over the held values whose timestamp is at or after (newest timestamp
+        - `window_ns`): a time window anchored at the symbol's own newest tick, never the wall
+        clock. `window_ns` >= 1; the answer's `count` says how many values it covers."""
+        return self._stats(symbol, time_key(window_ns))
+
+    def _stats(self, symbol: str, key: int) -> WindowStats:
         entry = self._entries.get(symbol)
         if entry is None:
             raise UnknownSymbolError(symbol)
-        cached = entry.cache.get(exponent)  # lock-free: a dict lookup is atomic under the GIL
+        cached = entry.cache.get(key)  # lock-free: a dict lookup is atomic under the GIL
         if cached is not None:
             return cached
         with entry.lock:
-            result = entry.series.stats(10**exponent)
+            result = entry.series.stats(entry.window_of(key))
             # Stored under the lock, so it cannot land in a cache created by a later append.
-            entry.cache[exponent] = result
+            entry.cache[key] = result
         return result
 
     def stats_many(self, queries: Sequence[tuple[str, int]]) -> list[WindowStats | None]:
         """`stats(symbol, exponent)` for every query, in order; None for an unknown symbol.
 
+        A query's second item is an exponent (1..8) or, for a time window, `time_key(ns)`.
         Exponents are validated by the caller, as for `stats`. Every answer about one symbol
         comes from one state of its series, so two queries on a symbol never straddle an
         append: all are read from the one cache dict of that state (see the module docstring).
@@ -229,7 +292,7 @@ class Store:
                 for exponent in wanted[symbol]
                 if exponent not in entry.cache
             ]
-            requests = [(e.series, 10**exponent) for e, exponent in todo]
+            requests = [(e.series, e.window_of(key)) for e, key in todo]
             computed = self.engine.stats_many(requests) if requests else []
             for (entry, exponent), result in zip(todo, computed, strict=True):
                 entry.cache[exponent] = result
@@ -268,6 +331,50 @@ class Store:
                 return views(len(entry.series))
             return [entry.series.tail(len(entry.series))]
 
+    def newest_timestamp(self, symbol: str) -> int:
+        """The newest timestamp of `symbol` (ns since the epoch)."""
+        entry = self._entry(symbol)
+        newest = entry.time.newest
+        assert newest is not None
+        return newest
+
+    def version(self, symbol: str) -> int:
+        """How many batches `symbol` has taken: changes after every applied batch, without
+        locking (a live stream polls it instead of being called on the ingest path)."""
+        return self._entry(symbol).version
+
+    def clamped(self, symbol: str) -> int:
+        """Values of `symbol` whose timestamp `store.out_of_order = "clamp"` moved forward."""
+        return self._entry(symbol).clamped
+
+    def count_clamped(self, symbol: str, values: int) -> None:
+        """Count values the log's writer clamped before logging (it resolves timestamps ahead
+        of the store, so the store's own resolution finds nothing to clamp)."""
+        self._entry(symbol).clamped += values
+
+    def time_marks(self, symbol: str) -> tuple[np.ndarray, np.ndarray]:
+        """(first value of each run relative to the oldest held value, its timestamp): the
+        marks a checkpoint saves beside `snapshot_values`; the caller keeps appends out
+        between the two calls (the log's commit lock)."""
+        entry = self._entry(symbol)
+        with entry.lock:
+            times = entry.time
+            return times.marks(times.end - len(entry.series))
+
+    def restore_time_marks(self, symbol: str, index: np.ndarray, ns: np.ndarray) -> None:
+        """Put back a checkpoint's marks after its values were appended (replacing the
+        receive-time marks those appends made)."""
+        entry = self._entry(symbol)
+        with entry.lock:
+            entry.time.restore(index, ns, len(entry.series))
+            entry.cache = {}
+
+    def _entry(self, symbol: str) -> _Entry:
+        entry = self._entries.get(symbol)
+        if entry is None:
+            raise UnknownSymbolError(symbol)
+        return entry
+
     def length(self, symbol: str) -> int:
         """Number of retained values of `symbol`."""
         entry = self._entries.get(symbol)
@@ -275,3 +382,10 @@ class Store:
             raise UnknownSymbolError(symbol)
         with entry.lock:
             return len(entry.series)
+
+
+def time_key(window_ns: int) -> int:
+    """The `stats_many` query key (and cache key) of a time window of `window_ns` ns."""
+    if window_ns < 1:
+        raise ValueError("a time window is at least 1 ns")
+    return -window_ns

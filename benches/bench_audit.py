@@ -50,7 +50,7 @@ def in_process(frames: int = 200_000, batch: int = 256) -> dict[str, float]:
             return 1
 
     values = np.ones(10)
-    items = [("S", values, 1, n) for n in range(batch)]
+    items = [("S", values, 1, n, None) for n in range(batch)]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         audit = AuditLog(tmp)

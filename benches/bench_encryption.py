@@ -63,7 +63,7 @@ def run_group(
     writer = DurableWriter(_store(), wal.wal_dir(directory), cipher=cipher)
     writer.start()
     done = threading.Event()
-    items = [("EUR/USD", values, 1, 0)] * frames
+    items = [("EUR/USD", values, 1, 0, None)] * frames
     groups = max(1, n // frames)
     started = time.perf_counter()
     for _ in range(groups):

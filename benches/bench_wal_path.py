@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, warm_on: bool) -> dict:
             items = []
             for _ in range(args.batch):
                 sequence += 1
-                items.append(("S", sink.prepare("S", values), 1, sequence))
+                items.append(("S", sink.prepare("S", values), 1, sequence, None))
             sink.submit_batch(items, done)
         finished.wait()
 

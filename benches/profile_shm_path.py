@@ -150,7 +150,7 @@ def main() -> int:
                 def grouped() -> None:
                     sequence[0] += 1
                     finished.clear()
-                    submit_group([(SYMBOL, value, 1, sequence[0])], lambda _: finished.set())
+                    submit_group([(SYMBOL, value, 1, sequence[0], None)], lambda _: finished.set())
                     finished.wait()
 
                 rows.append(("log: submit_group + done on the writer thread (+ Event wake)",

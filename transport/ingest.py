@@ -70,23 +70,32 @@ class Rejected(Exception):
         self.reason = reason
 
 
-# (symbol, values, publisher_id, sequence): the identity lets the appliance log where a batch
-# came from (the write-ahead log records it).
-Sink = Callable[[str, np.ndarray, int, int], None]
+# (symbol, values, publisher_id, sequence, timestamps): the identity lets the appliance log
+# where a batch came from (the write-ahead log records it); timestamps (int64 ns, one per value)
+# or None for a frame without them.
+Sink = Callable[[str, np.ndarray, int, int, "np.ndarray | None"], None]
+Item = tuple[str, np.ndarray, int, int, "np.ndarray | None"]
 
 
 class BatchSink(Protocol):
     """A sink that also takes a whole poll batch and answers when its commit completes."""
 
-    def __call__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+    def __call__(
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int,
+        sequence: int,
+        timestamps: np.ndarray | None = None,
+    ) -> None:
         """The frame-by-frame form (`Sink`)."""
 
-    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
+    def prepare(
+        self, symbol: str, values: np.ndarray, timestamps: np.ndarray | None = None
+    ) -> np.ndarray:
         """Validate one frame's batch without applying it: the values to submit, or `Rejected`."""
 
-    def submit_batch(
-        self, items: list[tuple[str, np.ndarray, int, int]], done: Callable[[list[Reason]], None]
-    ) -> None:
+    def submit_batch(self, items: list[Item], done: Callable[[list[Reason]], None]) -> None:
         """Apply prepared items in order; `done` gets one `Reason` per item (NONE: applied),
         from any thread, once all of them are final. Never blocks on the commit."""
 
@@ -260,13 +269,13 @@ class FrameProcessor:
                     try:
                         if check is not None:
                             check(frame.symbol)
-                        values = sink.prepare(frame.symbol, frame.values)
+                        values = sink.prepare(frame.symbol, frame.values, frame.timestamps)
                     except Exception as exc:
                         outcome = self._settle(frame, self._refused(frame, exc), consumed, known)
                     else:
                         index = len(batch.items)
                         batch.items.append((frame.symbol, values, frame.publisher_id,
-                                            frame.sequence))  # fmt: skip
+                                            frame.sequence, frame.timestamps))  # fmt: skip
                         self._advance(frame.publisher_id, frame.sequence)  # assumed applied
                         answers.append(_Pending(frame, consumed, index))
                         continue
@@ -389,7 +398,9 @@ class FrameProcessor:
         try:
             if check is not None:
                 check(frame.symbol)
-            self.sink(frame.symbol, frame.values, frame.publisher_id, frame.sequence)
+            self.sink(
+                frame.symbol, frame.values, frame.publisher_id, frame.sequence, frame.timestamps
+            )
         except Exception as exc:
             return self._refused(frame, exc)
         self.counters.frames_applied += 1

@@ -104,9 +104,16 @@ class _SymbolGate:
         self._sink = sink
         self._check = check
 
-    def __call__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+    def __call__(
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int,
+        sequence: int,
+        timestamps: np.ndarray | None = None,
+    ) -> None:
         self._check(symbol)
-        self._sink(symbol, values, publisher_id, sequence)
+        self._sink(symbol, values, publisher_id, sequence, timestamps)
 
 
 def owner_sink(sink: Sink, caller: Caller | None) -> Sink:

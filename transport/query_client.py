@@ -173,6 +173,18 @@ class InvalidExponentError(InvalidRequestError):
     """`invalid_exponent`: not an integer in 1..8."""
 
 
+class InvalidWindowError(InvalidRequestError):
+    """`invalid_window`: `seconds` is not a positive decimal, or both `exponent` and `seconds`."""
+
+
+class InvalidTimestampsError(InvalidRequestError):
+    """`invalid_timestamps`: timestamps that are not int64 ns >= 0, or not one per value."""
+
+
+class OutOfOrderError(InvalidRequestError):
+    """`out_of_order`: the batch's timestamps go backwards; nothing of it was applied."""
+
+
 class MissingParameterError(InvalidRequestError):
     """`missing_parameter`: a required parameter (`symbol`) is missing."""
 
@@ -279,6 +291,9 @@ ERROR_CLASSES: Mapping[str, type[ApplianceError]] = {
     "empty_batch": EmptyBatchError,
     "invalid_value": InvalidValueError,
     "invalid_exponent": InvalidExponentError,
+    "invalid_window": InvalidWindowError,
+    "invalid_timestamps": InvalidTimestampsError,
+    "out_of_order": OutOfOrderError,
     "missing_parameter": MissingParameterError,
     "bad_request": BadHttpRequestError,
     "invalid_range": InvalidRangeError,

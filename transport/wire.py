@@ -71,6 +71,10 @@ class Reason(enum.IntEnum):
     UNKNOWN_PUBLISHER = 15
     # the publisher's token may not write this symbol (its symbol patterns); not retryable
     FORBIDDEN = 16
+    # the frame's timestamps go back (before the symbol's newest, or within the frame) under
+    # store.out_of_order = "reject"; not retryable: nothing of the frame was applied
+    OUT_OF_ORDER = 17
+    INVALID_TIMESTAMP = 18  # a timestamp is negative (int64 ns since the epoch)
 
 
 RETRYABLE = frozenset(
@@ -114,6 +118,9 @@ class Frame(NamedTuple):
     applied: int = 0
     reason: Reason = Reason.NONE
     first: bool = False  # FLAG_FIRST (DATA frames only)
+    # int64 ns since the epoch, one per value (a version-2 frame's timestamp column); None
+    # when the frame has none (every value then gets the batch's receive time)
+    timestamps: np.ndarray | None = None
 
 
 def header_bytes(symbol_len: int) -> int:

@@ -23,3 +23,7 @@ class BatchRecord(NamedTuple):
     publisher_id: int  # 0 for REST
     sequence: int  # the publisher's sequence number; 0 for REST
     values: np.ndarray
+    # int64 event times as resolved at commit (non-decreasing, never before the symbol's
+    # previous newest; appliance.timestamps), or None: every value has the time
+    # max(received_ns, the symbol's previous newest), which a replay recomputes identically
+    timestamps: np.ndarray | None = None

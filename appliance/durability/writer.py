@@ -65,6 +65,7 @@ from appliance.durability.records import BatchRecord
 from appliance.durability.tombstones import Tombstone
 from appliance.latency import WalTimings
 from appliance.store import Store, SymbolLimitError, UnknownSymbolError
+from appliance.timestamps import OutOfOrderError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,25 @@ class RecordListener(Protocol):
 class _Batch:
     """One batch to log: what its record is made of, stamped when it was received."""
 
-    __slots__ = ("publisher_id", "received_ns", "sequence", "symbol", "values")
+    __slots__ = ("clamped", "publisher_id", "received_ns", "sequence", "symbol", "timestamps",
+                 "values")  # fmt: skip
     group: _Group | None = None  # only `_GroupRequest`s belong to a transport's group
 
-    def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+    def __init__(
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int,
+        sequence: int,
+        timestamps: np.ndarray | None = None,
+    ) -> None:
         self.symbol = symbol
         self.values = values
         self.publisher_id = publisher_id
         self.sequence = sequence
+        self.timestamps = timestamps
         self.received_ns = time.time_ns()
+        self.clamped = 0  # values whose timestamp the commit moved forward (out_of_order clamp)
 
 
 class _Request(_Batch):
@@ -103,8 +114,15 @@ class _Request(_Batch):
 
     __slots__ = ("future",)
 
-    def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
-        super().__init__(symbol, values, publisher_id, sequence)
+    def __init__(
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int,
+        sequence: int,
+        timestamps: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(symbol, values, publisher_id, sequence, timestamps)
         self.future: Future[BatchRecord] = Future()
 
     def succeed(self, record: BatchRecord) -> None:
@@ -114,8 +132,8 @@ class _Request(_Batch):
         self.future.set_exception(exc)
 
 
-# One item of a transport's group: (symbol, values, publisher_id, sequence).
-GroupItem = tuple[str, np.ndarray, int, int]
+# One item of a transport's group: (symbol, values, publisher_id, sequence, timestamps).
+GroupItem = tuple[str, np.ndarray, int, int, "np.ndarray | None"]
 # Per item: None when applied, else the exception that refused or failed it.
 GroupDone = Callable[[list[BaseException | None]], None]
 
@@ -142,8 +160,15 @@ class _InlineRequest(_Batch):
 
     __slots__ = ("error", "record")
 
-    def __init__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
-        super().__init__(symbol, values, publisher_id, sequence)
+    def __init__(
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int,
+        sequence: int,
+        timestamps: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(symbol, values, publisher_id, sequence, timestamps)
         self.record: BatchRecord | None = None
         self.error: BaseException | None = _UNRESOLVED
 
@@ -158,13 +183,15 @@ class _InlineRequest(_Batch):
 class _GroupRequest:
     """One item of a `_Group`; resolves into the group's result list (no future)."""
 
-    __slots__ = ("group", "index", "publisher_id", "received_ns", "sequence", "symbol", "values")
+    __slots__ = ("clamped", "group", "index", "publisher_id", "received_ns", "sequence",
+                 "symbol", "timestamps", "values")  # fmt: skip
 
     def __init__(self, group: _Group, index: int, item: GroupItem, received_ns: int) -> None:
         self.group = group
         self.index = index
-        self.symbol, self.values, self.publisher_id, self.sequence = item
+        self.symbol, self.values, self.publisher_id, self.sequence, self.timestamps = item
         self.received_ns = received_ns
+        self.clamped = 0
 
     def succeed(self, record: BatchRecord) -> None:
         self.group.results[self.index] = None
@@ -404,14 +431,19 @@ class DurableWriter:
         self._thread.start()
 
     def submit(
-        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int = 0,
+        sequence: int = 0,
+        timestamps: np.ndarray | None = None,
     ) -> Future[BatchRecord]:
         """Queue a validated batch; the future resolves with its record once logged and applied.
 
-        It fails with `SymbolLimitError` (never logged), `StorageUnavailableError` (nothing
-        applied) or `RuntimeError` when the writer is closed.
+        It fails with `SymbolLimitError` or `OutOfOrderError` (never logged),
+        `StorageUnavailableError` (nothing applied) or `RuntimeError` when the writer is closed.
         """
-        request = _Request(symbol, values, publisher_id, sequence)
+        request = _Request(symbol, values, publisher_id, sequence, timestamps)
         if self._closed:
             request.future.set_exception(RuntimeError("the write-ahead log is closed"))
         else:
@@ -435,7 +467,12 @@ class DurableWriter:
         self._queue.put([_GroupRequest(group, i, item, now) for i, item in enumerate(items)])
 
     def commit(
-        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int = 0,
+        sequence: int = 0,
+        timestamps: np.ndarray | None = None,
     ) -> BatchRecord:
         """Log and apply a validated batch before returning its record (blocking).
 
@@ -447,8 +484,8 @@ class DurableWriter:
         `RuntimeError` when the writer is closed.
         """
         if not self._inline or not self._started:
-            return self.submit(symbol, values, publisher_id, sequence).result()
-        request = _InlineRequest(symbol, values, publisher_id, sequence)
+            return self.submit(symbol, values, publisher_id, sequence, timestamps).result()
+        request = _InlineRequest(symbol, values, publisher_id, sequence, timestamps)
         wake = False
         with self._commit_lock:
             if self._closed:
@@ -469,10 +506,15 @@ class DurableWriter:
         return request.record
 
     def ingest(
-        self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int = 0,
+        sequence: int = 0,
+        timestamps: np.ndarray | None = None,
     ) -> int:
         """Blocking `commit`: the drop-in for `Store.ingest` on transport threads."""
-        return int(self.commit(symbol, values, publisher_id, sequence).values.shape[0])
+        return int(self.commit(symbol, values, publisher_id, sequence, timestamps).values.shape[0])
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self.store
@@ -686,7 +728,11 @@ class DurableWriter:
         """Apply a logged record, tell the listeners and the caller; False on an engine fault,
         which is logged and reported to this caller only (the record replays from the log)."""
         try:
-            self.store.ingest(record.symbol, record.values)
+            self.store.ingest(
+                record.symbol, record.values, 0, 0, record.timestamps, record.received_ns
+            )
+            if request.clamped:
+                self.store.count_clamped(record.symbol, request.clamped)
         except Exception as exc:
             log.exception("applying a logged batch failed", extra={"lsn": record.lsn})
             request.fail(exc)
@@ -694,6 +740,24 @@ class DurableWriter:
         self._notify(record)
         request.succeed(record)
         return True
+
+    def _resolve(self, request: _Item, newest: int | None) -> int | None:
+        """The timestamps to log for `request` (None: its receive time) and the symbol's newest
+        timestamp after it, or fail the request with OutOfOrderError (nothing logged)."""
+        try:
+            resolved = resolve(
+                request.timestamps, request.received_ns, newest, self.store.clamp_out_of_order
+            )
+        except OutOfOrderError as exc:
+            request.fail(exc)
+            return None
+        request.clamped = resolved.clamped
+        request.timestamps = resolved.timestamps
+        return resolved.newest
+
+    def _newest(self, symbol: str) -> int | None:
+        """The symbol's newest timestamp as applied (the store is the log up to now)."""
+        return self.store.newest_timestamp(symbol) if symbol in self.store else None
 
     @staticmethod
     def _record(request: _Item, lsn: int, total: int) -> BatchRecord:
@@ -705,6 +769,7 @@ class DurableWriter:
             request.publisher_id,
             request.sequence,
             request.values,
+            request.timestamps,
         )
 
     def _commit_one(self, request: _InlineRequest) -> bool:
@@ -718,6 +783,8 @@ class DurableWriter:
                 request.fail(SymbolLimitError.at(known, limit))
                 return False
             total = self._retired_totals.get(symbol, 0)
+        if self._resolve(request, self._newest(symbol)) is None:
+            return False
         record = self._record(request, self._next_lsn, total)
         try:
             chunks = wal.encode_parts(record, self._cipher)
@@ -745,6 +812,7 @@ class DurableWriter:
         chunks: list[bytes | memoryview] = []
         lsn = self._next_lsn
         new_totals: dict[str, int] = {}
+        newest: dict[str, int] = {}  # per symbol, after the group's items accepted so far
         limit = self.store.max_symbols
         known = len(self._totals)
         for request in group:
@@ -759,6 +827,10 @@ class DurableWriter:
                     request.fail(SymbolLimitError.at(known, limit))
                     continue
                 total = self._retired_totals.get(symbol, 0)
+            after = self._resolve(request, newest[symbol] if symbol in newest else
+                                  self._newest(symbol))  # fmt: skip
+            if after is None:  # refused for order: final, like the symbol limit (no gap after it)
+                continue
             record = self._record(request, lsn, total)
             try:
                 chunks.extend(wal.encode_parts(record, self._cipher))
@@ -767,6 +839,7 @@ class DurableWriter:
                 if request.group is not None:
                     broken.add((id(request.group), request.publisher_id))
                 continue
+            newest[symbol] = after
             known += is_new
             new_totals[symbol] = total + int(request.values.shape[0])
             accepted.append((request, record))

@@ -395,7 +395,8 @@ class FakeStore:
     def __contains__(self, symbol: object) -> bool:
         return symbol in self.symbols
 
-    def ingest(self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0):
+    def ingest(self, symbol: str, values: np.ndarray, publisher_id: int = 0, sequence: int = 0,
+               timestamps: np.ndarray | None = None):  # fmt: skip
         if symbol == "FULL":
             from appliance.store import SymbolLimitError
 
@@ -419,7 +420,7 @@ def test_the_sink_reports_each_applied_frame_with_its_transport() -> None:
     values = np.ones(3)
     sink("AAPL", values, 5, 1)
     got: list[list[Reason]] = []
-    sink.submit_batch([("AAPL", values, 5, 2), ("FULL", values, 6, 1)], got.append)
+    sink.submit_batch([("AAPL", values, 5, 2, None), ("FULL", values, 6, 1, None)], got.append)
     assert got == [[Reason.NONE, Reason.SYMBOL_LIMIT]]
     assert audit.calls == [("shm", 5, None, "AAPL", 3, 1), ("shm", 5, None, "AAPL", 3, 2)]
 
@@ -433,8 +434,8 @@ def test_a_batch_is_folded_per_session_before_it_reaches_the_log(tmp_path: Path)
     audit = make_log(tmp_path, clock)
     sink = StoreSink(FakeStore(), 100, audit, "zmq")
     values = np.ones(4)
-    items = [("A", values, 1, 1), ("A", values, 1, 2), ("B", values, 2, 9), ("FULL", values, 3, 1),
-             ("A", values, 1, 3)]  # fmt: skip
+    items = [("A", values, 1, 1, None), ("A", values, 1, 2, None), ("B", values, 2, 9, None),
+             ("FULL", values, 3, 1, None), ("A", values, 1, 3, None)]  # fmt: skip
     sink.submit_batch(items, lambda reasons: None)
     assert len(audit._queue) == 1  # one entry for the whole batch
     sink("A", values, 1, 4)  # the per-frame path (shared memory, RDMA)

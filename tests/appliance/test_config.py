@@ -201,7 +201,7 @@ def test_config_is_frozen() -> None:
 
 def test_max_body_bytes_is_derived_unless_explicit() -> None:
     derived = build_config({}, {"APP_STORE__MAX_BATCH_SIZE": "1000"})
-    assert derived.max_body_bytes == 32 * 1000 + 64 * 1024
+    assert derived.max_body_bytes == 48 * 1000 + 64 * 1024
     explicit = build_config({}, {"APP_SERVER__MAX_BODY_BYTES": "5000"})
     assert explicit.max_body_bytes == 5000
 

@@ -203,11 +203,11 @@ def test_submit_batch_without_a_log_applies_in_order_and_stops_a_publisher_at_a_
 
     store.ingest = faulty  # type: ignore[method-assign]
     items = [
-        ("A", sink.prepare("A", arr(1.0)), 1, 1),
-        ("A", sink.prepare("A", arr(66.0)), 1, 2),
-        ("A", sink.prepare("A", arr(3.0)), 1, 3),
-        ("B", sink.prepare("B", arr(4.0)), 2, 1),
-        ("C", sink.prepare("C", arr(5.0)), 2, 2),
+        ("A", sink.prepare("A", arr(1.0)), 1, 1, None),
+        ("A", sink.prepare("A", arr(66.0)), 1, 2, None),
+        ("A", sink.prepare("A", arr(3.0)), 1, 3, None),
+        ("B", sink.prepare("B", arr(4.0)), 2, 1, None),
+        ("C", sink.prepare("C", arr(5.0)), 2, 2, None),
     ]
     answers: list = []
     sink.submit_batch(items, answers.append)

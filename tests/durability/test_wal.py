@@ -536,8 +536,8 @@ def group_results(writer: DurableWriter, items: list) -> list:
 def test_submit_group_logs_applies_and_answers_once_on_the_writer(tmp_path) -> None:
     store = make_store()
     writer = make_writer(store, tmp_path)
-    items = [("A", np.array([1.0, 2.0]), 7, 1), ("B", np.array([3.0]), 7, 2)]
-    items.append(("A", np.array([4.0]), 8, 1))
+    items = [("A", np.array([1.0, 2.0]), 7, 1, None), ("B", np.array([3.0]), 7, 2, None)]
+    items.append(("A", np.array([4.0]), 8, 1, None))
     thread, results = group_results(writer, items)
     assert thread == "wal-writer" and results == [None, None, None]
     assert writer.groups == 1  # one write for the whole batch
@@ -567,11 +567,11 @@ def test_submit_group_symbol_limit_and_an_engine_fault_stop_only_that_publisher(
     writer = make_writer(store, tmp_path)
     fail_batches_starting_with(store, monkeypatch, 66.0)
     items = [
-        ("A", np.array([1.0]), 1, 1),
-        ("B", np.array([66.0]), 1, 2),  # logged, not applied
-        ("A", np.array([2.0]), 1, 3),  # after an unapplied frame of publisher 1: not applied
-        ("C", np.array([5.0]), 2, 1),  # over the symbol limit (content: publisher 2 goes on)
-        ("A", np.array([6.0]), 2, 2),
+        ("A", np.array([1.0]), 1, 1, None),
+        ("B", np.array([66.0]), 1, 2, None),  # logged, not applied
+        ("A", np.array([2.0]), 1, 3, None),  # after an unapplied frame of publisher 1: not applied
+        ("C", np.array([5.0]), 2, 1, None),  # over the symbol limit (content: publisher 2 goes on)
+        ("A", np.array([6.0]), 2, 2, None),
     ]
     _, results = group_results(writer, items)
     assert results[0] is None and results[4] is None
@@ -591,10 +591,12 @@ def test_submit_group_on_a_full_disk_fails_all_and_a_closed_writer_answers_at_on
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "writev", writev)
-    _, results = group_results(writer, [("A", np.array([1.0]), 1, 1), ("B", np.array([2.0]), 2, 1)])
+    _, results = group_results(
+        writer, [("A", np.array([1.0]), 1, 1, None), ("B", np.array([2.0]), 2, 1, None)]
+    )
     assert all(isinstance(r, StorageUnavailableError) for r in results)
     assert "A" not in store and "B" not in store
     monkeypatch.undo()
     writer.close()
-    _, results = group_results(writer, [("A", np.array([1.0]), 1, 1)])
+    _, results = group_results(writer, [("A", np.array([1.0]), 1, 1, None)])
     assert isinstance(results[0], RuntimeError)

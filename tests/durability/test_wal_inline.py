@@ -69,7 +69,7 @@ def test_inline_commits_and_group_commits_share_one_lsn_order(tmp_path, sync) ->
                 failures.extend(r for r in results if r is not None)
                 done.set()
 
-            items = [("G", np.array([9e6 + i + j]), 9, i + j + 1) for j in range(3)]
+            items = [("G", np.array([9e6 + i + j]), 9, i + j + 1, None) for j in range(3)]
             writer.submit_group(items, finished)
             assert done.wait(10)
 

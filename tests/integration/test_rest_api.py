@@ -203,12 +203,12 @@ def test_more_than_max_batch_size_values_is_413(server: Server) -> None:
 
 
 def test_body_over_the_size_limit_is_413(server: Server) -> None:
-    # Announce a body over the derived limit (about 32 MB) and send only its start: the server
+    # Announce a body over the derived limit (about 48 MB) and send only its start: the server
     # must answer from the headers, without reading (or buffering) the body.
     head, body = _raw_exchange(
         server,
         b"POST /add_batch/ HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 40000000\r\n\r\n" + b'{"symbol": "S", "values": [' + b"1," * 1000,
+        b"Content-Length: 60000000\r\n\r\n" + b'{"symbol": "S", "values": [' + b"1," * 1000,
     )
     assert head.startswith(b"HTTP/1.1 413")
     assert body["code"] == "batch_too_large"

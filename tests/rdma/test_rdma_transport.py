@@ -33,7 +33,14 @@ class Collector:
     def __init__(self) -> None:
         self.batches: list[tuple[str, np.ndarray, int, int]] = []
 
-    def __call__(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+    def __call__(
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int,
+        sequence: int,
+        timestamps: np.ndarray | None = None,
+    ) -> None:
         self.batches.append((symbol, np.array(values, copy=True), publisher_id, sequence))
 
     def values(self, symbol: str) -> np.ndarray:

@@ -705,13 +705,15 @@ class BatchSink(RecordingSink):
     """The recording sink behind the batch interface; applies in order and, like the log's
     writer, stops a publisher at its first retryable failure."""
 
-    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
+    def prepare(
+        self, symbol: str, values: np.ndarray, timestamps: np.ndarray | None = None
+    ) -> np.ndarray:
         return values
 
     def submit_batch(self, items: list, done) -> None:
         reasons: list[Reason] = []
         broken: set[int] = set()
-        for symbol, values, publisher_id, _ in items:
+        for symbol, values, publisher_id, *_ in items:
             if publisher_id in broken:
                 reasons.append(Reason.INTERNAL)
                 continue

@@ -83,7 +83,14 @@ class Harness:
         self.producer = RingProducer(self.buffer)
         self.sequence = 0
 
-    def sink(self, symbol: str, values: np.ndarray, publisher_id: int, sequence: int) -> None:
+    def sink(
+        self,
+        symbol: str,
+        values: np.ndarray,
+        publisher_id: int,
+        sequence: int,
+        timestamps: np.ndarray | None = None,
+    ) -> None:
         self.applied.append((symbol, values.tolist()))
 
     def place(self, value: float, *, publish: bool = True) -> int:

@@ -479,7 +479,7 @@ def test_ack_and_nack_carry_no_flags(kind: Kind, flags: int) -> None:
     assert reason_of(SMALL + frame) is Reason.BAD_HEADER
 
 
-@pytest.mark.parametrize("code", [17, 99, 255])
+@pytest.mark.parametrize("code", [19, 99, 255])
 def test_nack_with_an_unknown_reason(code: int) -> None:
     assert reason_of(build(b"", b"", kind=Kind.NACK, reason=code)) is Reason.BAD_HEADER
 
@@ -561,7 +561,8 @@ def test_reason_codes_are_stable() -> None:
         "NONE": 0, "BAD_MAGIC": 1, "BAD_VERSION": 2, "BAD_LENGTH": 3, "BAD_CRC": 4,
         "BAD_HEADER": 5, "INVALID_SYMBOL": 6, "INVALID_VALUE": 7, "EMPTY_BATCH": 8,
         "BATCH_TOO_LARGE": 9, "DUPLICATE": 10, "GAP": 11, "SYMBOL_LIMIT": 12, "INTERNAL": 13,
-        "UNAVAILABLE": 14, "UNKNOWN_PUBLISHER": 15, "FORBIDDEN": 16,
+        "UNAVAILABLE": 14, "UNKNOWN_PUBLISHER": 15, "FORBIDDEN": 16, "OUT_OF_ORDER": 17,
+        "INVALID_TIMESTAMP": 18,
     }  # fmt: skip
     assert {r.name for r in RETRYABLE} == {
         "BAD_CRC", "GAP", "INTERNAL", "UNAVAILABLE", "UNKNOWN_PUBLISHER",

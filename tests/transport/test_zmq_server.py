@@ -65,14 +65,16 @@ class Batched:
     def __call__(self, symbol: str, values: np.ndarray, *origin: int) -> None:
         self.sink(symbol, values, *origin)
 
-    def prepare(self, symbol: str, values: np.ndarray) -> np.ndarray:
+    def prepare(
+        self, symbol: str, values: np.ndarray, timestamps: np.ndarray | None = None
+    ) -> np.ndarray:
         return values
 
     def submit_batch(self, items: list, done: Callable[[list[Reason]], None]) -> None:
         def run() -> None:
             reasons: list[Reason] = []
             broken: set[int] = set()
-            for symbol, values, publisher_id, sequence in items:
+            for symbol, values, publisher_id, sequence, _ in items:
                 reason = Reason.INTERNAL
                 if publisher_id not in broken:
                     try:
