@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine_core.bars import Bars, bar_starts, bar_summaries, count_bars
+from engine_core.bars import Bars, bar_starts, count_bars
 from fallback import NumpyEngine
 from tests.engine.conftest import TINY, emulated_engine, fake_cupy_engine, real_gpu_engine
 
