@@ -16,10 +16,10 @@ from appliance.timestamps import (
 
 
 def test_a_batch_without_timestamps_gets_its_receive_time_never_before_the_newest() -> None:
-    assert resolve(None, 100, None, clamp=False) == (None, 100, 100, 0)
-    assert resolve(None, 100, 50, clamp=False) == (None, 100, 100, 0)
+    assert resolve(None, 100, None, clamp=False)[:4] == (None, 100, 100, 0)
+    assert resolve(None, 100, 50, clamp=False)[:4] == (None, 100, 100, 0)
     # The wall clock stepped back: moved forward, never refused (the client sent no times).
-    assert resolve(None, 40, 50, clamp=False) == (None, 50, 50, 0)
+    assert resolve(None, 40, 50, clamp=False)[:4] == (None, 50, 50, 0)
 
 
 def test_timestamps_that_go_back_are_refused_naming_the_first() -> None:
@@ -28,7 +28,8 @@ def test_timestamps_that_go_back_are_refused_naming_the_first() -> None:
     with pytest.raises(OutOfOrderError, match=r"timestamps\[2\] = 4 is before timestamps\[1\]"):
         resolve(np.array([3, 5, 4]), 0, None, clamp=False)
     ok = resolve(np.array([10, 10, 12]), 0, 10, clamp=False)  # equal times are in order
-    assert ok.stamp == 10 and ok.newest == 12 and ok.clamped == 0
+    assert ok.stamp == 10 and ok.newest == 12 and ok.clamped == 0 and not ok.distinct
+    assert resolve(np.array([10, 11, 12]), 0, 10, clamp=False).distinct
 
 
 def test_clamp_stores_each_value_that_goes_back_at_the_previous_time() -> None:
@@ -60,14 +61,25 @@ batches = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(batches=batches, held=st.integers(1, 30), clamp=st.booleans(), window=st.integers(0, 40))
+@settings(max_examples=400, deadline=None)
+@given(
+    batches=batches,
+    held=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+    clamp=st.booleans(),
+    window=st.integers(0, 40),
+    chunk=st.sampled_from([1, 2, 3, 7, 1 << 16]),
+)
 def test_marks_answer_like_one_time_per_value(
-    batches: list[tuple[int, list[int] | None, int]], held: int, clamp: bool, window: int
+    batches: list[tuple[int, list[int] | None, int]],
+    held: list[int],
+    clamp: bool,
+    window: int,
+    chunk: int,
 ) -> None:
     """After any batches (with or without times, refused or clamped), evicting all but the
-    newest `held` values, `count_since` and `marks` agree with a per-value list of times."""
-    index = TimeIndex()
+    newest `held` values (in steps, reusing chunks), `count_since` and `marks` agree with a
+    per-value list of times, for any chunk size."""
+    index = TimeIndex(chunk)
     model: list[int] = []
     for count, steps, received in batches:
         times = None
@@ -87,18 +99,20 @@ def test_marks_answer_like_one_time_per_value(
         model.extend(int(t) for t in stored)
         assert model == sorted(model)
         assert index.newest == model[-1]
-    start = max(0, len(model) - held)
-    index.evict_to(start)
-    live = model[start:]
-    if not live:
-        return
-    cutoff = live[-1] - window
-    assert index.count_since(cutoff, start) == sum(1 for t in live if t >= cutoff)
+    start = 0
+    for keep in sorted(held, reverse=True):
+        start = max(start, len(model) - keep)
+        index.evict_to(start)
+        live = model[start:]
+        for cutoff in {live[-1] - window, live[0], live[-1], live[0] - 1, live[-1] + 1}:
+            expected = sum(1 for t in live if t >= cutoff)
+            assert index.count_since(cutoff, start) == expected, (cutoff, start)
     rel, ns = index.marks(start)
     assert rel[0] == 0
     expanded = np.repeat(ns, np.diff(np.append(rel, len(live))))
     assert expanded.tolist() == live
-    restored = TimeIndex()
+    cutoff = live[-1] - window
+    restored = TimeIndex(chunk)
     restored.restore(rel, ns, len(live))
     assert restored.count_since(cutoff, 0) == sum(1 for t in live if t >= cutoff)
     assert restored.newest == live[-1]
