@@ -546,3 +546,20 @@ def test_time_key_windows_survive_a_restart_of_the_writer(tmp_path, clock) -> No
     recover(again, tmp_path, use_checkpoint=False)
     assert [(r.count, r.min, r.max) for r in again.stats_many(keys)] == before
     assert os.path.exists(wal.wal_dir(tmp_path))
+
+
+def test_a_deleted_symbol_created_again_with_earlier_times_replays_its_new_marks(
+    tmp_path, clock
+) -> None:
+    live = make_store()
+    writer = write_through(live, tmp_path, [("A", np.arange(4.0), np.arange(4) + T0, T0)], clock)
+    writer.delete_symbol("A")
+    clock.now = T0 + 50
+    writer.submit("A", np.arange(3.0), 0, 0, np.array([5, 6, 6], np.int64)).result()
+    clock.now = 3  # the wall clock behind the new newest: the batch takes 6
+    writer.submit("A", np.array([7.0])).result()
+    writer.close()
+    assert live.time_marks("A")[1].tolist() == [5, 6]
+    recovered = make_store()
+    recover(recovered, tmp_path, use_checkpoint=False)
+    assert_same_times(recovered, live)
