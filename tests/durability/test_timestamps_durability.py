@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -126,6 +127,17 @@ def test_a_record_without_timestamps_is_the_old_format_byte_for_byte() -> None:
     assert wal.encode(BatchRecord(9, "OLD", 100, 555, 7, 8, values)) == old
     back, _ = wal.decode(old)
     assert back.timestamps is None and back.values.tolist() == values.tolist()
+
+
+def test_docs_describe_the_flags_field_as_encoded() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "durability.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([a-z_0-9 ]+) \|", text, re.M)
+    offsets = {name.strip(): (int(off), int(size)) for off, size, name in rows}
+    at, size = offsets["flags"]
+    assert size == 2 and f"`FLAG_TIMESTAMPS` = {wal.FLAG_TIMESTAMPS}" in text
+    encoded = wal.encode(ts_record())
+    assert struct.unpack_from("<H", encoded, at)[0] == wal.FLAG_TIMESTAMPS
+    assert "then (flags & FLAG_TIMESTAMPS) count int64 timestamps" in wal.__doc__
 
 
 def test_seal_parts_is_the_seal_of_the_concatenation() -> None:
