@@ -8,7 +8,9 @@ Layout, under `DIR/checkpoints/`:
 
     ckpt-00000000000000001234/        one finished checkpoint, covering log records lsn <= 1234
         manifest.json                 format, lsn; per symbol: hot, total, file, crc32c
+                                      (and marks, marks_file, marks_crc32c: see below)
         s0000.npy, s0001.npy, ...     each symbol's hot window, oldest value first
+        t0000.npy, t0001.npy, ...     each symbol's time marks, int64 (2, marks)
     ckpt-00000000000000001300.tmp/    one being written (or abandoned by a crash)
 
 Crash-safety invariants:
@@ -20,6 +22,15 @@ Crash-safety invariants:
   or for a full replay of the log (None);
 - the values of a checkpoint are exactly the store after record `lsn` and before `lsn + 1`: the
   log's writer thread, the store's only appender, takes the snapshot between two groups.
+
+Time marks (`Store.time_marks`): every value has a timestamp (`appliance.timestamps`), kept as
+(first index of a run of equal times relative to the oldest hot value, its time) pairs, taken
+under the log's commit lock with the values and saved beside them as an int64 array of shape
+(2, marks) (row 0 the indexes, row 1 the ns), restored after the values are appended
+(`Store.restore_time_marks`). They extend format 1 compatibly: three optional keys per symbol
+(`marks`, `marks_file`, `marks_crc32c`) that an older reader ignores. A checkpoint without them
+(written before they existed) still loads; its values then have the restore's time, a receive
+time, and later records that precede it are moved forward to it, as the store moves them.
 
 Encrypted (`[security] data_key_file`): each symbol's values are `sNNNN.enc` instead of `.npy`,
 an `encryption` chunked file (4 MiB chunks, AES-256-GCM) whose associated data binds the
@@ -63,7 +74,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 1
 _PREFIX = "ckpt-"
-_FILE_NAME = re.compile(r"s[0-9]{4,}\.(npy|enc)")
+_FILE_NAME = re.compile(r"[st][0-9]{4,}\.(npy|enc)")
 _TMP = ".tmp"
 # Values per store append during restore: large enough that per-call costs vanish, small
 # enough that the temporary copies of one append stay a few tens of MiB.
@@ -82,6 +93,8 @@ class SymbolCheckpoint:
 
     total: int
     values: np.ndarray  # float64, oldest first; a read-only memmap when loaded from disk
+    # (run start indexes relative to values[0], their ns), or None: a checkpoint without marks
+    marks: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +112,7 @@ class SymbolSnapshot:
 
     total: int
     parts: tuple[np.ndarray, ...]
+    marks: tuple[np.ndarray, np.ndarray] | None = None  # `Store.time_marks`, taken with parts
 
     @property
     def hot(self) -> int:
@@ -144,10 +158,11 @@ def snapshot(store: Store, lsn: int, totals: Mapping[str, int]) -> Snapshot:
     symbols = {}
     for symbol in store.symbols():
         parts = tuple(store.snapshot_parts(symbol))
+        marks = store.time_marks(symbol)  # no append between the two: see the docstring
         taken = SymbolSnapshot(0, parts)
         # A total below the hot length would be a caller bug; never record an impossible one.
         total = max(int(totals.get(symbol, 0)), taken.hot)
-        symbols[symbol] = SymbolSnapshot(total, parts)
+        symbols[symbol] = SymbolSnapshot(total, parts, marks)
     return Snapshot(lsn, symbols)
 
 
@@ -165,6 +180,11 @@ def write_checkpoint(
 def _context(lsn: int, symbol: str, hot: int, total: int) -> bytes:
     """The associated data of an encrypted values file: what the manifest says about it."""
     return f"checkpoint\0{lsn}\0{symbol}\0{hot}\0{total}".encode()
+
+
+def _marks_context(lsn: int, symbol: str, hot: int, marks: int) -> bytes:
+    """The associated data of an encrypted marks file (never valid as a values file's)."""
+    return f"checkpoint marks\0{lsn}\0{symbol}\0{hot}\0{marks}".encode()
 
 
 def write_snapshot(
@@ -193,15 +213,16 @@ def write_snapshot(
             file_name = f"s{number:04d}.enc"
             context = _context(checkpoint.lsn, symbol, item.hot, item.total)
             checksum = _write_encrypted(tmp / file_name, item.parts, cipher, context)
-        entries.append(
-            {
-                "symbol": symbol,
-                "hot": item.hot,
-                "total": item.total,
-                "file": file_name,
-                "crc32c": checksum,
-            }
-        )
+        entry: dict[str, object] = {
+            "symbol": symbol,
+            "hot": item.hot,
+            "total": item.total,
+            "file": file_name,
+            "crc32c": checksum,
+        }
+        if item.marks is not None and item.hot:
+            entry.update(_write_marks(tmp, number, checkpoint.lsn, symbol, item, cipher))
+        entries.append(entry)
     manifest: dict[str, object] = {"format": FORMAT, "lsn": checkpoint.lsn, "symbols": entries}
     if cipher is not None:
         manifest["key_id"] = cipher.key_id_hex
@@ -244,6 +265,73 @@ def _write_npy(path: Path, parts: tuple[np.ndarray, ...]) -> int:
                     unsynced = 0
         os.fsync(f.fileno())
     return checksum
+
+
+def _write_marks(
+    directory: Path,
+    number: int,
+    lsn: int,
+    symbol: str,
+    item: SymbolSnapshot,
+    cipher: DataCipher | None,
+) -> dict[str, object]:
+    """Write one symbol's marks as `tNNNN.npy` (or `.enc`) and fsync it; the manifest keys."""
+    assert item.marks is not None
+    table = np.ascontiguousarray(np.stack(item.marks).astype("<i8", copy=False))
+    count = int(table.shape[1])
+    if cipher is None:
+        file_name = f"t{number:04d}.npy"
+        buffer = io.BytesIO()
+        np.save(buffer, table, allow_pickle=False)
+        data = buffer.getvalue()
+    else:
+        file_name = f"t{number:04d}.enc"
+        context = _marks_context(lsn, symbol, item.hot, count)
+        raw = memoryview(table).cast("B")
+        data = b"".join(seal_chunks(cipher, KIND_CHECKPOINT, [raw], context))
+    with open(open_private(directory / file_name, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"marks": count, "marks_file": file_name, "marks_crc32c": crc32c.crc32c(data)}
+
+
+def _load_marks(
+    path: Path, lsn: int, entry: dict, cipher: DataCipher | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A symbol's marks as the manifest describes them (None if it lists none), verified:
+    CRC, shape, first index 0, indexes increasing below `hot`, times not decreasing."""
+    if "marks_file" not in entry:
+        return None
+    name, count, hot = entry["marks_file"], int(entry["marks"]), int(entry["hot"])
+    if not _FILE_NAME.fullmatch(name) or not name.startswith("t"):
+        raise CheckpointError(f"bad marks file name {name!r} in the manifest")
+    file = path / name
+    data = file.read_bytes()
+    if crc32c.crc32c(data) != entry["marks_crc32c"]:
+        raise CheckpointError(f"{name}: crc32c does not match the manifest")
+    if cipher is not None:
+        context = _marks_context(lsn, entry["symbol"], hot, count)
+        try:
+            raw = b"".join(open_chunks(cipher, KIND_CHECKPOINT, data, context))
+        except DecryptError as exc:
+            raise CheckpointError(f"{name}: {exc}") from None
+        if len(raw) != 16 * count:
+            raise CheckpointError(f"{name}: {len(raw) // 16} marks, the manifest says {count}")
+        table = np.frombuffer(raw, dtype="<i8").reshape(2, count)
+    else:
+        table = np.load(io.BytesIO(data), allow_pickle=False)
+    if table.dtype != np.int64 or table.shape != (2, count) or count < 1:
+        raise CheckpointError(f"{name}: {table.dtype} {table.shape}, not ({2}, {count}) int64")
+    index, ns = table[0], table[1]
+    if (
+        int(index[0]) != 0
+        or int(index[-1]) >= hot
+        or bool((index[1:] <= index[:-1]).any())
+        or bool((ns[1:] < ns[:-1]).any())
+    ):
+        raise CheckpointError(f"{name}: marks out of order or outside the {hot} values")
+    return index.copy(), ns.copy()
 
 
 def _write_encrypted(
@@ -349,7 +437,8 @@ def _load(path: Path, lsn: int, cipher: DataCipher | None = None) -> Checkpoint:
             values = np.load(file, mmap_mode="r") if entry["hot"] else np.load(file)
         if values.dtype != np.float64 or values.shape != (entry["hot"],):
             raise CheckpointError(f"{file.name}: {values.dtype} {values.shape}, not the manifest's")
-        symbols[entry["symbol"]] = SymbolCheckpoint(int(entry["total"]), values)
+        marks = _load_marks(path, lsn, entry, cipher) if entry["hot"] else None
+        symbols[entry["symbol"]] = SymbolCheckpoint(int(entry["total"]), values, marks)
     return Checkpoint(lsn, path, symbols)
 
 
@@ -368,14 +457,15 @@ def restore(store: Store, checkpoint: Checkpoint, chunk: int = RESTORE_CHUNK) ->
     eviction happens and the hot tier equals the checkpoint. If `max_data_retention` has
     shrunk since, only the newest values that fit are restored (the older ones stay in the
     warm tier). Symbols beyond `max_symbols` (the limit was lowered) are skipped with a
-    warning, as the log replay would refuse their batches.
+    warning, as the log replay would refuse their batches. Each symbol's marks are put back
+    after its values (a checkpoint without marks leaves the appends' receive-time ones).
     """
     if len(store):
         raise ValueError("restore needs an empty store")
     limit = store.retention.max_values
     totals = {}
     for symbol, item in checkpoint.symbols.items():
-        values = item.values
+        values, marks = item.values, item.marks
         if values.shape[0] > limit:
             log.warning(
                 "checkpoint %s: %s holds %d hot values, retention allows %d: restoring the newest",
@@ -384,6 +474,8 @@ def restore(store: Store, checkpoint: Checkpoint, chunk: int = RESTORE_CHUNK) ->
                 values.shape[0],
                 limit,
             )
+            if marks is not None:
+                marks = cut_marks(*marks, values.shape[0] - limit)
             values = values[values.shape[0] - limit :]
         try:
             for start in range(0, values.shape[0], chunk):
@@ -396,8 +488,19 @@ def restore(store: Store, checkpoint: Checkpoint, chunk: int = RESTORE_CHUNK) ->
                 store.max_symbols,
             )
             continue
+        if marks is not None and values.shape[0]:
+            store.restore_time_marks(symbol, *marks)
         totals[symbol] = item.total
     return totals
+
+
+def cut_marks(index: np.ndarray, ns: np.ndarray, drop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Marks of the values after the first `drop` (the run holding the new first value
+    starts at 0)."""
+    first = int(np.searchsorted(index, drop, side="right")) - 1
+    index, ns = index[first:] - drop, ns[first:].copy()
+    index[0] = 0
+    return index, ns
 
 
 def prune(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:

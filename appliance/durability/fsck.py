@@ -110,7 +110,9 @@ def _run(
         first, last = seg.first_lsn, seg.last_lsn
         span = f"lsn {first}..{last}" if first is not None else "no records"
         state = "ok" if not seg.damage else f"{len(seg.damage)} problem(s)"
-        summary = f"{len(seg.records)} records, {seg.size} bytes, {span}: {state}"
+        timed = sum(record.timestamps is not None for _, record in seg.records)
+        with_times = f" ({timed} with timestamps)" if timed else ""
+        summary = f"{len(seg.records)} records{with_times}, {seg.size} bytes, {span}: {state}"
         print(f"{seg.path}: {summary}", file=out)
         for damage in seg.damage:
             kind = "torn tail" if damage is seg.torn_tail else "corrupt"

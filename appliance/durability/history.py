@@ -1,4 +1,4 @@
-"""History statistics over any range of a symbol's warm tier, by index or by receive time.
+"""History statistics over any range of a symbol's warm tier, by index or by timestamp.
 
 Why this is cheap on a long history: a range [start, end) is split over the pieces that hold
 it. Sealed segments entirely inside contribute their stored summary (count, anchored mean, M2,
@@ -7,8 +7,9 @@ the unsealed in-memory values cover the newest part. Summaries and raw slices ar
 `engine_core.summary.combine` (Chan's parallel formula around an anchor, so 1e9-scale prices
 keep their variance), i.e. the same numerics as /stats/.
 
-Time ranges map to index ranges through the batch marks: [t0, t1) covers the values of
-every batch received at t0 <= received_ns < t1 (marks are non-decreasing, see warm.py).
+Time ranges map to index ranges through the time marks: [t0, t1) covers the values whose
+timestamp t is in t0 <= t < t1 (a value's timestamp is its event time when its batch carried
+timestamps, else its batch's receive time; marks are non-decreasing, see warm.py).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class HistoryStats(NamedTuple):
     last: float
     first_index: int
     last_index: int
-    first_ns: int  # receive time of the batch holding the first value
+    first_ns: int  # timestamp of the first value (event time, or its batch's receive time)
     last_ns: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +102,7 @@ def _view(warm: WarmTier, symbol: str) -> SymbolView:
 
 
 def _time_at(warm: WarmTier, piece: SealedSegment | MemoryPiece, index: int) -> int:
-    """Receive time of the batch holding `index` (every piece's first mark is its first index)."""
+    """Timestamp of the value at `index` (every piece's first mark is its first index)."""
     if isinstance(piece, SealedSegment):
         if index == piece.header.first_index:
             return piece.header.first_received_ns
@@ -115,7 +116,7 @@ def _time_at(warm: WarmTier, piece: SealedSegment | MemoryPiece, index: int) -> 
 
 
 def index_at_time(warm: WarmTier, view: SymbolView, t_ns: int) -> int:
-    """The first index whose batch was received at or after `t_ns` (the end if none was)."""
+    """The first index whose timestamp is at or after `t_ns` (the end if none is)."""
     pieces = _pieces(view)
     for piece in pieces:
         if isinstance(piece, SealedSegment):
@@ -168,14 +169,14 @@ def stats_by_index(
 def stats_by_time(
     warm: WarmTier, symbol: str, start_ns: int | None = None, end_ns: int | None = None
 ) -> HistoryStats:
-    """Statistics over the batches received in [start_ns, end_ns) (None: unbounded)."""
+    """Statistics over the values timestamped in [start_ns, end_ns) (None: unbounded)."""
     if start_ns is not None and end_ns is not None and start_ns >= end_ns:
         raise HistoryError("invalid_range", f"start ({start_ns}) must be before end ({end_ns})")
     view = _view(warm, symbol)
     start = None if start_ns is None else index_at_time(warm, view, start_ns)
     end = None if end_ns is None else index_at_time(warm, view, end_ns)
     if start is not None and end is not None and start >= end:
-        raise HistoryError("empty_range", "no values were received in that time range")
+        raise HistoryError("empty_range", "no values are timestamped in that time range")
     return _stats(warm, view, start, end, what="time")
 
 

@@ -37,6 +37,7 @@ from appliance.durability.tombstones import Tombstone
 from appliance.durability.writer import DurableWriter, RecordListener
 from appliance.readiness import ReplayProgress
 from appliance.store import Store, SymbolLimitError
+from appliance.timestamps import run_starts
 
 if TYPE_CHECKING:
     from appliance.config import DurabilityConfig
@@ -75,31 +76,100 @@ class RecoveryResult:
     retired_totals: dict[str, int] = field(default_factory=dict)
 
 
+# A batch's times during replay: one time for every value (a batch logged without timestamps,
+# at max(received_ns, newest)), its resolved per-value timestamps, or a checkpoint's marks.
+_Times = int | np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
 class _Window:
     """One symbol during replay: its hot length by the retention arithmetic, and the batches
-    (oldest first) that can still hold values of the final window."""
+    (oldest first, with their times) that can still hold values of the final window.
 
-    __slots__ = ("batches", "held", "hot")
+    Timestamps are rebuilt as the hot tier's marks, never as a per-value column (1e8 values
+    would cost 800 MB): `final_marks` gives exactly the marks the live run had, since the
+    live store resolved every batch in log order from the same inputs (`received_ns`, the
+    logged timestamps, the symbol's newest) and marks are canonical (one per change of time).
+    """
+
+    __slots__ = ("batches", "held", "hot", "newest")
 
     def __init__(self) -> None:
         self.hot = 0
-        self.batches: deque[np.ndarray] = deque()
+        self.batches: deque[tuple[np.ndarray, _Times]] = deque()
         self.held = 0  # values in `batches`
+        self.newest: int | None = None  # the symbol's newest timestamp so far
 
-    def add(self, values: np.ndarray, store: Store) -> None:
+    def add(self, values: np.ndarray, store: Store, times: _Times) -> None:
         kept_old, kept_new = store.retention.retained_after(self.hot, int(values.shape[0]))
         self.hot = kept_old + kept_new
-        self.batches.append(values)
+        self.batches.append((values, times))
         self.held += int(values.shape[0])
         # The hot length never exceeds max_values: batches wholly older than that can go.
         limit = store.retention.max_values
-        while self.held - self.batches[0].shape[0] >= limit:
-            self.held -= int(self.batches.popleft().shape[0])
+        while self.held - self.batches[0][0].shape[0] >= limit:
+            self.held -= int(self.batches.popleft()[0].shape[0])
+
+    def add_record(self, record: BatchRecord, store: Store) -> None:
+        """A logged batch, at the times the live store gave it (`appliance.timestamps`)."""
+        newest = self.newest
+        if record.timestamps is None:
+            received = int(record.received_ns)
+            stamp = received if newest is None or received > newest else newest
+            self.newest = stamp
+            self.add(record.values, store, stamp)
+        else:
+            last = int(record.timestamps[-1])
+            self.newest = last if newest is None or last > newest else newest
+            self.add(record.values, store, record.timestamps)
+
+    def add_checkpoint(
+        self, values: np.ndarray, store: Store, marks: tuple[np.ndarray, np.ndarray] | None
+    ) -> None:
+        """A checkpoint's hot window with its marks; a checkpoint written before marks were
+        saved has none: its values get the time of this restore (a receive time)."""
+        if marks is None or not marks[0].shape[0]:
+            stamp = time.time_ns()
+            self.newest = stamp
+            self.add(values, store, stamp)
+        else:
+            self.newest = int(marks[1][-1])
+            self.add(values, store, marks)
 
     def final(self) -> np.ndarray:
-        parts = list(self.batches)
+        parts = [values for values, _ in self.batches]
         window = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return window[window.shape[0] - self.hot :]
+
+    def final_marks(self) -> tuple[np.ndarray, np.ndarray]:
+        """The marks of `final()` ((first index of a run relative to its first value, time)),
+        as `Store.time_marks` gives them for the live store."""
+        index_parts, ns_parts = [], []
+        at = 0
+        for values, times in self.batches:
+            if isinstance(times, int):
+                index_parts.append(np.array([at], np.int64))
+                ns_parts.append(np.array([times], np.int64))
+            elif isinstance(times, tuple):
+                index_parts.append(np.asarray(times[0], np.int64) + at)
+                ns_parts.append(np.asarray(times[1], np.int64))
+            else:
+                starts = run_starts(times, None)
+                index_parts.append(starts + at)
+                ns_parts.append(np.asarray(times[starts], np.int64))
+            at += int(values.shape[0])
+        index, ns = np.concatenate(index_parts), np.concatenate(ns_parts)
+        # Never backwards (a checkpoint without marks is stamped with the restore's time, which
+        # later records may precede: they are moved forward, as the store would move them).
+        ns = np.maximum.accumulate(ns)
+        keep = np.empty(ns.shape[0], bool)
+        keep[0] = True
+        np.not_equal(ns[1:], ns[:-1], out=keep[1:])
+        index, ns = index[keep], ns[keep]
+        start = at - self.hot
+        first = int(np.searchsorted(index, start, side="right")) - 1
+        index, ns = index[first:] - start, ns[first:]
+        index[0] = 0
+        return index, ns
 
 
 def _load_checkpoint(data_dir: Path, cipher: DataCipher | None):  # -> Checkpoint | None
@@ -148,7 +218,7 @@ def recover(
                 continue  # taken before the symbol was deleted: its values are gone
             window = _Window()
             if item.values.shape[0]:
-                window.add(np.asarray(item.values), store)
+                window.add_checkpoint(np.asarray(item.values), store, item.marks)
             windows[symbol] = window
         result.next_lsn = checkpoint.lsn + 1
 
@@ -172,6 +242,9 @@ def recover(
         except SymbolLimitError:  # store.max_symbols was lowered since these were logged
             log.warning("symbol not recovered: over store.max_symbols", extra={"symbol": symbol})
             result.totals.pop(symbol, None)
+            continue
+        # The appends above gave the values this restore's time; put back the logged ones.
+        store.restore_time_marks(symbol, *window.final_marks())
     result.seconds = time.perf_counter() - started
     log.info(
         "write-ahead log replayed",
@@ -261,7 +334,7 @@ def _replay(
         window = windows.get(record.symbol)
         if window is None:
             window = windows[record.symbol] = _Window()
-        window.add(record.values, store)
+        window.add_record(record, store)
         count = int(record.values.shape[0])
         result.totals[record.symbol] = max(
             result.totals.get(record.symbol, 0), record.first_index + count
@@ -281,7 +354,14 @@ def replay_batch_by_batch(
     """Reference replay (every record through `Store.ingest`, retention included); for tests."""
     for path in wal.list_segments(wal.wal_dir(data_dir)):
         for _, record in wal.scan_segment(path, cipher=cipher).records:
-            store.ingest(record.symbol, np.ascontiguousarray(record.values))
+            store.ingest(
+                record.symbol,
+                np.ascontiguousarray(record.values),
+                0,
+                0,
+                record.timestamps,
+                record.received_ns,
+            )
 
 
 def retire_covered(

@@ -10,15 +10,24 @@ Record layout (little-endian, every record starts 8-byte aligned within its segm
     0  magic "HWAL"        16 lsn u64          48 sequence u64
     4  length u32 (total)  24 first_index u64  56 count u32
     8  crc32c u32          32 received_ns u64  60 reserved u32
-    12 kind u8, symbol length u8, reserved u16  40 publisher_id u64
-    64 symbol (UTF-8, zero-padded to 8), then count float64 values
+    12 kind u8, symbol length u8, flags u16     40 publisher_id u64
+    64 symbol (UTF-8, zero-padded to 8), then count float64 values,
+       then (flags & FLAG_TIMESTAMPS) count int64 timestamps
 
 The CRC covers every byte after the CRC field (12 .. length), padding included, so a torn or
 flipped byte anywhere in a record is caught before any of it is trusted.
 
+Timestamps (FLAG_TIMESTAMPS = 1 in the flags u16 at 14, which used to be a reserved zero): a
+batch logged with its resolved event times (`BatchRecord.timestamps`, ns since the epoch) carries
+them as an int64 column after the values; a batch without them has flags 0 and is byte for byte
+what this module wrote before timestamps existed, so old logs replay unchanged (every value then
+has the time max(received_ns, the symbol's newest), recomputed in log order). Any other flag bit
+is refused: a record written by a newer format is never half understood.
+
 Encrypted records (`[security] data_key_file`, `appliance.durability.encryption`): magic "HWAE",
 the u32 at 60 holds the key id, and after the symbol come a 12-byte nonce (padded to 16), the
-values encrypted with AES-256-GCM, and the 16-byte tag. The header and symbol stay readable
+values (and the timestamps after them, under FLAG_TIMESTAMPS: one message, one tag) encrypted
+with AES-256-GCM, and the 16-byte tag. The header and symbol stay readable
 (torn-tail detection, resync, fsck and the sealer's index work unchanged) but are authenticated
 as associated data, so no field can be changed and no record moved undetected. The CRC still
 covers every byte: a torn or flipped byte reads as before (torn tail or corruption), and an
@@ -48,6 +57,8 @@ NONCE_FIELD = 16  # the nonce, zero-padded to keep the values 8-byte aligned
 ENCRYPTION_BYTES = NONCE_FIELD + TAG_BYTES  # what encryption adds to a record
 _AD_DOMAIN = b"hft-appliance wal record v1\0"
 KIND_BATCH = 1
+FLAG_TIMESTAMPS = 1  # an int64 timestamp column follows the values
+KNOWN_FLAGS = FLAG_TIMESTAMPS
 HEADER = struct.Struct("<4sII BBH QQQQQ II")
 HEADER_SIZE = HEADER.size  # 64
 assert HEADER_SIZE == 64
@@ -70,8 +81,11 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def record_size(symbol_bytes: int, count: int, encrypted: bool = False) -> int:
-    return HEADER_SIZE + _pad8(symbol_bytes) + 8 * count + (ENCRYPTION_BYTES if encrypted else 0)
+def record_size(
+    symbol_bytes: int, count: int, encrypted: bool = False, timestamps: bool = False
+) -> int:
+    columns = 16 * count if timestamps else 8 * count
+    return HEADER_SIZE + _pad8(symbol_bytes) + columns + (ENCRYPTION_BYTES if encrypted else 0)
 
 
 def values_offset(symbol_bytes: int, encrypted: bool = False) -> int:
@@ -81,27 +95,33 @@ def values_offset(symbol_bytes: int, encrypted: bool = False) -> int:
 
 def encode(record: BatchRecord, cipher: DataCipher | None = None) -> bytes:
     """One record's bytes, CRC included. Raises ValueError for a symbol over 255 bytes."""
-    head, payload = encode_parts(record, cipher)
-    return head + bytes(payload)
+    return b"".join(encode_parts(record, cipher))
 
 
 def encode_parts(
     record: BatchRecord, cipher: DataCipher | None = None
-) -> tuple[bytes, memoryview | bytes]:
-    """A record as (header with symbol and CRC, the values' own bytes): the writer hands both
-    to `writev`, so the values are never copied on the way to the log (hot path: a 10k-value
-    batch saved three 80 KB copies). The CRC is chained over the two parts.
+) -> tuple[bytes | memoryview, ...]:
+    """A record as (header with symbol and CRC, the values' own bytes[, the timestamps' own
+    bytes]): the writer hands them to `writev`, so neither column is copied on the way to the
+    log (hot path: a 10k-value batch saved three 80 KB copies). The CRC is chained over the
+    parts.
 
-    With `cipher` the second part is the values' ciphertext and tag (one AES-GCM call reading
-    the values in place; the header up to the nonce is its associated data)."""
+    With `cipher` the second part is the ciphertext of the values (and timestamps: sealed as
+    one message, reading both columns in place) with its tag; the header up to the nonce is
+    the associated data."""
     sym = record.symbol.encode()
     if len(sym) > MAX_SYMBOL_BYTES:
         raise ValueError("symbol longer than 255 UTF-8 bytes")
     values = np.ascontiguousarray(record.values, dtype="<f8")
     count = int(values.shape[0])
+    times = record.timestamps
+    if times is not None:
+        times = np.ascontiguousarray(times, dtype="<i8")
+        if times.shape != (count,):
+            raise ValueError(f"{times.shape[0]} timestamps for {count} values")
     encrypted = cipher is not None
     values_at = values_offset(len(sym), encrypted)
-    length = record_size(len(sym), count, encrypted)
+    length = record_size(len(sym), count, encrypted, times is not None)
     out = bytearray(values_at)
     HEADER.pack_into(
         out,
@@ -111,7 +131,7 @@ def encode_parts(
         0,
         KIND_BATCH,
         len(sym),
-        0,
+        0 if times is None else FLAG_TIMESTAMPS,
         record.lsn,
         record.first_index,
         record.received_ns,
@@ -121,14 +141,19 @@ def encode_parts(
         cipher.key_id if cipher is not None else 0,
     )
     out[HEADER_SIZE : HEADER_SIZE + len(sym)] = sym
-    payload: memoryview | bytes = memoryview(values).cast("B")
+    parts: list[memoryview | bytes] = [memoryview(values).cast("B")]
+    if times is not None:
+        parts.append(memoryview(times).cast("B"))
     if cipher is not None:
         nonce_at = values_at - NONCE_FIELD
-        nonce, payload = cipher.seal(payload, _AD_DOMAIN + out[:nonce_at])  # CRC field still 0
+        nonce, sealed = cipher.seal_parts(parts, _AD_DOMAIN + out[:nonce_at])  # CRC still 0
         out[nonce_at : nonce_at + NONCE_BYTES] = nonce
-    crc = crc32c.crc32c(payload, crc32c.crc32c(memoryview(out)[CRC_END:]))
+        parts = [sealed]
+    crc = crc32c.crc32c(memoryview(out)[CRC_END:])
+    for part in parts:
+        crc = crc32c.crc32c(part, crc)
     struct.pack_into("<I", out, 8, crc)
-    return bytes(out), payload
+    return (bytes(out), *parts)
 
 
 def decode(
@@ -136,16 +161,19 @@ def decode(
 ) -> tuple[BatchRecord, int]:
     """Decode the record at `offset`; return it and its length. Raises `RecordError`.
 
-    The values are a read-only view into `buf` (no copy): keep `buf` alive as long as them.
-    With `cipher` only encrypted records are accepted (a plain record slipped into an
-    encrypted log is refused, never trusted) and the values are a decrypted copy.
+    The values (and timestamps, under FLAG_TIMESTAMPS) are read-only views into `buf` (no
+    copy): keep `buf` alive as long as them. With `cipher` only encrypted records are accepted
+    (a plain record slipped into an encrypted log is refused, never trusted) and the columns
+    are views of one decrypted copy.
     """
     view = memoryview(buf)
     available = len(view) - offset
     if available < HEADER_SIZE:
         raise RecordError(f"incomplete header ({available} of {HEADER_SIZE} bytes)")
     fields = HEADER.unpack_from(view, offset)
-    (magic, length, crc, kind, sym_len, _, lsn, first, received, publisher, sequence) = fields[:11]
+    (magic, length, crc, kind, sym_len, flags, lsn, first, received, publisher, sequence) = fields[
+        :11
+    ]
     count, kid = fields[11], fields[12]
     _check_magic(magic, cipher)
     if length % 8 or length < HEADER_SIZE:
@@ -156,7 +184,10 @@ def decode(
         raise RecordError("CRC mismatch")
     if kind != KIND_BATCH:
         raise RecordError(f"unknown record kind {kind}")
-    if length != record_size(sym_len, count, cipher is not None):
+    if flags & ~KNOWN_FLAGS:
+        raise RecordError(f"unknown record flags {flags:#06x}")
+    has_times = bool(flags & FLAG_TIMESTAMPS)
+    if length != record_size(sym_len, count, cipher is not None, has_times):
         raise RecordError(f"length {length} does not match {count} values")
     sym_at = offset + HEADER_SIZE
     try:
@@ -165,13 +196,24 @@ def decode(
         raise RecordError("symbol is not UTF-8") from None
     values_at = offset + values_offset(sym_len, cipher is not None)
     if cipher is not None:
-        values = _decrypt_values(view, offset, values_at, length, kid, cipher)
+        plain = _decrypt(view, offset, values_at, length, kid, cipher)
+        values = np.frombuffer(plain, dtype="<f8", count=count)
+        times = np.frombuffer(plain, "<i8", count, 8 * count) if has_times else None
     else:
         values = np.frombuffer(view, dtype="<f8", count=count, offset=values_at)
-    if values.flags.writeable:
-        values = values.view()
-        values.setflags(write=False)
-    return BatchRecord(lsn, symbol, first, received, publisher, sequence, values), length
+        times = np.frombuffer(view, "<i8", count, values_at + 8 * count) if has_times else None
+    values = _read_only(values)
+    if times is not None:
+        times = _read_only(times)
+    record = BatchRecord(lsn, symbol, first, received, publisher, sequence, values, times)
+    return record, length
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    if array.flags.writeable:
+        array = array.view()
+        array.setflags(write=False)
+    return array
 
 
 def _check_magic(magic: bytes, cipher: DataCipher | None) -> None:
@@ -186,11 +228,12 @@ def _check_magic(magic: bytes, cipher: DataCipher | None) -> None:
         raise RecordError("bad magic")
 
 
-def _decrypt_values(
+def _decrypt(
     view: memoryview, offset: int, values_at: int, length: int, kid: int, cipher: DataCipher
-) -> np.ndarray:
-    """The decrypted values of a record whose CRC checked (so a failure here is not a torn
-    write: a wrong key, which the key id tells, or a deliberate change)."""
+) -> bytes:
+    """The decrypted columns (values, then timestamps if any) of a record whose CRC checked
+    (so a failure here is not a torn write: a wrong key, which the key id tells, or a
+    deliberate change)."""
     if kid != cipher.key_id:
         raise RecordError(
             f"written with another data key (key id {kid:08x}, configured {cipher.key_id_hex})"
@@ -208,7 +251,7 @@ def _decrypt_values(
         )
     except DecryptError:
         raise RecordError("authentication failed (AES-GCM tag mismatch)") from None
-    return np.frombuffer(plain, dtype="<f8")
+    return plain
 
 
 def resync(buf: bytes | memoryview, start: int, cipher: DataCipher | None = None) -> int | None:
@@ -384,3 +427,12 @@ def segment_key_id(path: Path) -> tuple[bool, int | None]:
     if fields[0] == MAGIC_ENCRYPTED:
         return True, fields[12]
     return fields[0] == MAGIC, None
+
+
+def header_record_size(fields: tuple) -> int | None:
+    """The length a record with these unpacked `HEADER` fields must have, or None when the
+    magic or flags are not this format's (a scanner that reads headers only: warm_sealer)."""
+    magic, flags, sym_len, count = fields[0], fields[5], fields[4], fields[11]
+    if magic not in (MAGIC, MAGIC_ENCRYPTED) or flags & ~KNOWN_FLAGS:
+        return None
+    return record_size(sym_len, count, magic == MAGIC_ENCRYPTED, bool(flags & FLAG_TIMESTAMPS))

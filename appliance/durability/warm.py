@@ -9,9 +9,13 @@ which compresses it and writes `DIR/warm/<hex of the UTF-8 symbol>/<first index>
 (see `warm_segment`). Until a block's file is durable it stays in memory, queryable and
 counted by `oldest_unsealed_lsn()`, so the log that also holds it is not retired.
 
-Batch marks: every batch contributes (first index, received_ns) so a time maps to an index.
-Receive times are clamped to be non-decreasing per symbol (a wall clock stepping back would
-otherwise break the binary search); a clamped batch is reported at its predecessor's time.
+Time marks: (first index, timestamp) pairs so that a time maps to an index. A value's timestamp
+is its event time when its batch carried timestamps (`BatchRecord.timestamps`: one mark per run
+of equal times, `appliance.timestamps.run_starts`), else its batch's receive time (one mark per
+batch). Marks are clamped to be non-decreasing per symbol (a wall clock stepping back, or a
+symbol deleted and created again with earlier event times, would otherwise break the binary
+search); a clamped value is reported at its predecessor's time. Every block (so every segment)
+starts with a mark at its first index.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from appliance.durability.warm_segment import (
     segment_name,
     write_atomically,
 )
+from appliance.timestamps import run_starts
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +150,7 @@ class _Symbol:
     sealed: list[SealedSegment] = field(default_factory=list)
     blocks: list[_Block] = field(default_factory=list)
     buffer: _Buffer | None = None
-    last_ns: int = 0  # newest (clamped) receive time: marks never go back
+    last_ns: int = 0  # newest (clamped) timestamp: marks never go back
     # Index after the newest value ever taken (kept when retention deletes segments): values
     # below it are already held, or were, so a replayed record never brings them back.
     end: int = 0
@@ -156,6 +161,7 @@ def _nbytes(piece: MemoryPiece) -> int:
     return piece.values.nbytes + piece.mark_index.nbytes + piece.mark_ns.nbytes
 
 
+_ONE_MARK = np.zeros(1, np.int64)  # the offset of a batch's one mark within what it appends
 _FULL_AFTER = 1 << 16  # values: past this, grow straight to the block size (see _grow)
 
 
@@ -296,11 +302,19 @@ class WarmTier:
             skip = max(0, state.end - start)
             if skip >= values.shape[0]:
                 return
+            times = record.timestamps
             if skip:
                 values = values[skip:]
+                times = None if times is None else times[skip:]
                 start += skip
-            ns = max(int(record.received_ns), state.last_ns)
-            state.last_ns = ns
+            if times is None:
+                ns: int | np.ndarray = max(int(record.received_ns), int(state.last_ns))
+                state.last_ns = ns
+            else:
+                if int(times[0]) < state.last_ns:  # resolved times only go back after a delete
+                    times = np.maximum(times, state.last_ns)
+                ns = times
+                state.last_ns = int(times[-1])
             buf = state.buffer
             if buf is not None and buf.n and start != buf.end_index:
                 # A gap (values this tier never saw): the buffer is sealed short so that every
@@ -330,19 +344,31 @@ class WarmTier:
         buf: _Buffer,
         values: np.ndarray,
         start: int,
-        ns: int,
+        ns: int | np.ndarray,
         lsn: int,
     ) -> None:
+        """Append values at `start` with their time: one `ns` for all (a batch without
+        timestamps: one mark per block it touches) or per-value times (one mark per run)."""
         limit = self.segment_values
         while values.shape[0]:
             take = min(values.shape[0], limit - buf.n)
             buf.values = _grow(buf.values, buf.n + take, limit)
             buf.values[buf.n : buf.n + take] = values[:take]
-            buf.mark_index = _grow(buf.mark_index, buf.n_marks + 1, limit)
-            buf.mark_ns = _grow(buf.mark_ns, buf.n_marks + 1, limit)
-            buf.mark_index[buf.n_marks] = start
-            buf.mark_ns[buf.n_marks] = ns
-            buf.n_marks += 1
+            if not isinstance(ns, np.ndarray):
+                offsets, times = _ONE_MARK, np.array([ns], np.int64)
+            else:
+                times = ns[:take]
+                # A block's first value always has a mark; later runs only where time changes.
+                previous = int(buf.mark_ns[buf.n_marks - 1]) if buf.n_marks else None
+                offsets = run_starts(times, previous)
+                times = times[offsets]
+                ns = ns[take:]
+            k = int(offsets.shape[0])
+            buf.mark_index = _grow(buf.mark_index, buf.n_marks + k, limit)
+            buf.mark_ns = _grow(buf.mark_ns, buf.n_marks + k, limit)
+            buf.mark_index[buf.n_marks : buf.n_marks + k] = offsets + start
+            buf.mark_ns[buf.n_marks : buf.n_marks + k] = times
+            buf.n_marks += k
             buf.n += take
             buf.last_lsn = lsn
             values = values[take:]

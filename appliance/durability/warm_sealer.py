@@ -159,15 +159,10 @@ def _index(path: Path) -> list[_Entry]:
         at = 0
         while at + wal.HEADER_SIZE <= len(data):
             fields = wal.HEADER.unpack_from(data, at)
-            magic, length, sym_len, lsn, first, count = (
-                fields[0], fields[1], fields[4], fields[6], fields[7], fields[11],
+            length, sym_len, lsn, first, count = (
+                fields[1], fields[4], fields[6], fields[7], fields[11],
             )  # fmt: skip
-            encrypted = magic == wal.MAGIC_ENCRYPTED
-            if (
-                magic not in (wal.MAGIC, wal.MAGIC_ENCRYPTED)
-                or length != wal.record_size(sym_len, count, encrypted)
-                or at + length > len(data)
-            ):
+            if length != wal.header_record_size(fields) or at + length > len(data):
                 break  # torn, damaged or still being written: indexed up to here
             try:
                 symbol = data[at + wal.HEADER_SIZE : at + wal.HEADER_SIZE + sym_len].decode()
@@ -184,9 +179,10 @@ def _decrypted(
     handle: BinaryIO, offset: int, symbol: str, count: int, cipher: DataCipher
 ) -> np.ndarray:
     """The values of the encrypted record at `offset`, authenticated (raises if not)."""
-    length = wal.record_size(len(symbol.encode()), count, encrypted=True)
     handle.seek(offset)
-    data = handle.read(length)
+    head = handle.read(wal.HEADER_SIZE)
+    length = wal.header_record_size(wal.HEADER.unpack(head)) if len(head) == wal.HEADER_SIZE else 0
+    data = head + handle.read(max(0, (length or 0) - wal.HEADER_SIZE))
     try:
         record, _ = wal.decode(data, 0, cipher)
     except wal.RecordError as exc:

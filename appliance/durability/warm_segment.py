@@ -6,10 +6,12 @@ summary without its values. The layout is
 
     magic b"HFTWARM1" | u32 LE header length | header (JSON, UTF-8) | zstd frame
 
-where the zstd frame holds `count` float64 values, then `n_marks` int64 batch-start indexes,
-then `n_marks` int64 receive times, then one summary row (`engine_core.summary`, row version
-`summary_row_version` in the header: count, ref, mean, M2, min, max) per block of `BLOCK_VALUES`
-values, the last block possibly short (all little-endian). The batch marks live in the
+where the zstd frame holds `count` float64 values, then `n_marks` int64 mark indexes, then
+`n_marks` int64 timestamps (event time, or receive time for batches without one; the header's
+`first_received_ns` / `last_received_ns` keep their names and hold these), then one summary
+row (`engine_core.summary`, row version `summary_row_version` in the header: count, ref, mean,
+M2, min, max) per block of `BLOCK_VALUES` values, the last block possibly short (all
+little-endian). The marks live in the
 compressed payload rather than the header because a segment of single-value batches has as many
 marks as values. The block summaries let a query that cuts a segment read at most two partial
 blocks of raw values from it.
@@ -110,7 +112,7 @@ class SegmentHeader(msgspec.Struct, frozen=True):
 
 
 class SegmentData(NamedTuple):
-    """Decompressed contents: values, the batch marks (start index, receive ns) of each batch,
+    """Decompressed contents: values, the time marks (first index of a run, its timestamp),
     and the (n_blocks, 6) block summaries."""
 
     values: np.ndarray

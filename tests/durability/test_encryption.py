@@ -217,13 +217,17 @@ def test_checkpoint_round_trip_and_a_changed_manifest_fails(tmp_path: Path) -> N
     values = np.full(3000, MARKER)
     store.ingest("EUR/USD", values)
     path = checkpoint.write_checkpoint(tmp_path, store, 7, {"EUR/USD": 5000}, cipher)
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "s0000.enc"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "s0000.enc", "t0000.enc"]
     assert MARKER_BYTES not in (path / "s0000.enc").read_bytes()
+    newest = store.newest_timestamp("EUR/USD").to_bytes(8, "little")  # the time marks: secret too
+    assert newest not in (path / "t0000.enc").read_bytes()
     assert {stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {0o600}
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     loaded = checkpoint.load_latest(tmp_path, DataCipher(KEY))
     assert loaded is not None and loaded.symbols["EUR/USD"].total == 5000
     assert np.array_equal(loaded.symbols["EUR/USD"].values, values)
+    marks = loaded.symbols["EUR/USD"].marks
+    assert marks is not None and marks[1].tolist() == [store.newest_timestamp("EUR/USD")]
     assert checkpoint.load_latest(tmp_path, DataCipher(OTHER_KEY)) is None
     assert checkpoint.load_latest(tmp_path, None) is None
     manifest = path / "manifest.json"
