@@ -360,9 +360,10 @@ def _history_stats_schema() -> dict[str, Any]:
             "last_index": {**index, "description": "series index of `last`"},
             "first_ns": {
                 "type": "integer",
-                "description": "receive time (ns since the epoch) of the batch holding `first`",
+                "description": "timestamp (ns since the epoch) of `first`: its event time, or "
+                "its batch's receive time when the batch had none",
             },
-            "last_ns": {"type": "integer", "description": "receive time of `last`'s batch"},
+            "last_ns": {"type": "integer", "description": "timestamp of `last`, as `first_ns`"},
         },
     }
 

@@ -162,6 +162,16 @@ def _nbytes(piece: MemoryPiece) -> int:
 
 
 _ONE_MARK = np.zeros(1, np.int64)  # the offset of a batch's one mark within what it appends
+def _older_than(segment: SealedSegment, cutoff_ns: int) -> bool:
+    """Both the newest timestamp and the file's modification time are before `cutoff_ns`."""
+    if segment.header.last_received_ns >= cutoff_ns:
+        return False
+    try:
+        return segment.path.stat().st_mtime_ns < cutoff_ns
+    except FileNotFoundError:
+        return True
+
+
 _FULL_AFTER = 1 << 16  # values: past this, grow straight to the block size (see _grow)
 
 
@@ -495,10 +505,15 @@ class WarmTier:
     # ----------------------------------------------------------------- retention
 
     def apply_retention(self, now_ns: int | None = None) -> list[Path]:
-        """Delete sealed segments whose newest value is older than `retain_days` (0: never).
+        """Delete sealed segments older than `retain_days` (0: never): those whose newest value's
+        timestamp AND whose file (written when the segment was sealed, or restored) are both
+        older than the cut-off.
 
-        Only whole sealed segments go, and only those entirely older than the cut-off: a
-        segment holding one newer value is kept. Each deletion is logged at INFO.
+        Why both: timestamps are event times when publishers send them, and a replay of old
+        market data (event times years back) must not be deleted the moment it is sealed; the
+        file's time says when the appliance took it. Only whole sealed segments go, and only
+        those entirely older than the cut-off: a segment holding one newer value is kept. Each
+        deletion is logged at INFO.
         """
         if self.retain_days <= 0:
             return []
@@ -506,9 +521,10 @@ class WarmTier:
         doomed: list[tuple[str, SealedSegment]] = []
         with self._lock:
             for symbol, state in self._symbols.items():
-                keep = [s for s in state.sealed if s.header.last_received_ns >= cutoff]
-                doomed += [(symbol, s) for s in state.sealed if s.header.last_received_ns < cutoff]
-                state.sealed = keep
+                old = [s for s in state.sealed if _older_than(s, cutoff)]
+                if old:
+                    doomed += [(symbol, s) for s in old]
+                    state.sealed = [s for s in state.sealed if s not in old]
         for symbol, segment in doomed:
             segment.path.unlink(missing_ok=True)
             fsync_dir(segment.path.parent)

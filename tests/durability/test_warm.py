@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,14 @@ def test_retention_deletes_only_old_segments_and_logs_each(tmp_path: Path, caplo
         warm.on_record(BatchRecord(2, "S", 100, now - 8 * day, 0, 0, np.ones(99)))
         warm.on_record(BatchRecord(3, "S", 199, now - 6 * day, 0, 0, np.ones(1)))
         warm.on_record(BatchRecord(4, "S", 200, now - day, 0, 0, np.ones(150)))
+        warm.drain()
+        # Sealed just now (real file times): nothing goes, however old the timestamps.
+        assert warm.apply_retention() == []
+        for segment in warm.view("S").sealed:  # type: ignore[union-attr]
+            sealed_at = segment.header.last_received_ns  # as if sealed when the data arrived
+            os.utime(segment.path, ns=(sealed_at, sealed_at))
         with caplog.at_level(logging.INFO, logger="appliance.durability.warm"):
-            warm.drain()
+            warm.apply_retention()
         view = warm.view("S")
         assert view is not None
         assert [s.header.first_index for s in view.sealed] == [100, 200]
@@ -304,7 +311,7 @@ def test_a_slow_sealer_holds_back_the_writer(tmp_path: Path, monkeypatch) -> Non
 def test_history_after_retention_deleted_everything(tmp_path: Path) -> None:
     from appliance.durability.history import HistoryError, stats_by_index
 
-    with warm_tier(tmp_path, segment_values=N, retain_days=1, clock=lambda: 10**15) as warm:
+    with warm_tier(tmp_path, segment_values=N, retain_days=1, clock=lambda: 9 * 10**18) as warm:
         warm.on_record(BatchRecord(1, "S", 0, 1, 0, 0, np.ones(N)))
         warm.drain()
         assert warm.symbols()["S"] == (N, N, N, 0)  # total, warm_start, sealed_end, segments
