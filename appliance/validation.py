@@ -272,7 +272,11 @@ def parse_query_string(query_string: str) -> dict[str, str]:
 
 
 # Percent-encoded bytes that are not UTF-8, per parameter (any other parameter: bad_request).
-_BAD_ENCODING_CODES = {"symbol": "invalid_symbol", "exponent": "invalid_exponent"}
+_BAD_ENCODING_CODES = {
+    "symbol": "invalid_symbol",
+    "exponent": "invalid_exponent",
+    "seconds": "invalid_window",
+}
 
 
 def _unquote(text: str, name: str | None) -> str:
@@ -327,3 +331,55 @@ def invalid_exponent(shown: str) -> ApiError:
         f"exponent {shown} is not an integer in {MIN_EXPONENT}..{MAX_EXPONENT} "
         "(the window is the last 10^exponent values)",
     )
+
+
+# A time window in seconds: plain ASCII decimal, optional fraction ("5", "0.25", ".5", "5."),
+# no sign, no exponent; converted to ns with integer arithmetic only (a float would turn
+# "0.3" into 299999999 ns).
+_SECONDS = re.compile(r"([0-9]*)(?:\.([0-9]*))?", re.ASCII)
+NS_PER_SECOND = 1_000_000_000
+MAX_WINDOW_NS = (1 << 63) - 1
+_NS_DIGITS = 9
+
+
+def parse_seconds(text: str) -> int:
+    """A `seconds` window (query parameter or JSON string) as integer ns, exactly.
+
+    At least 1 ns and at most 2**63 - 1 ns (about 292 years); digits beyond the 9th after the
+    point must be zeros (the window is whole ns: "0.0000000015" is refused, not rounded).
+    Raises ApiError `invalid_window` naming the problem; shared by GET /stats/, POST
+    /stats/batch and GET /stream, so every endpoint reads a window the same way.
+    """
+    match = _SECONDS.fullmatch(text)
+    if match is None or not (match.group(1) or match.group(2)):
+        raise invalid_window(
+            f"seconds {shorten(text)!r} is not a positive decimal number of seconds "
+            '(digits with an optional fraction, e.g. "5", "0.25", ".5"; no sign, no exponent)'
+        )
+    whole = match.group(1).lstrip("0")
+    fraction = (match.group(2) or "").rstrip("0")
+    if len(fraction) > _NS_DIGITS:
+        raise invalid_window(
+            f"seconds {shorten(text)!r} is finer than 1 ns: at most 9 digits after the point"
+        )
+    # Past 10 integer digits the window is beyond 2**63 - 1 ns whatever follows.
+    if len(whole) > 10:
+        raise _window_too_long(text)
+    ns = int(whole or "0") * NS_PER_SECOND + int(fraction.ljust(_NS_DIGITS, "0"))
+    if ns < 1:
+        raise invalid_window(f"seconds {shorten(text)!r} is not positive: at least 1 ns")
+    if ns > MAX_WINDOW_NS:
+        raise _window_too_long(text)
+    return ns
+
+
+def _window_too_long(text: str) -> ApiError:
+    return invalid_window(
+        f"seconds {shorten(text)!r} is longer than 2**63 - 1 ns "
+        f"(at most {MAX_WINDOW_NS // NS_PER_SECOND}.{MAX_WINDOW_NS % NS_PER_SECOND:09d})"
+    )
+
+
+def invalid_window(message: str) -> ApiError:
+    """An `invalid_window` error (a bad `seconds`, or both `exponent` and `seconds`)."""
+    return ApiError("invalid_window", message)
