@@ -28,6 +28,7 @@ from appliance.validation import (
     count_array_elements,
     count_byte,
     decode_body,
+    format_seconds,
     invalid_exponent,
     shorten,
     validate_symbol,
@@ -174,6 +175,15 @@ def stats_body(result: WindowStats) -> dict[str, float]:
         "avg": result.avg,
         "var": result.var,
     }
+
+
+def time_stats_body(result: WindowStats, window_ns: int) -> dict[str, Any]:
+    """The success body of a time window (`seconds`): the five statistics, `count` (values in
+    the window) and `seconds` (the window, echoed exactly as a JSON number)."""
+    body: dict[str, Any] = stats_body(result)
+    body["count"] = result.count
+    body["seconds"] = msgspec.Raw(format_seconds(window_ns).encode())
+    return body
 
 
 def answer(store: Store, items: list[Query | ApiError]) -> bytes:
