@@ -4,6 +4,7 @@ model (batches with and without timestamps, eviction by a tiny retention, clampi
 
 from __future__ import annotations
 
+import itertools
 import json
 from decimal import Decimal
 
@@ -315,7 +316,10 @@ class Model:
 def check_against(store: Store, model: Model, windows: list[int]) -> None:
     held = store.length("S")
     assert store.newest_timestamp("S") == model.times[-1]
-    for window_ns in windows:
+    # Windows that end exactly on held timestamps: the boundary is inclusive (>=).
+    times = model.times[-held:]
+    edges = {times[-1] - times[i] for i in range(0, held, max(1, held // 5))} - {0}
+    for window_ns in [*windows, *sorted(edges)]:
         expected = model.window(held, window_ns)
         result = store.stats_seconds("S", window_ns)
         assert result.count == expected.size >= 1, window_ns
@@ -361,7 +365,7 @@ def test_stats_seconds_matches_a_numpy_model(
         stamps = None if times is None else np.array(times, dtype=np.int64)
         newest = model.times[-1] if model.times else None
         goes_back = times is not None and (
-            any(b < a for a, b in zip(times, times[1:], strict=False))
+            any(b < a for a, b in itertools.pairwise(times))
             or (newest is not None and times[0] < newest)
         )
         if goes_back and not clamp:
