@@ -59,7 +59,7 @@ from appliance.store import Store, SymbolLimitError, UnknownSymbolError
 from appliance.timestamps import OutOfOrderError
 from appliance.validation import (
     BatchDecoder,
-    StatsQuery,
+    TimeWindowQuery,
     parse_query_string,
     parse_stats_query,
     validate_symbol,
@@ -584,7 +584,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         return await _delete_symbol(request, unquote(symbol))
 
 
-def _time_window_stats(store: Store, query: StatsQuery) -> HTTPResponse:
+def _time_window_stats(store: Store, query: TimeWindowQuery) -> HTTPResponse:
     """GET /stats/?seconds=X: the values whose timestamp is at or after the symbol's newest
     timestamp minus X (`Store.stats_seconds`, O(log marks)); raises UnknownSymbolError."""
     result = store.stats_seconds(query.symbol, query.window_ns)

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 from urllib.parse import unquote_plus
 
 import msgspec
@@ -313,12 +313,22 @@ def validate_symbol(symbol: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class StatsQuery:
-    """`symbol` is present but not yet validated: see `parse_stats_query`. A count window has
-    its `exponent` (1..8); a time window has `exponent` 0 and `window_ns` >= 1."""
+    """`symbol` is present but not yet validated: see `parse_stats_query`."""
 
     symbol: str
     exponent: int
-    window_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindowQuery:
+    """GET /stats/?seconds=: `window_ns` >= 1. A class of its own rather than a third field of
+    StatsQuery, whose frozen `__init__` would then cost the count-window path one more
+    attribute store; `exponent` is 0 (a class constant) so a handler tells them apart with
+    the one test `if query.exponent`."""
+
+    symbol: str
+    window_ns: int
+    exponent: ClassVar[int] = 0
 
 
 # The only accepted spellings of the exponent: plain ASCII decimal 1..8.
@@ -367,7 +377,7 @@ def _unquote(text: str, name: str | None) -> str:
         ) from None
 
 
-def parse_stats_query(params: Mapping[str, str]) -> StatsQuery:
+def parse_stats_query(params: Mapping[str, str]) -> StatsQuery | TimeWindowQuery:
     """`symbol` (required) and `exponent` (ASCII decimal digits, value 1..8) or `seconds` (a
     time window, `parse_seconds`): exactly one of the two (both: invalid_window; neither:
     invalid_exponent, as before time windows existed). The exponent path is checked first.
@@ -383,7 +393,7 @@ def parse_stats_query(params: Mapping[str, str]) -> StatsQuery:
     if raw is None:
         seconds = params.get("seconds")
         if seconds is not None:  # a time window: parsed only when asked for
-            return StatsQuery(symbol, 0, parse_seconds(seconds))
+            return TimeWindowQuery(symbol, parse_seconds(seconds))
         raise ApiError(
             "invalid_exponent",
             f"query parameter `exponent` is required (an integer {MIN_EXPONENT}..{MAX_EXPONENT})"

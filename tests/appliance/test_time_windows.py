@@ -21,6 +21,7 @@ from appliance.timestamps import OutOfOrderError
 from appliance.validation import (
     MAX_WINDOW_NS,
     BatchDecoder,
+    TimeWindowQuery,
     format_seconds,
     parse_query_string,
     parse_seconds,
@@ -113,6 +114,7 @@ def test_any_text_is_a_window_or_invalid_window(text: str) -> None:
 def test_stats_query_takes_exponent_or_seconds_not_both() -> None:
     assert parse_stats_query({"symbol": "S", "exponent": "2"}).exponent == 2
     query = parse_stats_query({"symbol": "S", "seconds": "1.5"})
+    assert isinstance(query, TimeWindowQuery)
     assert (query.exponent, query.window_ns) == (0, 1_500_000_000)
     for params, code in (
         ({"symbol": "S", "exponent": "2", "seconds": "1"}, "invalid_window"),
