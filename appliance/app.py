@@ -577,6 +577,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         return HTTPResponse(answer(store, items), content_type=JSON)
 
     _add_history_routes(data_get, store)
+    _add_history_bars_route(data_get, store)
     admin_delete = partial(_route, app, methods=["DELETE"], waits_for_ready=True, role="admin")
 
     @admin_delete("/symbols/<symbol:path>")
@@ -727,6 +728,48 @@ def _add_history_routes(data_get: Callable[[str], Callable[[Handler], Handler]],
                 total = max(total or 0, hot)  # a symbol the warm tier has not seen yet
             rows.append({"symbol": name, "hot": hot, "total": total})
         return json_response({"symbols": rows})
+
+
+def _add_history_bars_route(
+    data_get: Callable[[str], Callable[[Handler], Handler]], store: Store
+) -> None:
+    """GET /history/bars: OHLC bars over the warm tier, summarized by the store's engine (on
+    the GPU when that is the engine in use; appliance.durability.history_bars)."""
+
+    @data_get("/history/bars")
+    async def history_bars(request: Request) -> HTTPResponse:
+        params = parse_query_string(request.query_string)
+        symbol = params.get("symbol")
+        if symbol is None:
+            raise ApiError("missing_parameter", "the symbol query parameter is required")
+        validate_symbol(symbol)
+        ctx = request.app.ctx
+        principal = principal_of(request)
+        if principal is not None:
+            ctx.access.check_symbol(principal, symbol, "GET /history/bars")
+        if ctx.warm is None:
+            raise ApiError(
+                "history_disabled",
+                "history needs the warm tier: set [durability] enabled = true and restart",
+            )
+        from appliance.durability.history import HistoryError
+        from appliance.durability.history_bars import run_bars_query
+
+        try:
+            # Off the event loop: segments may need decompressing and the bars summing.
+            result = await asyncio.to_thread(
+                run_bars_query,
+                ctx.warm,
+                store.engine,
+                symbol,
+                params.get("interval"),
+                params.get("start"),
+                params.get("end"),
+                ctx.config.history.max_bars,
+            )
+        except HistoryError as exc:
+            raise ApiError(exc.code, exc.message) from None
+        return json_response(result.to_dict())
 
 
 def _add_lifecycle(app: Sanic) -> None:

@@ -99,6 +99,12 @@ _ROWS = (
         "neither `index` nor `time`.",
     ),
     ErrorCode(
+        "invalid_interval",
+        400,
+        "GET /history/bars: `interval` is missing or not a positive integer followed by a "
+        "unit (`ns`, `us`, `ms`, `s`, `m`, `h`, `d`), or is longer than 2**63 - 1 ns.",
+    ),
+    ErrorCode(
         "empty_range",
         404,
         "GET /history/stats: the range holds no value the warm tier has (beyond the newest, "

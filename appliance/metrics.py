@@ -163,11 +163,23 @@ class ApplianceCollector(Collector):
             "Values ever accepted per symbol (evicted ones included; with durability on)",
             labels=["symbol"],
         )
+        clamped = CounterMetricFamily(
+            "hft_timestamps_clamped",
+            'Values whose timestamp store.out_of_order = "clamp" moved forward, per symbol',
+            labels=["symbol"],
+        )
+        newest = GaugeMetricFamily(
+            "hft_series_newest_timestamp_seconds",
+            "The newest tick timestamp per symbol (event time, or receive time)",
+            labels=["symbol"],
+        )
         warm_totals = warm.symbols() if warm is not None else {}
         for name in symbols:
             try:
                 length = store.length(name)
-            except KeyError:  # pragma: no cover - symbols are never removed
+                clamped.add_metric([name], store.clamped(name))
+                newest.add_metric([name], store.newest_timestamp(name) / 1e9)
+            except KeyError:  # deleted (DELETE /symbols/{symbol}) since the list was taken
                 continue
             hot.add_metric([name], length)
             if durable is not None:
@@ -176,6 +188,8 @@ class ApplianceCollector(Collector):
                 total.add_metric([name], max(warm_totals[name].total, length))
         yield hot
         yield total
+        yield clamped
+        yield newest
 
     def _wal_families(self) -> Iterator[Metric]:
         durable = self._app.ctx.durable

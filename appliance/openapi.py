@@ -281,6 +281,7 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
             },
         },
         "HistoryStatsResponse": _history_stats_schema(),
+        "HistoryBarsResponse": _history_bars_schema(),
         "SymbolsResponse": {
             "type": "object",
             "required": ["symbols"],
@@ -396,6 +397,90 @@ def _history_stats_schema() -> dict[str, Any]:
                 "description": "receive time (ns since the epoch) of the batch holding `first`",
             },
             "last_ns": {"type": "integer", "description": "receive time of `last`'s batch"},
+        },
+    }
+
+
+def _history_bars_schema() -> dict[str, Any]:
+    def column(kind: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"type": "array", "items": kind, "description": description}
+
+    number = {"type": "number"}
+    nullable = {"type": ["number", "null"]}
+    fields = {
+        "time": column({"type": "integer"}, "bar start: a multiple of interval_ns since the epoch"),
+        "open": column(number, "the bar's first value (index order)"),
+        "high": column(number, "the bar's largest value"),
+        "low": column(number, "the bar's smallest value"),
+        "close": column(number, "the bar's last value"),
+        "count": column({"type": "integer", "minimum": 1}, "values in the bar"),
+        "avg": column(nullable, "the bar's mean; null only on float64 overflow"),
+        "var": column(nullable, "population variance (M2 / count); null only on overflow"),
+    }
+    return {
+        "type": "object",
+        "description": "one item per non-empty bar in every array, oldest first",
+        "required": ["symbol", "interval_ns", "start", "end", *fields],
+        "properties": {
+            "symbol": _ref("Symbol"),
+            "interval_ns": {"type": "integer", "minimum": 1},
+            "start": {"type": "integer", "description": "the range's start, ns since the epoch"},
+            "end": {"type": "integer", "description": "the range's (exclusive) end, ns"},
+            **fields,
+        },
+    }
+
+
+def _history_bars_paths() -> dict[str, Any]:
+    """GET /history/bars (issue 17)."""
+    bound = "integer ns since the epoch or ISO 8601 (no zone = UTC), by value timestamp"
+    return {
+        "/history/bars": {
+            "get": {
+                "operationId": "historyBars",
+                "summary": "OHLC bars over [start, end) of a symbol's full history (warm tier)",
+                "description": "Bars start at multiples of the interval since the epoch; "
+                "intervals without a value are omitted. At most `history.max_bars` bars.",
+                "parameters": [
+                    {"name": "symbol", "in": "query", "required": True, "schema": _ref("Symbol")},
+                    {
+                        "name": "interval",
+                        "in": "query",
+                        "required": True,
+                        "description": "a positive integer and a unit: ns, us, ms, s, m, h, d "
+                        "(e.g. `100ms`, `1m`)",
+                        "schema": {"type": "string", "pattern": "^[0-9]+(ns|us|ms|s|m|h|d)$"},
+                    },
+                    {
+                        "name": "start",
+                        "in": "query",
+                        "required": True,
+                        "description": "inclusive; " + bound,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "end",
+                        "in": "query",
+                        "required": True,
+                        "description": "exclusive; " + bound,
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": _ok("bars", "HistoryBarsResponse"),
+                    **_errors(
+                        "missing_parameter",
+                        "invalid_symbol",
+                        "invalid_interval",
+                        "invalid_range",
+                        "unknown_symbol",
+                        "empty_range",
+                        "history_disabled",
+                        "batch_too_large",
+                        "not_ready",
+                    ),
+                },
+            }
         },
     }
 
@@ -710,6 +795,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                 }
             },
             **_history_paths(),
+            **_history_bars_paths(),
             **(_metrics_paths() if config.metrics.enabled else {}),
             "/openapi.json": {
                 "get": {

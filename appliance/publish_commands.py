@@ -7,6 +7,11 @@ the real binary path with the endpoints of the same Config.toml the server reads
 Both commands flush before they report: the numbers printed are frames the appliance
 acknowledged (zmq, shm), except with `zmq-push`, which has no acknowledgements.
 
+Event times: `publish --timestamps T1,T2,...` (one per value) and a timestamp column in the
+`replay` CSV (appliance.replay) travel in version-2 frames; each time is integer ns since the
+epoch or ISO 8601 (appliance.timeparse). Without them the appliance stamps each batch with its
+receive time.
+
 `replay` and a bad row: without `--skip-bad-rows` it stops there with `FILE:LINE: reason`,
 after applying (and flushing) every value of the lines before it and none after, so the
 `--start-line LINE` the message suggests resumes the fixed file with nothing applied twice.
@@ -28,6 +33,7 @@ import numpy as np
 
 from appliance.config import AppConfig
 from appliance.replay import BadRowError, Layout, ReplayError, RowProgress, read_batches
+from appliance.timeparse import parse_time
 from transport.control import ControlError
 from transport.curve import CurveConfigError, CurveKeys
 from transport.publisher import Publisher, PublishError
@@ -154,6 +160,25 @@ def read_values(tokens: list[str], stdin: TextIO) -> np.ndarray:
         raise ReplayError(f"not a number: {exc}") from None
 
 
+def read_timestamps(text: str | None, count: int) -> np.ndarray | None:
+    """`--timestamps`: comma or whitespace separated times, one per value (None without)."""
+    if text is None:
+        return None
+    cells = text.replace(",", " ").split()
+    if len(cells) != count:
+        raise ReplayError(f"--timestamps has {len(cells)} times for {count} values: one per value")
+    times = []
+    for number, cell in enumerate(cells, start=1):
+        try:
+            value = parse_time(cell, f"--timestamps: time {number} ({cell!r})")
+        except ValueError as exc:
+            raise ReplayError(str(exc)) from None
+        if not 0 <= value < 1 << 63:
+            raise ReplayError(f"--timestamps: time {number} ({cell!r}) is not in 1970..2262")
+        times.append(value)
+    return np.array(times, dtype=np.int64)
+
+
 @contextmanager
 def _reporting(command: str) -> Iterator[None]:
     """Turn the expected failures into one line on stderr (raised as SystemExit(1))."""
@@ -167,9 +192,10 @@ def _reporting(command: str) -> Iterator[None]:
 def run_publish(args: argparse.Namespace, config: AppConfig, stdin: TextIO = sys.stdin) -> int:
     with _reporting("publish"):
         values = read_values(args.values, stdin)
+        timestamps = read_timestamps(args.timestamps, values.shape[0])
         started = time.perf_counter()
         with open_publisher(args, config) as publisher:
-            last = publisher.publish(args.symbol, values)
+            last = publisher.publish(args.symbol, values, timestamps)
             publisher.flush(args.timeout)
             frames = publisher.frames_sent
         summary = Summary(values.shape[0], frames, 1, time.perf_counter() - started)
@@ -226,10 +252,11 @@ def run_replay(args: argparse.Namespace, config: AppConfig) -> int:
             batches = read_batches(
                 lines, batch=args.batch, layout=layout, start_line=args.start_line,
                 skip_bad_rows=args.skip_bad_rows, on_skip=skip, progress=progress,
+                timestamp_column="" if args.no_timestamps else args.timestamp_column,
             )  # fmt: skip
             try:
-                for symbol, values in batches:
-                    publisher.publish(symbol, values)
+                for symbol, values, timestamps in batches:
+                    publisher.publish(symbol, values, timestamps)
                     summary.values += values.shape[0]
                     summary.batches += 1
             except BadRowError as error:
@@ -264,6 +291,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_transport_arguments(publish)
     publish.add_argument("symbol", help="the symbol (1..64 UTF-8 bytes)")
     publish.add_argument("values", nargs="+", help="values, or - to read them from stdin")
+    publish.add_argument(
+        "--timestamps", metavar="TIMES",
+        help="event times, one per value, comma or space separated: integer ns since the "
+        "epoch or ISO 8601 (default: the appliance's receive time)",
+    )  # fmt: skip
 
     replay = commands.add_parser(
         "replay", help="publish a CSV file (symbol,value rows or one column per symbol)"
@@ -278,6 +310,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--batch", type=int, default=10_000, help="values per batch and symbol (default 10000)"
     )
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay.add_argument(
+        "--timestamp-column", metavar="NAME",
+        help="the header column holding event times (integer ns since the epoch or ISO 8601); "
+        "default: a column named timestamp or ts, if any",
+    )  # fmt: skip
+    replay.add_argument(
+        "--no-timestamps", action="store_true",
+        help="read no timestamp column (a wide file's 'timestamp' or 'ts' column is then a "
+        "symbol); the appliance stamps each batch with its receive time",
+    )  # fmt: skip
     replay.add_argument(
         "--start-line", type=_line_number, default=1, metavar="N",
         help="skip the rows before line N (the header is still read): resumes a replay that "

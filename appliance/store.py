@@ -92,6 +92,18 @@ class _Entry:
         self.clamped += resolved.clamped
         self.version += 1
 
+    def apply_received(self, values: np.ndarray, received_ns: int) -> None:
+        """`apply` for a batch without timestamps (the hot path: no `Resolved` built)."""
+        try:
+            evicted = self.series.append(values)
+        finally:
+            self.cache = {}
+        times = self.time
+        times.stamp(int(values.shape[0]), received_ns)
+        if evicted:
+            times.evict_to(times.end - len(self.series))
+        self.version += 1
+
     def window_of(self, key: int) -> int:
         """The engine window of a cache key: 10**exponent, or the count of a time window."""
         if key > 0:
@@ -164,7 +176,10 @@ class Store:
             with entry.lock:
                 if entry.deleted:
                     continue  # deleted after the lookup: append to the symbol's next series
-                entry.apply(values, resolve(timestamps, received_ns, entry.time.newest, clamp))
+                if timestamps is None:
+                    entry.apply_received(values, received_ns)
+                else:
+                    entry.apply(values, resolve(timestamps, received_ns, entry.time.newest, clamp))
             return int(values.shape[0])
 
     def _create_with(
@@ -199,15 +214,23 @@ class Store:
 
     def stats(self, symbol: str, exponent: int) -> WindowStats:
         """Statistics over the last min(10**exponent, len) values of `symbol`."""
-        return self._stats(symbol, exponent)
+        entry = self._entries.get(symbol)
+        if entry is None:
+            raise UnknownSymbolError(symbol)
+        cached = entry.cache.get(exponent)  # lock-free: a dict lookup is atomic under the GIL
+        if cached is not None:
+            return cached
+        with entry.lock:
+            result = entry.series.stats(10**exponent)
+            # Stored under the lock, so it cannot land in a cache created by a later append.
+            entry.cache[exponent] = result
+        return result
 
     def stats_seconds(self, symbol: str, window_ns: int) -> WindowStats:
         """Statistics over the held values whose timestamp is at or after (newest timestamp
         - `window_ns`): a time window anchored at the symbol's own newest tick, never the wall
         clock. `window_ns` >= 1; the answer's `count` says how many values it covers."""
-        return self._stats(symbol, time_key(window_ns))
-
-    def _stats(self, symbol: str, key: int) -> WindowStats:
+        key = time_key(window_ns)
         entry = self._entries.get(symbol)
         if entry is None:
             raise UnknownSymbolError(symbol)

@@ -56,11 +56,13 @@ class _Polling(Protocol):
 
 def max_message_bytes(config: AppConfig) -> int:
     """The largest message part a ZeroMQ data socket accepts: the configured value, or one
-    frame of `store.max_batch_size` values with the longest symbol, plus room to coalesce."""
+    frame of `store.max_batch_size` values with the longest symbol and a timestamp column
+    (a version-2 frame, 16 bytes a value), plus room to coalesce."""
     configured = config.transport.zmq.max_message_bytes
     if configured:
         return configured
-    return frame_bytes(MAX_SYMBOL_BYTES, config.store.max_batch_size) + COALESCE_ROOM_BYTES
+    full_frame = frame_bytes(MAX_SYMBOL_BYTES, config.store.max_batch_size, timestamps=True)
+    return full_frame + COALESCE_ROOM_BYTES
 
 
 class Transports:

@@ -9,6 +9,8 @@ none on another engine. Like the engines, it knows nothing about HTTP, sockets o
 - `engine_core.layout`: `Geometry`, `PagedLevel`, `identity_rows`.
 - `engine_core.summary`: the row (`SUMMARY_ROW_VERSION`, `COUNT` .. `MAX`, `ROW_WIDTH`,
   `IDENTITY_ROW`) and `summarize_blocks`, `merge_groups`, `combine`.
+- `engine_core.bars`: OHLC bars (`bar_starts` cuts them on time runs, `bar_summaries` is the
+  reference arithmetic behind `Engine.bars`).
 """
 
 from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats

@@ -14,6 +14,8 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
+from engine_core.bars import Bars, bar_summaries
+
 
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
@@ -133,3 +135,13 @@ class Engine(Protocol):
         turn, which is all a CPU engine needs.
         """
         return [series.stats(window) for series, window in requests]
+
+    def bars(self, values: np.ndarray, offsets: np.ndarray) -> Bars:
+        """OHLC summaries of the bars `values[offsets[i]:offsets[i + 1]]` (GET /history/bars).
+
+        Why a method of the engine: the appliance computes bars on the device it computes
+        everything else on. `values` is a float64 array of finite values, `offsets` strictly
+        increasing int64 from 0, below `len(values)`. This default is the numpy reference
+        (`engine_core.bars.bar_summaries`), which a CPU engine needs as is.
+        """
+        return bar_summaries(values, offsets)

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine_core.summary import IDENTITY_ROW, ROW_WIDTH
 
-KERNELS = ("summarize_blocks", "merge_groups", "window_stats")
+KERNELS = ("summarize_blocks", "merge_groups", "window_stats", "bar_summaries")
 # --fmad=false: no fused multiply-adds, so products round as they do on the CPU (the engines'
 # answers are compared to 1e-12); the kernels are memory-bound, FMA would buy nothing. CuPy
 # adds -ftz=true and -arch itself; flush-to-zero affects only float32, and the kernels are

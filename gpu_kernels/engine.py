@@ -6,6 +6,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from engine_core.bars import Bars
 from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats
 from engine_core.layout import Geometry
 from gpu_kernels.device import CupyDevice, Device
@@ -43,3 +46,32 @@ class CupyEngine(Engine):
     def stats_many(self, requests: Sequence[tuple[Series, int]]) -> list[WindowStats]:
         with self.lock:
             return window_stats(self.device, requests)  # type: ignore[arg-type]
+
+    def bars(self, values: np.ndarray, offsets: np.ndarray) -> Bars:
+        """OHLC bars on the device: one upload of the values and offsets, one launch of the
+        `bar_summaries` kernel (a thread per bar), one download of a (bars, 6) table.
+
+        The values come from the warm tier (host memory, mostly decompressed segments), so
+        they are copied in for each request; count is the offsets' difference, on the host.
+        """
+        n_bars = int(offsets.shape[0])
+        bounds = np.empty(n_bars + 1, dtype=np.int64)
+        bounds[:-1] = offsets
+        bounds[-1] = values.shape[0]
+        with self.lock:
+            device = self.device
+            on_device = device.new_values(int(values.shape[0]))
+            device.upload(on_device, np.ascontiguousarray(values, dtype=np.float64))
+            device_bounds = device.new_int64(bounds)
+            out = device.new_values(6 * n_bars)
+            device.launch("bar_summaries", n_bars, on_device, device_bounds, out, n_bars)
+            table = device.download(out).reshape(n_bars, 6)
+        return Bars(
+            open=table[:, 0],
+            high=table[:, 1],
+            low=table[:, 2],
+            close=table[:, 3],
+            count=np.diff(bounds),
+            avg=table[:, 4],
+            var=table[:, 5],
+        )

@@ -227,3 +227,36 @@ extern "C" __global__ void window_stats(const i64* queries, double* out, i64 n_q
     o[3] = w.lo;
     o[4] = w.hi;
 }
+
+// OHLC bars (GET /history/bars; engine_core/bars.py is the reference). One thread per bar:
+// bar b is values[offsets[b], offsets[b + 1]), never empty. out: (bars, 6) float64 rows of
+// (open, high, low, close, avg, var). Anchored at the open, two passes: the mean of the
+// deviations, then M2 around it, so 1e9-scale prices keep their variance.
+extern "C" __global__ void bar_summaries(const double* values, const i64* offsets, double* out,
+                                         i64 bars) {
+    i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= bars) return;
+    i64 lo = offsets[b], hi = offsets[b + 1];
+    double open = values[lo];
+    double sum = 0.0, low = open, high = open;
+    for (i64 i = lo; i < hi; ++i) {
+        double v = values[i];
+        sum += v - open;
+        low = fmin(low, v);
+        high = fmax(high, v);
+    }
+    double n = (double)(hi - lo);
+    double mean = sum / n;
+    double m2 = 0.0;
+    for (i64 i = lo; i < hi; ++i) {
+        double d = (values[i] - open) - mean;
+        m2 += d * d;
+    }
+    double* o = out + 6 * b;
+    o[0] = open;
+    o[1] = high;
+    o[2] = low;
+    o[3] = values[hi - 1];
+    o[4] = open + mean;
+    o[5] = m2 / n;
+}

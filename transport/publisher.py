@@ -24,7 +24,7 @@ from types import TracebackType
 
 import numpy as np
 
-from transport.wire import MAX_SEQUENCE, Reason, encode_data, max_values_in
+from transport.wire import MAX_SEQUENCE, Reason, as_timestamps, encode_data, max_values_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +65,36 @@ class Publisher(ABC):
         self._started = False  # True once a frame flagged FIRST was handed to the transport
         self._closed = False
 
-    def publish(self, symbol: str, values: np.ndarray | list[float] | float) -> int:
-        """Send `values` for `symbol` (split into frames if needed); return the last sequence."""
+    def publish(
+        self,
+        symbol: str,
+        values: np.ndarray | list[float] | float,
+        timestamps: np.ndarray | list[int] | None = None,
+    ) -> int:
+        """Send `values` for `symbol` (split into frames if needed); return the last sequence.
+
+        `timestamps`: optional event times, int64 ns since the epoch (or datetime64), one per
+        value; they travel in version-2 frames, split exactly like the values, so every frame
+        carries the times of its own values. Without them the appliance stamps each batch with
+        its receive time. A length mismatch or a non-integer column is a ValueError here,
+        before anything is sent; the order of the times is the appliance's to judge
+        (OUT_OF_ORDER, or clamped under `store.out_of_order = "clamp"`).
+        """
         if self._closed:
             raise PublishError("publisher is closed")
         array = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-        for chunk in self._chunks(symbol, array):
+        column = None if timestamps is None else as_timestamps(timestamps, array.shape[0])
+        for start, chunk in self._chunks(symbol, array, column is not None):
             self.last_sequence = _next_sequence(self.last_sequence)
             # The first frame of a publisher's life carries FLAG_FIRST: the appliance starts
             # tracking its sequence there (see transport.ingest).
             # Decided before the send: if that send raises after handing the frame over, the
             # next frame must not claim to be the start as well.
             first, self._started = not self._started, True
-            frame = encode_data(self.publisher_id, self.last_sequence, symbol, chunk, first=first)
+            times = None if column is None else column[start : start + chunk.shape[0]]
+            frame = encode_data(
+                self.publisher_id, self.last_sequence, symbol, chunk, first=first, timestamps=times
+            )
             self._send_frame(self.last_sequence, symbol, frame)
             self.frames_sent += 1
             self.values_sent += chunk.shape[0]
@@ -118,16 +135,19 @@ class Publisher(ABC):
         finally:
             self.close()
 
-    def _chunks(self, symbol: str, values: np.ndarray) -> Iterator[np.ndarray]:
-        """Frame-sized pieces of `values`; an empty batch is one empty frame (the appliance
+    def _chunks(
+        self, symbol: str, values: np.ndarray, timestamps: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start index, frame-sized piece of `values`); with `timestamps` a value takes 16
+        bytes of the frame instead of 8. An empty batch is one empty frame (the appliance
         rejects it with EMPTY_BATCH, as REST does, rather than the publisher hiding it)."""
-        per_frame = max_values_in(self.max_frame_bytes, len(symbol.encode("utf-8")))
+        per_frame = max_values_in(self.max_frame_bytes, len(symbol.encode("utf-8")), timestamps)
         if per_frame < 1:
             raise ValueError(f"a frame of {self.max_frame_bytes} bytes cannot hold one value")
         if values.shape[0] == 0:
-            yield values
+            yield 0, values
         for start in range(0, values.shape[0], per_frame):
-            yield values[start : start + per_frame]
+            yield start, values[start : start + per_frame]
 
     @abstractmethod
     def _send_frame(self, sequence: int, symbol: str, frame: bytes) -> None:

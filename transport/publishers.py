@@ -4,6 +4,8 @@
 
     with connect("zmq", endpoint="tcp://127.0.0.1:5555") as pub:
         pub.publish("EUR/USD", [1.0850, 1.0851])
+        # with event times (int64 ns since the epoch, one per value): version-2 frames
+        pub.publish("EUR/USD", [1.0852], timestamps=[1_767_225_600_000_000_000])
     # leaving the block flushed: every frame was applied (or PublishError was raised)
 
 `connect` picks the class; each class can also be constructed directly with its own options

@@ -62,6 +62,7 @@ __all__ = [
     "InternalServerError",
     "InvalidBodyError",
     "InvalidExponentError",
+    "InvalidIntervalError",
     "InvalidJsonError",
     "InvalidRangeError",
     "InvalidRequestError",
@@ -203,6 +204,10 @@ class InvalidRangeError(InvalidRequestError):
     """`invalid_range`: history bounds that are not indexes/times, negative, or start >= end."""
 
 
+class InvalidIntervalError(InvalidRequestError):
+    """`invalid_interval`: a GET /history/bars interval that is not `<integer><unit>`."""
+
+
 class UnauthorizedError(ApplianceError):
     """401 `unauthorized`: the server runs with `auth.mode = "token"` and this client sent no
     token or an unknown one (pass `token=`)."""
@@ -303,6 +308,7 @@ ERROR_CLASSES: Mapping[str, type[ApplianceError]] = {
     "missing_parameter": MissingParameterError,
     "bad_request": BadHttpRequestError,
     "invalid_range": InvalidRangeError,
+    "invalid_interval": InvalidIntervalError,
     "unauthorized": UnauthorizedError,
     "forbidden": ForbiddenError,
     "rate_limited": RateLimitedError,

@@ -6,6 +6,10 @@ Why this shape (byte table and a worked example in docs/wire-format.md):
 - The header is padded to a multiple of 8 bytes, so the float64 payload of a frame is 8-byte
   aligned whenever the frame starts on an 8-byte boundary, and `np.frombuffer` views it without
   copying.
+- Version 2 adds an optional timestamp column (FLAG_TIMESTAMPS): `count` int64 ns since the
+  epoch after the `count` float64 values, so both columns stay 8-byte aligned and are viewed in
+  place. Version 1 frames (no column) are still written for batches without timestamps, byte for
+  byte as before, so old publishers and old decoders keep working.
 - CRC32C (hardware path via the `crc32c` package) covers the whole frame, header and payload, with
   the CRC field itself taken as zero. A torn write, a bit flip or a wrong length is detected
   before anything of the frame reaches the store.
@@ -24,7 +28,9 @@ import crc32c
 import numpy as np
 
 MAGIC = b"HFTW"
-VERSION = 1
+VERSION = 1  # what every frame without a timestamp column is written as
+VERSION_TIMESTAMPS = 2  # a DATA frame that may carry FLAG_TIMESTAMPS
+_VERSIONS = (VERSION, VERSION_TIMESTAMPS)
 
 MAX_SYMBOL_BYTES = 64
 MAX_SEQUENCE = (1 << 64) - 1
@@ -36,6 +42,7 @@ FIXED_HEADER_BYTES = _FIXED.size  # 48
 _CRC_OFFSET = 40
 _ZERO_CRC = b"\x00\x00\x00\x00"
 VALUE_BYTES = 8
+TIMESTAMP_BYTES = 8
 
 assert FIXED_HEADER_BYTES == 48
 
@@ -86,7 +93,10 @@ RETRYABLE = frozenset(
 # UNKNOWN_PUBLISHER. Without it, a transport with acks never guesses where a publisher starts,
 # since a guess made after a lost first message would ack that message as a duplicate.
 FLAG_FIRST = 0x0001
-_DATA_FLAGS = FLAG_FIRST
+# DATA flag, version 2 only: `count` little-endian int64 timestamps (ns since the epoch) follow
+# the `count` values, one per value, covered by the frame's CRC.
+FLAG_TIMESTAMPS = 0x0002
+_DATA_FLAGS = {VERSION: FLAG_FIRST, VERSION_TIMESTAMPS: FLAG_FIRST | FLAG_TIMESTAMPS}
 
 
 # Enum constructors cost about a microsecond each; decoding looks codes up instead.
@@ -128,14 +138,50 @@ def header_bytes(symbol_len: int) -> int:
     return FIXED_HEADER_BYTES + ((symbol_len + 7) & ~7)
 
 
-def frame_bytes(symbol_len: int, count: int) -> int:
-    """Total size of a DATA frame."""
-    return header_bytes(symbol_len) + VALUE_BYTES * count
+def _per_value(timestamps: bool) -> int:
+    return VALUE_BYTES + TIMESTAMP_BYTES if timestamps else VALUE_BYTES
 
 
-def max_values_in(frame_capacity: int, symbol_len: int) -> int:
-    """How many values fit in a frame of at most `frame_capacity` bytes."""
-    return max(0, (frame_capacity - header_bytes(symbol_len)) // VALUE_BYTES)
+def frame_bytes(symbol_len: int, count: int, timestamps: bool = False) -> int:
+    """Total size of a DATA frame (with `timestamps`: a version-2 frame with the column)."""
+    return header_bytes(symbol_len) + _per_value(timestamps) * count
+
+
+def max_values_in(frame_capacity: int, symbol_len: int, timestamps: bool = False) -> int:
+    """How many values fit in a frame of at most `frame_capacity` bytes (16 bytes a value
+    with `timestamps`, 8 without)."""
+    return max(0, (frame_capacity - header_bytes(symbol_len)) // _per_value(timestamps))
+
+
+def as_timestamps(timestamps: object, count: int) -> np.ndarray:
+    """`timestamps` as a contiguous little-endian int64 array of `count` elements.
+
+    Accepts integers (any integer dtype or Python ints within int64) and numpy datetime64
+    (converted to ns). Floats are refused rather than truncated, since a float64 cannot hold
+    every ns timestamp of this century exactly. ValueError names what is wrong.
+    """
+    try:
+        array = np.asarray(timestamps)
+        kind = array.dtype.kind
+        if kind == "M":
+            array = array.astype("datetime64[ns]").view(np.int64)
+        elif kind == "O":
+            array = np.asarray(array.tolist() if array.ndim else [array.item()], dtype=np.int64)
+        elif kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise OverflowError
+        elif kind not in "iu" and array.size:  # bool, float, text: not ns
+            raise ValueError(
+                f"timestamps must be integer ns since the epoch (or datetime64), got dtype "
+                f"{array.dtype}"
+            )
+    except (OverflowError, TypeError):
+        raise ValueError(
+            "timestamps must be integers that fit in int64 (ns since the epoch)"
+        ) from None
+    array = np.ascontiguousarray(array, dtype="<i8").reshape(-1)
+    if array.shape[0] != count:
+        raise ValueError(f"{array.shape[0]} timestamps for {count} values: one per value")
+    return array
 
 
 def _pack(
@@ -148,25 +194,38 @@ def _pack(
     applied: int = 0,
     reason: Reason = Reason.NONE,
     flags: int = 0,
+    timestamps: np.ndarray | None = None,
 ) -> bytes:
     head_len = header_bytes(len(symbol))
-    out = bytearray(head_len + VALUE_BYTES * count)
+    version = VERSION if timestamps is None else VERSION_TIMESTAMPS
+    values_end = head_len + VALUE_BYTES * count
+    out = bytearray(frame_bytes(len(symbol), count, timestamps is not None))
     _FIXED.pack_into(
-        out, 0, MAGIC, VERSION, kind, flags, head_len, len(symbol), reason, count,
+        out, 0, MAGIC, version, kind, flags, head_len, len(symbol), reason, count,
         publisher_id, sequence, applied, 0, 0,
     )  # fmt: skip
     out[FIXED_HEADER_BYTES : FIXED_HEADER_BYTES + len(symbol)] = symbol
     if count:
-        out[head_len:] = memoryview(payload).cast("B")
+        out[head_len:values_end] = memoryview(payload).cast("B")
+        if timestamps is not None:
+            out[values_end:] = memoryview(timestamps).cast("B")
     struct.pack_into("<I", out, _CRC_OFFSET, crc32c.crc32c(out))
     return bytes(out)
 
 
 def encode_data(
-    publisher_id: int, sequence: int, symbol: str, values: np.ndarray, *, first: bool = False
+    publisher_id: int,
+    sequence: int,
+    symbol: str,
+    values: np.ndarray,
+    *,
+    first: bool = False,
+    timestamps: object = None,
 ) -> bytes:
     """One DATA frame. `values` is converted to little-endian float64 (a copy only if needed).
-    `first` sets FLAG_FIRST (see there).
+    `first` sets FLAG_FIRST (see there). Without `timestamps` the frame is version 1 (the bytes
+    every publisher wrote before timestamps existed); with them (one per value, see
+    `as_timestamps`) it is version 2 with FLAG_TIMESTAMPS and the column after the values.
 
     Raises ValueError for an argument no frame can carry (the appliance would nack the rest:
     negative or non-finite values are the receiver's to reject, so a test can send them).
@@ -179,11 +238,19 @@ def encode_data(
     if array.shape[0] > 0xFFFFFFFF:
         raise ValueError("a frame holds at most 2**32 - 1 values")
     flags = FLAG_FIRST if first else 0
-    return _pack(Kind.DATA, publisher_id, sequence, encoded, array, array.shape[0], flags=flags)
+    column = None
+    if timestamps is not None:
+        column = as_timestamps(timestamps, array.shape[0])
+        flags |= FLAG_TIMESTAMPS
+    return _pack(
+        Kind.DATA, publisher_id, sequence, encoded, array, array.shape[0], flags=flags,
+        timestamps=column,
+    )  # fmt: skip
 
 
 def mark_first(frame: bytes) -> bytes:
-    """A copy of the valid DATA frame `frame` with FLAG_FIRST set and its CRC recomputed."""
+    """A copy of the valid DATA frame `frame` (version 1 or 2, with or without timestamps)
+    with FLAG_FIRST set and its CRC recomputed over the whole frame."""
     out = bytearray(frame)
     struct.pack_into("<H", out, 6, struct.unpack_from("<H", out, 6)[0] | FLAG_FIRST)
     struct.pack_into("<I", out, _CRC_OFFSET, 0)
@@ -226,9 +293,11 @@ def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tup
      publisher_id, sequence, applied, crc, reserved) = _FIXED.unpack_from(view, offset)  # fmt: skip
     if magic != MAGIC:
         raise WireError(Reason.BAD_MAGIC, f"bad magic {bytes(magic)!r}, expected {MAGIC!r}", offset)
-    if version != VERSION:
+    if version not in _VERSIONS:
         raise WireError(
-            Reason.BAD_VERSION, f"unsupported version {version}, expected {VERSION}", offset
+            Reason.BAD_VERSION,
+            f"unsupported version {version}, expected {VERSION} or {VERSION_TIMESTAMPS}",
+            offset,
         )
     if head_len != header_bytes(symbol_len):
         raise WireError(
@@ -237,7 +306,12 @@ def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tup
             f"(expected {header_bytes(symbol_len)})",
             offset,
         )
-    end = offset + head_len + VALUE_BYTES * count
+    # The column's presence is read from the flags before any length is trusted; whether the
+    # flag is allowed here (version 2, DATA) is a header check after the CRC, as for any flag.
+    # A version-1 frame never has the column, so old frames keep their exact length.
+    with_column = version == VERSION_TIMESTAMPS and flags & FLAG_TIMESTAMPS
+    values_end = offset + head_len + VALUE_BYTES * count
+    end = values_end + TIMESTAMP_BYTES * count if with_column else values_end
     if end > total:
         raise WireError(
             Reason.BAD_LENGTH,
@@ -251,11 +325,17 @@ def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tup
             Reason.BAD_CRC, f"CRC32C mismatch: frame says {crc:#010x}, bytes give {actual:#010x}",
             offset,
         )  # fmt: skip
-    frame_kind = _check_header(kind, flags, reason, reserved, symbol_len, count, sequence, offset)
+    frame_kind = _check_header(
+        kind, version, flags, reason, reserved, symbol_len, count, sequence, offset
+    )
     symbol = _decode_symbol(view[offset + FIXED_HEADER_BYTES : offset + FIXED_HEADER_BYTES +
                                  symbol_len], offset)  # fmt: skip
     values = np.frombuffer(view, dtype="<f8", count=count, offset=offset + head_len)
     values.flags.writeable = False  # also over writable memory (a ring slot), as documented
+    timestamps = None
+    if with_column:
+        timestamps = np.frombuffer(view, dtype="<i8", count=count, offset=values_end)
+        timestamps.flags.writeable = False
     return (
         Frame(
             frame_kind,
@@ -266,25 +346,26 @@ def decode_frame(buffer: bytes | bytearray | memoryview, offset: int = 0) -> tup
             applied,
             _REASONS[reason],
             bool(flags & FLAG_FIRST),
+            timestamps,
         ),
         end,
     )
 
 
 def _check_header(
-    kind: int, flags: int, reason: int, reserved: int, symbol_len: int, count: int,
-    sequence: int, offset: int,
+    kind: int, version: int, flags: int, reason: int, reserved: int, symbol_len: int,
+    count: int, sequence: int, offset: int,
 ) -> Kind:  # fmt: skip
     """Field checks that the CRC cannot catch (a buggy publisher computes a valid CRC)."""
     frame_kind = _KINDS.get(kind)
     if frame_kind is None:
         raise WireError(Reason.BAD_HEADER, f"unknown frame kind {kind}", offset)
-    allowed = _DATA_FLAGS if frame_kind is Kind.DATA else 0
+    allowed = _DATA_FLAGS[version] if frame_kind is Kind.DATA else 0
     if flags & ~allowed or reserved:
         raise WireError(
             Reason.BAD_HEADER,
-            f"flags ({flags:#06x}; allowed {allowed:#06x}) and reserved ({reserved}) must not "
-            "carry unknown bits",
+            f"flags ({flags:#06x}; allowed in version {version}: {allowed:#06x}) and reserved "
+            f"({reserved}) must not carry unknown bits",
             offset,
         )
     if frame_kind is Kind.DATA:

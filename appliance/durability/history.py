@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from appliance import timeparse
 from appliance.durability.warm import MemoryPiece, SymbolView, WarmTier
 from appliance.durability.warm_segment import SealedSegment
 from engine_core.summary import combine
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT = re.compile(r"-?[0-9]+")
-_FRACTION = re.compile(r"[.,]([0-9]+)")
 
 
 class HistoryError(Exception):
@@ -68,29 +66,12 @@ def parse_index(name: str, text: str) -> int:
 
 
 def parse_time(name: str, text: str) -> int:
-    """Integer ns since the epoch, or ISO 8601 (no zone = UTC; up to 9 fractional digits)."""
-    if _INT.fullmatch(text):
-        return int(text)
-    fraction_ns = 0
-    match = _FRACTION.search(text)
-    if match:
-        digits = match.group(1)
-        if len(digits) > 9:
-            raise HistoryError("invalid_range", f"{name}: more than 9 fractional digits")
-        fraction_ns = int(digits.ljust(9, "0"))
-        text = text[: match.start()] + text[match.end() :]
+    """Integer ns since the epoch, or ISO 8601 (no zone = UTC; up to 9 fractional digits):
+    `appliance.timeparse.parse_time`, shared with the publish/replay CLIs."""
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise HistoryError(
-            "invalid_range",
-            f"{name} must be integer ns since the epoch or ISO 8601 "
-            "(e.g. 2026-01-02T15:04:05.123456789Z)",
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    delta = moment - _EPOCH  # integer arithmetic throughout: no float rounding of ns
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + fraction_ns
+        return timeparse.parse_time(text, name)
+    except ValueError as exc:
+        raise HistoryError("invalid_range", str(exc)) from None
 
 
 # ------------------------------------------------------------------ queries

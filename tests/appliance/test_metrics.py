@@ -120,7 +120,9 @@ def test_collector_reads_the_store_the_transports_and_the_rest_counters() -> Non
     assert scrape(app)["hft_ready"] == {(): 0}  # starting
     app.ctx.readiness.mark_ready()
     app.ctx.store.ingest("AAA", np.arange(1.0, 8.0))
-    app.ctx.store.ingest("BBB", np.ones(3))
+    app.ctx.store.ingest("BBB", np.ones(3), timestamps=np.array([5, 6, 7]) * 10**9)
+    app.ctx.store.clamp_out_of_order = True
+    app.ctx.store.ingest("BBB", np.ones(3), timestamps=np.array([1, 8, 2]) * 10**9)
     app.ctx.transports = SimpleNamespace(
         snapshot=lambda: {
             "zmq": {
@@ -136,7 +138,11 @@ def test_collector_reads_the_store_the_transports_and_the_rest_counters() -> Non
         asyncio.run(handler(request))
     app.error_handler.response(request, ApiError("unknown_symbol", "no"))
     scraped = scrape(app)
-    assert scraped["hft_series_hot_values"] == {(("symbol", "AAA"),): 7, (("symbol", "BBB"),): 3}
+    assert scraped["hft_series_hot_values"] == {(("symbol", "AAA"),): 7, (("symbol", "BBB"),): 6}
+    assert scraped["hft_timestamps_clamped_total"] == {
+        (("symbol", "AAA"),): 0, (("symbol", "BBB"),): 2,
+    }  # fmt: skip
+    assert scraped["hft_series_newest_timestamp_seconds"][(("symbol", "BBB"),)] == 8.0
     assert scraped["hft_symbols"] == {(): 2}
     labels = (("socket", "router"), ("transport", "zmq"))
     rest = (("socket", "http"), ("transport", "rest"))  # no POST yet: there, at zero

@@ -17,7 +17,7 @@ from appliance.replay import BadRowError, ReplayError, RowProgress, detect_layou
 def _collect(text: str, **kwargs) -> dict[str, list[float]]:
     """Concatenate the batches per symbol, checking each batch is a float64 1-D array."""
     out: dict[str, list[float]] = {}
-    for symbol, values in read_batches(io.StringIO(text), **kwargs):
+    for symbol, values, _ in read_batches(io.StringIO(text), **kwargs):
         assert values.dtype == np.float64 and values.ndim == 1 and values.shape[0] > 0
         out.setdefault(symbol, []).extend(values.tolist())
     return out
@@ -50,7 +50,7 @@ def test_forced_layout_overrides_detection() -> None:
 
 def test_batches_never_exceed_the_batch_size() -> None:
     text = "".join(f"S{i % 3},{i}\n" for i in range(100))
-    sizes = [values.shape[0] for _, values in read_batches(io.StringIO(text), batch=7)]
+    sizes = [values.shape[0] for _, values, _ in read_batches(io.StringIO(text), batch=7)]
     assert max(sizes) == 7
     assert sum(sizes) == 100
 
@@ -100,7 +100,7 @@ def test_publish_values_from_stdin() -> None:
 def _collect_until_error(text: str, **kwargs) -> tuple[dict[str, list[float]], BadRowError | None]:
     out: dict[str, list[float]] = {}
     try:
-        for symbol, values in read_batches(io.StringIO(text), **kwargs):
+        for symbol, values, _ in read_batches(io.StringIO(text), **kwargs):
             out.setdefault(symbol, []).extend(values.tolist())
     except BadRowError as error:
         return out, error

@@ -166,8 +166,8 @@ def test_snapshot_hides_ring_ids_unless_asked(ingest: ShmIngest) -> None:
 
 def test_message_cap_is_derived_from_max_batch_size() -> None:
     config = AppConfig()
-    # 1_000_000 values: 48 + 64 + 8 per value, plus 1 MiB for coalesced frames.
-    assert max_message_bytes(config) == 48 + 64 + 8_000_000 + (1 << 20)
+    # 1_000_000 values with timestamps: 48 + 64 + 16 per value, plus 1 MiB for coalesced frames.
+    assert max_message_bytes(config) == 48 + 64 + 16_000_000 + (1 << 20)
     explicit = msgspec.convert({"transport": {"zmq": {"max_message_bytes": 4096}}}, AppConfig)
     assert max_message_bytes(explicit) == 4096
 

@@ -397,7 +397,7 @@ def test_every_single_bit_flip_of_an_ack_is_detected() -> None:
         ({"magic": b"HFTX"}, Reason.BAD_MAGIC),
         ({"magic": b"WTFH"}, Reason.BAD_MAGIC),
         ({"version": 0}, Reason.BAD_VERSION),
-        ({"version": 2}, Reason.BAD_VERSION),
+        ({"version": 3}, Reason.BAD_VERSION),  # 2 is the timestamp version (test_wire_v2)
         ({"version": 255}, Reason.BAD_VERSION),
         ({"header_len": 48}, Reason.BAD_LENGTH),
         ({"header_len": 55}, Reason.BAD_LENGTH),
@@ -408,7 +408,7 @@ def test_every_single_bit_flip_of_an_ack_is_detected() -> None:
         ({"kind": 0}, Reason.BAD_HEADER),
         ({"kind": 4}, Reason.BAD_HEADER),
         ({"kind": 255}, Reason.BAD_HEADER),
-        ({"flags": 2}, Reason.BAD_HEADER),  # bit 0 (FIRST) is the only DATA flag
+        ({"flags": 2}, Reason.BAD_HEADER),  # bit 0 (FIRST) is the only version-1 DATA flag
         ({"flags": FLAG_FIRST | 2}, Reason.BAD_HEADER),
         ({"flags": 0x8000}, Reason.BAD_HEADER),
         ({"reserved": 1}, Reason.BAD_HEADER),
@@ -596,9 +596,14 @@ def _documented_frames() -> list[bytes]:
     return frames
 
 
+DOCUMENTED_STAMPS = [1_767_225_600_000_000_000, 1_767_225_600_000_000_500]
+
+
 def test_the_documented_example_is_the_real_encoding() -> None:
     assert _documented_frames() == [
         encode_data(7, 1, "EUR/USD", np.array([1.0850, 1.0851]), first=True),
         encode_ack(7, 1, 1),
         encode_nack(7, 3, 1, Reason.GAP),
+        # the version-2 example: the same frame with a timestamp column (sequence 2)
+        encode_data(7, 2, "EUR/USD", [1.0850, 1.0851], timestamps=DOCUMENTED_STAMPS),
     ]
