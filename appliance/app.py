@@ -48,10 +48,18 @@ from appliance.metrics import install_metrics
 from appliance.openapi import build_openapi
 from appliance.rate_limit import RateLimits
 from appliance.readiness import Readiness
-from appliance.stats_batch import StatsBatchDecoder, answer, stats_body, unknown_symbol
+from appliance.stats_batch import (
+    StatsBatchDecoder,
+    answer,
+    stats_body,
+    time_stats_body,
+    unknown_symbol,
+)
 from appliance.store import Store, SymbolLimitError, UnknownSymbolError
+from appliance.timestamps import OutOfOrderError
 from appliance.validation import (
     BatchDecoder,
+    TimeWindowQuery,
     parse_query_string,
     parse_stats_query,
     validate_symbol,
@@ -438,18 +446,20 @@ def close_warm(app: Sanic) -> None:
         app.ctx.warm.close()
 
 
-async def _ingest(ctx: Any, symbol: str, values: Any) -> tuple[int, int]:
+async def _ingest(ctx: Any, symbol: str, values: Any, timestamps: Any = None) -> tuple[int, int]:
     """Append a validated batch: straight to the store, or through the write-ahead log.
     Returns (values added, the index of the first in the symbol's whole history; -1 without
-    the log, which alone numbers values across evictions)."""
+    the log, which alone numbers values across evictions). `timestamps` (int64 ns, or None for
+    the receive time) are judged for order by the store or the log's writer (OutOfOrderError,
+    nothing applied or logged)."""
     durable = ctx.durable
     if durable is None:
         if ctx.recover_on_start:  # never bypass the log while it is being replayed
             raise ctx.readiness.not_ready_error()
-        return ctx.store.ingest(symbol, values), -1
+        return ctx.store.ingest(symbol, values, timestamps=timestamps), -1
     # Log, then apply, then ack: the writer thread resolves the future only once the record
     # is written (fsynced under `always`) and applied to the store.
-    record = await asyncio.wrap_future(durable.submit(symbol, values))
+    record = await asyncio.wrap_future(durable.submit(symbol, values, timestamps=timestamps))
     return int(record.values.shape[0]), record.first_index
 
 
@@ -527,8 +537,8 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             ctx.access.check_symbol(principal, batch.symbol, "POST /add_batch/")
             ctx.access.spend(principal, "POST /add_batch/", int(batch.values.shape[0]))
         try:
-            added, first_index = await _ingest(ctx, batch.symbol, batch.values)
-        except (SymbolLimitError, StorageUnavailableError) as exc:
+            added, first_index = await _ingest(ctx, batch.symbol, batch.values, batch.timestamps)
+        except (SymbolLimitError, StorageUnavailableError, OutOfOrderError) as exc:
             raise as_api_error(exc) from None
         counters = ctx.rest_ingest
         counters.batches += 1
@@ -544,7 +554,10 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         if principal is not None:
             request.app.ctx.access.check_symbol(principal, query.symbol, "GET /stats/")
         try:
-            result = store.stats(query.symbol, query.exponent)
+            if query.exponent:
+                result = store.stats(query.symbol, query.exponent)
+            else:
+                return _time_window_stats(store, query)
         except UnknownSymbolError:
             # invalid_symbol for a symbol that could not exist (the more useful error), else
             # unknown_symbol: the same function answers a batch item, so the two agree.
@@ -570,6 +583,13 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
     @admin_delete("/symbols/<symbol:path>")
     async def delete_symbol(request: Request, symbol: str) -> HTTPResponse:
         return await _delete_symbol(request, unquote(symbol))
+
+
+def _time_window_stats(store: Store, query: TimeWindowQuery) -> HTTPResponse:
+    """GET /stats/?seconds=X: the values whose timestamp is at or after the symbol's newest
+    timestamp minus X (`Store.stats_seconds`, O(log marks)); raises UnknownSymbolError."""
+    result = store.stats_seconds(query.symbol, query.window_ns)
+    return json_response(time_stats_body(result, query.window_ns))
 
 
 async def _delete_symbol(request: Request, symbol: str) -> HTTPResponse:

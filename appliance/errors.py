@@ -87,7 +87,7 @@ _ROWS = (
         400,
         "The HTTP request itself is malformed, rejected before routing (status 400, or "
         "431 when the request line and headers are too large); also a query parameter other "
-        "than `symbol`/`exponent` (or a name) whose percent-encoded bytes are not UTF-8.",
+        "than `symbol`/`exponent`/`seconds` (or a name) whose percent-encoded bytes are not UTF-8.",
     ),
     ErrorCode("not_found", 404, "No route matches the path."),
     ErrorCode("unknown_symbol", 404, "No values were ever accepted for this symbol."),

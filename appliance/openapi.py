@@ -19,7 +19,23 @@ _JSON = "application/json"
 # Errors any route can produce (an unknown method on it, a malformed request, a server fault).
 _COMMON = ("method_not_allowed", "bad_request", "internal_error")
 # The errors a POST /stats/batch query can get as its item of a 200 answer.
-_BATCH_ITEM_CODES = ("missing_parameter", "invalid_exponent", "invalid_symbol", "unknown_symbol")
+_BATCH_ITEM_CODES = (
+    "missing_parameter",
+    "invalid_exponent",
+    "invalid_window",
+    "invalid_symbol",
+    "unknown_symbol",
+)
+# A time window (`seconds`), as GET /stats/, POST /stats/batch and the docs describe it.
+_TIME_WINDOW = (
+    "a time window: the values whose timestamp is at or after (this symbol's newest timestamp "
+    "- seconds), never the wall clock; it covers the hot values only (`store.max_data_retention`)"
+)
+_SECONDS_PATTERN = r"^([0-9]+\.?[0-9]*|\.[0-9]+)$"
+_SECONDS_TEXT = (
+    "a positive decimal number of seconds (digits, optional fraction: `5`, `0.25`, `.5`; no "
+    "sign, no exponent, at most 9 digits after the point), at least 1 ns and at most 2**63-1 ns"
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -103,6 +119,7 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                     "description": "Oldest first. Integers are accepted; booleans, strings, "
                     "null, nested arrays, NaN and infinities are not.",
                 },
+                "timestamps": _timestamps_schema(config),
             },
         },
         "AddBatchResponse": {
@@ -129,6 +146,7 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                 },
             },
         },
+        "TimeWindowStatsResponse": _time_window_stats_schema(avg_null, var_null),
         "StatsBatchRequest": {
             "type": "object",
             "required": ["queries"],
@@ -138,10 +156,12 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                     "maxItems": config.server.max_stats_queries,
                     "description": "GET /stats/ queries, answered in this order (an empty list "
                     "answers an empty list). Unknown extra fields are ignored. A symbol or "
-                    "exponent that is a JSON array or object makes the body `invalid_body`.",
+                    "exponent that is a JSON array or object makes the body `invalid_body`. "
+                    "Each query has `exponent` (a count window) or `seconds` (a time window); "
+                    "both: that item's `invalid_window`; neither: its `invalid_exponent`.",
                     "items": {
                         "type": "object",
-                        "required": ["symbol", "exponent"],
+                        "required": ["symbol"],
                         "properties": {
                             "symbol": _ref("Symbol"),
                             "exponent": {
@@ -150,6 +170,14 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                                 "maximum": MAX_EXPONENT,
                                 "description": "window = 10^exponent values; a JSON integer "
                                 '(`true`, `1.0` and `"1"` are invalid_exponent)',
+                            },
+                            "seconds": {
+                                "type": "number",
+                                "exclusiveMinimum": 0,
+                                "description": f"{_TIME_WINDOW}. A JSON number, read exactly "
+                                f"from its digits: {_SECONDS_TEXT} (a string, `1e-3` or `-1` "
+                                "is that item's `invalid_window`). Its result adds `count` and "
+                                "`seconds`.",
                             },
                         },
                     },
@@ -167,7 +195,13 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
                     + ", ".join(f"`{c}`" for c in _BATCH_ITEM_CODES)
                     + " (a query without `symbol`: `missing_parameter`; a symbol that is not "
                     "a string: `invalid_symbol`).",
-                    "items": {"oneOf": [_ref("StatsResponse"), _ref("Error")]},
+                    "items": {
+                        "oneOf": [
+                            _ref("StatsResponse"),
+                            _ref("TimeWindowStatsResponse"),
+                            _ref("Error"),
+                        ]
+                    },
                 }
             },
         },
@@ -538,6 +572,49 @@ def _history_paths() -> dict[str, Any]:
     }
 
 
+def _timestamps_schema(config: AppConfig) -> dict[str, Any]:
+    """POST /add_batch/'s optional `timestamps` field."""
+    return {
+        "type": ["array", "null"],
+        "items": {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1},
+        "maxItems": config.store.max_batch_size,
+        "description": "Optional: each value's event time in ns since the epoch (JSON integers "
+        "0..2**63-1, one per value; else 400 `invalid_timestamps`). Non-decreasing, the first "
+        "at or after the symbol's newest timestamp; otherwise the batch is refused whole (400 "
+        '`out_of_order`), or with `store.out_of_order = "clamp"` each value that goes back is '
+        "stored at the previous timestamp. Without it every value gets the receive time "
+        "(moved forward to the symbol's newest timestamp if the clock is behind).",
+    }
+
+
+def _time_window_stats_schema(avg_null: str, var_null: str) -> dict[str, Any]:
+    """The answer to a time window (`seconds`): StatsResponse's five keys, `count`, `seconds`."""
+    return {
+        "type": "object",
+        "required": ["min", "max", "last", "avg", "var", "count", "seconds"],
+        "additionalProperties": False,
+        "properties": {
+            "min": {"type": "number", "description": "never null: a stored value"},
+            "max": {"type": "number", "description": "never null: a stored value"},
+            "last": {"type": "number", "description": "the newest value of the series"},
+            "avg": {"type": ["number", "null"], "description": "arithmetic mean" + avg_null},
+            "var": {
+                "type": ["number", "null"],
+                "description": "population variance (M2 / count)" + var_null,
+            },
+            "count": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "values in the window (at least the newest one)",
+            },
+            "seconds": {
+                "type": "number",
+                "description": "the window, echoed as an exact decimal (`.5` answers 0.5)",
+            },
+        },
+    }
+
+
 def build_openapi(config: AppConfig) -> dict[str, Any]:
     """The document served at GET /openapi.json (paths also answer without the trailing slash)."""
     window = (
@@ -606,6 +683,8 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "invalid_symbol",
                             "empty_batch",
                             "invalid_value",
+                            "invalid_timestamps",
+                            "out_of_order",
                             "symbol_limit",
                             "batch_too_large",
                             "unsupported_media_type",
@@ -618,7 +697,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
             "/stats/": {
                 "get": {
                     "operationId": "stats",
-                    "summary": f"Statistics over {window}",
+                    "summary": f"Statistics over {window}, or over a time window (`seconds`)",
                     "parameters": [
                         {
                             "name": "symbol",
@@ -631,21 +710,45 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                         {
                             "name": "exponent",
                             "in": "query",
-                            "required": True,
+                            "required": False,
                             "description": "window = 10^exponent values (a plain decimal integer); "
-                            "percent-encoded non-UTF-8 bytes are 400 `invalid_exponent`",
+                            "percent-encoded non-UTF-8 bytes are 400 `invalid_exponent`. "
+                            "Required unless `seconds` is given (neither: 400 "
+                            "`invalid_exponent`; both: 400 `invalid_window`)",
                             "schema": {
                                 "type": "integer",
                                 "minimum": MIN_EXPONENT,
                                 "maximum": MAX_EXPONENT,
                             },
                         },
+                        {
+                            "name": "seconds",
+                            "in": "query",
+                            "required": False,
+                            "description": f"{_TIME_WINDOW}: {_SECONDS_TEXT}; otherwise 400 "
+                            "`invalid_window`. The answer adds `count` and `seconds`.",
+                            "schema": {"type": "string", "pattern": _SECONDS_PATTERN},
+                        },
                     ],
                     "responses": {
-                        "200": _ok("window statistics", "StatsResponse"),
+                        "200": {
+                            "description": "window statistics (a time window: with `count` and "
+                            "`seconds`)",
+                            "content": {
+                                _JSON: {
+                                    "schema": {
+                                        "oneOf": [
+                                            _ref("StatsResponse"),
+                                            _ref("TimeWindowStatsResponse"),
+                                        ]
+                                    }
+                                }
+                            },
+                        },
                         **_errors(
                             "missing_parameter",
                             "invalid_exponent",
+                            "invalid_window",
                             "invalid_symbol",
                             "unknown_symbol",
                             "not_ready",

@@ -11,6 +11,11 @@ Per item, the checks are GET /stats/'s, in its order: `symbol` present, exponent
 1..8, then the store lookup, with the symbol's own rules (`validate_symbol`) applied only on a
 miss. JSON has types where a query string has only text: the exponent must be a JSON integer
 (`true`, `1.0` and `"1"` are not), and the symbol a string.
+
+An item may ask for a time window instead: `seconds`, a JSON number read exactly from its text
+(the same rules as GET /stats/?seconds=, `parse_seconds`); both `exponent` and `seconds` is
+that item's `invalid_window`. A time window goes to the store in the same `stats_many` call as
+the count windows (key `time_key(ns)`), and its answer adds `count` and `seconds`.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ from typing import Any
 import msgspec
 
 from appliance.errors import ApiError
-from appliance.store import Store
+from appliance.store import Store, time_key
 from appliance.validation import (
     MAX_EXPONENT,
     MIN_EXPONENT,
+    both_windows,
     count_array_elements,
     count_byte,
     decode_body,
+    format_seconds,
     invalid_exponent,
+    invalid_window,
+    parse_seconds,
     shorten,
     validate_symbol,
 )
@@ -42,6 +51,7 @@ _OPEN_BRACE = ord("{")
 _BYTES_PER_ITEM = 3
 _BODY_OVERHEAD = 13
 
+# (symbol, exponent 1..8) or, for a time window, (symbol, `appliance.store.time_key(ns)`) < 0.
 Query = tuple[str, int]
 
 
@@ -55,6 +65,19 @@ class _Item(msgspec.Struct, gc=False):
 
 class _Body(msgspec.Struct):
     queries: list[_Item]
+
+
+class _TimedItem(msgspec.Struct, gc=False):
+    """A query of a body that mentions `seconds`: `seconds` kept as its raw JSON text (b"" when
+    absent), so a window is read exactly from the digits the client sent, never via a float."""
+
+    symbol: _Scalar | msgspec.UnsetType = msgspec.UNSET
+    exponent: _Scalar | msgspec.UnsetType = msgspec.UNSET
+    seconds: msgspec.Raw = msgspec.Raw(b"")
+
+
+class _TimedBody(msgspec.Struct):
+    queries: list[_TimedItem]
 
 
 _SYMBOL_AND_EXPONENT = attrgetter("symbol", "exponent")
@@ -72,6 +95,7 @@ class StatsBatchDecoder:
     def __init__(self, max_queries: int) -> None:
         self.max_queries = max_queries
         self._decoder = msgspec.json.Decoder(_Body)
+        self._timed_decoder = msgspec.json.Decoder(_TimedBody)
         self._probe = msgspec.json.Decoder(_QueriesProbe)
         # A body no longer than this cannot hold max_queries + 1 items.
         self._short_body = _BYTES_PER_ITEM * (max_queries + 1) + _BODY_OVERHEAD - 1
@@ -83,6 +107,8 @@ class StatsBatchDecoder:
         Hot path: one C decode, then a type check and a range check per item.
         """
         self._check_count(body)
+        if b'"seconds"' in body:  # time windows: a decoder of their own (see _timed_queries)
+            return _timed_queries(decode_body(self._timed_decoder, body, _body_error).queries)
         parsed = decode_body(self._decoder, body, _body_error)
         # attrgetter builds each (symbol, exponent) tuple in C; a good one is the query as is.
         return [
@@ -116,6 +142,52 @@ class StatsBatchDecoder:
             )
 
 
+def _timed_queries(items: list[_TimedItem]) -> list[Query | ApiError]:
+    """The queries of a body that mentions `seconds`: an item with `seconds` is a time window,
+    asked of the store as (symbol, `time_key(ns)`); the others are checked as in `decode`.
+
+    Only bodies holding the word `"seconds"` come here, so an exponent-only batch keeps the
+    decoder without a `seconds` field and its one-comprehension path (the 10k-query cost).
+    """
+    queries: list[Query | ApiError] = []
+    for item in items:
+        symbol, exponent, raw = item.symbol, item.exponent, bytes(item.seconds)
+        if not raw:
+            if (
+                type(symbol) is str
+                and type(exponent) is int
+                and (MIN_EXPONENT <= exponent <= MAX_EXPONENT)
+            ):
+                queries.append((symbol, exponent))
+            else:
+                queries.append(_item_error(symbol, exponent))
+            continue
+        try:
+            if symbol is msgspec.UNSET:
+                raise ApiError("missing_parameter", "`symbol` is required in every query")
+            if exponent is not msgspec.UNSET:
+                raise both_windows()
+            window_ns = _window_of(raw)
+            if type(symbol) is not str:
+                raise _item_error(symbol, MIN_EXPONENT)  # the symbol's type error
+        except ApiError as error:
+            queries.append(error)
+            continue
+        queries.append((symbol, time_key(window_ns)))
+    return queries
+
+
+def _window_of(raw: bytes) -> int:
+    """A `seconds` item as ns: a JSON number, read exactly from its text (`parse_seconds`: no
+    sign, no exponent, at most 9 digits after the point)."""
+    if raw.startswith(b'"'):
+        shown = shorten(raw.decode("utf-8", "replace"))
+        raise invalid_window(
+            f"seconds {shown} is a string; send a JSON number of seconds (e.g. 0.25)"
+        )
+    return parse_seconds(raw.decode("utf-8", "replace"))
+
+
 def _body_error(exc: msgspec.ValidationError) -> ApiError:
     message = str(exc)
     if message.startswith("Number out of range"):
@@ -123,7 +195,8 @@ def _body_error(exc: msgspec.ValidationError) -> ApiError:
         return ApiError("invalid_json", f"a number overflows a float64: {message}")
     return ApiError(
         "invalid_body",
-        f'body must be an object {{"queries": [{{"symbol": string, "exponent": integer}}, ...]}}: '
+        f'body must be an object {{"queries": [{{"symbol": string, "exponent": integer}} or '
+        f'{{"symbol": string, "seconds": number}}, ...]}}: '
         f"{message}",
     )
 
@@ -135,7 +208,8 @@ def _item_error(symbol: Any, exponent: Any) -> ApiError:
     if exponent is msgspec.UNSET:
         return ApiError(
             "invalid_exponent",
-            f"`exponent` is required in every query (an integer {MIN_EXPONENT}..{MAX_EXPONENT})",
+            f"`exponent` is required in every query (an integer {MIN_EXPONENT}..{MAX_EXPONENT})"
+            ", or `seconds` for a time window",
         )
     if type(exponent) is not int or not MIN_EXPONENT <= exponent <= MAX_EXPONENT:
         error = invalid_exponent(shorten(msgspec.json.encode(exponent).decode()))
@@ -176,6 +250,15 @@ def stats_body(result: WindowStats) -> dict[str, float]:
     }
 
 
+def time_stats_body(result: WindowStats, window_ns: int) -> dict[str, Any]:
+    """The success body of a time window (`seconds`): the five statistics, `count` (values in
+    the window) and `seconds` (the window, echoed exactly as a JSON number)."""
+    body: dict[str, Any] = stats_body(result)
+    body["count"] = result.count
+    body["seconds"] = msgspec.Raw(format_seconds(window_ns).encode())
+    return body
+
+
 def answer(store: Store, items: list[Query | ApiError]) -> bytes:
     """The 200 body: `{"results": [...]}`, one result per item, in order, each GET /stats/'s
     success body or error body for it.
@@ -186,6 +269,7 @@ def answer(store: Store, items: list[Query | ApiError]) -> bytes:
     """
     results = iter(store.stats_many([item for item in items if type(item) is tuple]))
     found: dict[int, bytes] = {}  # by id(): `results` keeps every result alive meanwhile
+    timed: dict[tuple[int, int], bytes] = {}  # time windows: by (id(result), key)
     missing: dict[str, bytes] = {}
     parts: list[bytes] = []
     for item in items:
@@ -197,10 +281,15 @@ def answer(store: Store, items: list[Query | ApiError]) -> bytes:
             part = missing.get(item[0])
             if part is None:
                 part = missing[item[0]] = _encode(unknown_symbol(item[0]).to_body())
-        else:
+        elif item[1] > 0:
             part = found.get(id(result))
             if part is None:
                 part = found[id(result)] = _encode(stats_body(result))
+        else:  # a time window (key -ns): GET /stats/?seconds='s body, count and seconds too
+            part = timed.get((id(result), item[1]))
+            if part is None:
+                body = time_stats_body(result, -item[1])
+                part = timed[(id(result), item[1])] = _encode(body)
         parts.append(part)
     return b'{"results":[' + b",".join(parts) + b"]}"
 

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 from urllib.parse import unquote_plus
 
 import msgspec
@@ -20,6 +20,7 @@ import numpy as np
 from msgspec import Meta
 
 from appliance.errors import ApiError
+from appliance.timestamps import MAX_TIMESTAMP_NS, check_timestamps
 
 MAX_SYMBOL_BYTES = 64
 # Up to this many values, check_values compares Python floats (NaN fails every comparison, so
@@ -31,13 +32,19 @@ MAX_EXPONENT = 8
 # C0 controls, DEL and C1 controls: none may appear in a symbol (SPEC section 3).
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _VALUE_AT = re.compile(r" - at `\$\.values\[(\d+)\]`$")
+_TIMESTAMPS_AT = re.compile(r" - at `\$\.timestamps(?:\[(\d+)\])?`$")
 
 
 class AddBatchBody(msgspec.Struct):
-    """The POST /add_batch/ body. Unknown extra fields are ignored, as by the original service."""
+    """The POST /add_batch/ body. Unknown extra fields are ignored, as by the original service.
+
+    `timestamps` (optional): each value's event time in ns since the epoch, checked in the same
+    C pass as the values (JSON integers 0..2**63-1: no float, string, boolean or null).
+    """
 
     symbol: str
     values: list[Annotated[float, Meta(ge=0)]]
+    timestamps: list[Annotated[int, Meta(ge=0, le=MAX_TIMESTAMP_NS)]] | None = None
 
 
 class _ValuesProbe(msgspec.Struct):
@@ -54,10 +61,13 @@ _COMMA, _OPEN, _CLOSE = ord(","), (ord("["), ord("{")), (ord("]"), ord("}"))
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A legal symbol and a 1-D C-contiguous float64 array of finite values >= 0."""
+    """A legal symbol and a 1-D C-contiguous float64 array of finite values >= 0; `timestamps`
+    (None: the receive time) is an int64 array of the same length, each in 0..2**63-1 (their
+    order is the store's or the log writer's to judge: it depends on the symbol's newest)."""
 
     symbol: str
     values: np.ndarray
+    timestamps: np.ndarray | None = None
 
 
 class BatchDecoder:
@@ -74,7 +84,11 @@ class BatchDecoder:
     def decode(self, body: bytes) -> Batch:
         """Hot path: one C decode, one array conversion, a few vectorized checks."""
         self._check_size(body)
-        parsed = decode_body(self._decoder, body)
+        try:
+            parsed = decode_body(self._decoder, body)
+        except ApiError:
+            self._check_size_exactly(body)  # a 413 comes before any value or timestamp error
+            raise
         symbol = validate_symbol(parsed.symbol)
         count = len(parsed.values)
         if count == 0:
@@ -85,7 +99,10 @@ class BatchDecoder:
         values = np.fromiter(parsed.values, dtype=np.float64, count=count)
         # The decoder already guarantees finite values >= 0; check_values keeps the engine's
         # contract even if a future decoder change let something through (and fixes -0.0).
-        return Batch(symbol, check_values(values))
+        values = check_values(values)
+        if parsed.timestamps is None:
+            return Batch(symbol, values)
+        return Batch(symbol, values, decode_timestamps(parsed.timestamps, count))
 
     def _check_size(self, body: bytes) -> None:
         """413 before decoding: the typed decode of 16M values builds a ~600 MB list (0.7 s).
@@ -96,10 +113,32 @@ class BatchDecoder:
         comma count (long). Size comes before any value check, so an oversized batch is a 413
         even when it also holds a bad value. (An invalid body without `symbol` may get one value
         past the bound; the typed decode still rejects it.)
+
+        With `timestamps` each value brings a second comma: a valid body of n values and n
+        timestamps has at least 2n commas, so there the bound is commas // 2 and a legal batch
+        of max_batch_size values with timestamps costs no exact count either. A body that says
+        "timestamps" but holds fewer of them (null, [], a short list, or the word inside the
+        symbol) can bring at most twice max_batch_size values to the typed decode, which then
+        answers the same 413 (`decode` counts exactly before any error of that decode).
         """
+        if len(body) <= self._short_body:
+            return
+        commas = count_commas(body)
+        if commas <= self.max_batch_size:
+            return
+        if commas // 2 <= self.max_batch_size and b'"timestamps"' in body:
+            return
+        self._check_size_exactly(body)
+
+    def _check_size_exactly(self, body: bytes) -> None:
+        """413 if the body's `values` holds more than max_batch_size elements (no-op for a
+        body that cannot hold that many, or has no readable `values`)."""
         if len(body) <= self._short_body or count_commas(body) <= self.max_batch_size:
             return
-        raw = bytes(decode_body(self._probe, body).values)
+        try:
+            raw = bytes(decode_body(self._probe, body).values)
+        except ApiError:
+            return  # no `values` array to count: the caller's error stands
         count = count_array_elements(raw)
         if count > self.max_batch_size:
             raise self._too_large(count)
@@ -110,6 +149,22 @@ class BatchDecoder:
             f"batch has {count} values; at most {self.max_batch_size} are accepted per "
             "request (store.max_batch_size): split it",
         )
+
+
+def decode_timestamps(timestamps: list[int], count: int) -> np.ndarray:
+    """The decoded `timestamps` list as int64 (one C loop), one per value, else
+    `invalid_timestamps` naming both lengths. The decoder already held each to 0..2**63-1."""
+    if len(timestamps) != count:
+        raise ApiError(
+            "invalid_timestamps",
+            f"`timestamps` has {len(timestamps)} items, `values` has {count}: send one "
+            "timestamp (ns since the epoch) per value, or none",
+        )
+    array = np.fromiter(timestamps, dtype=np.int64, count=count)
+    try:
+        return check_timestamps(array, count)
+    except ValueError as exc:  # the shared check: unreachable after the typed decode
+        raise ApiError("invalid_timestamps", str(exc)) from None
 
 
 def check_values(values: np.ndarray) -> np.ndarray:
@@ -200,9 +255,13 @@ def _validation_error(exc: msgspec.ValidationError) -> ApiError:
     message = str(exc)
     at_value = _VALUE_AT.search(message)
     if at_value is None:
+        at_timestamp = _TIMESTAMPS_AT.search(message)
+        if at_timestamp is not None:
+            return _timestamps_error(message[: at_timestamp.start()], at_timestamp.group(1))
         return ApiError(
             "invalid_body",
-            f'body must be an object {{"symbol": string, "values": [number, ...]}}: {message}',
+            'body must be an object {"symbol": string, "values": [number, ...], '
+            f'"timestamps": [integer, ...] (optional)}}: {message}',
         )
     index = int(at_value.group(1))
     problem = message[: at_value.start()]
@@ -217,6 +276,18 @@ def _validation_error(exc: msgspec.ValidationError) -> ApiError:
         "invalid_value",
         f"values[{index}] is invalid ({problem}); every value must be a finite number >= 0",
     )
+
+
+def _timestamps_error(problem: str, index: str | None) -> ApiError:
+    """`invalid_timestamps` for a msgspec error at `$.timestamps` (`index` None) or an item."""
+    rule = "`timestamps` must be an array of integers 0..2**63-1 (ns since the epoch)"
+    if index is None:
+        return ApiError("invalid_timestamps", f"{rule}, or null: {problem}")
+    if problem.startswith("Expected `int` >="):
+        problem = "negative"
+    elif problem.startswith(("Expected `int` <=", "Number out of range")):
+        problem = "above 2**63 - 1"
+    return ApiError("invalid_timestamps", f"timestamps[{index}] is invalid ({problem}); {rule}")
 
 
 def validate_symbol(symbol: str) -> str:
@@ -248,6 +319,18 @@ class StatsQuery:
     exponent: int
 
 
+@dataclass(frozen=True, slots=True)
+class TimeWindowQuery:
+    """GET /stats/?seconds=: `window_ns` >= 1. A class of its own rather than a third field of
+    StatsQuery, whose frozen `__init__` would then cost the count-window path one more
+    attribute store; `exponent` is 0 (a class constant) so a handler tells them apart with
+    the one test `if query.exponent`."""
+
+    symbol: str
+    window_ns: int
+    exponent: ClassVar[int] = 0
+
+
 # The only accepted spellings of the exponent: plain ASCII decimal 1..8.
 _EXPONENTS = {str(k): k for k in range(MIN_EXPONENT, MAX_EXPONENT + 1)}
 _DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
@@ -272,7 +355,11 @@ def parse_query_string(query_string: str) -> dict[str, str]:
 
 
 # Percent-encoded bytes that are not UTF-8, per parameter (any other parameter: bad_request).
-_BAD_ENCODING_CODES = {"symbol": "invalid_symbol", "exponent": "invalid_exponent"}
+_BAD_ENCODING_CODES = {
+    "symbol": "invalid_symbol",
+    "exponent": "invalid_exponent",
+    "seconds": "invalid_window",
+}
 
 
 def _unquote(text: str, name: str | None) -> str:
@@ -290,8 +377,10 @@ def _unquote(text: str, name: str | None) -> str:
         ) from None
 
 
-def parse_stats_query(params: Mapping[str, str]) -> StatsQuery:
-    """`symbol` (required) and `exponent` (required, ASCII decimal digits, value 1..8).
+def parse_stats_query(params: Mapping[str, str]) -> StatsQuery | TimeWindowQuery:
+    """`symbol` (required) and `exponent` (ASCII decimal digits, value 1..8) or `seconds` (a
+    time window, `parse_seconds`): exactly one of the two (both: invalid_window; neither:
+    invalid_exponent, as before time windows existed). The exponent path is checked first.
 
     The symbol is checked for presence only: callers look it up first and call
     `validate_symbol` only on a miss, since every symbol in the store was validated when
@@ -302,10 +391,16 @@ def parse_stats_query(params: Mapping[str, str]) -> StatsQuery:
         raise ApiError("missing_parameter", "query parameter `symbol` is required")
     raw = params.get("exponent")
     if raw is None:
+        seconds = params.get("seconds")
+        if seconds is not None:  # a time window: parsed only when asked for
+            return TimeWindowQuery(symbol, parse_seconds(seconds))
         raise ApiError(
             "invalid_exponent",
-            f"query parameter `exponent` is required (an integer {MIN_EXPONENT}..{MAX_EXPONENT})",
+            f"query parameter `exponent` is required (an integer {MIN_EXPONENT}..{MAX_EXPONENT})"
+            ", or `seconds` for a time window",
         )
+    if "seconds" in params:
+        raise both_windows()
     exponent = _EXPONENTS.get(raw)
     if exponent is None and _DIGITS.fullmatch(raw):  # leading zeros: "01"
         exponent = _EXPONENTS.get(str(int(raw)))
@@ -327,3 +422,71 @@ def invalid_exponent(shown: str) -> ApiError:
         f"exponent {shown} is not an integer in {MIN_EXPONENT}..{MAX_EXPONENT} "
         "(the window is the last 10^exponent values)",
     )
+
+
+# A time window in seconds: plain ASCII decimal, optional fraction ("5", "0.25", ".5", "5."),
+# no sign, no exponent; converted to ns with integer arithmetic only (a float would turn
+# "0.3" into 299999999 ns).
+_SECONDS = re.compile(r"([0-9]*)(?:\.([0-9]*))?", re.ASCII)
+NS_PER_SECOND = 1_000_000_000
+MAX_WINDOW_NS = (1 << 63) - 1
+_NS_DIGITS = 9
+
+
+def parse_seconds(text: str) -> int:
+    """A `seconds` window (query parameter or JSON string) as integer ns, exactly.
+
+    At least 1 ns and at most 2**63 - 1 ns (about 292 years); digits beyond the 9th after the
+    point must be zeros (the window is whole ns: "0.0000000015" is refused, not rounded).
+    Raises ApiError `invalid_window` naming the problem; shared by GET /stats/, POST
+    /stats/batch and GET /stream, so every endpoint reads a window the same way.
+    """
+    match = _SECONDS.fullmatch(text)
+    if match is None or not (match.group(1) or match.group(2)):
+        raise invalid_window(
+            f"seconds {shorten(text)!r} is not a positive decimal number of seconds "
+            '(digits with an optional fraction, e.g. "5", "0.25", ".5"; no sign, no exponent)'
+        )
+    whole = match.group(1).lstrip("0")
+    fraction = (match.group(2) or "").rstrip("0")
+    if len(fraction) > _NS_DIGITS:
+        raise invalid_window(
+            f"seconds {shorten(text)!r} is finer than 1 ns: at most 9 digits after the point"
+        )
+    # Past 10 integer digits the window is beyond 2**63 - 1 ns whatever follows.
+    if len(whole) > 10:
+        raise _window_too_long(text)
+    ns = int(whole or "0") * NS_PER_SECOND + int(fraction.ljust(_NS_DIGITS, "0"))
+    if ns < 1:
+        raise invalid_window(f"seconds {shorten(text)!r} is not positive: at least 1 ns")
+    if ns > MAX_WINDOW_NS:
+        raise _window_too_long(text)
+    return ns
+
+
+def _window_too_long(text: str) -> ApiError:
+    return invalid_window(
+        f"seconds {shorten(text)!r} is longer than 2**63 - 1 ns "
+        f"(at most {MAX_WINDOW_NS // NS_PER_SECOND}.{MAX_WINDOW_NS % NS_PER_SECOND:09d})"
+    )
+
+
+def both_windows() -> ApiError:
+    """A query with both `exponent` and `seconds` (GET /stats/ and a POST /stats/batch item)."""
+    return invalid_window(
+        "give `exponent` (the last 10^exponent values) or `seconds` (a time window), not both"
+    )
+
+
+def format_seconds(window_ns: int) -> str:
+    """A window in ns as the shortest exact decimal number of seconds ("0.25", "5", "1.000000001"):
+    how answers echo it (as a JSON number, never through a float)."""
+    whole, fraction = divmod(window_ns, NS_PER_SECOND)
+    if not fraction:
+        return str(whole)
+    return f"{whole}.{fraction:09d}".rstrip("0")
+
+
+def invalid_window(message: str) -> ApiError:
+    """An `invalid_window` error (a bad `seconds`, or both `exponent` and `seconds`)."""
+    return ApiError("invalid_window", message)

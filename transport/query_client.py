@@ -36,12 +36,14 @@ Why this shape:
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import ssl
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote, urlencode, urlsplit
@@ -65,14 +67,18 @@ __all__ = [
     "InvalidRangeError",
     "InvalidRequestError",
     "InvalidSymbolError",
+    "InvalidTimestampsError",
     "InvalidValueError",
+    "InvalidWindowError",
     "MethodNotAllowedError",
     "MissingParameterError",
     "NotFoundError",
     "NotReadyError",
+    "OutOfOrderError",
     "Probe",
     "QueryClient",
     "RateLimitedError",
+    "Seconds",
     "Stats",
     "StatsArrays",
     "StorageUnavailableError",
@@ -380,10 +386,12 @@ def _excerpt(body: object, limit: int = 200) -> str:
 
 
 class Stats(msgspec.Struct, frozen=True):
-    """Statistics over the last min(10^exponent, n) values (GET /stats/).
+    """Statistics over the last min(10^exponent, n) values (GET /stats/), or over a time window.
 
     `var` is the population variance. `avg`/`var` are None only when float64 arithmetic
     overflows (values spread by more than ~1e154); `min`, `max`, `last` are stored values.
+    A time window (`seconds=`) also has `count` (values in it) and `seconds` (the window, as
+    the server echoed it); both are None for a count window.
     """
 
     min: float
@@ -391,6 +399,8 @@ class Stats(msgspec.Struct, frozen=True):
     last: float
     avg: float | None
     var: float | None
+    count: int | None = None
+    seconds: float | None = None
 
 
 class HistoryStats(msgspec.Struct, frozen=True):
@@ -439,6 +449,17 @@ class StatsArrays:
     ok: np.ndarray
     codes: np.ndarray
     errors: dict[int, ApplianceError] = field(default_factory=dict)
+    # int64, values in each time window (`Seconds` queries); -1 for count windows and failures.
+    count: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Seconds:
+    """A time window for `stats_batch` queries: `("EUR/USD", Seconds(0.5))` beside
+    `("EUR/USD", 3)`. `seconds` is what `QueryClient.stats(seconds=...)` takes: an int, a float
+    (its shortest decimal form), a Decimal, decimal text, or a timedelta."""
+
+    seconds: int | float | Decimal | str | timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +490,8 @@ class _Item(msgspec.Struct):
     last: float | None = None
     avg: float | None = None
     var: float | None = None
+    count: int | None = None
+    seconds: float | None = None
     error: str | None = None
     code: str | None = None
 
@@ -486,13 +509,19 @@ class _StatsQuery(msgspec.Struct):
     exponent: int
 
 
+class _TimeQuery(msgspec.Struct):
+    symbol: str
+    seconds: msgspec.Raw | str  # a JSON number with every digit; text that is not one: a string
+
+
 class _StatsBatchBody(msgspec.Struct):
-    queries: list[_StatsQuery]
+    queries: list[_StatsQuery | _TimeQuery]
 
 
-class _AddBatchBody(msgspec.Struct):
+class _AddBatchBody(msgspec.Struct, omit_defaults=True):
     symbol: str
     values: list[float]
+    timestamps: list[int] | None = None  # omitted when None: the body is as before timestamps
 
 
 # ------------------------------------------------------------------ the client
@@ -563,25 +592,45 @@ class QueryClient:
 
     # -------------------------------------------------------------- statistics
 
-    def stats(self, symbol: str, exponent: int) -> Stats:
+    def stats(
+        self,
+        symbol: str,
+        exponent: int | None = None,
+        seconds: int | float | Decimal | str | timedelta | None = None,
+    ) -> Stats:
         """min, max, last, avg, var over the last 10^exponent values (fewer if the series is
-        shorter). Raises `UnknownSymbolError`, `InvalidExponentError`, `InvalidSymbolError`."""
-        path = f"/stats/?symbol={quote(symbol, safe='')}&exponent={_exponent_text(exponent)}"
-        status, body = self._request("GET", path)
+        shorter), or, with `seconds`, over the values whose timestamp is at or after the
+        symbol's newest timestamp minus `seconds` (the answer adds `count` and `seconds`).
+        Give one of the two (TypeError otherwise). `seconds` goes out as exact decimal text: a
+        float as its shortest decimal form (0.1 is "0.1"), a timedelta to the microsecond.
+        Raises `UnknownSymbolError`, `InvalidExponentError`, `InvalidWindowError`,
+        `InvalidSymbolError`."""
+        if (exponent is None) == (seconds is None):
+            raise TypeError("give exponent (a count window) or seconds (a time window), not both")
+        if seconds is None:
+            window = f"exponent={_exponent_text(exponent)}"  # type: ignore[arg-type]
+        else:
+            window = f"seconds={quote(_seconds_text(seconds), safe='')}"
+        status, body = self._request("GET", f"/stats/?symbol={quote(symbol, safe='')}&{window}")
         return self._decode(status, body, Stats)
 
-    def stats_batch(self, queries: Iterable[tuple[str, int]]) -> list[Stats | ApplianceError]:
+    def stats_batch(
+        self, queries: Iterable[tuple[str, int | Seconds]]
+    ) -> list[Stats | ApplianceError]:
         """Many `stats` queries in one request, answered in order from one consistent state of
-        each symbol. A failed query's item is its typed error (returned, not raised: the other
-        items are answered). Raises only when the whole request is refused, e.g.
-        `BatchTooLargeError` above `server.max_stats_queries` (10_000 by default)."""
+        each symbol: `(symbol, exponent)` or `(symbol, Seconds(x))` for a time window. A failed
+        query's item is its typed error (returned, not raised: the other items are answered).
+        Raises only when the whole request is refused, e.g. `BatchTooLargeError` above
+        `server.max_stats_queries` (10_000 by default)."""
         return [_item_result(item) for item in self._stats_batch(queries)]
 
-    def stats_batch_arrays(self, queries: Iterable[tuple[str, int]]) -> StatsArrays:
-        """`stats_batch` as float64 arrays (NaN where a query failed or `avg`/`var` is null)."""
+    def stats_batch_arrays(self, queries: Iterable[tuple[str, int | Seconds]]) -> StatsArrays:
+        """`stats_batch` as float64 arrays (NaN where a query failed or `avg`/`var` is null);
+        `count` holds each time window's count (-1 for count windows and failed queries)."""
         items = self._stats_batch(queries)
         n = len(items)
         columns = {name: np.full(n, np.nan) for name in ("min", "max", "last", "avg", "var")}
+        counts = np.full(n, -1, dtype=np.int64)
         codes = np.full(n, "", dtype=object)
         errors: dict[int, ApplianceError] = {}
         for row, item in enumerate(items):
@@ -593,10 +642,14 @@ class QueryClient:
                 value = getattr(item, name)
                 if value is not None:
                     column[row] = value
-        return StatsArrays(**columns, ok=codes == "", codes=codes.astype(str), errors=errors)
+            if item.count is not None:
+                counts[row] = item.count
+        return StatsArrays(
+            **columns, ok=codes == "", codes=codes.astype(str), errors=errors, count=counts
+        )
 
-    def _stats_batch(self, queries: Iterable[tuple[str, int]]) -> list[_Item]:
-        body = _StatsBatchBody([_StatsQuery(s, _exponent_int(k)) for s, k in queries])
+    def _stats_batch(self, queries: Iterable[tuple[str, int | Seconds]]) -> list[_Item]:
+        body = _StatsBatchBody([_batch_query(s, k) for s, k in queries])
         status, raw = self._request("POST", "/stats/batch", msgspec.json.encode(body))
         return self._decode(status, raw, _Results).results
 
@@ -632,13 +685,22 @@ class QueryClient:
 
     # -------------------------------------------------------------- writing
 
-    def add_batch(self, symbol: str, values: np.ndarray | Sequence[float]) -> int:
+    def add_batch(
+        self,
+        symbol: str,
+        values: np.ndarray | Sequence[float],
+        timestamps: np.ndarray | Sequence[int] | None = None,
+    ) -> int:
         """Append `values` (any float64-convertible array or sequence) as one atomic batch;
-        returns the number added. Never resent on a dropped connection (see the module
+        returns the number added. `timestamps`: each value's event time, integer ns since the
+        epoch (or a numpy datetime64 array), one per value, non-decreasing and not before the
+        symbol's newest (else `OutOfOrderError`, nothing applied, unless the server clamps);
+        None: the server's receive time. Never resent on a dropped connection (see the module
         docstring): a `TransportError` here means the batch may or may not have been applied.
         For high rates use the binary publishers (`transport.publishers.connect`)."""
         array = np.asarray(values, dtype=np.float64).reshape(-1)
-        payload = msgspec.json.encode(_AddBatchBody(symbol, array.tolist()))
+        times = None if timestamps is None else _timestamps_list(timestamps)
+        payload = msgspec.json.encode(_AddBatchBody(symbol, array.tolist(), times))
         status, body = self._request("POST", "/add_batch/", payload, idempotent=False)
         return self._decode(status, body, _Added).added
 
@@ -765,7 +827,7 @@ def _item_result(item: _Item) -> Stats | ApplianceError:
         return cls(item.code, item.error or "", cls.status_family)
     if item.min is None or item.max is None or item.last is None:
         return UnexpectedResponseError(f"a /stats/batch item without statistics: {item!r}", 200)
-    return Stats(item.min, item.max, item.last, item.avg, item.var)
+    return Stats(item.min, item.max, item.last, item.avg, item.var, item.count, item.seconds)
 
 
 def _exponent_int(exponent: int) -> int:
@@ -777,6 +839,61 @@ def _exponent_int(exponent: int) -> int:
 
 def _exponent_text(exponent: int) -> str:
     return str(_exponent_int(exponent))
+
+
+# The server's spelling of a window: digits with an optional fraction, no sign, no exponent.
+_PLAIN_DECIMAL = re.compile(r"([0-9]*)(?:\.([0-9]*))?", re.ASCII)
+
+
+def _seconds_text(seconds: int | float | Decimal | str | timedelta) -> str:
+    """A window as decimal text, never through binary rounding the caller did not ask for.
+
+    A float is sent as its shortest round-trip form (what `repr` shows, without an exponent);
+    a timedelta is whole microseconds. Text is sent as it is: the server judges it.
+    """
+    if isinstance(seconds, bool):
+        raise TypeError("seconds must be a number, text or timedelta, got bool")
+    if isinstance(seconds, str):
+        return seconds
+    if isinstance(seconds, timedelta):
+        return _plain(Decimal(seconds // timedelta(microseconds=1)).scaleb(-6))
+    if isinstance(seconds, int | np.integer):
+        return str(int(seconds))
+    if isinstance(seconds, float | np.floating):
+        return _plain(Decimal(repr(float(seconds))))
+    if isinstance(seconds, Decimal):
+        return _plain(seconds)
+    raise TypeError(f"seconds must be a number, text or timedelta, got {type(seconds).__name__}")
+
+
+def _plain(number: Decimal) -> str:
+    """`number` in positional notation ("1e-7" -> "0.0000001"); NaN and infinities as text."""
+    return format(number, "f")
+
+
+def _batch_query(symbol: str, window: int | Seconds) -> _StatsQuery | _TimeQuery:
+    if not isinstance(window, Seconds):
+        return _StatsQuery(symbol, _exponent_int(window))
+    text = _seconds_text(window.seconds)
+    match = _PLAIN_DECIMAL.fullmatch(text)
+    if match is None or not (match.group(1) or match.group(2)):
+        return _TimeQuery(symbol, text)  # not a number: the server answers the item's error
+    # As a valid JSON number: no leading zeros, digits on both sides of the point.
+    whole = match.group(1).lstrip("0") or "0"
+    fraction = match.group(2)
+    return _TimeQuery(symbol, msgspec.Raw(f"{whole}.{fraction}" if fraction else whole))
+
+
+def _timestamps_list(timestamps: np.ndarray | Sequence[int]) -> list[int]:
+    """Integer ns since the epoch (datetime64 converted); floats are refused, not rounded."""
+    array = np.asarray(timestamps).reshape(-1)
+    if array.dtype.kind == "M":
+        array = array.astype("datetime64[ns]").view(np.int64)
+    elif array.size and array.dtype.kind not in "iu":
+        raise TypeError(
+            f"timestamps must be integer ns since the epoch or datetime64, got {array.dtype}"
+        )
+    return [int(t) for t in array.tolist()]
 
 
 def _bound_text(bound: int | str | datetime) -> str:
