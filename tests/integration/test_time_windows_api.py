@@ -222,11 +222,6 @@ def test_time_windows_match_numpy_for_random_ticks(server: Server, batches, wind
     assert_window(got.json["results"][0], window, window_ns / S)
 
 
-@pytest.mark.xfail(
-    reason="the write-ahead log does not carry timestamps yet (helper B's WAL format change); "
-    "after a restart every replayed batch has its receive time",
-    strict=False,
-)
 def test_timestamps_and_windows_survive_a_restart(tmp_path: Path) -> None:
     symbol = "EUR/USD"
     values = [1.0850, 1.0851, 1.0849, 1.0853]
