@@ -4,6 +4,7 @@ compared with numpy over the same values and times."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -107,3 +108,41 @@ def test_bars_over_sealed_and_memory_match_numpy(server: Server, tmp_path: Path)
     assert (response.status, response.json["code"]) == (413, "batch_too_large")
     response = _get(server, "/history/bars", symbol="EUR/USD", interval="1 s", start="0", end="1")
     assert (response.status, response.json["code"]) == (400, "invalid_interval")
+
+
+def test_bars_over_event_timestamps_sent_over_rest_match_numpy(
+    server: Server, tmp_path: Path
+) -> None:
+    """Ticks with their own event times (irregular gaps, repeats, a gap of several bars) sent
+    in POST /add_batch/'s `timestamps`: bars group by those times, not by receive time."""
+    rng = np.random.default_rng(23)
+    base = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
+    steps = rng.choice([0, 1, 7, 250_000_000, 1_000_000_000, 61 * 10**9], size=700)
+    times = base + np.cumsum(steps).astype(np.int64)
+    values = 1e9 + np.round(rng.uniform(0, 1e-3, 700), 9)
+    for lo in range(0, 700, 70):
+        body = json.dumps(
+            {
+                "symbol": "EVT",
+                "values": values[lo : lo + 70].tolist(),
+                "timestamps": times[lo : lo + 70].tolist(),
+            }
+        ).encode()
+        response = server.request("POST", "/add_batch/", body, {"Content-Type": "application/json"})
+        assert response.status == 200, response
+    warm_dir = tmp_path / "data" / "warm" / symbol_key("EVT")
+    wait_until(lambda: len(list(warm_dir.glob("*.seg"))) == 7, what="seven sealed segments")
+    t0, t_end = int(times[0]), int(times[-1]) + 1
+    for interval, interval_ns, start, end in [
+        ("1h", 3_600 * 10**9, t0, t_end),
+        ("30m", 1_800 * 10**9, t0 + 1, int(times[450])),
+        ("5m", 300 * 10**9, int(times[300]), int(times[400])),
+        ("1s", 10**9, int(times[300]), int(times[330])),
+    ]:
+        want = numpy_bars(values, times, start, end, interval_ns)
+        assert 0 < len(want) <= 12
+        response = _get(
+            server, "/history/bars", symbol="EVT", interval=interval, start=str(start), end=str(end)
+        )
+        assert response.status == 200, response
+        assert_matches(response.json, want)
