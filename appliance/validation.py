@@ -327,3 +327,37 @@ def invalid_exponent(shown: str) -> ApiError:
         f"exponent {shown} is not an integer in {MIN_EXPONENT}..{MAX_EXPONENT} "
         "(the window is the last 10^exponent values)",
     )
+
+
+# --- time windows (`seconds`): shared by GET /stats/ and GET /stream ---------------------------
+
+MAX_WINDOW_NS = 2**63 - 1
+NS_PER_S = 1_000_000_000
+# Plain ASCII decimal seconds: digits, optionally a point and up to 9 fraction digits (ns).
+_SECONDS = re.compile(r"([0-9]{1,20})(?:\.([0-9]{1,9}))?|\.([0-9]{1,9})", re.ASCII)
+
+
+def parse_seconds(text: str) -> int:
+    """A `seconds` query parameter as a window length in ns (1 .. 2**63 - 1).
+
+    Exact decimal arithmetic (no float rounding): "0.000000001" is 1 ns, "1.5" is 1.5e9 ns.
+    Signs, exponents, `inf`/`nan`, more than 9 fraction digits (below 1 ns), zero and
+    overflow are 400 `invalid_window`.
+    """
+    match = _SECONDS.fullmatch(text)
+    if match is None:
+        raise invalid_window(
+            f"seconds {shorten(text)!r} is not a positive decimal number of seconds "
+            "(digits, optionally a point and up to 9 fraction digits)"
+        )
+    whole, fraction = match.group(1) or "0", match.group(2) or match.group(3) or ""
+    ns = int(whole) * NS_PER_S + int(fraction.ljust(9, "0") or "0")
+    if ns < 1:
+        raise invalid_window("seconds must be more than 0 (a window is at least 1 ns)")
+    if ns > MAX_WINDOW_NS:
+        raise invalid_window(f"seconds {shorten(text)!r} is longer than 2**63 - 1 ns")
+    return ns
+
+
+def invalid_window(message: str) -> ApiError:
+    return ApiError("invalid_window", message)
