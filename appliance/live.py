@@ -146,6 +146,7 @@ class LiveHub:
         self.closed = False
         self.events_sent = 0  # SSE events queued, all clients (for tests and metrics)
         self.pub_sent = 0  # PUB messages sent
+        self.dropped = 0  # clients dropped for falling behind
         self._pub_window = Window(config.pub_exponent)
         self._pub_versions: dict[str, int] = {}
         self._context: zmq.Context | None = None
@@ -267,6 +268,7 @@ class LiveHub:
             client.push(sse("stats", body))
             self.events_sent += 1
             if client.final is not None:
+                self.dropped += client.dropped
                 return
 
     def _publish(self, computed: dict[tuple[str, int], bytes | None]) -> None:
@@ -328,20 +330,28 @@ def event_body(store: Store, symbol: str, window: Window, version: int) -> bytes
     return _ENCODER.encode(payload)
 
 
-def parse_symbols(raw: str | None, validate: Callable[[str], str]) -> tuple[str, ...]:
-    """`symbols=A,B`: 1..MAX_STREAM_SYMBOLS distinct symbols, each a valid symbol (a symbol
-    with a comma cannot be streamed). 400 `missing_parameter` / `invalid_symbol`."""
+def parse_symbols(raw: str | None, validate: Callable[[str], str], limit: int) -> tuple[str, ...]:
+    """`symbols=A,B`: 1..`limit` distinct symbols, each a valid symbol (a symbol with a comma
+    cannot be streamed). 400 `missing_parameter` / `invalid_symbol`.
+
+    `limit` is `max_symbols_per_stream`: one tick can queue an event per symbol, so a stream
+    may not watch more symbols than its queue holds (it would be dropped at once)."""
     if raw is None or raw == "":
         raise ApiError("missing_parameter", "query parameter `symbols` is required (A,B,...)")
     names = _unique(raw.split(","))
-    if len(names) > MAX_STREAM_SYMBOLS:
+    if len(names) > limit:
         raise ApiError(
             "invalid_symbol",
-            f"{len(names)} symbols requested; one stream watches at most {MAX_STREAM_SYMBOLS}",
+            f"{len(names)} symbols requested; one stream watches at most {limit} (the smaller "
+            f"of {MAX_STREAM_SYMBOLS} and stream.queue_events)",
         )
     for name in names:
         validate(name)
     return tuple(names)
+
+
+def max_symbols_per_stream(config: StreamConfig) -> int:
+    return min(MAX_STREAM_SYMBOLS, config.queue_events)
 
 
 def _unique(names: Iterable[str]) -> list[str]:

@@ -23,7 +23,13 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
 from appliance.access import principal_of
-from appliance.live import LiveHub, StreamClient, Window, parse_symbols
+from appliance.live import (
+    LiveHub,
+    StreamClient,
+    Window,
+    max_symbols_per_stream,
+    parse_symbols,
+)
 from appliance.validation import (
     invalid_exponent,
     invalid_window,
@@ -74,7 +80,8 @@ def add_live_routes(app: Sanic, stream_route: RouteDecorator, page_route: RouteD
     @stream_route("/stream")
     async def stream(request: Request) -> HTTPResponse | None:
         params = parse_query_string(request.query_string)
-        symbols = parse_symbols(params.get("symbols"), validate_symbol)
+        limit = max_symbols_per_stream(request.app.ctx.config.stream)
+        symbols = parse_symbols(params.get("symbols"), validate_symbol, limit)
         window = parse_window(params)
         principal = principal_of(request)
         if principal is not None:
