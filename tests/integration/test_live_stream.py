@@ -373,3 +373,20 @@ def test_stream_with_auth_checks_role_and_symbol_patterns(tmp_path: Path) -> Non
         with SseClient(server, "symbols=EUR%2FUSD&exponent=1", bearer["eur"]) as client:
             event = client.next_event()
         assert event.data["symbol"] == "EUR/USD" and event.data["last"] == 1.5
+
+
+def test_the_readme_stream_example_is_a_real_event(live: Server) -> None:
+    from server_harness import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Live statistics", 1)[1]
+    shown = json.loads(section.split("# data: ", 1)[1].split("\n", 1)[0])
+    seed = [150.1, 150.5, 151.0, 149.8, 150.2, 151.1, 151.2, 152.0, 151.5, 151.9]
+    symbol = unique("AAPL")
+    assert live.post_batch(symbol, seed).status == 200
+    with open_stream(live, f"symbols={symbol}&exponent=3") as client:
+        event = client.next_event()
+    assert list(event.data) == list(shown)  # the same fields, in the same order
+    for key in ("symbol", "timestamp"):
+        del event.data[key], shown[key]
+    assert event.data == shown
