@@ -87,6 +87,8 @@ def add_live_routes(app: Sanic, stream_route: RouteDecorator, page_route: RouteD
         if principal is not None:
             for symbol in symbols:
                 request.app.ctx.access.check_symbol(principal, symbol, "GET /stream")
+        if request.method == "HEAD":  # the stream's status and headers, no stream
+            return HTTPResponse(content_type=SSE_TYPE, headers={"Cache-Control": "no-cache"})
         hub: LiveHub = request.app.ctx.live
         client = hub.register(symbols, window)
         try:

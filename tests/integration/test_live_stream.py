@@ -390,3 +390,16 @@ def test_the_readme_stream_example_is_a_real_event(live: Server) -> None:
     for key in ("symbol", "timestamp"):
         del event.data[key], shown[key]
     assert event.data == shown
+
+
+def test_head_answers_the_stream_headers_without_opening_one(live: Server) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=10)
+    try:
+        conn.request("HEAD", f"/stream?symbols={unique('HEAD')}&exponent=1")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b""
+        assert response.getheader("content-type").startswith("text/event-stream")
+    finally:
+        conn.close()
+    # Nothing is left registered (a stream of an earlier test may take a moment to go).
+    wait_until(lambda: metric(live, "hft_stream_clients") == 0, "no open stream")
