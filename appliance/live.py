@@ -13,8 +13,9 @@ Why bounded client queues that drop: the ticker runs on the server's event loop 
 wait for a client. Each client's events wait in a deque of at most `stream.queue_events`; a
 client that falls that far behind loses its pending events and gets a final `event: dropped`,
 after which its stream ends (its connection is aborted if it does not even read that within
-`DROP_GRACE_S`). On shutdown every stream gets a final `event: end`, so a graceful stop is not
-held for `server.graceful_shutdown_s` by clients that would otherwise listen forever.
+`DROP_GRACE_S`). On shutdown every stream gets a final `event: end` (with the same cut-off), so
+a graceful stop is not held for `server.graceful_shutdown_s` by clients that would otherwise
+listen forever.
 
 The hub is owned by the application (`app.ctx.live`); the ticker task runs only while there are
 clients or a PUB socket. Everything here runs on the event loop thread, except `bind_pub` (the
@@ -104,14 +105,15 @@ class StreamClient:
             self.finish(final_event("dropped", reason))
             # The handler may be stuck writing to a client that stopped reading: cut it off
             # if the final event has not gone out by then.
-            asyncio.get_running_loop().call_later(DROP_GRACE_S, self._cut_off)
+            asyncio.get_running_loop().call_later(DROP_GRACE_S, self.cut_off)
             return
         self.events.append(event)
         self.wake.set()
 
-    def _cut_off(self) -> None:
+    def cut_off(self) -> None:
+        """Abort the connection unless the stream is over (its final event went out)."""
         if not self.closed and self.abort is not None:
-            log.info("live stream cut off: the dropped client did not read its final event")
+            log.info("live stream cut off: the client did not read its final event")
             self.abort()
 
     def finish(self, event: bytes) -> None:
@@ -198,8 +200,11 @@ class LiveHub:
     def close(self) -> None:
         """Shutdown: every stream ends with `event: end`, the ticker and PUB socket stop."""
         self.closed = True
+        loop = asyncio.get_running_loop()
         for client in list(self.clients):
             client.finish(final_event("end", "the appliance is stopping"))
+            # A client that does not read would hold the stop for graceful_shutdown_s.
+            loop.call_later(DROP_GRACE_S, client.cut_off)
         if self._task is not None:
             self._task.cancel()
             self._task = None
