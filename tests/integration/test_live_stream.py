@@ -403,3 +403,12 @@ def test_head_answers_the_stream_headers_without_opening_one(live: Server) -> No
         conn.close()
     # Nothing is left registered (a stream of an earlier test may take a moment to go).
     wait_until(lambda: metric(live, "hft_stream_clients") == 0, "no open stream")
+
+
+def test_an_unusable_pub_endpoint_stops_the_start_with_status_2(tmp_path: Path) -> None:
+    from server_harness import run_cli
+
+    endpoint = f"ipc://{tmp_path}/missing-dir/stats.sock"
+    result = run_cli(tmp_path, "serve", env={"APP_TRANSPORT__ZMQ__STATS_PUB_ENDPOINT": endpoint})
+    assert result.returncode == 2, result.stderr
+    assert "transport.zmq.stats_pub_endpoint" in result.stderr
