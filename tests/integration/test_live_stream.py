@@ -7,6 +7,7 @@ Every number an event carries is checked against GET /stats/ and numpy on the sa
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -14,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -257,15 +259,30 @@ def test_streams_beyond_max_clients_are_429(busy: Server) -> None:
             client.close()
 
 
-def test_a_slow_client_is_dropped_while_ingest_and_other_clients_go_on(busy: Server) -> None:
+@dataclass
+class SlowClient:
+    sock: socket.socket
+    symbols: list[str]
+    published: int = 0  # batches published while it filled up
+    fast_events: int = 0  # events a healthy client read meanwhile
+
+
+@contextlib.contextmanager
+def dropped_slow_client(busy: Server) -> Iterator[SlowClient]:
+    """A raw client of 16 busy symbols that never reads, kept until the server dropped it.
+
+    A ZeroMQ PUSH publisher feeds the symbols as fast as it can, while a healthy client of one
+    of them keeps reading: the slow client's socket buffers fill, then its queue, and the
+    server drops it (seen in `hft_stream_dropped_total`). Yields with publishing stopped.
+    """
     symbols = [unique("SLOW") + "-" + "x" * 40 for _ in range(16)]
     query = "symbols=" + ",".join(symbols) + "&exponent=1"
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connect: small window
     slow.connect(("127.0.0.1", busy.port))
     slow.sendall(f"GET /stream?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    client = SlowClient(slow, symbols)
     stop = threading.Event()
-    published = [0]
 
     def publish() -> None:
         with ZmqPublisher(busy.pull_endpoint, mode="push", max_frame_bytes=1024) as publisher:
@@ -274,47 +291,62 @@ def test_a_slow_client_is_dropped_while_ingest_and_other_clients_go_on(busy: Ser
                 publisher.publish(symbols[i % 16], np.array([float(i)]))
                 i += 1
             publisher.flush()
-            published[0] = i
+            client.published = i
 
+    dropped_before = metric(busy, "hft_stream_dropped_total")
     thread = threading.Thread(target=publish)
     try:
         with open_stream(busy, f"symbols={symbols[0]}&exponent=1", timeout_s=10) as fast:
             thread.start()
-            # The healthy client keeps getting events the whole time the slow one fills up
-            # (its socket buffers, then its queue), until the server drops the slow one.
             deadline = time.monotonic() + 30.0
-            seen = 0
-            while metric(busy, "hft_stream_dropped_total") < 1:
+            while metric(busy, "hft_stream_dropped_total") <= dropped_before:
                 assert time.monotonic() < deadline, "the slow client was never dropped"
                 for _ in range(20):
                     event = fast.next_event()
                     assert event is not None and event.name == "stats", event
-                    seen += 1
+                    client.fast_events += 1
             stop.set()
             thread.join()
-            assert seen > 20
-        # The slow client now reads what was sent to it: events, then `dropped`, then EOF.
-        slow.settimeout(10)
-        received = b""
-        try:
-            while chunk := slow.recv(1 << 16):
-                received += chunk
-        except TimeoutError:
-            raise AssertionError(
-                f"the slow stream was not closed; {published[0]} batches published, "
-                f"{len(received)} bytes received, {received[-300:]!r}"
-            ) from None
-        # Ingest was never held back: every published value was applied.
-        wait_until(lambda: sum(hot_count(busy, s) for s in symbols) == published[0], "ingest")
+        yield client
     finally:
         stop.set()
         if thread.is_alive():
             thread.join()
         slow.close()
+
+
+def test_a_slow_client_is_dropped_while_ingest_and_other_clients_go_on(busy: Server) -> None:
+    with dropped_slow_client(busy) as slow:
+        assert slow.fast_events > 20  # the healthy client was served all along
+        # The slow client now reads what was sent to it: events, then `dropped`, then EOF.
+        slow.sock.settimeout(10)
+        received = b""
+        try:
+            while chunk := slow.sock.recv(1 << 16):
+                received += chunk
+        except TimeoutError:
+            raise AssertionError(
+                f"the slow stream was not closed; {slow.published} batches published, "
+                f"{len(received)} bytes received, {received[-300:]!r}"
+            ) from None
+        # Ingest was never held back: every published value was applied.
+        wait_until(
+            lambda: sum(hot_count(busy, s) for s in slow.symbols) == slow.published, "ingest"
+        )
     assert b"event: stats" in received
     assert b"event: dropped" in received
     tail = received[received.rindex(b"event: dropped") :]
     assert b"stream.queue_events" in tail and b"event: stats" not in tail
+
+
+def test_a_dropped_client_that_never_reads_is_cut_off(busy: Server) -> None:
+    with dropped_slow_client(busy) as slow:
+        # It never reads its final event: its slot is freed DROP_GRACE_S (5 s) after the drop.
+        wait_until(lambda: metric(busy, "hft_stream_clients") == 0, "the cut-off", 20)
+        slow.sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while slow.sock.recv(1 << 16):
+                pass  # what was sent before the abort, then EOF or a reset: never a hang
 
 
 def metric(server: Server, name: str) -> float:
