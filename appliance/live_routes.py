@@ -14,6 +14,8 @@ the user pastes into it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -44,6 +46,8 @@ HTML_TYPE = "text/html; charset=utf-8"
 # Sent at once, so a client knows the stream is open before the first event.
 _OPENING = b": live statistics (event: stats; ends with event: end or dropped)\n\n"
 _HEARTBEAT = b": heartbeat\n\n"
+# The kernel send buffer of a stream's socket (Linux doubles it): about a thousand events.
+STREAM_SNDBUF_BYTES = 128 * 1024
 
 RouteDecorator = Callable[[str], Callable[[Any], Any]]
 
@@ -114,6 +118,19 @@ def add_live_routes(app: Sanic, stream_route: RouteDecorator, page_route: RouteD
         app.ctx.live.close()
 
 
+def bound_send_buffer(transport: Any) -> None:
+    """A fixed kernel send buffer for the stream's socket (`STREAM_SNDBUF_BYTES`).
+
+    Linux grows a socket's send buffer up to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default)
+    for a peer that does not read; with a fixed one, a stalled client holds little kernel
+    memory and its queue (stream.queue_events) starts filling, and so it is dropped, soon.
+    """
+    sock = transport.get_extra_info("socket") if hasattr(transport, "get_extra_info") else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
+
+
 def heartbeat_s(request: Request) -> float:
     """`stream.heartbeat_s`, but often enough that Sanic's response timeout (reset by every
     write) never cuts an idle stream."""
@@ -127,6 +144,7 @@ async def _serve_stream(request: Request, client: StreamClient) -> None:
     )
     transport = request.transport
     client.abort = getattr(transport, "abort", None)
+    bound_send_buffer(transport)
     beat = heartbeat_s(request)
     try:
         await response.send(_OPENING)
