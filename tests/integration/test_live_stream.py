@@ -277,10 +277,14 @@ def dropped_slow_client(busy: Server) -> Iterator[SlowClient]:
     """
     symbols = [unique("SLOW") + "-" + "x" * 40 for _ in range(16)]
     query = "symbols=" + ",".join(symbols) + "&exponent=1"
+    # Streams of earlier tests (max_clients) are released once the server sees them go.
+    wait_until(lambda: metric(busy, "hft_stream_clients") == 0, "earlier streams to go")
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connect: small window
     slow.connect(("127.0.0.1", busy.port))
     slow.sendall(f"GET /stream?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    slow.settimeout(10)
+    assert slow.recv(12, socket.MSG_WAITALL) == b"HTTP/1.1 200"  # a stream, not a 429
     client = SlowClient(slow, symbols)
     stop = threading.Event()
 
