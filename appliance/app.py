@@ -43,6 +43,7 @@ from appliance.durability.writer import StorageUnavailableError
 from appliance.engine import select_engine
 from appliance.errors import ApiError
 from appliance.ingest import as_api_error
+from appliance.live_routes import add_live_routes, build_hub
 from appliance.logging_setup import request_id
 from appliance.metrics import install_metrics
 from appliance.openapi import build_openapi
@@ -304,6 +305,7 @@ def create_app(
         app.ctx.access = Access(tokens, limits, app.ctx.audit)
     _add_routes(app, BatchDecoder(config.store.max_batch_size), build_openapi(config))
     _add_lifecycle(app)
+    _add_live(app)
     # GET /metrics (through the route hook: a read token with auth on) and request timing, per
     # [metrics] (appliance.metrics).
     install_metrics(
@@ -463,7 +465,8 @@ async def _ingest(ctx: Any, symbol: str, values: Any, timestamps: Any = None) ->
     return int(record.values.shape[0]), record.first_index
 
 
-Handler = Callable[..., Awaitable[HTTPResponse]]  # (request, **path parameters)
+# (request, **path parameters); None: the handler sent its response itself (GET /stream).
+Handler = Callable[..., Awaitable[HTTPResponse | None]]
 
 
 def _route(
@@ -486,7 +489,7 @@ def _route(
     def register(handler: Handler) -> Handler:
         name = handler.__name__
 
-        async def hooked(request: Request, **params: Any) -> HTTPResponse:
+        async def hooked(request: Request, **params: Any) -> HTTPResponse | None:
             request_id.set(request)  # log lines of this request carry its id
             ctx = request.app.ctx
             timing = ctx.rest_metrics  # None with [metrics] off: no clock read at all
@@ -502,6 +505,8 @@ def _route(
                 if timing is not None:  # counted by code where the error handler renders it
                     timing.observe(name, status_of(exc), perf_counter() - started)
                 raise
+            if response is None:  # streamed (GET /stream): its length is no request latency
+                return None
             if timing is not None:
                 timing.observe(name, response.status, perf_counter() - started)
                 if response.status >= 400:  # an error body a handler returned (probes' 503)
@@ -770,6 +775,17 @@ def _add_history_bars_route(
         except HistoryError as exc:
             raise ApiError(exc.code, exc.message) from None
         return json_response(result.to_dict())
+
+
+def _add_live(app: Sanic) -> None:
+    """Live statistics (appliance.live): the hub (`app.ctx.live`), GET /stream (a data route,
+    `read` role), the live page at GET / and GET /ui (no token: it holds no data)."""
+    app.ctx.live = build_hub(app)
+    add_live_routes(
+        app,
+        partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=True, role="read"),
+        partial(_route, app, methods=GET_AND_HEAD, waits_for_ready=False, role=None),
+    )
 
 
 def _add_lifecycle(app: Sanic) -> None:

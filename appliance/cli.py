@@ -217,7 +217,9 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         transports = Transports(config, app.ctx.store, tokens=tokens, audit=audit)
     try:
         transports.bind()
+        app.ctx.live.bind_pub()  # transport.zmq.stats_pub_endpoint (live statistics)
     except TransportStartError as exc:
+        transports.stop()
         sock.close()
         audit.close()
         log.error("cannot start transports", extra={"reason": str(exc)})
@@ -234,6 +236,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
             "max_symbols": config.store.max_symbols,
             "max_body_bytes": config.max_body_bytes,
             "zmq_endpoints": transports.zmq.bound_endpoints if transports.zmq else {},
+            "stats_pub_endpoint": app.ctx.live.pub_bound,
         },
     )
     try:
@@ -249,6 +252,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         )
     finally:
         transports.stop()  # already stopped by the app's hook unless Sanic failed to start
+        app.ctx.live.close_pub()  # likewise (the app's hook closed it)
         if app.ctx.durable is not None:
             app.ctx.durable.close()  # after every producer stopped: drains, fsyncs, checkpoints
         audit.close()  # after the log's writer: its commit callbacks report transport frames

@@ -125,6 +125,7 @@ class ApplianceCollector(Collector):
         yield from self._store_families()
         yield from self._wal_families()
         yield from self._warm_families()
+        yield from live_families(getattr(ctx, "live", None))
 
     def _rest_families(self) -> Iterator[Metric]:
         app_name = self._app.name
@@ -260,6 +261,23 @@ class ApplianceCollector(Collector):
         for name, totals in sorted(warm.symbols().items()):
             unsealed.add_metric([name], totals.total - totals.sealed_end)
         yield unsealed
+
+
+def live_families(hub: Any) -> Iterator[Metric]:
+    """Live statistics (appliance.live): open streams, events queued, clients dropped, PUB
+    messages sent."""
+    if hub is None:
+        return
+    yield GaugeMetricFamily(
+        "hft_stream_clients", "Open GET /stream clients", value=len(hub.clients)
+    )
+    for name, what, value in (
+        ("hft_stream_events_total", "Events queued for GET /stream clients", hub.events_sent),
+        ("hft_stream_dropped_total", "GET /stream clients dropped for falling behind "
+         "(stream.queue_events)", hub.dropped),
+        ("hft_stream_pub_messages_total", "Messages sent on the stats PUB socket", hub.pub_sent),
+    ):  # fmt: skip
+        yield CounterMetricFamily(name, what, value=value)
 
 
 def ingest_families(snapshot: Mapping[str, Any]) -> Iterator[Metric]:

@@ -827,13 +827,14 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
         },
     }
     document["paths"].update(_delete_symbol_path())
+    document["paths"].update(_live_paths(config))
     if config.auth.mode == "token":
         _add_security(document["paths"])
     _add_head_operations(document["paths"])
     return document
 
 
-_OPEN_PATHS = ("/health", "/live", "/ready")
+_OPEN_PATHS = ("/health", "/live", "/ready", "/", "/ui")
 
 
 def _add_security(paths: dict[str, Any]) -> None:
@@ -873,4 +874,88 @@ def _delete_symbol_path() -> dict[str, Any]:
                 },
             }
         }
+    }
+
+
+def _live_paths(config: AppConfig) -> dict[str, Any]:
+    """GET /stream (Server-Sent Events of live statistics) and the live page (GET /, GET /ui)."""
+    stream = config.stream
+    page = {
+        "summary": "The live statistics page (one static HTML file; no token needed: it holds "
+        "no data and calls GET /symbols and GET /stream with the token pasted into it)",
+        "responses": {
+            "200": {
+                "description": "the page",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            },
+            **_errors(),
+        },
+    }
+    return {
+        "/stream": {
+            "get": {
+                "operationId": "stream",
+                "summary": "Live statistics as Server-Sent Events: `event: stats` per symbol "
+                "after applied batches (at most stream.max_rate_hz per symbol, the newest state "
+                "wins), an initial one per symbol that has values, `: heartbeat` comments, and "
+                "a final `event: end` (shutdown) or `event: dropped` (the client fell "
+                "stream.queue_events behind)",
+                "description": f"At most {stream.max_clients} concurrent streams "
+                f"(stream.max_clients; beyond: 429 `rate_limited`), {stream.max_rate_hz} events "
+                f"per symbol per second, heartbeat every {stream.heartbeat_s} s. Symbols not "
+                "yet known are allowed: their events start with their first batch.",
+                "parameters": [
+                    {
+                        "name": "symbols",
+                        "in": "query",
+                        "required": True,
+                        "description": "comma-separated symbols (URL-encoded UTF-8), 1..256",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "exponent",
+                        "in": "query",
+                        "required": False,
+                        "description": "window = the last 10^exponent values (GET /stats/'s "
+                        "rules); give this or `seconds`",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": MIN_EXPONENT,
+                            "maximum": MAX_EXPONENT,
+                        },
+                    },
+                    {
+                        "name": "seconds",
+                        "in": "query",
+                        "required": False,
+                        "description": "window = the values at or after (newest timestamp - "
+                        "seconds): a positive decimal, at most 9 fraction digits",
+                        "schema": {
+                            "type": "string",
+                            "pattern": r"^([0-9]+(\.[0-9]{1,9})?|"
+                            r"\.[0-9]{1,9})$",
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "an endless event stream; each `data:` is one JSON "
+                        "object: symbol, `exponent` or `window_ns`, count, min, max, last, avg, "
+                        "var, timestamp (the symbol's newest, ns since the epoch), version "
+                        "(batches applied to the symbol)",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(
+                        "missing_parameter",
+                        "invalid_symbol",
+                        "invalid_exponent",
+                        "invalid_window",
+                        "rate_limited",
+                        "not_ready",
+                    ),
+                },
+            }
+        },
+        "/": {"get": {"operationId": "livePage", **page}},
+        "/ui": {"get": {"operationId": "livePageUi", **page}},
     }

@@ -162,6 +162,8 @@ def _nbytes(piece: MemoryPiece) -> int:
 
 
 _ONE_MARK = np.zeros(1, np.int64)  # the offset of a batch's one mark within what it appends
+
+
 def _older_than(segment: SealedSegment, cutoff_ns: int) -> bool:
     """Both the newest timestamp and the file's modification time are before `cutoff_ns`."""
     if segment.header.last_received_ns >= cutoff_ns:

@@ -243,7 +243,8 @@ def test_wrong_method_is_405(server: Server, method: str, path: str) -> None:
     assert response.headers.get("allow")
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/stats/extra", "/add_batch/x"])
+# "/" is the live page (GET / and GET /ui), not an unknown path.
+@pytest.mark.parametrize("path", ["/nope", "/ui/extra", "/stats/extra", "/add_batch/x"])
 def test_unknown_path_is_404_not_found(server: Server, path: str) -> None:
     assert_error(server.request("GET", path), 404, "not_found")
 
