@@ -8,8 +8,10 @@ In process, one engine (`--engine cpu`, the compiled default; `numpy` for the re
 - `Store.ingest` of 1-value and 10k-value batches without timestamps, with a distinct event time
   per value, and the engine's own `series.append` (the yardstick: what the store adds on top);
 - the REST decode (`BatchDecoder.decode`) of a 10k-value body without and with `timestamps`;
-- the write-ahead log's inline commit (`DurableWriter.commit`, sync `never`, a tmpfs-like temp
-  directory) of 10k-value batches without and with timestamps (the record grows by 8 B/value).
+- the write-ahead log's inline commit (`DurableWriter.commit`, sync `never`, a temporary
+  directory) of 10k-value batches without and with timestamps (the record grows by 8 B/value);
+- `Engine.bars` (GET /history/bars' kernel) over 1e7 values in 1,440 bars, next to one numpy
+  `minimum.reduceat` over the same bars and a copy of the values.
 
 Medians of `--rounds` rounds; run on a quiet machine:
 
@@ -162,23 +164,43 @@ def wal(engine: Any, rounds: int) -> dict[str, float]:
     out: dict[str, float] = {}
     values = np.linspace(1.0, 2.0, BATCH)
     with tempfile.TemporaryDirectory() as tmp:
-        store = new_store(engine)
+        store = Store(engine, retention=STEADY, max_symbols=4, starting_capacity=1 << 20)
         writer = DurableWriter(store, Path(tmp) / "wal", sync="never", segment_bytes=256 << 20)
         writer.start()
         try:
-            out["wal commit 10k no timestamps"] = per_call_us(
-                lambda: writer.commit("S", values), 200, rounds
-            )
             clock = [1_700_000_000 * 10**9]
 
             def timed() -> None:
                 clock[0] += BATCH
                 writer.commit("T", values, timestamps=np.arange(clock[0], clock[0] + BATCH))
 
+            for _ in range(2 * STEADY.max_values // BATCH + 1):  # recycled pages and chunks
+                writer.commit("S", values)
+                timed()
+            out["wal commit 10k no timestamps"] = per_call_us(
+                lambda: writer.commit("S", values), 200, rounds
+            )
             out["wal commit 10k timestamps"] = per_call_us(timed, 200, rounds)
         finally:
             writer.close()
     return out
+
+
+def bars(engine: Any, rounds: int) -> dict[str, float]:
+    """`Engine.bars` over 1e7 values in 1,440 bars (a day of 1-minute bars), next to one
+    `np.minimum.reduceat` over the same bars and a copy of the values, us per call."""
+    rng = np.random.default_rng(3)
+    values = 1e9 + rng.random(10_000_000) * 1e-3
+    offsets = np.linspace(0, values.shape[0], 1_440, endpoint=False).astype(np.int64)
+    got = engine.bars(values, offsets)
+    assert int(np.asarray(got.count).sum()) == values.shape[0]
+    return {
+        "bars 1e7 values / 1440 bars": per_call_us(lambda: engine.bars(values, offsets), 3, rounds),
+        "np.minimum.reduceat 1e7 / 1440": per_call_us(
+            lambda: np.minimum.reduceat(values, offsets), 3, rounds
+        ),
+        "copy 1e7 float64": per_call_us(values.copy, 3, rounds),
+    }
 
 
 def main() -> None:
@@ -195,6 +217,7 @@ def main() -> None:
         lambda: ingest(engine, args.rounds),
         lambda: decode(args.rounds),
         lambda: wal(engine, args.rounds),
+        lambda: bars(engine, args.rounds),
     ):
         got = part()
         for name, us in got.items():
