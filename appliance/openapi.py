@@ -38,6 +38,30 @@ _SECONDS_TEXT = (
 )
 
 
+def _window_parameters(seconds_note: str) -> list[dict[str, Any]]:
+    """The `exponent` / `seconds` query parameters, one or the other (GET /stats/, GET /stream;
+    appliance.validation.parse_seconds reads every `seconds`)."""
+    return [
+        {
+            "name": "exponent",
+            "in": "query",
+            "required": False,
+            "description": "window = the last 10^exponent values (a plain decimal integer); "
+            "percent-encoded non-UTF-8 bytes are 400 `invalid_exponent`. Required unless "
+            "`seconds` is given (neither: 400 `invalid_exponent`; both: 400 `invalid_window`)",
+            "schema": {"type": "integer", "minimum": MIN_EXPONENT, "maximum": MAX_EXPONENT},
+        },
+        {
+            "name": "seconds",
+            "in": "query",
+            "required": False,
+            "description": f"{_TIME_WINDOW}: {_SECONDS_TEXT}; otherwise 400 `invalid_window`. "
+            + seconds_note,
+            "schema": {"type": "string", "pattern": _SECONDS_PATTERN},
+        },
+    ]
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -707,28 +731,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
                             "bytes that are not valid UTF-8 (`%FF`) are 400 `invalid_symbol`",
                             "schema": _ref("Symbol"),
                         },
-                        {
-                            "name": "exponent",
-                            "in": "query",
-                            "required": False,
-                            "description": "window = 10^exponent values (a plain decimal integer); "
-                            "percent-encoded non-UTF-8 bytes are 400 `invalid_exponent`. "
-                            "Required unless `seconds` is given (neither: 400 "
-                            "`invalid_exponent`; both: 400 `invalid_window`)",
-                            "schema": {
-                                "type": "integer",
-                                "minimum": MIN_EXPONENT,
-                                "maximum": MAX_EXPONENT,
-                            },
-                        },
-                        {
-                            "name": "seconds",
-                            "in": "query",
-                            "required": False,
-                            "description": f"{_TIME_WINDOW}: {_SECONDS_TEXT}; otherwise 400 "
-                            "`invalid_window`. The answer adds `count` and `seconds`.",
-                            "schema": {"type": "string", "pattern": _SECONDS_PATTERN},
-                        },
+                        *_window_parameters("The answer adds `count` and `seconds`."),
                     ],
                     "responses": {
                         "200": {
@@ -912,30 +915,7 @@ def _live_paths(config: AppConfig) -> dict[str, Any]:
                         "description": "comma-separated symbols (URL-encoded UTF-8), 1..256",
                         "schema": {"type": "string"},
                     },
-                    {
-                        "name": "exponent",
-                        "in": "query",
-                        "required": False,
-                        "description": "window = the last 10^exponent values (GET /stats/'s "
-                        "rules); give this or `seconds`",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": MIN_EXPONENT,
-                            "maximum": MAX_EXPONENT,
-                        },
-                    },
-                    {
-                        "name": "seconds",
-                        "in": "query",
-                        "required": False,
-                        "description": "window = the values at or after (newest timestamp - "
-                        "seconds): a positive decimal, at most 9 fraction digits",
-                        "schema": {
-                            "type": "string",
-                            "pattern": r"^([0-9]+(\.[0-9]{1,9})?|"
-                            r"\.[0-9]{1,9})$",
-                        },
-                    },
+                    *_window_parameters("Events then carry `window_ns` instead of `exponent`."),
                 ],
                 "responses": {
                     "200": {
