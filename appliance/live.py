@@ -86,7 +86,7 @@ class StreamClient:
         self.symbols = symbols
         self.window = window
         self.limit = limit
-        self.sent: dict[str, int] = {}  # symbol -> the version of its last event
+        self.sent: dict[str, tuple[int, int]] = {}  # symbol -> state key of its last event
         self.events: deque[bytes] = deque()
         self.final: bytes | None = None
         self.dropped = False
@@ -150,7 +150,7 @@ class LiveHub:
         self.pub_sent = 0  # PUB messages sent
         self.dropped = 0  # clients dropped for falling behind
         self._pub_window = Window(config.pub_exponent)
-        self._pub_versions: dict[str, int] = {}
+        self._pub_versions: dict[str, tuple[int, int]] = {}
         self._context: zmq.Context | None = None
         self._pub: zmq.Socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -225,8 +225,8 @@ class LiveHub:
                 headers={"Retry-After": "1"},
             )
         client = StreamClient(symbols, window, self.config.queue_events)
+        self._feed(client, {})  # before it counts: a failing first read leaks no slot
         self.clients.add(client)
-        self._feed(client, {})
         self._ensure_ticker()
         return client
 
@@ -266,7 +266,7 @@ class LiveHub:
                 continue
             if sent.get(symbol) == version:
                 continue
-            body = self._body(symbol, client.window, version, computed)
+            body = self._body(symbol, client.window, version[1], computed)
             if body is None:
                 continue
             sent[symbol] = version
@@ -284,7 +284,7 @@ class LiveHub:
             version = self._version(symbol)
             if version is None or versions.get(symbol) == version:
                 continue
-            body = self._body(symbol, self._pub_window, version, computed)
+            body = self._body(symbol, self._pub_window, version[1], computed)
             if body is None:
                 continue
             versions[symbol] = version
@@ -295,9 +295,11 @@ class LiveHub:
             for gone in [s for s in versions if s not in self.store]:
                 del versions[gone]
 
-    def _version(self, symbol: str) -> int | None:
+    def _version(self, symbol: str) -> tuple[int, int] | None:
+        """The symbol's state key (`Store.state_key`: a batch count alone repeats when a
+        deleted symbol is created again and reaches the same count between two ticks)."""
         try:
-            return self.store.version(symbol)
+            return self.store.state_key(symbol)
         except UnknownSymbolError:
             return None
 

@@ -298,14 +298,18 @@ class Store:
         dict and every query on that symbol is answered again, from the new state. All misses
         go to the engine in one call.
         """
-        # Symbols are never removed: every symbol with a miss has an entry.
-        entries = sorted(((self._entries[s], s) for s in wanted), key=lambda e: e[0].order)
+        entries = self._held_entries(wanted, caches)
         moved: set[str] = set()
         held: list[threading.Lock] = []
         try:
             for entry, _ in entries:
                 entry.lock.acquire()
                 held.append(entry.lock)
+            if any(entry.deleted for entry, _ in entries):
+                for entry, symbol in entries:
+                    if entry.deleted:
+                        caches[symbol] = _NO_ANSWERS
+                entries = [(entry, symbol) for entry, symbol in entries if not entry.deleted]
             for entry, symbol in entries:
                 if entry.cache is not caches[symbol]:  # appended since the lock-free read
                     caches[symbol] = entry.cache
@@ -326,6 +330,21 @@ class Store:
         finally:
             for lock in reversed(held):
                 lock.release()
+
+    def _held_entries(
+        self, wanted: dict[str, set[int]], caches: dict[str, dict[int, WindowStats]]
+    ) -> list[tuple[_Entry, str]]:
+        """The entries of the `wanted` symbols in lock order; a symbol deleted (DELETE
+        /symbols) since the lock-free read answers as unknown (its cache: `_NO_ANSWERS`)."""
+        entries = []
+        for symbol in wanted:
+            entry = self._entries.get(symbol)
+            if entry is None:
+                caches[symbol] = _NO_ANSWERS
+            else:
+                entries.append((entry, symbol))
+        entries.sort(key=lambda e: e[0].order)
+        return entries
 
     def symbols(self) -> list[str]:
         """Known symbols, in creation order."""
@@ -369,6 +388,12 @@ class Store:
         """How many batches `symbol` has taken: changes after every applied batch, without
         locking (a live stream polls it instead of being called on the ingest path)."""
         return self._entry(symbol).version
+
+    def state_key(self, symbol: str) -> tuple[int, int]:
+        """(creation rank, batches taken): different for every state a symbol's series has
+        been in, across DELETE and re-creation (where `version` starts again at 0)."""
+        entry = self._entry(symbol)
+        return entry.order, entry.version
 
     def clamped(self, symbol: str) -> int:
         """Values of `symbol` whose timestamp `store.out_of_order = "clamp"` moved forward."""

@@ -8,7 +8,9 @@ with `warm.load`, and memory pieces) give their values and the marks over them, 
 in index space where a mark's time crosses an interval boundary (`engine_core.bars`): no time per
 value is ever built. The bar count is known from the marks before any bar is summarized, so an
 answer over `history.max_bars` bars is refused (413) before the values are gathered and summed.
-The summaries come from the engine in use (`Engine.bars`: numpy, or the GPU kernel).
+The summaries come from the engine in use (`Engine.bars`: numpy, or the GPU kernel), one piece
+at a time: a query holds one decompressed segment, never its whole range (a bar that crosses a
+piece boundary is carried as a running summary, `_OpenBar`).
 """
 
 from __future__ import annotations
@@ -82,16 +84,19 @@ def _json_floats(column: np.ndarray) -> list[float | None]:
 def parse_interval(text: str | None) -> int:
     """`<positive integer><unit>` with unit ns, us, ms, s, m, h or d, in ns (at most 2**63 - 1)."""
     match = _INTERVAL.fullmatch(text or "")
+    shown = repr(text if text is None or len(text) <= 40 else text[:40] + "...")
     if match is None:
         raise HistoryError(
             "invalid_interval",
             "interval must be a positive integer followed by ns, us, ms, s, m, h or d "
-            f"(e.g. 100ms, 1m), got {text!r}",
+            f"(e.g. 100ms, 1m), got {shown}",
         )
-    ns = int(match.group(1)) * _UNITS[match.group(2)]
+    digits = match.group(1).lstrip("0") or "0"
+    # Past 19 digits no unit fits in int64; checked before int(), which refuses > 4300 digits.
+    ns = int(digits) * _UNITS[match.group(2)] if len(digits) <= 19 else INT64_MAX + 1
     if not 1 <= ns <= INT64_MAX:
         raise HistoryError(
-            "invalid_interval", f"interval must be 1 ns .. 2**63 - 1 ns, got {text!r}"
+            "invalid_interval", f"interval must be 1 ns .. 2**63 - 1 ns, got {shown}"
         )
     return ns
 
@@ -143,8 +148,8 @@ def bars_by_time(
     # counting pass is needed.
     span = (end_ns - 1) // interval_ns - start_ns // interval_ns + 1
     must_count = min(hi - lo, span) > max_bars
-    parts: list[_Part] = []
     n_bars, key = 0, None
+    bars = _BarStream(engine, interval_ns)
     for part in _parts(warm, _pieces(view), lo, hi):
         if must_count:
             more, key = count_bars(part.run_ns, interval_ns, key)
@@ -155,15 +160,105 @@ def bars_by_time(
                     f"more than history.max_bars = {max_bars} bars in that range at that "
                     "interval: ask for a shorter range or a longer interval",
                 )
-        parts.append(part)
-    if not parts:
+        bars.add(part)
+    times, summaries = bars.finish()
+    if times.shape[0] == 0:
         raise HistoryError("empty_range", "no value held by the warm tier in that range")
-    values = np.concatenate([p.values for p in parts]) if len(parts) > 1 else parts[0].values
-    sizes = np.cumsum([0] + [p.values.shape[0] for p in parts[:-1]])
-    run_pos = np.concatenate([p.run_pos + size for p, size in zip(parts, sizes, strict=True)])
-    run_ns = np.concatenate([p.run_ns for p in parts])
-    offsets, times = bar_starts(run_pos, run_ns, interval_ns)
-    return HistoryBars(symbol, interval_ns, start_ns, end_ns, times, engine.bars(values, offsets))
+    return HistoryBars(symbol, interval_ns, start_ns, end_ns, times, summaries)
+
+
+class _OpenBar:
+    """The last bar of the pieces seen so far, which the next piece may continue.
+
+    Why a running summary and not its values: one bar may span the whole history (`1d` over a
+    day of ticks), and holding its values would bound a query's memory by the range, not by
+    one piece. Its mean and M2 are kept relative to its open (as `engine_core.summary`
+    anchors them), and a continuation is merged with Chan's formula on those deviations, so a
+    bar cut by a piece boundary keeps the digits of 1e9-scale prices.
+    """
+
+    __slots__ = ("close", "count", "high", "low", "m2", "mean", "open", "time")
+
+    def __init__(self, time: int, values: np.ndarray) -> None:
+        self.time = time
+        self.open = float(values[0])
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+        self.high, self.low = -np.inf, np.inf
+        self.close = self.open
+        self.extend(values)
+
+    def extend(self, values: np.ndarray) -> None:
+        deviations = values - self.open
+        n2 = int(values.shape[0])
+        mean2 = float(deviations.mean())
+        m2_2 = float(np.square(deviations - mean2).sum())
+        n1, n = self.count, self.count + n2
+        delta = mean2 - self.mean
+        self.mean += delta * n2 / n
+        self.m2 += m2_2 + delta * delta * n1 * n2 / n
+        self.count = n
+        self.high = max(self.high, float(values.max()))
+        self.low = min(self.low, float(values.min()))
+        self.close = float(values[-1])
+
+    def row(self) -> Bars:
+        """This bar as a one-row `Bars`."""
+
+        def one(x: float | int, dtype: type = np.float64) -> np.ndarray:
+            return np.array([x], dtype=dtype)
+
+        return Bars(
+            open=one(self.open),
+            high=one(self.high),
+            low=one(self.low),
+            close=one(self.close),
+            count=one(self.count, np.int64),
+            avg=one(self.open + self.mean),
+            var=one(self.m2 / self.count),
+        )
+
+
+class _BarStream:
+    """Bars of consecutive pieces, one piece in memory at a time: the bars that end inside a
+    piece are summarized by the engine (`Engine.bars`), the piece's last bar stays open
+    (`_OpenBar`) until a later piece starts another bar or the range ends."""
+
+    def __init__(self, engine: Engine, interval_ns: int) -> None:
+        self.engine = engine
+        self.interval_ns = interval_ns
+        self.times: list[np.ndarray] = []
+        self.done: list[Bars] = []
+        self.open_bar: _OpenBar | None = None
+
+    def add(self, part: _Part) -> None:
+        offsets, times = bar_starts(part.run_pos, part.run_ns, self.interval_ns)
+        values = part.values
+        open_bar = self.open_bar
+        if open_bar is not None and int(times[0]) == open_bar.time:  # it goes on here
+            end = int(offsets[1]) if offsets.shape[0] > 1 else values.shape[0]
+            open_bar.extend(values[:end])
+            if offsets.shape[0] == 1:
+                return
+            values, offsets, times = values[end:], offsets[1:] - end, times[1:]
+        if open_bar is not None:
+            self._emit(np.array([open_bar.time], np.int64), open_bar.row())
+        last = int(offsets[-1])
+        if offsets.shape[0] > 1:
+            self._emit(times[:-1], self.engine.bars(values[:last], offsets[:-1]))
+        self.open_bar = _OpenBar(int(times[-1]), values[last:])
+
+    def _emit(self, times: np.ndarray, bars: Bars) -> None:
+        self.times.append(times)
+        self.done.append(bars)
+
+    def finish(self) -> tuple[np.ndarray, Bars]:
+        if self.open_bar is not None:
+            self._emit(np.array([self.open_bar.time], np.int64), self.open_bar.row())
+            self.open_bar = None
+        if not self.done:
+            return np.empty(0, np.int64), Bars(*(np.empty(0) for _ in Bars._fields))
+        columns = [np.concatenate([getattr(b, f) for b in self.done]) for f in Bars._fields]
+        return np.concatenate(self.times), Bars(*columns)
 
 
 def run_bars_query(

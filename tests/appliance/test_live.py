@@ -161,3 +161,44 @@ def test_parse_seconds_accepts_only_plain_positive_decimals(text: str) -> None:
         return
     assert text.isascii() and "e" not in text.lower() and not text.startswith(("-", "+"))
     assert ns == int(Decimal(text) * 10**9) and 1 <= ns <= 2**63 - 1
+
+
+def test_a_symbol_deleted_and_created_again_between_two_ticks_gets_its_new_state() -> None:
+    """Its batch count starts again at 0: reaching the old count before the next tick must
+    not read as 'unchanged' (the stream would keep showing the deleted series)."""
+
+    async def scenario() -> None:
+        store = make_store()
+        hub = LiveHub(store, StreamConfig(max_rate_hz=1000))
+        store.ingest("A", np.array([1.0, 2.0]))
+        client = hub.register(("A",), Window(1))
+        assert [d["avg"] for _, d in events(client)] == [1.5]
+        store.delete("A")
+        store.ingest("A", np.array([100.0]))  # version 1 again, as before the delete
+        hub.tick()
+        assert [(d["avg"], d["version"]) for _, d in events(client)] == [(100.0, 1)]
+        hub.close()
+
+    run(scenario)
+
+
+def test_a_stream_whose_first_read_fails_takes_no_slot(monkeypatch) -> None:
+    async def scenario() -> None:
+        store = make_store()
+        hub = LiveHub(store, StreamConfig(max_rate_hz=1000, max_clients=1))
+        store.ingest("A", np.array([1.0]))
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("engine fault")
+
+        monkeypatch.setattr(store, "stats", broken)
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                hub.register(("A",), Window(1))
+        monkeypatch.undo()
+        assert not hub.clients
+        client = hub.register(("A",), Window(1))  # the one slot is still free
+        assert [d["last"] for _, d in events(client)] == [1.0]
+        hub.close()
+
+    run(scenario)

@@ -172,3 +172,27 @@ def test_concurrent_creation_respects_the_limit_exactly() -> None:
 def test_max_symbols_must_be_positive() -> None:
     with pytest.raises(ValueError):
         make_store(max_symbols=0)
+
+
+def test_stats_many_answers_a_symbol_deleted_between_its_two_passes_as_unknown() -> None:
+    """The batch reads the caches without locks, then locks the symbols with a miss: a DELETE
+    in between makes that symbol unknown (None), never a KeyError (a 500)."""
+    import numpy as np
+
+    from appliance.store import Store
+    from engine_core.contract import RetentionPolicy
+    from fallback import NumpyEngine
+
+    store = Store(NumpyEngine(), retention=RetentionPolicy(), max_symbols=4, starting_capacity=8)
+    store.ingest("A", np.array([1.0, 2.0]))
+    store.ingest("B", np.array([3.0]))
+    real = store._compute_locked
+
+    def delete_first(queries, wanted, caches):  # type: ignore[no-untyped-def]
+        store.delete("A")
+        real(queries, wanted, caches)
+
+    store._compute_locked = delete_first  # type: ignore[method-assign]
+    answers = store.stats_many([("A", 1), ("B", 1), ("A", 2)])
+    assert answers[0] is None and answers[2] is None
+    assert answers[1] is not None and answers[1].last == 3.0

@@ -154,6 +154,8 @@ def test_a_bar_spanning_pieces_is_one_bar(tmp_path: Path) -> None:
         ("1d", 86_400 * 10**9),
         ("15us", 15_000),
         ("0007s", 7 * 10**9),
+        ("0" * 40 + "1ns", 1),
+        ("9223372036854775807ns", (1 << 63) - 1),
     ],
 )
 def test_interval_units(text: str, ns: int) -> None:
@@ -162,7 +164,25 @@ def test_interval_units(text: str, ns: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    [None, "", "0s", "1", "s", "-1s", "1.5s", "1 s", "1S", "1sec", "1y", "+1s", "106752d", "1e3ns"],
+    [
+        None,
+        "",
+        "0s",
+        "1",
+        "s",
+        "-1s",
+        "1.5s",
+        "1 s",
+        "1S",
+        "1sec",
+        "1y",
+        "+1s",
+        "106752d",
+        "1e3ns",
+        "9" * 20 + "ns",
+        "1" * 4301 + "s",
+        "0" * 30 + "0s",
+    ],
 )
 def test_bad_intervals_are_refused(text: str | None) -> None:
     with pytest.raises(HistoryError) as caught:

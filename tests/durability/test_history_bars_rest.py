@@ -75,8 +75,10 @@ def test_bars_answer_matches_numpy(app_and_feed) -> None:
         end,
     )
     assert_matches(body, numpy_bars(x, t, start, end, 20))
-    if engine is not None:  # the GPU engine summed them: one launch of its bar kernel
-        assert engine.device.launches["bar_summaries"] == 1
+    if engine is not None:  # the GPU engine summed them: at most one launch per piece read
+        view = app.ctx.warm.view("EUR/USD")
+        pieces = len(view.sealed) + len(view.memory)
+        assert 1 <= engine.device.launches["bar_summaries"] <= pieces
 
 
 def test_bars_refusals(app_and_feed) -> None:
