@@ -10,8 +10,9 @@ In process, one engine (`--engine cpu`, the compiled default; `numpy` for the re
 - the REST decode (`BatchDecoder.decode`) of a 10k-value body without and with `timestamps`;
 - the write-ahead log's inline commit (`DurableWriter.commit`, sync `never`, a temporary
   directory) of 10k-value batches without and with timestamps (the record grows by 8 B/value);
-- `Engine.bars` (GET /history/bars' kernel) over 1e7 values in 1,440 bars, next to one numpy
-  `minimum.reduceat` over the same bars and a copy of the values.
+- `Engine.bars` (GET /history/bars' kernel) over 1e7 values in 1,440 bars, next to the numpy
+  reference (`engine_core.bars`), one numpy `minimum.reduceat` over the same bars and a copy of
+  the values.
 
 Medians of `--rounds` rounds; run on a quiet machine:
 
@@ -194,8 +195,10 @@ def bars(engine: Any, rounds: int) -> dict[str, float]:
     offsets = np.linspace(0, values.shape[0], 1_440, endpoint=False).astype(np.int64)
     got = engine.bars(values, offsets)
     assert int(np.asarray(got.count).sum()) == values.shape[0]
+    reference = load_numpy_engine()
     return {
         "bars 1e7 values / 1440 bars": per_call_us(lambda: engine.bars(values, offsets), 3, rounds),
+        "bars, numpy reference": per_call_us(lambda: reference.bars(values, offsets), 3, rounds),
         "np.minimum.reduceat 1e7 / 1440": per_call_us(
             lambda: np.minimum.reduceat(values, offsets), 3, rounds
         ),

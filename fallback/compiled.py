@@ -27,6 +27,7 @@ import numpy as np
 from numba import types
 from numba.core import config as numba_config
 
+from engine_core.bars import Bars
 from engine_core.contract import Engine, RetentionPolicy, WindowStats
 from engine_core.layout import Geometry, identity_rows
 from engine_core.summary import IDENTITY_ROW
@@ -271,6 +272,23 @@ class CompiledEngine(Engine):
     def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> CompiledSeries:
         return CompiledSeries(retention, starting_capacity, self.geometry)
 
+    def bars(self, values: np.ndarray, offsets: np.ndarray) -> Bars:
+        """`Engine.bars` in one compiled pass pair per bar (`compiled_kernels.bar_rows`):
+        no full-size temporaries, unlike the numpy reference's `reduceat` passes."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        rows = np.empty((offsets.shape[0], compiled_kernels.BAR_COLUMNS))
+        compiled_kernels.bar_rows(values, offsets, rows)
+        return Bars(
+            open=rows[:, 0].copy(),
+            high=rows[:, 1].copy(),
+            low=rows[:, 2].copy(),
+            close=rows[:, 3].copy(),
+            count=rows[:, 4].astype(np.int64),
+            avg=rows[:, 5].copy(),
+            var=rows[:, 6].copy(),
+        )
+
 
 # -- compile and cache ------------------------------------------------------------------------
 
@@ -283,6 +301,11 @@ _SIGNATURES = {
     "append_values": [(_DIRECTORY, _SHAPE, batch, types.int64) for batch in _BATCHES],
     "append_fast": [(_CONTROL, batch) for batch in _BATCHES],
     "fill_rows": [(types.Array(types.float64, 2, "C"), types.Array(types.float64, 1, "C"))],
+    # GET /history/bars: values of a warm segment (read-only when a view of a decoded one)
+    "bar_rows": [
+        (batch, types.Array(types.int64, 1, "C"), types.Array(types.float64, 2, "C"))
+        for batch in _BATCHES
+    ],
 }
 
 

@@ -1,5 +1,6 @@
-"""OHLC bars: the numpy reference and the GPU engine's kernel (on the CPU build of
-segment_tree.cu, and through CupyDevice over the fake CuPy) against a plain numpy grouping."""
+"""OHLC bars: the numpy reference, the compiled engine's kernel and the GPU engine's kernel (on
+the CPU build of segment_tree.cu, and through CupyDevice over the fake CuPy) against a plain
+numpy grouping."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def assert_bars_match(got: Bars, values: np.ndarray, offsets: np.ndarray) -> Non
 @pytest.fixture(
     params=[
         "numpy",
+        "cpu",
         "gpu-emulated",
         "gpu-fakecupy",
         pytest.param("cupy", marks=pytest.mark.gpu),
@@ -49,6 +51,10 @@ def assert_bars_match(got: Bars, values: np.ndarray, offsets: np.ndarray) -> Non
 def engine(request):
     if request.param == "numpy":
         return NumpyEngine()
+    if request.param == "cpu":
+        from fallback.compiled import CompiledEngine
+
+        return CompiledEngine()
     if request.param == "cupy":
         return real_gpu_engine(TINY, 5)
     library = request.getfixturevalue("emulated_device_library")
