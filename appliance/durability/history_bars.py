@@ -8,9 +8,9 @@ with `warm.load`, and memory pieces) give their values and the marks over them, 
 in index space where a mark's time crosses an interval boundary (`engine_core.bars`): no time per
 value is ever built. The bar count is known from the marks before any bar is summarized, so an
 answer over `history.max_bars` bars is refused (413) before the values are gathered and summed.
-The summaries come from the engine in use (`Engine.bars`: numpy, or the GPU kernel), one piece
-at a time: a query holds one decompressed segment, never its whole range (a bar that crosses a
-piece boundary is carried as a running summary, `_OpenBar`).
+The summaries come from the engine in use (`Engine.bars`: a numba kernel, the numpy reference,
+or a CUDA kernel), one piece at a time: a query holds one decompressed segment, never its whole
+range (a bar that crosses a piece boundary is carried as a running summary, `_OpenBar`).
 """
 
 from __future__ import annotations
