@@ -488,7 +488,8 @@ def bar_rows(values, offsets, out):
     `engine_core.bars.bar_summaries` (the numpy reference) does: the mean of deviations from
     the open, then M2 around it, so 1e9-scale prices with 1e-3 noise keep their digits. Four
     accumulation lanes per pass (the additions' order is fixed: results do not depend on the
-    CPU's vector width)."""
+    CPU's vector width). Not built on the window query's `_raw_sums` / `_raw_squares`: called
+    here over 1e7 values they took 48 ms against this loop's 14 ms (measured 2026-12-04)."""
     n = values.shape[0]
     bars = offsets.shape[0]
     for i in range(bars):
