@@ -107,6 +107,10 @@ class _Batch:
         self.timestamps = timestamps
         self.received_ns = time.time_ns()
         self.clamped = 0  # values whose timestamp the commit moved forward (out_of_order clamp)
+        self._unresolved()
+
+    def _unresolved(self) -> None:
+        """Set the outcome fields of a subclass to 'not resolved yet'."""
 
 
 class _Request(_Batch):
@@ -114,15 +118,7 @@ class _Request(_Batch):
 
     __slots__ = ("future",)
 
-    def __init__(
-        self,
-        symbol: str,
-        values: np.ndarray,
-        publisher_id: int,
-        sequence: int,
-        timestamps: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(symbol, values, publisher_id, sequence, timestamps)
+    def _unresolved(self) -> None:
         self.future: Future[BatchRecord] = Future()
 
     def succeed(self, record: BatchRecord) -> None:
@@ -160,15 +156,7 @@ class _InlineRequest(_Batch):
 
     __slots__ = ("error", "record")
 
-    def __init__(
-        self,
-        symbol: str,
-        values: np.ndarray,
-        publisher_id: int,
-        sequence: int,
-        timestamps: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(symbol, values, publisher_id, sequence, timestamps)
+    def _unresolved(self) -> None:
         self.record: BatchRecord | None = None
         self.error: BaseException | None = _UNRESOLVED
 
