@@ -583,6 +583,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
 
     _add_history_routes(data_get, store)
     _add_history_bars_route(data_get, store)
+    _add_history_rolling_route(data_get, store)
     admin_delete = partial(_route, app, methods=["DELETE"], waits_for_ready=True, role="admin")
 
     @admin_delete("/symbols/<symbol:path>")
@@ -771,6 +772,52 @@ def _add_history_bars_route(
                 params.get("start"),
                 params.get("end"),
                 ctx.config.history.max_bars,
+            )
+        except HistoryError as exc:
+            raise ApiError(exc.code, exc.message) from None
+        return json_response(result.to_dict())
+
+
+def _add_history_rolling_route(
+    data_get: Callable[[str], Callable[[Handler], Handler]], store: Store
+) -> None:
+    """GET /history/rolling: rolling min/max/avg/var over the warm tier's index space, computed
+    by the store's engine in one call (appliance.durability.history_rolling)."""
+
+    @data_get("/history/rolling")
+    async def history_rolling(request: Request) -> HTTPResponse:
+        params = parse_query_string(request.query_string)
+        symbol = params.get("symbol")
+        if symbol is None:
+            raise ApiError("missing_parameter", "the symbol query parameter is required")
+        validate_symbol(symbol)
+        ctx = request.app.ctx
+        principal = principal_of(request)
+        if principal is not None:
+            ctx.access.check_symbol(principal, symbol, "GET /history/rolling")
+        if ctx.warm is None:
+            raise ApiError(
+                "history_disabled",
+                "history needs the warm tier: set [durability] enabled = true and restart",
+            )
+        from appliance.durability.history import HistoryError
+        from appliance.durability.history_rolling import run_rolling_query
+
+        history = ctx.config.history
+        try:
+            # Off the event loop: segments are decompressed and up to
+            # history.max_rolling_values values scanned.
+            result = await asyncio.to_thread(
+                run_rolling_query,
+                ctx.warm,
+                store.engine,
+                symbol,
+                params.get("window"),
+                params.get("start"),
+                params.get("end"),
+                params.get("step"),
+                max_positions=history.max_rolling_positions,
+                max_values=history.max_rolling_values,
             )
         except HistoryError as exc:
             raise ApiError(exc.code, exc.message) from None

@@ -196,10 +196,16 @@ class StreamConfig(_Section):
 
 
 class HistoryConfig(_Section):
-    """[history]: bounds of history answers (GET /history/bars)."""
+    """[history]: bounds of history answers (GET /history/bars, GET /history/rolling)."""
 
     # Most bars in one GET /history/bars answer (413 batch_too_large above it).
     max_bars: PositiveInt = 100_000
+    # Most output positions in one GET /history/rolling answer (413 above it; the JSON of
+    # one position is about 100 bytes).
+    max_rolling_positions: PositiveInt = 1_000_000
+    # Most values [start, end) one GET /history/rolling may read (413 above it): they are
+    # gathered into one float64 array, 8 bytes each (20M = 160 MB).
+    max_rolling_values: PositiveInt = 20_000_000
 
 
 AuthMode = Literal["off", "token"]

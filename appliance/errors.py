@@ -59,7 +59,8 @@ _ROWS = (
         "invalid_window",
         400,
         "`seconds` is not a positive decimal (at least 1 ns, at most 2**63 - 1 ns), or both "
-        "`exponent` and `seconds` were given (a window is one or the other).",
+        "`exponent` and `seconds` were given (a window is one or the other); GET "
+        "/history/rolling: `window` is missing, or `window`/`step` is not an integer >= 1.",
     ),
     ErrorCode(
         "invalid_timestamps",
@@ -96,7 +97,9 @@ _ROWS = (
         400,
         "GET /history/stats: `start`/`end` is not an index (by=index) or a time (by=time: "
         "integer ns or ISO 8601), an index is negative, `start` is not below `end`, or `by` is "
-        "neither `index` nor `time`.",
+        "neither `index` nor `time`; GET /history/rolling: `start`/`end` is not an index, "
+        "`start` is not below `end`, the range is outside the held history, or it holds fewer "
+        "values than one window.",
     ),
     ErrorCode(
         "invalid_interval",
@@ -113,7 +116,8 @@ _ROWS = (
     ErrorCode(
         "history_disabled",
         404,
-        "GET /history/stats: history needs `[durability] enabled = true` (the warm tier).",
+        "GET /history/stats, /history/bars, /history/rolling: history needs "
+        "`[durability] enabled = true` (the warm tier).",
     ),
     ErrorCode(
         "unauthorized",
@@ -139,7 +143,8 @@ _ROWS = (
         "batch_too_large",
         413,
         "More values than `store.max_batch_size`, more queries than `server.max_stats_queries` "
-        "(POST /stats/batch), or a body larger than `server.max_body_bytes`.",
+        "(POST /stats/batch), or a body larger than `server.max_body_bytes`; GET /history/bars "
+        "and GET /history/rolling: an answer or range above its `[history]` limit.",
         wire_reason=Reason.BATCH_TOO_LARGE,
     ),
     ErrorCode(

@@ -306,6 +306,7 @@ def _schemas(config: AppConfig) -> dict[str, Any]:
         },
         "HistoryStatsResponse": _history_stats_schema(),
         "HistoryBarsResponse": _history_bars_schema(),
+        "HistoryRollingResponse": _history_rolling_schema(),
         "SymbolsResponse": {
             "type": "object",
             "required": ["symbols"],
@@ -497,6 +498,86 @@ def _history_bars_paths() -> dict[str, Any]:
                         "missing_parameter",
                         "invalid_symbol",
                         "invalid_interval",
+                        "invalid_range",
+                        "unknown_symbol",
+                        "empty_range",
+                        "history_disabled",
+                        "batch_too_large",
+                        "not_ready",
+                    ),
+                },
+            }
+        },
+    }
+
+
+def _history_rolling_schema() -> dict[str, Any]:
+    def column(kind: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"type": "array", "items": kind, "description": description}
+
+    number = {"type": "number"}
+    nullable = {"type": ["number", "null"]}
+    index = {"type": "integer", "minimum": 0}
+    fields = {
+        "positions": column(index, "history index of the window's last value"),
+        "min": column(number, "the window's smallest value"),
+        "max": column(number, "the window's largest value"),
+        "avg": column(nullable, "the window's mean; null only on float64 overflow"),
+        "var": column(nullable, "population variance (M2 / window); null only on overflow"),
+    }
+    return {
+        "type": "object",
+        "description": "one item per output position in every array, oldest first",
+        "required": ["symbol", "window", "start", "end", "step", *fields],
+        "properties": {
+            "symbol": _ref("Symbol"),
+            "window": {"type": "integer", "minimum": 1},
+            "start": {
+                **index,
+                "description": "the range's first index (the held start if not given)",
+            },
+            "end": {**index, "description": "the range's (exclusive) end index"},
+            "step": {"type": "integer", "minimum": 1},
+            **fields,
+        },
+    }
+
+
+def _history_rolling_paths() -> dict[str, Any]:
+    """GET /history/rolling (issue 13)."""
+
+    def integer(name: str, required: bool, description: str, minimum: int) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "required": required,
+            "description": description,
+            "schema": {"type": "integer", "minimum": minimum},
+        }
+
+    return {
+        "/history/rolling": {
+            "get": {
+                "operationId": "historyRolling",
+                "summary": "Rolling min/max/avg/var over [start, end) of a symbol's full "
+                "history (warm tier, by index)",
+                "description": "For every step-th position p in [start + window - 1, end): the "
+                "statistics of the window values ending at p. At most "
+                "`history.max_rolling_values` values read and `history.max_rolling_positions` "
+                "positions answered.",
+                "parameters": [
+                    {"name": "symbol", "in": "query", "required": True, "schema": _ref("Symbol")},
+                    integer("window", True, "values per window", 1),
+                    integer("start", False, "inclusive index; default: the first held", 0),
+                    integer("end", False, "exclusive index; default: the held end", 0),
+                    integer("step", False, "distance between output positions; default 1", 1),
+                ],
+                "responses": {
+                    "200": _ok("rolling statistics", "HistoryRollingResponse"),
+                    **_errors(
+                        "missing_parameter",
+                        "invalid_symbol",
+                        "invalid_window",
                         "invalid_range",
                         "unknown_symbol",
                         "empty_range",
@@ -800,6 +881,7 @@ def build_openapi(config: AppConfig) -> dict[str, Any]:
             },
             **_history_paths(),
             **_history_bars_paths(),
+            **_history_rolling_paths(),
             **(_metrics_paths() if config.metrics.enabled else {}),
             "/openapi.json": {
                 "get": {

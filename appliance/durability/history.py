@@ -60,6 +60,9 @@ class HistoryStats(NamedTuple):
 def parse_index(name: str, text: str) -> int:
     if not _INT.fullmatch(text):
         raise HistoryError("invalid_range", f"{name} must be a series index (an integer)")
+    # Past 19 digits no index fits in int64; checked before int(), which refuses > 4300 digits.
+    if len(text.lstrip("-").lstrip("0")) > 19:
+        raise HistoryError("invalid_range", f"{name} must be an index from 0 to 2**63 - 1")
     value = int(text)
     if value < 0:
         raise HistoryError("invalid_range", f"{name} must be >= 0, got {value}")
