@@ -71,6 +71,26 @@ def parse_positive(name: str, text: str | None, *, code: str) -> int:
     return int(digits)
 
 
+def _check_no_gap(pieces: list[SealedSegment | MemoryPiece], lo: int, hi: int) -> None:
+    """Refuse a range that spans a gap between pieces (warm.SymbolView allows one): a window
+    across it would mix values that were never adjacent."""
+    expected = lo
+    for piece in pieces:
+        a, b = max(lo, _first(piece)), min(hi, _end(piece))
+        if a >= b:
+            continue
+        if a != expected:
+            break
+        expected = b
+    if expected != hi:
+        missing_end = min([hi, *(_first(p) for p in pieces if _first(p) > expected)])
+        raise HistoryError(
+            "invalid_range",
+            f"indexes [{expected}, {missing_end}) are not held (a gap in this symbol's "
+            "history): ask for a range on one side of it",
+        )
+
+
 def _gather(
     warm: WarmTier, pieces: list[SealedSegment | MemoryPiece], lo: int, hi: int
 ) -> np.ndarray:
@@ -110,6 +130,7 @@ def rolling_by_index(
         raise HistoryError("invalid_range", f"start ({lo}) must be below end ({hi})")
     if lo < held_start or hi > held_end:
         raise HistoryError("invalid_range", f"[{lo}, {hi}) is outside the history: {held}")
+    _check_no_gap(pieces, lo, hi)
     n = hi - lo
     if n < window:
         raise HistoryError(

@@ -249,3 +249,39 @@ def test_any_range_matches_the_reference(tmp_path_factory, data, segment, sizes)
         )
     assert_rolling(result.rolling, x[start:end], window, step)
     np.testing.assert_array_equal(result.positions(), np.arange(start + window - 1, end, step))
+
+
+def _without(warm, drop: set[int]):
+    """warm.view with the sealed segments at positions `drop` gone (retention, a late start)."""
+    real_view = warm.view
+
+    def view(symbol: str):
+        full = real_view(symbol)
+        sealed = tuple(s for i, s in enumerate(full.sealed) if i not in drop)
+        return full._replace(sealed=sealed)
+
+    return view
+
+
+def test_start_before_the_held_history_is_refused(history, monkeypatch) -> None:
+    warm, x = history
+    monkeypatch.setattr(warm, "view", _without(warm, {0, 1}))  # retention deleted [0, 128)
+    with pytest.raises(HistoryError) as caught:
+        _query(warm, CountingEngine(), 10, 100, 300)
+    assert caught.value.code == "invalid_range"
+    assert f"holds indexes [{2 * SEGMENT}, {TOTAL})" in caught.value.message
+    result = _query(warm, CountingEngine(), 10)  # the default start is the held one
+    assert result.start == 2 * SEGMENT
+    assert_rolling(result.rolling, x[2 * SEGMENT :], 10, 1)
+
+
+def test_a_gap_in_the_history_is_refused_before_reading(history, monkeypatch) -> None:
+    warm, x = history
+    monkeypatch.setattr(warm, "view", _without(warm, {3}))  # [192, 256) missing
+    engine = CountingEngine()
+    with pytest.raises(HistoryError) as caught:
+        _query(warm, engine, 10, 100, 300)
+    assert caught.value.code == "invalid_range"
+    assert "[192, 256) are not held" in caught.value.message
+    assert engine.calls == []
+    assert_rolling(_query(warm, engine, 10, 256, 400).rolling, x[256:400], 10, 1)
