@@ -6,6 +6,7 @@ without durability."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -44,8 +45,6 @@ class Fed:
         return self.server.request("GET", f"{path}?{urlencode(params)}", headers=headers)
 
     def send(self, symbol: str, batches: list[np.ndarray]) -> None:
-        import json
-
         for batch in batches:
             body = json.dumps({"symbol": symbol, "values": batch.tolist()}).encode()
             headers = {
@@ -199,3 +198,27 @@ def test_history_disabled_without_durability(tmp_path: Path) -> None:
         assert (response.status, response.json["code"]) == (404, "history_disabled")
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/api.md"])
+def test_documented_example_is_the_real_output(fed: Fed, doc: str) -> None:
+    """The docs show the exact bytes of the answer (wrapped over `# ` lines) for the seed batch
+    of their /add_batch/ example."""
+    from tests.integration.server_harness import REPO_ROOT
+
+    text = (REPO_ROOT / doc).read_text(encoding="utf-8")
+    seed = json.loads(text.split("-d '", 1)[1].split("'\n", 1)[0])
+    assert seed["symbol"] == "AAPL"
+    example = text.split("curl -s 'http://127.0.0.1:8080/history/rolling?", 1)[1]
+    query, rest = example.split("'\n", 1)
+    shown = ""
+    for line in rest.splitlines():
+        if not line.startswith("#"):
+            break
+        shown += line[1:].strip()
+    symbol = f"AAPL{doc}"  # its own symbol per parameter (the module's server is shared)
+    if symbol not in fed.values:
+        fed.send(symbol, [np.array(seed["values"])])
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    response = fed.get("/history/rolling", token="admin", **{**params, "symbol": symbol})
+    assert response.body.decode() == shown.replace('"AAPL"', json.dumps(symbol))
