@@ -804,11 +804,9 @@ def _add_history_rolling_route(
         from appliance.durability.history_rolling import run_rolling_query
 
         history = ctx.config.history
-        try:
-            # Off the event loop: segments are decompressed and up to
-            # history.max_rolling_values values scanned.
-            result = await asyncio.to_thread(
-                run_rolling_query,
+
+        def answer() -> bytes:
+            result = run_rolling_query(
                 ctx.warm,
                 store.engine,
                 symbol,
@@ -819,9 +817,18 @@ def _add_history_rolling_route(
                 max_positions=history.max_rolling_positions,
                 max_values=history.max_rolling_values,
             )
+            return _ENCODER.encode(result.to_dict())
+
+        try:
+            # Off the event loop, the encoding included: segments are decompressed, up to
+            # history.max_rolling_values values scanned, and a million positions are ~80 MB
+            # of JSON (about 0.6 s to encode on the 2-vCPU build machine, benches/results/
+            # history-rolling-rest-2026-12-05.md), during which other requests keep being
+            # served (the thread gives the GIL up every few ms).
+            body = await asyncio.to_thread(answer)
         except HistoryError as exc:
             raise ApiError(exc.code, exc.message) from None
-        return json_response(result.to_dict())
+        return HTTPResponse(body, content_type=JSON)
 
 
 def _add_live(app: Sanic) -> None:
