@@ -111,7 +111,9 @@ _ROWS = (
         "empty_range",
         404,
         "GET /history/stats: the range holds no value the warm tier has (beyond the newest, "
-        "before the oldest kept, or a time range with no batch received in it).",
+        "before the oldest kept, or a time range with no batch received in it); GET "
+        "/history/bars: no value timestamped in the range; GET /history/rolling: retention "
+        "deleted every value of the symbol.",
     ),
     ErrorCode(
         "history_disabled",

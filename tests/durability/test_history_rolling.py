@@ -285,3 +285,12 @@ def test_a_gap_in_the_history_is_refused_before_reading(history, monkeypatch) ->
     assert "[192, 256) are not held" in caught.value.message
     assert engine.calls == []
     assert_rolling(_query(warm, engine, 10, 256, 400).rolling, x[256:400], 10, 1)
+
+
+def test_a_symbol_whose_values_were_all_deleted_is_empty_range(history, monkeypatch) -> None:
+    warm, _ = history
+    real_view = warm.view
+    monkeypatch.setattr(warm, "view", lambda s: real_view(s)._replace(sealed=(), memory=()))
+    with pytest.raises(HistoryError) as caught:
+        _query(warm, CountingEngine(), 10)
+    assert caught.value.code == "empty_range"
