@@ -130,3 +130,16 @@ def _anchored_prefixes(
     lo = np.minimum.accumulate(grid, axis=1).ravel()[flat]
     hi = np.maximum.accumulate(grid, axis=1).ravel()[flat]
     return count, mean, m2, lo, hi
+
+
+def rolling_naive(values: np.ndarray, window: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(avg, var) by the one-pass formula a user would write: running sums of x and x**2,
+    var = E[x^2] - E[x]^2. NOT an engine: the yardstick benches/bench_rolling.py times and
+    the stability test shows failing. At 1e9-scale prices x**2 ~ 1e18 carries a rounding
+    error of ~1e2 per term, so the variance of 1e-3 noise (~1e-7) is lost entirely."""
+    outputs = rolling_count(values.shape[0], window, step)
+    sums = np.concatenate(([0.0], np.cumsum(values)))
+    squares = np.concatenate(([0.0], np.cumsum(values * values)))
+    ends = window + step * np.arange(outputs, dtype=np.int64)
+    mean = (sums[ends] - sums[ends - window]) / window
+    return mean, (squares[ends] - squares[ends - window]) / window - mean * mean

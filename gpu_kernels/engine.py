@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -93,37 +94,35 @@ class CupyEngine(Engine):
         outputs = rolling_count(n, window, step)
         if outputs == 0:
             return Rolling(*(np.empty(0) for _ in ROLLING_COLUMNS))
-        tile = rolling_tile(window)
-        per_block = -(-window // tile)
-        blocks = -(-n // window)
-        tiles = blocks * per_block
         with self.lock:
             device = self.device
             on_device = device.new_values(n)
             device.upload(on_device, np.ascontiguousarray(values, dtype=np.float64))
-            pre = device.new_values(4 * n)
-            suf = device.new_values(4 * n)
-            carries = device.new_values(12 * tiles)
-            out = device.new_values(4 * outputs)
-            device.launch("rolling_tiles", tiles, on_device, pre, suf, n, window, tile, tiles)
-            device.launch(
-                "rolling_carries", blocks, on_device, pre, carries, n, window, tile, blocks
-            )
-            device.launch(
-                "rolling_outputs",
-                outputs,
-                on_device,
-                pre,
-                suf,
-                carries,
-                out,
-                window,
-                tile,
-                step,
-                outputs,
-            )
+            out = launch_rolling(device, on_device, n, window, step)
             table = device.download(out).reshape(outputs, 4)
         return Rolling(*(table[:, column].copy() for column in range(4)))
+
+
+def launch_rolling(device: Device, on_device: Any, n: int, window: int, step: int) -> Any:
+    """Issue the three rolling kernels over the `n` values at `on_device` (at least `window`
+    of them); the device array of the (outputs, 4) table, flat. Separate from
+    `CupyEngine.rolling` so that benches/bench_rolling.py can time the kernels without the
+    host transfers. Call with the engine's lock held."""
+    outputs = rolling_count(n, window, step)
+    tile = rolling_tile(window)
+    per_block = -(-window // tile)
+    blocks = -(-n // window)
+    tiles = blocks * per_block
+    pre = device.new_values(4 * n)
+    suf = device.new_values(4 * n)
+    carries = device.new_values(12 * tiles)
+    out = device.new_values(4 * outputs)
+    device.launch("rolling_tiles", tiles, on_device, pre, suf, n, window, tile, tiles)
+    device.launch("rolling_carries", blocks, on_device, pre, carries, n, window, tile, blocks)
+    device.launch(
+        "rolling_outputs", outputs, on_device, pre, suf, carries, out, window, tile, step, outputs
+    )
+    return out
 
 
 def rolling_tile(window: int) -> int:
