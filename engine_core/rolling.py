@@ -72,20 +72,52 @@ def rolling_summaries(values: np.ndarray, window: int, step: int) -> Rolling:
     tests/engine/test_rolling.py). The compiled and GPU engines use Welford / Chan updates and
     do not have this term.
 
-    Memory: about five float64 arrays of len(values) at the peak (400 MB for 1e7 values).
+    Memory: the four output arrays plus about ten temporaries of max(window, ROLLING_CHUNK_VALUES)
+    values: outputs are computed in groups of blocks.
     """
     values = np.ascontiguousarray(values, dtype=np.float64)
     n = values.shape[0]
     outputs = rolling_count(n, window, step)
-    if outputs == 0:
-        return Rolling(*(np.empty(0) for _ in ROLLING_COLUMNS))
-    ends = (window - 1) + step * np.arange(outputs, dtype=np.int64)
-    starts = ends - (window - 1)
+    out = Rolling(*(np.empty(outputs) for _ in ROLLING_COLUMNS))
+    # Outputs in groups by the block their window ends in, so the temporaries stay a few
+    # chunk-sized arrays (reused by the allocator) rather than several of len(values).
+    per_chunk = max(1, ROLLING_CHUNK_VALUES // window)
     blocks = -(-n // window)
-    padded = np.empty(blocks * window)
-    padded[:n] = values
-    padded[n:] = values[-1]  # never read by an output (its block is the partial last one)
-    grid = padded.reshape(blocks, window)
+    for first in range(0, blocks, per_chunk):
+        last = min(first + per_chunk, blocks)  # windows ending in blocks [first, last)
+        m0 = max(0, -(-(first * window - (window - 1)) // step))
+        m1 = min(outputs, -(-(last * window - (window - 1)) // step))
+        if m0 >= m1:
+            continue
+        base = max(first - 1, 0)  # the suffixes come from the block before
+        _rolling_chunk(values, base, last, window, step, m0, m1, out)
+    return out
+
+
+# Values per group of blocks in `rolling_summaries` (at least one block): 8 MB per temporary.
+ROLLING_CHUNK_VALUES = 1 << 20
+
+
+def _rolling_chunk(
+    values: np.ndarray,
+    base: int,
+    last: int,
+    window: int,
+    step: int,
+    m0: int,
+    m1: int,
+    out: Rolling,
+) -> None:
+    """Outputs m0 .. m1 - 1 of `rolling_summaries`, whose windows lie in blocks [base, last)."""
+    n = values.shape[0]
+    lo = base * window
+    hi = min(last * window, n)
+    padded = np.empty((last - base) * window)
+    padded[: hi - lo] = values[lo:hi]
+    padded[hi - lo :] = values[hi - 1]  # never read by an output (a partial last block)
+    grid = padded.reshape(last - base, window)
+    ends = (window - 1) + step * np.arange(m0, m1, dtype=np.int64) - lo
+    starts = ends - (window - 1)
 
     # Suffix of block s // window from s, read through a reversed view: a prefix of it.
     s_block = starts // window
@@ -105,12 +137,10 @@ def rolling_summaries(values: np.ndarray, window: int, step: int) -> Rolling:
     delta = (shift + b_mean) - a_mean
     mean = a_mean + delta * (b_count / window)
     m2 = a_m2 + b_m2 + delta * delta * (a_count * b_count / window)
-    return Rolling(
-        min=np.minimum(a_min, b_min),
-        max=np.maximum(a_max, b_max),
-        avg=a_anchor + mean,
-        var=m2 / window,
-    )
+    np.minimum(a_min, b_min, out=out.min[m0:m1])
+    np.maximum(a_max, b_max, out=out.max[m0:m1])
+    np.add(a_anchor, mean, out=out.avg[m0:m1])
+    np.divide(m2, window, out=out.var[m0:m1])
 
 
 def _anchored_prefixes(

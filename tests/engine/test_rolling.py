@@ -179,6 +179,19 @@ def test_numpy_engine_default_is_rolling_summaries() -> None:
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("chunk", [1, 64, 1000])
+@pytest.mark.parametrize(("window", "step"), [(1, 1), (7, 1), (97, 3), (200, 450), (2000, 1)])
+def test_numpy_engine_in_small_chunks(monkeypatch, chunk, window, step) -> None:
+    """`rolling_summaries` computes its outputs in groups of blocks: force many groups."""
+    import engine_core.rolling
+
+    monkeypatch.setattr(engine_core.rolling, "ROLLING_CHUNK_VALUES", chunk)
+    for kind in ("far", "jump", "walk"):
+        values = make_values(kind, 3001, np.random.default_rng(window + step))
+        got = rolling_summaries(values, window, step)
+        assert_rolling_matches(got, values, window, step)
+
+
 def test_gpu_rolling_is_one_upload_three_launches_one_table(emulated_device_library) -> None:
     engine = emulated_engine(emulated_device_library, TINY, 5)
     values = make_values("far", 1000, np.random.default_rng(7))
