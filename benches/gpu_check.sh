@@ -36,9 +36,14 @@ if python3 -c 'import numba' 2>/dev/null; then
     timeout 420 python3 benches/bench_compiled.py --json "$OUT/compiled.json" \
         >"$OUT/compiled.md" 2>"$OUT/compiled.err"
     echo "bench_compiled rc=$?" >>"$OUT/summary.txt"
+    # rolling statistics (issue 13): GPU vs the compiled engine on the same host, N = 1e7
+    timeout 180 python3 benches/bench_rolling.py --gpu --repeats 5 --json "$OUT/rolling.json" \
+        >"$OUT/rolling.md" 2>"$OUT/rolling.err"
+    echo "bench_rolling rc=$?" >>"$OUT/summary.txt"
 fi
 
 cat "$OUT/gpu.txt" "$OUT/summary.txt"
 tail -n 3 "$OUT/gpu-tests.log"
 [ -f "$OUT/compiled-tests.log" ] && tail -n 2 "$OUT/compiled-tests.log"
 [ -f "$OUT/compiled.md" ] && cat "$OUT/compiled.md"
+[ -f "$OUT/rolling.md" ] && cat "$OUT/rolling.md"

@@ -30,6 +30,7 @@ from numba.core import config as numba_config
 from engine_core.bars import Bars
 from engine_core.contract import Engine, RetentionPolicy, WindowStats
 from engine_core.layout import Geometry, identity_rows
+from engine_core.rolling import ROLLING_COLUMNS, Rolling, rolling_count
 from engine_core.summary import IDENTITY_ROW
 from fallback import compiled_kernels
 from fallback.compiled_kernels import (
@@ -289,6 +290,18 @@ class CompiledEngine(Engine):
             var=rows[:, 6].copy(),
         )
 
+    def rolling(self, values: np.ndarray, window: int, step: int) -> Rolling:
+        """`Engine.rolling` in one compiled pass (`compiled_kernels.rolling_rows`): Welford
+        prefix and suffix summaries streamed block by block, O(window) scratch instead of
+        the numpy algorithm's five full-size arrays."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        outputs = rolling_count(values.shape[0], window, step)
+        out = np.empty((len(ROLLING_COLUMNS), outputs))
+        if outputs:
+            scratch = np.empty((compiled_kernels.ROLLING_SCRATCH_ROWS, window))
+            compiled_kernels.rolling_rows(values, window, step, out, scratch)
+        return Rolling(*out)
+
 
 # -- compile and cache ------------------------------------------------------------------------
 
@@ -296,6 +309,7 @@ _DIRECTORY = types.Array(types.int64, 2, "C")
 _CONTROL = _SHAPE = types.Array(types.int64, 1, "C")
 # Batches arrive writable (REST, replay) or read-only (views of received transport frames).
 _BATCHES = (types.Array(types.float64, 1, "C"), types.Array(types.float64, 1, "C", readonly=True))
+_ROWS = types.Array(types.float64, 2, "C")
 _SIGNATURES = {
     "series_window_stats": [(_CONTROL, types.int64)],
     "append_values": [(_DIRECTORY, _SHAPE, batch, types.int64) for batch in _BATCHES],
@@ -306,6 +320,8 @@ _SIGNATURES = {
         (batch, types.Array(types.int64, 1, "C"), types.Array(types.float64, 2, "C"))
         for batch in _BATCHES
     ],
+    # GET /history/rolling: (values, window, step, out (4, outputs), scratch (4, window))
+    "rolling_rows": [(batch, types.int64, types.int64, _ROWS, _ROWS) for batch in _BATCHES],
 }
 
 

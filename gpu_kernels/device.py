@@ -21,6 +21,8 @@ import numpy as np
 from engine_core.summary import IDENTITY_ROW, ROW_WIDTH
 
 KERNELS = ("summarize_blocks", "merge_groups", "window_stats", "bar_summaries")
+# GET /history/rolling (gpu_kernels/engine.py `CupyEngine.rolling`)
+KERNELS += ("rolling_tiles", "rolling_carries", "rolling_outputs")
 # --fmad=false: no fused multiply-adds, so products round as they do on the CPU (the engines'
 # answers are compared to 1e-12); the kernels are memory-bound, FMA would buy nothing. CuPy
 # adds -ftz=true and -arch itself; flush-to-zero affects only float32, and the kernels are

@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from engine_core.bars import Bars
 from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats
 from engine_core.layout import Geometry
+from engine_core.rolling import ROLLING_COLUMNS, Rolling, rolling_count
 from gpu_kernels.device import CupyDevice, Device
 from gpu_kernels.series import GpuSeries, window_stats
 
@@ -75,3 +77,58 @@ class CupyEngine(Engine):
             avg=table[:, 4],
             var=table[:, 5],
         )
+
+    def rolling(self, values: np.ndarray, window: int, step: int) -> Rolling:
+        """Rolling statistics on the device: one upload of the values, three launches
+        (`rolling_tiles`, `rolling_carries`, `rolling_outputs` in segment_tree.cu, which says
+        how they split the blocked algorithm of engine_core/rolling.py), one download of an
+        (outputs, 4) table.
+
+        Device memory for n values and o outputs: the values (8n bytes), in-tile prefix and
+        suffix summaries (64n), the tiles' carries (96 bytes per tile of `rolling_tile(window)`
+        values) and the table (32o): about 72n + 32o bytes, 1.0 GB for n = o = 1e7. All of it
+        is scratch of this call (nothing else changes, so a failed allocation leaves no state
+        behind); the pool reuses it for the next request.
+        """
+        n = int(values.shape[0])
+        outputs = rolling_count(n, window, step)
+        if outputs == 0:
+            return Rolling(*(np.empty(0) for _ in ROLLING_COLUMNS))
+        with self.lock:
+            device = self.device
+            on_device = device.new_values(n)
+            device.upload(on_device, np.ascontiguousarray(values, dtype=np.float64))
+            out = launch_rolling(device, on_device, n, window, step)
+            table = device.download(out).reshape(outputs, 4)
+        return Rolling(*(table[:, column].copy() for column in range(4)))
+
+
+def launch_rolling(device: Device, on_device: Any, n: int, window: int, step: int) -> Any:
+    """Issue the three rolling kernels over the `n` values at `on_device` (at least `window`
+    of them); the device array of the (outputs, 4) table, flat. Separate from
+    `CupyEngine.rolling` so that benches/bench_rolling.py can time the kernels without the
+    host transfers. Call with the engine's lock held."""
+    outputs = rolling_count(n, window, step)
+    tile = rolling_tile(window)
+    per_block = -(-window // tile)
+    blocks = -(-n // window)
+    tiles = blocks * per_block
+    pre = device.new_values(4 * n)
+    suf = device.new_values(4 * n)
+    carries = device.new_values(12 * tiles)
+    out = device.new_values(4 * outputs)
+    device.launch("rolling_tiles", tiles, on_device, pre, suf, n, window, tile, tiles)
+    device.launch("rolling_carries", blocks, on_device, pre, carries, n, window, tile, blocks)
+    device.launch(
+        "rolling_outputs", outputs, on_device, pre, suf, carries, out, window, tile, step, outputs
+    )
+    return out
+
+
+def rolling_tile(window: int) -> int:
+    """Values per tile of the rolling kernels: the power of two nearest sqrt(window), within
+    [1, 1024], so that `rolling_tiles` (a thread walks its tile twice) and `rolling_carries`
+    (a thread walks the window / tile tiles of its block twice) stay short sequential loops
+    (window 4e5: tiles of 512, 782 per block)."""
+    root = max(1.0, window**0.5)
+    return min(1024, 1 << round(np.log2(root)))

@@ -260,3 +260,198 @@ extern "C" __global__ void bar_summaries(const double* values, const i64* offset
     o[4] = open + mean;
     o[5] = m2 / n;
 }
+
+// ---- Rolling statistics (GET /history/rolling; engine_core/rolling.py is the reference) ----
+//
+// Min, max, avg and var of the `window` values ending at p = window - 1 + m * step, for each
+// output m. The blocked (van Herk / Gil-Werman) algorithm of engine_core/rolling.py: cut the
+// values into W-blocks of `window`; a window that does not start a W-block is the suffix of
+// W-block b from its start s plus the prefix of W-block b + 1 up to p. To keep one thread per
+// item, each W-block is cut into tiles of `tile` values (the last tile of a W-block may be
+// shorter), and three launches follow:
+//   rolling_tiles    one thread per tile: Welford prefix and suffix summaries of every
+//                    position within its tile (pre/suf: 4 doubles per value: mean, M2, min,
+//                    max; the prefix anchored at the tile's first value, the suffix at its
+//                    last, counts implied by the position)
+//   rolling_carries  one thread per W-block: per tile, the merged summary of the tiles
+//                    before it (prefix carry) and after it (suffix carry) in its W-block,
+//                    as summary rows (count, ref, mean, M2, min, max)
+//   rolling_outputs  one thread per output: suffix(s) = in-tile suffix + suffix carry,
+//                    prefix(p) = prefix carry + in-tile prefix, merged (Chan's formula).
+// Every merge shifts the second part's mean by the anchors' difference, an exact subtraction
+// of two prices, so 1e9-scale prices keep their 1e-3 noise (engine_core/summary.py).
+
+struct Part {
+    double n, ref, mean, m2, lo, hi;  // mean is relative to ref, as in a summary row
+};
+
+__device__ __forceinline__ Part part_empty() {
+    Part p;
+    p.n = 0.0;
+    p.ref = 0.0;
+    p.mean = 0.0;
+    p.m2 = 0.0;
+    p.lo = POS_INF;
+    p.hi = -POS_INF;
+    return p;
+}
+
+// a then b (a's values come first); anchored at a's ref unless a is empty.
+__device__ __forceinline__ Part part_merge(Part a, Part b) {
+    if (b.n == 0.0) return a;
+    if (a.n == 0.0) return b;
+    double n = a.n + b.n;
+    double delta = ((b.ref - a.ref) + b.mean) - a.mean;
+    Part out;
+    out.n = n;
+    out.ref = a.ref;
+    out.mean = a.mean + delta * (b.n / n);
+    out.m2 = (a.m2 + b.m2) + delta * delta * (a.n * b.n / n);
+    out.lo = fmin(a.lo, b.lo);
+    out.hi = fmax(a.hi, b.hi);
+    return out;
+}
+
+__device__ __forceinline__ Part part_load(const double* four, double n, double ref) {
+    Part p;
+    p.n = n;
+    p.ref = ref;
+    p.mean = four[0];
+    p.m2 = four[1];
+    p.lo = four[2];
+    p.hi = four[3];
+    return p;
+}
+
+__device__ __forceinline__ Part part_row(const double* row) {
+    Part p;
+    p.n = row[COUNT];
+    p.ref = row[REF];
+    p.mean = row[MEAN];
+    p.m2 = row[M2];
+    p.lo = row[MIN];
+    p.hi = row[MAX];
+    return p;
+}
+
+__device__ __forceinline__ void part_store(double* row, Part p) {
+    row[COUNT] = p.n;
+    row[REF] = p.ref;
+    row[MEAN] = p.mean;
+    row[M2] = p.m2;
+    row[MIN] = p.lo;
+    row[MAX] = p.hi;
+}
+
+// Tile g's values: [*lo, *hi), empty past the end of the values.
+__device__ __forceinline__ void rolling_tile_bounds(i64 g, i64 n, i64 window, i64 tile,
+                                                    i64* lo, i64* hi) {
+    i64 per_block = (window + tile - 1) / tile;
+    i64 b = g / per_block;
+    i64 start = b * window + (g - b * per_block) * tile;
+    i64 end = start + tile;
+    if (end > b * window + window) end = b * window + window;
+    if (end > n) end = n;
+    *lo = start;
+    *hi = end > start ? end : start;
+}
+
+extern "C" __global__ void rolling_tiles(const double* values, double* pre, double* suf, i64 n,
+                                         i64 window, i64 tile, i64 tiles) {
+    i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= tiles) return;
+    i64 lo, hi;
+    rolling_tile_bounds(g, n, window, tile, &lo, &hi);
+    if (lo >= hi) return;
+    double anchor = values[lo], mean = 0.0, m2 = 0.0, low = anchor, high = anchor;
+    for (i64 i = lo; i < hi; ++i) {  // Welford, forwards
+        double x = values[i];
+        double d = x - anchor;
+        double delta = d - mean;
+        mean += delta / (double)(i - lo + 1);
+        m2 += delta * (d - mean);
+        low = fmin(low, x);
+        high = fmax(high, x);
+        double* o = pre + 4 * i;
+        o[0] = mean;
+        o[1] = m2;
+        o[2] = low;
+        o[3] = high;
+    }
+    anchor = values[hi - 1];
+    mean = 0.0;
+    m2 = 0.0;
+    low = anchor;
+    high = anchor;
+    for (i64 i = hi - 1; i >= lo; --i) {  // Welford, backwards
+        double x = values[i];
+        double d = x - anchor;
+        double delta = d - mean;
+        mean += delta / (double)(hi - i);
+        m2 += delta * (d - mean);
+        low = fmin(low, x);
+        high = fmax(high, x);
+        double* o = suf + 4 * i;
+        o[0] = mean;
+        o[1] = m2;
+        o[2] = low;
+        o[3] = high;
+    }
+}
+
+// carries: (tiles, 2, 6): [g][0] merges the tiles before g in its W-block, [g][1] those after.
+extern "C" __global__ void rolling_carries(const double* values, const double* pre,
+                                           double* carries, i64 n, i64 window, i64 tile,
+                                           i64 blocks) {
+    i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    i64 per_block = (window + tile - 1) / tile;
+    i64 first = b * per_block;
+    Part acc = part_empty();
+    for (i64 g = first; g < first + per_block; ++g) {
+        part_store(carries + 12 * g, acc);
+        i64 lo, hi;
+        rolling_tile_bounds(g, n, window, tile, &lo, &hi);
+        if (lo < hi) acc = part_merge(acc, part_load(pre + 4 * (hi - 1), (double)(hi - lo), values[lo]));
+    }
+    acc = part_empty();
+    for (i64 g = first + per_block - 1; g >= first; --g) {
+        part_store(carries + 12 * g + 6, acc);
+        i64 lo, hi;
+        rolling_tile_bounds(g, n, window, tile, &lo, &hi);
+        if (lo < hi) acc = part_merge(part_load(pre + 4 * (hi - 1), (double)(hi - lo), values[lo]), acc);
+    }
+}
+
+// out: (outputs, 4) rows of min, max, avg, var.
+extern "C" __global__ void rolling_outputs(const double* values, const double* pre,
+                                           const double* suf, const double* carries,
+                                           double* out, i64 window, i64 tile, i64 step,
+                                           i64 outputs) {
+    i64 m = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (m >= outputs) return;
+    i64 per_block = (window + tile - 1) / tile;
+    i64 p = window - 1 + m * step;
+    i64 s = p - window + 1;
+    // prefix(p): the tiles before p's in its W-block, then p's tile up to p
+    i64 b = p / window;
+    i64 t = (p - b * window) / tile;
+    i64 lo = b * window + t * tile;
+    Part part = part_merge(part_row(carries + 12 * (b * per_block + t)),
+                           part_load(pre + 4 * p, (double)(p - lo + 1), values[lo]));
+    if (s % window != 0) {  // else the window is p's W-block, whole
+        // suffix(s): s's tile from s, then the tiles after it in its (full) W-block
+        i64 bs = s / window;
+        i64 ts = (s - bs * window) / tile;
+        i64 hi = bs * window + ts * tile + tile;
+        if (hi > bs * window + window) hi = bs * window + window;
+        Part head = part_merge(part_load(suf + 4 * s, (double)(hi - s), values[hi - 1]),
+                               part_row(carries + 12 * (bs * per_block + ts) + 6));
+        part = part_merge(head, part);
+    }
+    double* o = out + 4 * m;
+    o[0] = part.lo;
+    o[1] = part.hi;
+    o[2] = part.ref + part.mean;
+    o[3] = part.m2 / (double)window;
+}
