@@ -364,7 +364,20 @@ def answer_columns(store: Store, columns: QueryColumns) -> bytes:
         order[columns.positions] = result.inverse
         order[columns.error_positions] = np.arange(len(parts), len(parts) + len(columns.errors))
         parts.extend(_encode(error.to_body()) for error in columns.errors)
-    return b'{"results":[' + b",".join(map(parts.__getitem__, order.tolist())) + b"]}"
+    if not parts:
+        return b'{"results":[]}'
+    # One join builds the whole body: every part but the first carries its leading comma, the
+    # first the opening and a last part the closing. Concatenating a prefix and a suffix to a
+    # joined megabyte would copy it twice more, and each fresh megabyte costs its page faults
+    # (most of the encode time on this VM: benches/results/stats-batch-2026-12-05.md).
+    picks = order.tolist()
+    first = picks[0]
+    parts = [b"," + part for part in parts]
+    parts.append(b'{"results":[' + parts[first][1:])
+    parts.append(b"]}")
+    picks[0] = len(parts) - 2
+    picks.append(len(parts) - 1)
+    return b"".join(map(parts.__getitem__, picks))
 
 
 def _distinct_parts(result: StatsColumns) -> list[bytes]:
