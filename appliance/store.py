@@ -179,6 +179,9 @@ def _distinct_pairs(
     return pair_slots, pair_keys.astype(np.int64, copy=False), inverse.reshape(n)
 
 
+# The window of each exponent key (index 1..8), looked up rather than computed per miss.
+_COUNT_WINDOWS = tuple(10**exponent for exponent in range(_MAX_EXPONENT_KEY + 1))
+
 # The "cache" of a symbol the store does not hold: never written, every lookup misses.
 _NO_ANSWERS: dict[int, WindowStats] = {}
 
@@ -442,17 +445,19 @@ class Store:
         distinct miss (at most 8 count windows per symbol), never per query."""
         slot_of: dict[int, int] = {}
         series: list[Series] = []
-        which = np.empty(len(todo), dtype=np.int64)
-        windows = np.empty(len(todo), dtype=np.int64)
-        for i, (entry, key) in enumerate(todo):
+        which: list[int] = []
+        windows: list[int] = []
+        for entry, key in todo:
             slot = slot_of.get(id(entry))
             if slot is None:
                 slot = slot_of[id(entry)] = len(series)
                 series.append(entry.series)
-            which[i] = slot
-            # int64 in every engine; no series holds 2**62 values (window_of is then exact)
-            windows[i] = min(entry.window_of(key), 1 << 62)
-        table = self.engine.stats_table(series, which, windows)
+            which.append(slot)
+            # int64 in every engine; no series holds 2**62 values (the clamp changes nothing)
+            windows.append(_COUNT_WINDOWS[key] if key > 0 else min(entry.window_of(key), 1 << 62))
+        table = self.engine.stats_table(
+            series, np.array(which, dtype=np.int64), np.array(windows, dtype=np.int64)
+        )
         for (entry, key), (count, low, high, last, avg, var) in zip(
             todo, table.tolist(), strict=True
         ):
