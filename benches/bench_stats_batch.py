@@ -17,10 +17,13 @@ Same-run measurements, for the numpy engine and the compiled `cpu` engine:
 
     .venv/bin/python benches/bench_stats_batch.py             # full run (~2 min)
     .venv/bin/python benches/bench_stats_batch.py --quick     # smoke run
-    .venv/bin/python benches/bench_stats_batch.py --server-env MALLOC_TOP_PAD_=16777216
+    .venv/bin/python benches/bench_stats_batch.py \
+        --server-env MALLOC_MMAP_THRESHOLD_=33554432,MALLOC_TOP_PAD_=67108864
 
-`--server-env` adds a second server run per engine with that environment (a glibc malloc
-setting, for instance: see the results note for why).
+Each `--server-env` adds one more server run per engine with that environment (glibc malloc
+settings, for instance: on a VM where page faults are dear, the server's fresh megabyte buffers
+cost more than the batch itself; see benches/results/stats-batch-2026-12-05.md). The server's
+CPU time and minor page faults per request are read from /proc.
 """
 
 from __future__ import annotations
@@ -285,7 +288,9 @@ def bench_http(backend: str, values: int, repeats: int, rng, extra: dict[str, st
         post = lambda: client.request("POST", "/stats/batch", body)  # noqa: E731
         for _ in range(20):  # warm up the server's allocator and caches
             post()
+        faults, ticks = server_usage(proc.pid)
         warm = timed(post, repeats)
+        faults_after, ticks_after = server_usage(proc.pid)
         cold = timed(post, max(repeats // 4, 5), invalidate)
         health = timed(lambda: client.request("GET", "/health"), repeats)
         client.close()
@@ -299,12 +304,21 @@ def bench_http(backend: str, values: int, repeats: int, rng, extra: dict[str, st
         "answer_bytes": len(answer),
         "warm_median_ms": median_ms(warm),
         "warm_p99_ms": p99_ms(warm),
+        "server_cpu_ms": (ticks_after - ticks) * 1e3 / os.sysconf("SC_CLK_TCK") / repeats,
+        "server_faults": (faults_after - faults) / repeats,
         "cold_median_ms": median_ms(cold),
         "cold_p99_ms": p99_ms(cold),
         "health_median_ms": median_ms(health),
         "echo_median_ms": echo[0],
         "echo_p99_ms": echo[1],
     }
+
+
+def server_usage(pid: int) -> tuple[int, int]:
+    """(minor page faults, user + system CPU ticks) of a process so far (/proc/PID/stat): the
+    server's own cost per request, apart from the client's and the scheduler's."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[11]) + int(fields[12])
 
 
 def bench_echo(body: bytes, answer: bytes, repeats: int, workdir: Path) -> tuple[float, float]:
@@ -382,13 +396,15 @@ def print_report(in_process: list[dict], http: list[dict], args) -> None:
         )
     print(
         "\n| engine | server env | POST /stats/batch warm median / p99 ms | cold median / p99 ms"
+        " | server CPU ms / request (warm) | server page faults / request (warm)"
         " | GET /health median ms | echo server median / p99 ms | warm / echo |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in http:
         print(
             f"| {row['engine']} | {row['server_env']} | {row['warm_median_ms']:.2f} / "
             f"{row['warm_p99_ms']:.2f} | {row['cold_median_ms']:.2f} / {row['cold_p99_ms']:.2f}"
+            f" | {row['server_cpu_ms']:.2f} | {row['server_faults']:.0f}"
             f" | {row['health_median_ms']:.3f} | {row['echo_median_ms']:.2f} / "
             f"{row['echo_p99_ms']:.2f} | {row['warm_median_ms'] / row['echo_median_ms']:.2f}x |"
         )
@@ -400,7 +416,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--values", type=int, default=100_000, help="values per series")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="one more server run per engine with this environment (repeatable)",
+    )
     parser.add_argument("--no-http", action="store_true")
     parser.add_argument("--echo-server", nargs=2, metavar=("PORT", "ANSWER_FILE"))
     args = parser.parse_args()
@@ -417,10 +439,11 @@ def main() -> None:
         in_process += bench_in_process(engine, args.values, repeats, rng)
     http = []
     if not args.no_http:
-        extra = dict(item.split("=", 1) for item in args.server_env)
+        variants = [{}] + [
+            dict(item.split("=", 1) for item in group.split(",")) for group in args.server_env
+        ]
         for backend in ("numpy", "cpu"):
-            http.append(bench_http(backend, args.values, repeats, rng, {}))
-            if extra:
+            for extra in variants:
                 http.append(bench_http(backend, args.values, repeats, rng, extra))
     print_report(in_process, http, args)
 
