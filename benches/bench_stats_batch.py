@@ -288,9 +288,9 @@ def bench_http(backend: str, values: int, repeats: int, rng, extra: dict[str, st
         post = lambda: client.request("POST", "/stats/batch", body)  # noqa: E731
         for _ in range(20):  # warm up the server's allocator and caches
             post()
-        faults, ticks = server_usage(proc.pid)
+        faults, cpu_ticks = server_usage(proc.pid)
         warm = timed(post, repeats)
-        faults_after, ticks_after = server_usage(proc.pid)
+        faults_after, cpu_ticks_after = server_usage(proc.pid)
         cold = timed(post, max(repeats // 4, 5), invalidate)
         health = timed(lambda: client.request("GET", "/health"), repeats)
         client.close()
@@ -304,7 +304,7 @@ def bench_http(backend: str, values: int, repeats: int, rng, extra: dict[str, st
         "answer_bytes": len(answer),
         "warm_median_ms": median_ms(warm),
         "warm_p99_ms": p99_ms(warm),
-        "server_cpu_ms": (ticks_after - ticks) * 1e3 / os.sysconf("SC_CLK_TCK") / repeats,
+        "server_cpu_ms": (cpu_ticks_after - cpu_ticks) * 1e3 / os.sysconf("SC_CLK_TCK") / repeats,
         "server_faults": (faults_after - faults) / repeats,
         "cold_median_ms": median_ms(cold),
         "cold_p99_ms": p99_ms(cold),
