@@ -201,8 +201,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(argv: list[str], env: dict[str, str], port: int, workdir: Path) -> subprocess.Popen:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
+def start(
+    argv: list[str], env: dict[str, str], port: int, workdir: Path, code: Path = REPO
+) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1", **env}
     out = (workdir / f"server-{port}.out").open("wb")
     proc = subprocess.Popen(
         ["taskset", "-c", str(SERVER_CPU), *argv],
@@ -235,7 +237,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def serve_appliance(backend: str, port: int, workdir: Path, extra: dict[str, str]):
+def serve_appliance(
+    backend: str, port: int, workdir: Path, extra: dict[str, str], code: Path = REPO
+) -> subprocess.Popen:
     env = {
         "APP_SERVER__HOST": "127.0.0.1",
         "APP_SERVER__PORT": str(port),
@@ -247,7 +251,7 @@ def serve_appliance(backend: str, port: int, workdir: Path, extra: dict[str, str
         "APP_LOG__LEVEL": "warning",
         **extra,
     }
-    return start([sys.executable, "-m", "appliance.cli", "serve"], env, port, workdir)
+    return start([sys.executable, "-m", "appliance.cli", "serve"], env, port, workdir, code)
 
 
 def timed(fn, repeats: int, before=None) -> list[float]:
@@ -261,12 +265,14 @@ def timed(fn, repeats: int, before=None) -> list[float]:
     return samples
 
 
-def bench_http(backend: str, values: int, repeats: int, rng, extra: dict[str, str]) -> dict:
+def bench_http(
+    backend: str, values: int, repeats: int, rng, extra: dict[str, str], code: Path = REPO
+) -> dict:
     names, _, body = the_batch(rng)
     block = rng.uniform(100.0, 200.0, values)
     workdir = Path(tempfile.mkdtemp(prefix="bench-stats-batch-"))
     port = free_port()
-    proc = serve_appliance(backend, port, workdir, extra)
+    proc = serve_appliance(backend, port, workdir, extra, code)
     try:
         client = Client(port)
         preload = msgspec.json.encode({"symbol": "X", "values": block.tolist()})
@@ -299,7 +305,8 @@ def bench_http(backend: str, values: int, repeats: int, rng, extra: dict[str, st
     echo = bench_echo(body, answer, repeats, workdir)
     return {
         "engine": backend,
-        "server_env": " ".join(f"{k}={v}" for k, v in extra.items()) or "default",
+        "server_env": (" ".join(f"{k}={v}" for k, v in extra.items()) or "default")
+        + ("" if code == REPO else f" (code of {code})"),
         "body_bytes": len(body),
         "answer_bytes": len(answer),
         "warm_median_ms": median_ms(warm),
@@ -424,6 +431,12 @@ def main() -> None:
         help="one more server run per engine with this environment (repeatable)",
     )
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also serve the code of this checkout (the same run's before, default env only)",
+    )
     parser.add_argument("--echo-server", nargs=2, metavar=("PORT", "ANSWER_FILE"))
     args = parser.parse_args()
     if args.echo_server:
@@ -443,6 +456,8 @@ def main() -> None:
             dict(item.split("=", 1) for item in group.split(",")) for group in args.server_env
         ]
         for backend in ("numpy", "cpu"):
+            if args.before is not None:
+                http.append(bench_http(backend, args.values, repeats, rng, {}, args.before))
             for extra in variants:
                 http.append(bench_http(backend, args.values, repeats, rng, extra))
     print_report(in_process, http, args)
