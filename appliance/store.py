@@ -12,10 +12,11 @@ never served after an append that followed it. Results are only ever added to th
 state they were computed on (under the lock), so one cache dict holds answers about exactly one
 state of its series.
 
-Why one lock order: a batch of queries (`stats_many`) answers each symbol from one state. A
-symbol whose queries are all in one cache dict is answered from it, without a lock; the
-symbols with a miss are locked together, so that the engine answers all their misses in one
-call (one launch for a GPU engine). Those locks are taken in creation order; every other
+Why one lock order: a batch of queries (`stats_many`, or its columnar twin `stats_columns`
+that POST /stats/batch uses) answers each symbol from one state. A symbol whose queries are
+all in one cache dict is answered from it, without a lock; the symbols with a miss are locked
+together, so that the engine answers all their misses in one `Engine.stats_table` call (one
+compiled call on the cpu engine, one launch on a GPU). Those locks are taken in creation order; every other
 caller holds at most one symbol lock at a time, so no cycle of waiting threads can form.
 
 Why timestamps live here too: every value has a time (its event timestamp, or its batch's
@@ -453,8 +454,10 @@ class Store:
                 slot = slot_of[id(entry)] = len(series)
                 series.append(entry.series)
             which.append(slot)
-            # int64 in every engine; no series holds 2**62 values (the clamp changes nothing)
-            windows.append(_COUNT_WINDOWS[key] if key > 0 else min(entry.window_of(key), 1 << 62))
+            if 0 < key <= _MAX_EXPONENT_KEY:
+                windows.append(_COUNT_WINDOWS[key])
+            else:  # int64 in every engine; no series holds 2**62 values (the clamp is exact)
+                windows.append(min(entry.window_of(key), 1 << 62))
         table = self.engine.stats_table(
             series, np.array(which, dtype=np.int64), np.array(windows, dtype=np.int64)
         )
