@@ -14,8 +14,14 @@ miss. JSON has types where a query string has only text: the exponent must be a 
 
 An item may ask for a time window instead: `seconds`, a JSON number read exactly from its text
 (the same rules as GET /stats/?seconds=, `parse_seconds`); both `exponent` and `seconds` is
-that item's `invalid_window`. A time window goes to the store in the same `stats_many` call as
-the count windows (key `time_key(ns)`), and its answer adds `count` and `seconds`.
+that item's `invalid_window`. A time window goes to the store in the same `stats_columns` call
+as the count windows (key `time_key(ns)`), and its answer adds `count` and `seconds`.
+
+Why columns (`decode_columns`, `answer_columns`): a 10k-query batch is then a list of symbols
+and an int64 array in, and the answer is each distinct result encoded once and joined by the
+per-query index, so no Python runs per query on the common path (issue 13; measured in
+benches/results/stats-batch-2026-12-05.md). `decode` and `answer` (the item list) remain for
+bodies the server must look at item by item: a token restricted to some symbols.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ Why one lock order: a batch of queries (`stats_many`, or its columnar twin `stat
 that POST /stats/batch uses) answers each symbol from one state. A symbol whose queries are
 all in one cache dict is answered from it, without a lock; the symbols with a miss are locked
 together, so that the engine answers all their misses in one `Engine.stats_table` call (one
-compiled call on the cpu engine, one launch on a GPU). Those locks are taken in creation order; every other
-caller holds at most one symbol lock at a time, so no cycle of waiting threads can form.
+compiled call on the cpu engine, one launch on a GPU). Those locks are taken in creation
+order; every other caller holds at most one symbol lock at a time, so no cycle of waiting
+threads can form.
 
 Why timestamps live here too: every value has a time (its event timestamp, or its batch's
 receive time; `appliance.timestamps`), kept as marks in a `TimeIndex` beside the series and
@@ -324,8 +325,8 @@ class Store:
         comes from one state of its series, so two queries on a symbol never straddle an
         append: all are read from the one cache dict of that state (see the module docstring).
         Repeated queries are computed once, and every distinct miss of the batch goes to the
-        engine in one `stats_many` call; writers to the symbols with a miss wait for that one
-        call, which covers at most 8 windows per symbol.
+        engine in one `Engine.stats_table` call; writers to the symbols with a miss wait for
+        that one call, which covers at most 8 count windows per symbol.
 
         Hot path: with every answer cached this costs what as many `stats` calls do, two dict
         lookups per query, and takes no lock.
