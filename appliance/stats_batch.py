@@ -14,19 +14,26 @@ miss. JSON has types where a query string has only text: the exponent must be a 
 
 An item may ask for a time window instead: `seconds`, a JSON number read exactly from its text
 (the same rules as GET /stats/?seconds=, `parse_seconds`); both `exponent` and `seconds` is
-that item's `invalid_window`. A time window goes to the store in the same `stats_many` call as
-the count windows (key `time_key(ns)`), and its answer adds `count` and `seconds`.
+that item's `invalid_window`. A time window goes to the store in the same `stats_columns` call
+as the count windows (key `time_key(ns)`), and its answer adds `count` and `seconds`.
+
+Why columns (`decode_columns`, `answer_columns`): a 10k-query batch is then a list of symbols
+and an int64 array in, and the answer is each distinct result encoded once and joined by the
+per-query index, so no Python runs per query on the common path (issue 13; measured in
+benches/results/stats-batch-2026-12-05.md). `decode` and `answer` (the item list) remain for
+bodies the server must look at item by item: a token restricted to some symbols.
 """
 
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
+import numpy as np
 
 from appliance.errors import ApiError
-from appliance.store import Store, time_key
+from appliance.store import StatsColumns, Store, time_key
 from appliance.validation import (
     MAX_EXPONENT,
     MIN_EXPONENT,
@@ -67,6 +74,21 @@ class _Body(msgspec.Struct):
     queries: list[_Item]
 
 
+_Exponent = Annotated[int, msgspec.Meta(ge=MIN_EXPONENT, le=MAX_EXPONENT)]
+
+
+class _GoodItem(msgspec.Struct, gc=False):
+    """An item of the common body: a string symbol and a JSON integer exponent in range
+    (msgspec's strict mode refuses `true`, `1.0` and `"1"` as it decodes, in C)."""
+
+    symbol: str
+    exponent: _Exponent
+
+
+class _GoodBody(msgspec.Struct):
+    queries: list[_GoodItem]
+
+
 class _TimedItem(msgspec.Struct, gc=False):
     """A query of a body that mentions `seconds`: `seconds` kept as its raw JSON text (b"" when
     absent), so a window is read exactly from the digits the client sent, never via a float."""
@@ -81,6 +103,23 @@ class _TimedBody(msgspec.Struct):
 
 
 _SYMBOL_AND_EXPONENT = attrgetter("symbol", "exponent")
+_SYMBOL = attrgetter("symbol")
+_EXPONENT = attrgetter("exponent")
+
+
+class QueryColumns(NamedTuple):
+    """A decoded batch as columns: the answerable queries (`symbols[i]`, `keys[i]`: an exponent
+    or `time_key(ns)`) and the items that are errors, with where each stands in the batch.
+
+    `positions` is None when every item is a query (the common body: no index array needed);
+    else the item index of each query, and `error_positions` those of `errors`.
+    """
+
+    symbols: list[str]
+    keys: np.ndarray
+    positions: np.ndarray | None
+    errors: list[ApiError]
+    error_positions: np.ndarray
 
 
 class _QueriesProbe(msgspec.Struct):
@@ -95,6 +134,7 @@ class StatsBatchDecoder:
     def __init__(self, max_queries: int) -> None:
         self.max_queries = max_queries
         self._decoder = msgspec.json.Decoder(_Body)
+        self._good_decoder = msgspec.json.Decoder(_GoodBody)
         self._timed_decoder = msgspec.json.Decoder(_TimedBody)
         self._probe = msgspec.json.Decoder(_QueriesProbe)
         # A body no longer than this cannot hold max_queries + 1 items.
@@ -120,6 +160,25 @@ class StatsBatchDecoder:
             for pair in map(_SYMBOL_AND_EXPONENT, parsed.queries)
         ]
 
+    def decode_columns(self, body: bytes) -> QueryColumns:
+        """`decode` as columns (the same queries and the same errors, in the same places).
+
+        Fast path, for a body of exponent queries only, every one well typed and in range (a
+        dashboard's batch): one strict C decode, then two C `map`s over the items, no Python
+        per item. Anything else (an invalid item, `seconds`, a whole-body error) takes
+        `decode`'s path, which decides every error exactly as before.
+        """
+        self._check_count(body)
+        if b'"seconds"' not in body:
+            try:
+                queries = self._good_decoder.decode(body).queries
+            except msgspec.MsgspecError:
+                pass  # an item's error or the body's: `decode` says which
+            else:
+                keys = np.fromiter(map(_EXPONENT, queries), dtype=np.int64, count=len(queries))
+                return QueryColumns(list(map(_SYMBOL, queries)), keys, None, [], _NO_POSITIONS)
+        return columns_of(self.decode(body))
+
     def _check_count(self, body: bytes) -> None:
         """413 before decoding: the 10M `{}` items a 32 MB body can hold would be as many
         Python objects (most of a gigabyte).
@@ -140,6 +199,34 @@ class StatsBatchDecoder:
                 f"batch has {count} queries; at most {self.max_queries} are accepted per "
                 "request (server.max_stats_queries): split it",
             )
+
+
+_NO_POSITIONS = np.empty(0, dtype=np.int64)
+
+
+def columns_of(items: list[Query | ApiError]) -> QueryColumns:
+    """The columns of a decoded item list (per-item Python: the path of bodies with errors,
+    time windows or a token's symbol restrictions)."""
+    symbols: list[str] = []
+    keys: list[int] = []
+    positions: list[int] = []
+    errors: list[ApiError] = []
+    error_positions: list[int] = []
+    for index, item in enumerate(items):
+        if type(item) is tuple:
+            symbols.append(item[0])
+            keys.append(item[1])
+            positions.append(index)
+        else:
+            errors.append(item)
+            error_positions.append(index)
+    return QueryColumns(
+        symbols,
+        np.array(keys, dtype=np.int64),
+        None if not errors else np.array(positions, dtype=np.int64),
+        errors,
+        np.array(error_positions, dtype=np.int64),
+    )
 
 
 def _timed_queries(items: list[_TimedItem]) -> list[Query | ApiError]:
@@ -260,38 +347,63 @@ def time_stats_body(result: WindowStats, window_ns: int) -> dict[str, Any]:
 
 
 def answer(store: Store, items: list[Query | ApiError]) -> bytes:
+    """The 200 body for a decoded item list (`answer_columns` of its columns)."""
+    return answer_columns(store, columns_of(items))
+
+
+def answer_columns(store: Store, columns: QueryColumns) -> bytes:
     """The 200 body: `{"results": [...]}`, one result per item, in order, each GET /stats/'s
     success body or error body for it.
 
-    The store answers every query in one call (one state per symbol, each distinct query
-    computed once). Each distinct result is encoded once and its bytes repeated: with 10k
-    queries over a few symbols, float formatting would otherwise be most of the work.
+    The store answers every query in one call (`Store.stats_columns`: one state per symbol,
+    each distinct query computed once). Each DISTINCT answer is encoded once (float
+    formatting would otherwise be most of the work), and the body is the join of those parts
+    in item order, picked by an index array in C (`map` over the parts' `__getitem__`): no
+    Python runs per item.
     """
-    results = iter(store.stats_many([item for item in items if type(item) is tuple]))
-    found: dict[int, bytes] = {}  # by id(): `results` keeps every result alive meanwhile
-    timed: dict[tuple[int, int], bytes] = {}  # time windows: by (id(result), key)
-    missing: dict[str, bytes] = {}
+    result = store.stats_columns(columns.symbols, columns.keys)
+    parts = _distinct_parts(result)
+    if columns.positions is None:
+        order = result.inverse
+    else:  # error items: their parts after the distinct answers', placed by position
+        order = np.empty(columns.positions.shape[0] + len(columns.errors), dtype=np.int64)
+        order[columns.positions] = result.inverse
+        order[columns.error_positions] = np.arange(len(parts), len(parts) + len(columns.errors))
+        parts.extend(_encode(error.to_body()) for error in columns.errors)
+    if not parts:
+        return b'{"results":[]}'
+    # One join builds the whole body: every part but the first carries its leading comma, the
+    # first the opening and a last part the closing. Concatenating a prefix and a suffix to a
+    # joined megabyte would copy it twice more, and each fresh megabyte costs its page faults
+    # (most of the encode time on this VM: benches/results/stats-batch-2026-12-05.md).
+    picks = order.tolist()
+    first = picks[0]
+    parts = [b"," + part for part in parts]
+    parts.append(b'{"results":[' + parts[first][1:])
+    parts.append(b"]}")
+    picks[0] = len(parts) - 2
+    picks.append(len(parts) - 1)
+    return b"".join(map(parts.__getitem__, picks))
+
+
+def _distinct_parts(result: StatsColumns) -> list[bytes]:
+    """The encoded answer of each distinct query: GET /stats/'s body, with `count` and
+    `seconds` for a time window (key -ns), or the symbol's error body when it is unknown."""
+    missing: dict[int, bytes] = {}
     parts: list[bytes] = []
-    for item in items:
-        if type(item) is not tuple:
-            parts.append(_encode(item.to_body()))
-            continue
-        result = next(results)
-        if result is None:
-            part = missing.get(item[0])
+    for slot, key, found in zip(
+        result.pair_slots.tolist(), result.pair_keys.tolist(), result.answers, strict=True
+    ):
+        if found is None:
+            part = missing.get(slot)
             if part is None:
-                part = missing[item[0]] = _encode(unknown_symbol(item[0]).to_body())
-        elif item[1] > 0:
-            part = found.get(id(result))
-            if part is None:
-                part = found[id(result)] = _encode(stats_body(result))
-        else:  # a time window (key -ns): GET /stats/?seconds='s body, count and seconds too
-            part = timed.get((id(result), item[1]))
-            if part is None:
-                body = time_stats_body(result, -item[1])
-                part = timed[(id(result), item[1])] = _encode(body)
+                part = missing[slot] = _encode(unknown_symbol(result.names[slot]).to_body())
+        elif key > 0:
+            part = _encode(stats_body(found))
+        else:
+            part = _encode(time_stats_body(found, -key))
         parts.append(part)
-    return b'{"results":[' + b",".join(parts) + b"]}"
+    return parts
 
 
 _encode = msgspec.json.Encoder().encode  # the same bytes as the app's json_response

@@ -12,11 +12,13 @@ never served after an append that followed it. Results are only ever added to th
 state they were computed on (under the lock), so one cache dict holds answers about exactly one
 state of its series.
 
-Why one lock order: a batch of queries (`stats_many`) answers each symbol from one state. A
-symbol whose queries are all in one cache dict is answered from it, without a lock; the
-symbols with a miss are locked together, so that the engine answers all their misses in one
-call (one launch for a GPU engine). Those locks are taken in creation order; every other
-caller holds at most one symbol lock at a time, so no cycle of waiting threads can form.
+Why one lock order: a batch of queries (`stats_many`, or its columnar twin `stats_columns`
+that POST /stats/batch uses) answers each symbol from one state. A symbol whose queries are
+all in one cache dict is answered from it, without a lock; the symbols with a miss are locked
+together, so that the engine answers all their misses in one `Engine.stats_table` call (one
+compiled call on the cpu engine, one launch on a GPU). Those locks are taken in creation
+order; every other caller holds at most one symbol lock at a time, so no cycle of waiting
+threads can form.
 
 Why timestamps live here too: every value has a time (its event timestamp, or its batch's
 receive time; `appliance.timestamps`), kept as marks in a `TimeIndex` beside the series and
@@ -33,11 +35,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from appliance.timestamps import Resolved, TimeIndex, resolve
-from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats
+from engine_core.contract import STATS_COLUMNS, Engine, RetentionPolicy, Series, WindowStats
 
 
 class UnknownSymbolError(KeyError):
@@ -113,6 +116,73 @@ class _Entry:
         assert newest is not None  # a symbol exists only with values
         return times.count_since(newest + key, times.end - len(self.series))
 
+
+class StatsColumns(NamedTuple):
+    """`Store.stats_columns`' answer: d distinct queries, and the map from the n queries.
+
+    `names[pair_slots[j]]`, `pair_keys[j]` is distinct query j and `answers[j]` its result
+    (None: unknown symbol); query i's answer is `answers[inverse[i]]`. Why not one result
+    per query: the REST encoder encodes each distinct answer once and repeats its bytes.
+    """
+
+    names: list[str]
+    pair_slots: np.ndarray
+    pair_keys: np.ndarray
+    answers: list[WindowStats | None]
+    inverse: np.ndarray
+
+    def table(self) -> np.ndarray:
+        """The answers as a (d, STATS_COLUMNS) float64 table (`Engine.stats_table`'s
+        columns); NaN rows for unknown symbols."""
+        nan = (np.nan,) * STATS_COLUMNS
+        return np.array(
+            [
+                nan if a is None else (a.count, a.min, a.max, a.last, a.avg, a.var)
+                for a in self.answers
+            ],
+            dtype=np.float64,
+        ).reshape(len(self.answers), STATS_COLUMNS)
+
+
+# Exponent keys 1..8 use themselves as key codes (no np.unique over the keys).
+_MAX_EXPONENT_KEY = 8
+# The dense dedupe (a flag per slot * K + code) is used while it has at most this many
+# cells per query, plus a constant: beyond that (many time windows) np.unique sorts instead.
+_DENSE_CELLS_PER_QUERY = 4
+_DENSE_CELLS_MIN = 4096
+
+
+def _distinct_pairs(
+    slots: np.ndarray, keys: np.ndarray, symbols: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slot and key of each distinct (slot, key) pair, sorted; for each query, the index of
+    its pair). Vectorized: a pair is the integer slot * K + key code."""
+    n = keys.shape[0]
+    if n == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    if keys.min() >= 1 and keys.max() <= _MAX_EXPONENT_KEY:  # count windows only
+        codes, width, key_of = keys, _MAX_EXPONENT_KEY + 1, None
+    else:  # time windows: codes of the distinct keys
+        key_of, codes = np.unique(keys, return_inverse=True)
+        width = key_of.shape[0]
+    combined = slots * width + codes
+    cells = symbols * width
+    if cells <= _DENSE_CELLS_PER_QUERY * n + _DENSE_CELLS_MIN:
+        present = np.zeros(cells, dtype=np.bool_)
+        present[combined] = True
+        distinct = np.flatnonzero(present)
+        rank = np.cumsum(present, dtype=np.int64) - 1
+        inverse = rank[combined]
+    else:
+        distinct, inverse = np.unique(combined, return_inverse=True)
+    pair_slots, pair_codes = np.divmod(distinct, width)
+    pair_keys = pair_codes if key_of is None else key_of[pair_codes]
+    return pair_slots, pair_keys.astype(np.int64, copy=False), inverse.reshape(n)
+
+
+# The window of each exponent key (index 1..8), looked up rather than computed per miss.
+_COUNT_WINDOWS = tuple(10**exponent for exponent in range(_MAX_EXPONENT_KEY + 1))
 
 # The "cache" of a symbol the store does not hold: never written, every lookup misses.
 _NO_ANSWERS: dict[int, WindowStats] = {}
@@ -255,8 +325,8 @@ class Store:
         comes from one state of its series, so two queries on a symbol never straddle an
         append: all are read from the one cache dict of that state (see the module docstring).
         Repeated queries are computed once, and every distinct miss of the batch goes to the
-        engine in one `stats_many` call; writers to the symbols with a miss wait for that one
-        call, which covers at most 8 windows per symbol.
+        engine in one `Engine.stats_table` call; writers to the symbols with a miss wait for
+        that one call, which covers at most 8 count windows per symbol.
 
         Hot path: with every answer cached this costs what as many `stats` calls do, two dict
         lookups per query, and takes no lock.
@@ -283,6 +353,48 @@ class Store:
         self._compute_locked(queries, wanted, caches)
         # Every symbol's cache dict in `caches` now holds all its answers, from one state.
         return [caches[symbol].get(exponent) for symbol, exponent in queries]
+
+    def stats_columns(self, symbols: Sequence[str], keys: np.ndarray) -> StatsColumns:
+        """`stats_many` for a batch given as columns: `symbols[i]` and `keys[i]` (int64: an
+        exponent 1..8 or `time_key(ns)`) are query i. The answer is per DISTINCT query
+        (`StatsColumns`), with `inverse` mapping each query to its distinct one.
+
+        Same guarantees as `stats_many` (it shares the locked part): every answer about one
+        symbol comes from one state, repeats are computed once, the cache dicts are read and
+        filled, locks are taken in creation order, an unknown (or deleted) symbol answers
+        None. What differs is the cost: per query only `symbols`' slot lookup, done in C
+        (`map` over a dict's `__getitem__`); the dedupe is numpy (slot * K + key code, then a
+        dense table or `np.unique`), and Python runs per distinct query only.
+        """
+        n = len(symbols)
+        slot_of = dict.fromkeys(symbols)  # distinct symbols, in first-seen order (C)
+        names = list(slot_of)
+        for slot, name in enumerate(names):
+            slot_of[name] = slot
+        slots = np.fromiter(map(slot_of.__getitem__, symbols), dtype=np.int64, count=n)
+        keys = np.asarray(keys, dtype=np.int64)
+        pair_slots, pair_keys, inverse = _distinct_pairs(slots, keys, len(names))
+        pairs = list(
+            zip(map(names.__getitem__, pair_slots.tolist()), pair_keys.tolist(), strict=True)
+        )
+        caches: dict[str, dict[int, WindowStats]] = {}
+        for name in names:
+            entry = self._entries.get(name)
+            # Read once per symbol: every answer taken from it is about one state.
+            caches[name] = _NO_ANSWERS if entry is None else entry.cache
+        wanted: dict[str, set[int]] = {}
+        for name, key in pairs:
+            cache = caches[name]
+            if cache is not _NO_ANSWERS and key not in cache:
+                misses = wanted.get(name)
+                if misses is None:
+                    wanted[name] = {key}
+                else:
+                    misses.add(key)
+        if wanted:
+            self._compute_locked(pairs, wanted, caches)
+        answers = [caches[name].get(key) for name, key in pairs]
+        return StatsColumns(names, pair_slots, pair_keys, answers, inverse)
 
     def _compute_locked(
         self,
@@ -323,13 +435,39 @@ class Store:
                 for exponent in wanted[symbol]
                 if exponent not in entry.cache
             ]
-            requests = [(e.series, e.window_of(key)) for e, key in todo]
-            computed = self.engine.stats_many(requests) if requests else []
-            for (entry, exponent), result in zip(todo, computed, strict=True):
-                entry.cache[exponent] = result
+            if todo:
+                self._compute_misses(todo)
         finally:
             for lock in reversed(held):
                 lock.release()
+
+    def _compute_misses(self, todo: list[tuple[_Entry, int]]) -> None:
+        """One `Engine.stats_table` call for every (entry, key) of `todo` (distinct, locked by
+        the caller), each answer stored in its entry's cache dict. Python work here is per
+        distinct miss (at most 8 count windows per symbol), never per query."""
+        slot_of: dict[int, int] = {}
+        series: list[Series] = []
+        which: list[int] = []
+        windows: list[int] = []
+        for entry, key in todo:
+            slot = slot_of.get(id(entry))
+            if slot is None:
+                slot = slot_of[id(entry)] = len(series)
+                series.append(entry.series)
+            which.append(slot)
+            if 0 < key <= _MAX_EXPONENT_KEY:
+                windows.append(_COUNT_WINDOWS[key])
+            else:  # int64 in every engine; no series holds 2**62 values (the clamp is exact)
+                windows.append(min(entry.window_of(key), 1 << 62))
+        table = self.engine.stats_table(
+            series, np.array(which, dtype=np.int64), np.array(windows, dtype=np.int64)
+        )
+        for (entry, key), (count, low, high, last, avg, var) in zip(
+            todo, table.tolist(), strict=True
+        ):
+            entry.cache[key] = WindowStats(
+                count=int(count), min=low, max=high, last=last, avg=avg, var=var
+            )
 
     def _held_entries(
         self, wanted: dict[str, set[int]], caches: dict[str, dict[int, WindowStats]]

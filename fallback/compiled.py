@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from numba import types
 from numba.core import config as numba_config
 
 from engine_core.bars import Bars
-from engine_core.contract import Engine, RetentionPolicy, WindowStats
+from engine_core.contract import STATS_COLUMNS, Engine, RetentionPolicy, Series, WindowStats
 from engine_core.layout import Geometry, identity_rows
 from engine_core.rolling import ROLLING_COLUMNS, Rolling, rolling_count
 from engine_core.summary import IDENTITY_ROW
@@ -154,6 +155,8 @@ class CompiledSeries(SegmentTreeSeries):
         # Nothing above changed the series (a MemoryError leaves the old block in use): switch
         # to the new block in one step.
         self._state, self._shape, self._directory, self._control = state, shape, directory, control
+        # Read by `CompiledEngine.stats_table` per query batch: `ctypes.data` costs ~1 us a call.
+        self.control_address = control.ctypes.data
 
     @property
     def slots(self) -> int:
@@ -273,6 +276,28 @@ class CompiledEngine(Engine):
     def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> CompiledSeries:
         return CompiledSeries(retention, starting_capacity, self.geometry)
 
+    def stats_table(
+        self, series: Sequence[Series], which: np.ndarray, windows: np.ndarray
+    ) -> np.ndarray:
+        """`Engine.stats_table` in one nogil call (`compiled_kernels.stats_table`): the
+        kernel reads each series' control block through its address.
+
+        `controls` holds the blocks themselves for the call: a block is replaced (never
+        mutated in size) only by an append growing the directory, which the caller's locks
+        keep out, and the list keeps even a replaced block's memory alive until we return.
+        """
+        controls = [s._control for s in series]  # type: ignore[attr-defined]
+        addresses = np.array([s.control_address for s in series], dtype=np.int64)  # type: ignore[attr-defined]
+        out = np.empty((which.shape[0], STATS_COLUMNS))
+        compiled_kernels.stats_table(
+            addresses,
+            np.ascontiguousarray(which, dtype=np.int64),
+            np.ascontiguousarray(windows, dtype=np.int64),
+            out,
+        )
+        del controls  # alive until here: the kernel read through their addresses
+        return out
+
     def bars(self, values: np.ndarray, offsets: np.ndarray) -> Bars:
         """`Engine.bars` in one compiled pass pair per bar (`compiled_kernels.bar_rows`):
         no full-size temporaries, unlike the numpy reference's `reduceat` passes."""
@@ -314,6 +339,8 @@ _SIGNATURES = {
     "series_window_stats": [(_CONTROL, types.int64)],
     "append_values": [(_DIRECTORY, _SHAPE, batch, types.int64) for batch in _BATCHES],
     "append_fast": [(_CONTROL, batch) for batch in _BATCHES],
+    # Engine.stats_table: control block addresses, which, windows, the (n, 6) answer table
+    "stats_table": [(_CONTROL, _CONTROL, _CONTROL, types.Array(types.float64, 2, "C"))],
     "fill_rows": [(types.Array(types.float64, 2, "C"), types.Array(types.float64, 1, "C"))],
     # GET /history/bars: values of a warm segment (read-only when a view of a decoded one)
     "bar_rows": [

@@ -28,9 +28,17 @@ see the `SHAPE_*` indices and `shape_vector`.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import carray, njit, types
 from numba.extending import intrinsic
 
+from engine_core.contract import (
+    STATS_AVG,
+    STATS_COUNT,
+    STATS_LAST,
+    STATS_MAX,
+    STATS_MIN,
+    STATS_VAR,
+)
 from engine_core.summary import COUNT, M2, MAX, MEAN, MIN, REF, ROW_WIDTH
 
 # Indices into the int64 shape vector. Per level d (0 = raw values, 1..top = summaries):
@@ -654,3 +662,49 @@ def rolling_rows(values, window, step, out, scratch):
             p_next += step
             if p_next >= hi:
                 break
+
+
+# -- stats_table: a whole batch of window queries in one call -------------------------------
+
+
+@intrinsic
+def _i64_pointer(typingctx, address):
+    """The int64 `address` as an int64 pointer (an LLVM inttoptr; no check, no cost)."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.CPointer(types.int64)(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@njit(nogil=True)
+def stats_table(controls, which, windows, out):
+    """`Engine.stats_table` of the compiled engine: row i of `out` (n, 6) is count, min, max,
+    last, avg, var of the series whose control block is at address `controls[which[i]]`, over
+    its newest min(windows[i], length) values.
+
+    Why addresses: passing 100 control blocks as a list of arrays would unbox each on every
+    call (as the page directory avoids for pages); one int64 array of addresses is unboxed
+    once. A control block's length is read from its own header (its directory holds
+    (top + 1) * slots slots after `STATE_DIRECTORY_AT`). The caller keeps every control
+    block alive and unchanged for the call (the store's symbol locks; the engine holds the
+    arrays). Same arithmetic as `series_window_stats` (the same `window_stats`), so the answers
+    equal `CompiledSeries.stats`'s bit for bit; var is M2 / count as there.
+    """
+    for i in range(which.shape[0]):
+        address = controls[which[i]]
+        header = carray(_i64_pointer(address), (CONTROL_SHAPE + SHAPE_LEVELS,))
+        directory_at = header[STATE_DIRECTORY_AT]
+        levels = header[CONTROL_SHAPE + SHAPE_TOP] + 1
+        slots = header[CONTROL_SHAPE + SHAPE_SLOT_MASK] + 1
+        control = carray(_i64_pointer(address), (directory_at + levels * slots,))
+        n, mean, m2, lo, hi, last = series_window_stats(control, min(windows[i], 1 << 62))
+        out[i, STATS_COUNT] = n
+        out[i, STATS_MIN] = lo
+        out[i, STATS_MAX] = hi
+        out[i, STATS_LAST] = last
+        out[i, STATS_AVG] = mean
+        out[i, STATS_VAR] = m2 / n

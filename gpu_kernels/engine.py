@@ -14,7 +14,7 @@ from engine_core.contract import Engine, RetentionPolicy, Series, WindowStats
 from engine_core.layout import Geometry
 from engine_core.rolling import ROLLING_COLUMNS, Rolling, rolling_count
 from gpu_kernels.device import CupyDevice, Device
-from gpu_kernels.series import GpuSeries, window_stats
+from gpu_kernels.series import GpuSeries, stats_table, window_stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,15 @@ class CupyEngine(Engine):
     def stats_many(self, requests: Sequence[tuple[Series, int]]) -> list[WindowStats]:
         with self.lock:
             return window_stats(self.device, requests)  # type: ignore[arg-type]
+
+    def stats_table(
+        self, series: Sequence[Series], which: np.ndarray, windows: np.ndarray
+    ) -> np.ndarray:
+        """The whole batch in one launch (`gpu_kernels.series.stats_table`)."""
+        which = np.ascontiguousarray(which, dtype=np.int64)
+        windows = np.ascontiguousarray(windows, dtype=np.int64)
+        with self.lock:
+            return stats_table(self.device, series, which, windows)  # type: ignore[arg-type]
 
     def bars(self, values: np.ndarray, offsets: np.ndarray) -> Bars:
         """OHLC bars on the device: one upload of the values and offsets, one launch of the

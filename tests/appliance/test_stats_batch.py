@@ -69,13 +69,19 @@ def test_stats_many_matches_numpy_in_order_with_repeats_and_unknown_symbols() ->
 
 
 class _CountingEngine(NumpyEngine):
-    """Records every stats_many call, to see what the store asks the engine."""
+    """Records every stats_many / stats_table call as its (series, window) pairs, to see what
+    the store asks the engine."""
 
     calls: ClassVar[list[list[tuple[Any, int]]]] = []
 
     def stats_many(self, requests):
         type(self).calls.append(list(requests))
         return super().stats_many(requests)
+
+    def stats_table(self, series, which, windows):
+        pairs = zip(which.tolist(), windows.tolist(), strict=True)
+        type(self).calls.append([(series[i], w) for i, w in pairs])
+        return super().stats_table(series, which, windows)
 
 
 def test_one_engine_call_per_batch_for_the_distinct_misses_and_the_cache_is_shared() -> None:
@@ -99,6 +105,9 @@ def test_one_engine_call_per_batch_for_the_distinct_misses_and_the_cache_is_shar
 
 class _FailingStatsEngine(NumpyEngine):
     def stats_many(self, requests):
+        raise MemoryError("device out of memory")
+
+    def stats_table(self, series, which, windows):
         raise MemoryError("device out of memory")
 
 
