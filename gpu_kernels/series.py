@@ -74,12 +74,17 @@ class GpuSeries:
 
     # -- append ---------------------------------------------------------------------------
 
-    def append(self, values: np.ndarray) -> int:
+    def append(self, values: np.ndarray, *, stable_source: bool = False) -> int:
         """All or nothing: every device allocation the append needs (its pages, then the
         directory that lists them) happens before any state changes, so a MemoryError leaves
         the series as it was (pages made before the failure are kept, unused, as the numpy
         engine keeps them). Copies and launches after that allocate nothing; they fail only
-        on a CUDA error, which leaves the whole device unusable anyway."""
+        on a CUDA error, which leaves the whole device unusable anyway.
+
+        `stable_source`: the caller keeps `values` unchanged until its next
+        `device.synchronize()`, so a batch too large to coalesce is copied straight out of
+        it (`Device.upload_direct`: no staging copy; at link speed from pinned memory). The
+        hybrid engine's mirror sync passes its host pages this way."""
         incoming = values.shape[0]
         if incoming == 0:
             return 0
@@ -91,7 +96,8 @@ class GpuSeries:
             self._current_directory()
             capacity = self._pending.shape[0]
             if evicted or kept_new > capacity:
-                self._sync(values)  # evicting pages needs everything before them uploaded
+                # evicting pages needs everything before them uploaded
+                self._sync(values, direct=stable_source and values.flags.c_contiguous)
             else:
                 if stop - self._synced > capacity:
                     self._sync()
@@ -113,7 +119,7 @@ class GpuSeries:
                     self._directory = None
                     level.page(number)
 
-    def _sync(self, batch: np.ndarray | None = None) -> None:
+    def _sync(self, batch: np.ndarray | None = None, direct: bool = False) -> None:
         """Upload the pending values (then `batch`, appended after them) and summarize every
         block they complete, so the device holds values and summaries up to `_end`.
 
@@ -125,16 +131,18 @@ class GpuSeries:
             self._upload(lo, self._pending[: self._end - lo])
         end = self._end
         if batch is not None:
-            self._upload(end, batch)
+            self._upload(end, batch, direct)
             end += batch.shape[0]
         self._summarize(directory, lo, end)
         self._end = self._synced = end
 
-    def _upload(self, start: int, values: np.ndarray) -> None:
-        """Copy `values` to absolute positions from `start`, one copy per value page."""
+    def _upload(self, start: int, values: np.ndarray, direct: bool = False) -> None:
+        """Copy `values` to absolute positions from `start`, one copy per value page
+        (straight from `values` when `direct`: see `append`'s `stable_source`)."""
+        upload = self._device.upload_direct if direct else self._device.upload
         done = 0
         for run in self._values.runs(start, start + values.shape[0]):
-            self._device.upload(run, values[done : done + run.shape[0]])
+            upload(run, values[done : done + run.shape[0]])
             done += run.shape[0]
 
     def _summarize(self, directory: Any, lo: int, hi: int) -> None:
