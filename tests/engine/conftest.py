@@ -98,7 +98,7 @@ def hybrid_engine(library, geometry: Geometry, coalesce_values: int, batch_min_q
     return HybridEngine(CompiledEngine(geometry=geometry), device, minimum)
 
 
-def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
+def fake_cupy_engine(library, geometry: Geometry, staging_values: int, **device_options):
     """(CupyEngine on a real CupyDevice whose CuPy is tests/engine/fake_cupy.py, the fake).
     CuPy is only imported while the device is built (it keeps the module it got)."""
     import sys
@@ -110,7 +110,8 @@ def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
     saved = {name: sys.modules.get(name) for name in ("cupy", "cupyx")}
     sys.modules.update(cupy=fake.module, cupyx=fake.cupyx)
     try:
-        device = CupyDevice(staging_values=staging_values, staging_buffers=2)
+        device_options.setdefault("staging_buffers", 2)
+        device = CupyDevice(staging_values=staging_values, **device_options)
     finally:
         for name, module in saved.items():
             if module is None:
