@@ -37,6 +37,8 @@ _EMULATED = {
 
 # The same engine on a real GPU: default and tiny geometry (many pages, levels, directories).
 _REAL_GPU = {"cupy-default": (Geometry(), 4096), "cupy-b4f4c64": (TINY, 5)}
+# The hybrid engine over the real GPU (every batch to the device: the mirrors are what it adds).
+_REAL_GPU_HYBRID = {"hybrid-cupy-b4f4c64": (TINY, 5, 1)}
 
 _NUMPY_GEOMETRIES = {
     "numpy-default": Geometry(),
@@ -129,11 +131,19 @@ def fake_cupy_engine(library, geometry: Geometry, staging_values: int, **device_
         "gpu-fakecupy-b4f4c64",  # CupyDevice's own code too, with 7-value staging buffers
         *_HYBRID,
         *(pytest.param(name, marks=pytest.mark.gpu) for name in _REAL_GPU),
+        *(pytest.param(name, marks=pytest.mark.gpu) for name in _REAL_GPU_HYBRID),
     ]
 )
 def engine(request):
     if request.param in _REAL_GPU:
         return real_gpu_engine(*_REAL_GPU[request.param])
+    if request.param in _REAL_GPU_HYBRID:
+        from fallback.compiled import CompiledEngine
+        from gpu_kernels.hybrid import HybridEngine
+
+        geometry, coalesce_values, batch_min_queries = _REAL_GPU_HYBRID[request.param]
+        device = real_gpu_engine(geometry, coalesce_values)
+        return HybridEngine(CompiledEngine(geometry=geometry), device, batch_min_queries)
     if request.param in _EMULATED:
         library = request.getfixturevalue("emulated_device_library")
         return emulated_engine(library, *_EMULATED[request.param])
