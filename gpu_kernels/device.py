@@ -69,7 +69,9 @@ class Device(Protocol):
     def new_pinned_values(self, count: int) -> np.ndarray:
         """A host float64 array of `count` values in page-locked memory where the device has
         such memory (plain numpy otherwise): `upload_direct` copies out of it at link speed.
-        Raises MemoryError (or the driver's error) when none can be had."""
+        Raises MemoryError (or the driver's error) when none can be had. The one method
+        called without the engine's lock (host appends allocate pages with it): it touches
+        no stream, and CuPy's pinned memory pool has its own lock."""
         ...
 
     def upload_direct(self, dst: Any, values: np.ndarray) -> None:

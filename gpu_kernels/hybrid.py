@@ -165,7 +165,8 @@ class HybridSeries:
                 # (a recycled page is rewritten by later appends).
                 for view in self.host.tail_views(delta):
                     mirror.append(view, stable_source=True)
-                self._device.device.synchronize()
+                with self._device.lock:  # the device's methods run under its engine's lock
+                    self._device.device.synchronize()
             except MemoryError:
                 # A partly synced mirror cannot be resumed: drop it, rebuild it next time.
                 self._mirror = None
