@@ -167,11 +167,14 @@ class HybridSeries:
                     mirror.append(view, stable_source=True)
                 with self._device.lock:  # the device's methods run under its engine's lock
                     self._device.device.synchronize()
-            except MemoryError:
-                # A partly synced mirror cannot be resumed: drop it, rebuild it next time.
+            except BaseException as exc:
+                # A partly synced mirror cannot be resumed (it would get some values twice):
+                # drop it, rebuild it next time. Out of device memory: answer on the host.
                 self._mirror = None
                 self._seen = 0
-                return None
+                if isinstance(exc, MemoryError):
+                    return None
+                raise
             self._mirror = mirror
             self._seen = self._total
             return mirror
@@ -258,7 +261,7 @@ class HybridEngine(Engine):
             mirrors = self._mirrors(hybrid)
             if mirrors is not None:
                 sizes = np.fromiter((len(s) for s in hybrid), np.int64, len(hybrid))
-                clamped = np.minimum(windows, sizes[which]) if len(hybrid) else windows
+                clamped = np.minimum(windows, sizes[which])
                 return self.device.stats_table(mirrors, which, clamped)
         return self.host.stats_table([s.host for s in hybrid], which, windows)
 

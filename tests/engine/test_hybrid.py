@@ -317,3 +317,25 @@ def test_an_unknown_placement_is_an_error() -> None:
 
     with pytest.raises(EngineUnavailableError, match=r"engine\.placement"):
         GpuPlacement("everywhere")
+
+
+def test_any_other_device_error_during_a_sync_is_raised_and_the_mirror_rebuilt(library) -> None:
+    engine = hybrid_engine(library, TINY, 5, 1)
+    device = engine.device.device
+    series = _filled(engine, RetentionPolicy(1000, 500), [300], np.random.default_rng(11))
+    real = device.upload_direct
+    calls = []
+
+    def broken(dst, values):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cudaErrorLaunchFailure")
+        real(dst, values)
+
+    device.upload_direct = broken
+    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
+        series.synced_mirror()
+    device.upload_direct = real
+    mirror = series.synced_mirror()
+    assert len(mirror) == 300  # rebuilt whole, not resumed (which would repeat values)
+    np.testing.assert_array_equal(mirror.tail(1000), series.tail(1000))
