@@ -32,8 +32,9 @@ longer series can end up shorter after the same append (max 10, keep 2: 9 + 1 ->
 10 + 1 -> 3), so a mirror that once saw two host batches as one (and kept more than the host)
 can later evict values the host still holds. `test_hybrid.py` shows the counterexample.
 
-Device memory failure: a sync that cannot allocate drops the mirror (the next device operation
-rebuilds it) and the operation is answered on the host; the host series is never touched.
+Device memory failure: a sync that cannot allocate leaves the mirror as it was (the mirror's
+append is all or nothing) and the operation is answered on the host; the host series is never
+touched. Any other device error during a sync drops the mirror (rebuilt whole next time).
 
 Pinned pages (item 3): the host series' value pages come from `Device.new_pinned_values`
 (page-locked where the device has such memory), so a sync copies each page straight to the
@@ -159,21 +160,22 @@ class HybridSeries:
                 mirror = self._device.new_series(sliding_policy(self.retention), 0)
                 delta = size
             try:
-                # Oldest first, one append per host page: the views are the host's own pages
-                # (pinned where possible), copied without staging; they must stay unchanged
-                # until the copies finish, hence the synchronize before the views are let go
-                # (a recycled page is rewritten by later appends).
-                for view in self.host.tail_views(delta):
-                    mirror.append(view, stable_source=True)
+                # One append of the host's own pages (pinned where possible), oldest first,
+                # copied without staging; they must stay unchanged until the copies finish,
+                # hence the synchronize before the views are let go (a recycled page is
+                # rewritten by later appends).
+                mirror.append_parts(self.host.tail_views(delta), stable_source=True)
                 with self._device.lock:  # the device's methods run under its engine's lock
                     self._device.device.synchronize()
-            except BaseException as exc:
-                # A partly synced mirror cannot be resumed (it would get some values twice):
-                # drop it, rebuild it next time. Out of device memory: answer on the host.
+            except MemoryError:
+                # `append_parts` is all or nothing: a mirror that was in sync stays as it was
+                # (the next sync retries the same values); a new one was never kept.
+                return None
+            except BaseException:
+                # A device error after copies began: the mirror's state is unknown, so it is
+                # dropped and rebuilt whole next time.
                 self._mirror = None
                 self._seen = 0
-                if isinstance(exc, MemoryError):
-                    return None
                 raise
             self._mirror = mirror
             self._seen = self._total

@@ -184,13 +184,16 @@ def test_device_memory_failure_answers_on_the_host_and_changes_nothing(library) 
     assert device.launches["window_stats"] >= 1
 
 
-def test_a_partial_sync_that_fails_is_dropped_and_rebuilt_whole(library) -> None:
-    """The failure comes after some pages were copied: the mirror is dropped, not resumed
-    (resuming would append those values twice)."""
+def test_a_sync_that_runs_out_of_memory_leaves_the_mirror_as_it_was(library) -> None:
+    """The failure comes after some of the sync's pages were made: the mirror's append is all
+    or nothing, so it keeps its old values and the next sync brings the rest."""
     engine = hybrid_engine(library, TINY, 5, 1)
-    device = engine.device.device
-    series = _filled(engine, RetentionPolicy(1000, 500), [300], np.random.default_rng(7))
-    real = device.new_values
+    rng = np.random.default_rng(7)
+    series = _filled(engine, RetentionPolicy(1000, 500), [300], rng)
+    mirror = series.synced_mirror()
+    before = mirror.tail(1000)
+    series.append(rng.uniform(0.0, 1.0, 400))
+    real = mirror._values.allocate  # the mirror's value pages (bound at its creation)
     made = []
 
     def fail_after_two(count):
@@ -199,12 +202,13 @@ def test_a_partial_sync_that_fails_is_dropped_and_rebuilt_whole(library) -> None
         made.append(count)
         return real(count)
 
-    device.new_values = fail_after_two
+    mirror._values.allocate = fail_after_two
     assert series.synced_mirror() is None
-    device.new_values = real
-    mirror = series.synced_mirror()
-    assert len(mirror) == 300
-    np.testing.assert_array_equal(mirror.tail(300), series.tail(300))
+    assert len(made) == 2  # it failed part-way through the pages the sync needed
+    np.testing.assert_array_equal(mirror.tail(1000), before)
+    mirror._values.allocate = real
+    assert series.synced_mirror() is mirror
+    np.testing.assert_array_equal(mirror.tail(700), series.tail(700))
 
 
 def test_mirror_syncs_copy_host_pages_directly(library) -> None:
@@ -339,3 +343,31 @@ def test_any_other_device_error_during_a_sync_is_raised_and_the_mirror_rebuilt(l
     mirror = series.synced_mirror()
     assert len(mirror) == 300  # rebuilt whole, not resumed (which would repeat values)
     np.testing.assert_array_equal(mirror.tail(1000), series.tail(1000))
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    max_values=st.integers(1, 80),
+    keep_fraction=st.floats(0.0, 1.0),
+    batches=st.lists(st.lists(st.integers(0, 90), min_size=1, max_size=4), min_size=1, max_size=8),
+)
+def test_append_parts_is_append_of_the_concatenation(
+    library, max_values, keep_fraction, batches
+) -> None:
+    """GpuSeries.append_parts (the mirror sync's one append) against append of the joined
+    parts, retention trimming parts away included (a batch larger than the bound)."""
+    policy = RetentionPolicy(max_values, int(keep_fraction * max_values))
+    engine = emulated_engine(library, TINY, 5)
+    by_parts, joined = engine.new_series(policy, 0), engine.new_series(policy, 0)
+    rng = np.random.default_rng(max_values)
+    for sizes in batches:
+        parts = [rng.uniform(0.0, 10.0, size) for size in sizes]
+        evicted = by_parts.append_parts(parts, stable_source=True)
+        engine.device.synchronize()
+        assert evicted == joined.append(np.concatenate(parts))
+        assert len(by_parts) == len(joined)
+        np.testing.assert_array_equal(by_parts.tail(10**6), joined.tail(10**6))
+        if len(joined):
+            assert by_parts.stats(7) == joined.stats(7)
