@@ -10,19 +10,19 @@ on those) plus a `GpuSeries` mirror that is brought up to date lazily, only when
 operation needs it, by appending the host values it has not seen.
 
 Why the mirror answers exactly what the host would (the proof the tests check with hypothesis).
-Let S be the stream of every value ever appended, and `total` its length. The host holds
-S[total - len(host), total): retention only ever drops from the front, so the host's first
-position `host_start` never decreases, and len(host) <= max_values. The mirror is created at
-some position `base` (0, or `host_start` at a rebuild) and is synced to `seen` <= total; it
+Let S be the sequence of values the host has stored, each at its absolute index (the host's
+`end_index` is one past the newest; values a batch larger than the bound drops before storing
+them get no index). The host holds S[head, end) with head = end - len(host): retention only
+ever drops from the front, so `head` never decreases, and len(host) <= max_values. The mirror is
+created at some index `base` (0, or `head` at a rebuild) and is synced to `seen` <= end; it
 uses `sliding_policy(retention)`: the same `max_values` with `keep_after_cleanup =
 max_values`, under which appending m values to n gives min(n + m, max_values) whatever the
 batch sizes, so the mirror always holds S[max(base, seen - max_values), seen) however many host
 batches a sync appends as one.
-  After a sync (seen = total): if the values the mirror lacks, S[seen_before, total), are at
-  most len(host), the mirror holds S[max(base, total - max_values), total), which contains the
-  host's S[host_start, total) because host_start >= total - max_values and host_start >= base.
-  Otherwise the host has already evicted values the mirror never saw; the mirror is rebuilt from
-  the host alone (base = host_start) and equals it.
+  A sync appends S[seen, end) when head <= seen: the mirror then holds
+  S[max(base, end - max_values), end), which contains the host's S[head, end) because
+  head >= end - max_values and head >= base. When head > seen the host has evicted values the
+  mirror never saw; the mirror is rebuilt from the host alone (base = head) and equals it.
 So the host's values are the mirror's newest len(host) values, and a query over
 count = min(window, len(host)) values of the mirror is the host's query: windows are clamped to
 the host's length before the device sees them.
@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,8 +77,10 @@ def sliding_policy(retention: RetentionPolicy) -> RetentionPolicy:
     return RetentionPolicy(retention.max_values, retention.max_values)
 
 
-class PinnedCompiledSeries(CompiledSeries):
-    """A `CompiledSeries` whose new value pages come from `allocate` (page-locked memory).
+class HostSeries(CompiledSeries):
+    """The hybrid's host series: a `CompiledSeries` whose new value pages come from
+    `allocate` (page-locked memory from the device, or np.empty) and that says where its
+    values sit in its absolute index space (`end_index`), which the mirror sync needs.
 
     A page that cannot be pinned is made as the compiled engine makes it (np.empty): pinning
     is an optimisation of the mirror's copies, never a reason for an append to fail.
@@ -91,10 +93,15 @@ class PinnedCompiledSeries(CompiledSeries):
         retention: RetentionPolicy,
         starting_capacity: int,
         geometry: Geometry,
-        allocate,
+        allocate: Callable[[int], np.ndarray] = np.empty,
     ) -> None:
         self._allocate_pinned = allocate
         super().__init__(retention, starting_capacity, geometry)
+
+    @property
+    def end_index(self) -> int:
+        """The absolute index one past the newest value (values ever stored)."""
+        return self._end
 
     def _value_page(self, rows: int) -> np.ndarray:
         spare = self._spare[0]
@@ -109,25 +116,20 @@ class PinnedCompiledSeries(CompiledSeries):
 class HybridSeries:
     """A compiled host series plus a lazily synced device mirror (module docstring)."""
 
-    def __init__(self, host: CompiledSeries, device: CupyEngine) -> None:
+    def __init__(self, host: HostSeries, device: CupyEngine) -> None:
         self.host = host
         self.retention = host.retention
         self._device = device
         self._mirror: GpuSeries | None = None
-        self._total = 0  # values ever appended to the host (evicted ones included)
-        self._seen = 0  # of those, how many the mirror has been given
+        self._seen = 0  # the host's end_index when the mirror was last synced
         # Two device batches over one series may sync it at the same time (readers share it).
         self._sync_lock = threading.Lock()
+        # The hot paths are the host's own bound methods: no extra Python frame per tick or
+        # query, so they cost exactly what they cost on the cpu engine.
+        self.append = host.append
+        self.stats = host.stats
 
-    # -- host side: the Series protocol -------------------------------------------------------
-
-    def append(self, values: np.ndarray) -> int:
-        evicted = self.host.append(values)  # raises before changing anything: count after
-        self._total += values.shape[0]
-        return evicted
-
-    def stats(self, window: int) -> WindowStats:
-        return self.host.stats(window)
+    # -- host side: the Series protocol (append and stats: the host's, bound above) ----------
 
     def tail(self, count: int) -> np.ndarray:
         return self.host.tail(count)
@@ -151,11 +153,12 @@ class HybridSeries:
 
         The caller holds the series still (no append meanwhile)."""
         with self._sync_lock:
-            delta = self._total - self._seen
+            end = self.host.end_index
             mirror = self._mirror
-            if mirror is not None and delta == 0:
+            if mirror is not None and end == self._seen:
                 return mirror
             size = len(self.host)
+            delta = end - self._seen
             if mirror is None or delta > size:  # the host evicted values the mirror never saw
                 mirror = self._device.new_series(sliding_policy(self.retention), 0)
                 delta = size
@@ -178,7 +181,7 @@ class HybridSeries:
                 self._seen = 0
                 raise
             self._mirror = mirror
-            self._seen = self._total
+            self._seen = end
             return mirror
 
 
@@ -218,13 +221,9 @@ class HybridEngine(Engine):
         return self._fallbacks[0]
 
     def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> HybridSeries:
-        if self.pinned_host_pages:
-            device: Device = self.device.device
-            host: CompiledSeries = PinnedCompiledSeries(
-                retention, starting_capacity, self.host.geometry, device.new_pinned_values
-            )
-        else:
-            host = self.host.new_series(retention, starting_capacity)
+        device: Device = self.device.device
+        allocate = device.new_pinned_values if self.pinned_host_pages else np.empty
+        host = HostSeries(retention, starting_capacity, self.host.geometry, allocate)
         return HybridSeries(host, self.device)
 
     # -- batches ------------------------------------------------------------------------------
