@@ -12,7 +12,8 @@ reference engine), and the rest of the appliance only sees the `engine_core.Engi
            queries on the compiled CPU tree and batches of at least
            `[engine] gpu_batch_min_queries` queries, bars and rolling statistics on a device
            mirror, so it is never slower than `cpu` on a tick or a query; `device` is the
-           plain CuPy engine (name "cupy"), everything on the GPU.
+           plain CuPy engine (name "cupy"), everything on the GPU. Hybrid needs the compiled
+           engine too: without it (numba missing) the GPU is placed as `device`, logged.
 An explicitly named engine that cannot be loaded is a startup error (`EngineUnavailableError`,
 exit status 2), never a silent fallback.
 - `auto`:  the GPU engine (placed as for `gpu`) when it loads, else the compiled engine, else
@@ -92,22 +93,37 @@ class GpuPlacement:
 
 
 def load_gpu_engine(placement: GpuPlacement | None = None, compile_cache_dir: str = "") -> Engine:
-    """A GPU engine on the first CUDA device, or EngineUnavailableError saying why not:
-    CuPy missing, no usable driver, no device, or the kernels failing to compile (and, for
-    the hybrid placement, the compiled CPU engine failing to load)."""
+    """A GPU engine on the first CUDA device (see `load_placed_gpu_engine`)."""
+    return load_placed_gpu_engine(placement or GpuPlacement(), compile_cache_dir)[0]
+
+
+def load_placed_gpu_engine(
+    placement: GpuPlacement, compile_cache_dir: str = ""
+) -> tuple[Engine, str]:
+    """(a GPU engine on the first CUDA device, how it is placed), or EngineUnavailableError
+    saying why there is none: CuPy missing, no usable driver, no device, or the kernels
+    failing to compile.
+
+    The hybrid placement also needs the compiled CPU engine; where that cannot load (numba
+    missing) the GPU is still used, placed as "device", and the returned text says why (it is
+    logged with the choice): a working GPU engine beats falling back to numpy."""
     import gpu_kernels
 
-    placement = placement or GpuPlacement()
     try:
         device_engine = gpu_kernels.CupyEngine()
     except Exception as exc:  # GpuUnavailableError, CUDA runtime or NVRTC errors
         raise EngineUnavailableError(f"GPU engine not available: {exc}") from exc
     if placement.placement == "device":
-        return device_engine
-    host = load_cpu_engine(compile_cache_dir)  # its error names the compiled engine
+        return device_engine, "engine.placement = 'device'"
+    try:
+        host = load_cpu_engine(compile_cache_dir)
+    except EngineUnavailableError as exc:
+        log.warning("hybrid placement unavailable, placing everything on the GPU: %s", exc)
+        return device_engine, f"engine.placement = 'hybrid' unavailable, using 'device': {exc}"
     from gpu_kernels.hybrid import HybridEngine
 
-    return HybridEngine(host, device_engine, placement.batch_min_queries)  # type: ignore[arg-type]
+    engine = HybridEngine(host, device_engine, placement.batch_min_queries)  # type: ignore[arg-type]
+    return engine, "engine.placement = 'hybrid'"
 
 
 def select_engine(
@@ -143,19 +159,16 @@ def _select(backend: str, compile_cache_dir: str, placement: GpuPlacement) -> En
         return EngineChoice(load_cpu_engine(compile_cache_dir), "engine.backend = 'cpu'")
     if backend == "numpy":
         return EngineChoice(load_numpy_engine(), "engine.backend = 'numpy'")
-    where = f"engine.placement = {placement.placement!r}"
     if backend == "gpu":
-        engine = load_gpu_engine(placement, compile_cache_dir)
+        engine, where = load_placed_gpu_engine(placement, compile_cache_dir)
         return EngineChoice(engine, f"engine.backend = 'gpu', {where}")
     if backend != "auto":
         raise EngineUnavailableError(
             f"engine.backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
         )
     try:
-        return EngineChoice(
-            load_gpu_engine(placement, compile_cache_dir),
-            f"engine.backend = 'auto' and a GPU engine loaded, {where}",
-        )
+        engine, where = load_placed_gpu_engine(placement, compile_cache_dir)
+        return EngineChoice(engine, f"engine.backend = 'auto' and a GPU engine loaded, {where}")
     except EngineUnavailableError as gpu_exc:
         try:
             engine = load_cpu_engine(compile_cache_dir)

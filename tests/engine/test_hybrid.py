@@ -371,3 +371,16 @@ def test_append_parts_is_append_of_the_concatenation(
         np.testing.assert_array_equal(by_parts.tail(10**6), joined.tail(10**6))
         if len(joined):
             assert by_parts.stats(7) == joined.stats(7)
+
+
+def test_a_gpu_without_the_compiled_engine_is_placed_on_the_device_and_says_why(
+    library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device_engine = emulated_engine(library, Geometry(), 64)
+    monkeypatch.setattr(gpu_kernels, "CupyEngine", lambda: device_engine)
+    monkeypatch.setitem(sys.modules, "fallback.compiled", None)  # as if numba were missing
+    for backend in ("gpu", "auto"):
+        choice = select_engine(backend, placement=GpuPlacement("hybrid"))
+        assert choice.engine is device_engine
+        assert "'hybrid' unavailable, using 'device'" in choice.reason
+        assert "compiled CPU engine not available" in choice.reason
