@@ -217,7 +217,7 @@ class HybridEngine(Engine):
 
     @property
     def host_fallbacks(self) -> int:
-        """Device operations answered on the host because a mirror could not be allocated."""
+        """Device operations answered on the host because device memory ran out."""
         return self._fallbacks[0]
 
     def new_series(self, retention: RetentionPolicy, starting_capacity: int) -> HybridSeries:
@@ -233,11 +233,7 @@ class HybridEngine(Engine):
         for one in series:
             mirror = one.synced_mirror()
             if mirror is None:
-                self._fallbacks[0] += 1
-                log.warning(
-                    "device memory exhausted syncing a mirror: batch answered on the host",
-                    extra={"engine": self.name, "host_fallbacks": self._fallbacks[0]},
-                )
+                self._host_instead("a batch of queries (mirror sync)")
                 return None
             mirrors.append(mirror)
         return mirrors
@@ -266,10 +262,26 @@ class HybridEngine(Engine):
                 return self.device.stats_table(mirrors, which, clamped)
         return self.host.stats_table([s.host for s in hybrid], which, windows)
 
-    # -- history analytics: the device --------------------------------------------------------
+    # -- history analytics: the device, the host when the device is out of memory ------------
+
+    def _host_instead(self, what: str) -> None:
+        self._fallbacks[0] += 1
+        log.warning(
+            "device memory exhausted: %s answered on the host",
+            what,
+            extra={"engine": self.name, "host_fallbacks": self._fallbacks[0]},
+        )
 
     def bars(self, values: np.ndarray, offsets: np.ndarray) -> Bars:
-        return self.device.bars(values, offsets)
+        try:
+            return self.device.bars(values, offsets)
+        except MemoryError:  # the device engine's bars allocate before changing anything
+            self._host_instead("bars")
+            return self.host.bars(values, offsets)
 
     def rolling(self, values: np.ndarray, window: int, step: int) -> Rolling:
-        return self.device.rolling(values, window, step)
+        try:
+            return self.device.rolling(values, window, step)
+        except MemoryError:
+            self._host_instead("rolling")
+            return self.host.rolling(values, window, step)

@@ -74,17 +74,12 @@ class GpuSeries:
 
     # -- append ---------------------------------------------------------------------------
 
-    def append(self, values: np.ndarray, *, stable_source: bool = False) -> int:
+    def append(self, values: np.ndarray) -> int:
         """All or nothing: every device allocation the append needs (its pages, then the
         directory that lists them) happens before any state changes, so a MemoryError leaves
         the series as it was (pages made before the failure are kept, unused, as the numpy
         engine keeps them). Copies and launches after that allocate nothing; they fail only
-        on a CUDA error, which leaves the whole device unusable anyway.
-
-        `stable_source`: the caller keeps `values` unchanged until its next
-        `device.synchronize()`, so a batch too large to coalesce is copied straight out of
-        it (`Device.upload_direct`: no staging copy; at link speed from pinned memory). The
-        hybrid engine's mirror sync passes its host pages this way."""
+        on a CUDA error, which leaves the whole device unusable anyway."""
         incoming = values.shape[0]
         if incoming == 0:
             return 0
@@ -96,8 +91,7 @@ class GpuSeries:
             self._current_directory()
             capacity = self._pending.shape[0]
             if evicted or kept_new > capacity:
-                # evicting pages needs everything before them uploaded
-                self._sync((values,), direct=stable_source and values.flags.c_contiguous)
+                self._sync((values,))  # evicting pages needs everything before them uploaded
             else:
                 if stop - self._synced > capacity:
                     self._sync()
@@ -113,7 +107,11 @@ class GpuSeries:
         reservation, one directory, one copy per part (per page it spans) and one set of
         launches for the whole. Why: the hybrid engine's mirror sync hands over the host's
         value pages (1e8 values are ~100 pages); appending them one by one would rebuild the
-        directory and launch the summaries once per page. All or nothing like `append`."""
+        directory and launch the summaries once per page. All or nothing like `append`.
+
+        `stable_source`: the caller keeps the parts unchanged until its next
+        `device.synchronize()`, so they are copied straight out of them
+        (`Device.upload_direct`: no staging copy; at link speed from pinned memory)."""
         incoming = sum(part.shape[0] for part in parts)
         if incoming == 0:
             return 0
@@ -168,7 +166,7 @@ class GpuSeries:
 
     def _upload(self, start: int, values: np.ndarray, direct: bool = False) -> None:
         """Copy `values` to absolute positions from `start`, one copy per value page
-        (straight from `values` when `direct`: see `append`'s `stable_source`)."""
+        (straight from `values` when `direct`: see `append_parts`' `stable_source`)."""
         upload = self._device.upload_direct if direct else self._device.upload
         done = 0
         for run in self._values.runs(start, start + values.shape[0]):

@@ -384,3 +384,15 @@ def test_a_gpu_without_the_compiled_engine_is_placed_on_the_device_and_says_why(
         assert choice.engine is device_engine
         assert "'hybrid' unavailable, using 'device'" in choice.reason
         assert "compiled CPU engine not available" in choice.reason
+
+
+def test_bars_fall_back_to_the_host_when_the_device_is_out_of_memory(library) -> None:
+    engine = hybrid_engine(library, TINY, 5, 1)
+    values = np.random.default_rng(12).uniform(0.0, 1.0, 100)
+    offsets = np.array([0, 10, 55], dtype=np.int64)
+    engine.device.device.fail_allocations = True
+    bars = engine.bars(values, offsets)
+    assert engine.host_fallbacks == 1 and engine.device.device.launches["bar_summaries"] == 0
+    want = engine.host.bars(values, offsets)
+    np.testing.assert_array_equal(bars.high, want.high)
+    np.testing.assert_array_equal(bars.low, want.low)
