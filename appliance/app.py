@@ -40,7 +40,7 @@ from appliance.auth import Role, Tokens
 from appliance.config import AppConfig
 from appliance.durability.sequences import PublisherSequences
 from appliance.durability.writer import StorageUnavailableError
-from appliance.engine import select_engine
+from appliance.engine import select_configured_engine
 from appliance.errors import ApiError
 from appliance.ingest import as_api_error
 from appliance.live_routes import add_live_routes, build_hub
@@ -255,7 +255,7 @@ def create_app(
     the known tokens. `audit`: the audit trail (default: none).
     """
     if engine is None:
-        engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
+        engine = select_configured_engine(config.engine).engine
     # env_prefix=None: Sanic's own SANIC_* variables are ignored; APP_* is the one mechanism.
     app = Sanic(name, configure_logging=False, error_handler=JsonErrorHandler(), env_prefix=None)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes

@@ -163,7 +163,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
 
-    from appliance.engine import EngineUnavailableError, select_engine
+    from appliance.engine import EngineUnavailableError, select_configured_engine
     from appliance.logging_setup import setup_logging
 
     try:
@@ -177,7 +177,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         return _fail(str(exc))
     if engine is None:
         try:
-            engine = select_engine(config.engine.backend, config.engine.compile_cache_dir).engine
+            engine = select_configured_engine(config.engine).engine
         except EngineUnavailableError as exc:
             log.error("engine unavailable", extra={"reason": str(exc)})
             return _fail(str(exc))

@@ -38,6 +38,7 @@ Host = Annotated[str, Meta(min_length=1)]
 ShutdownSeconds = Annotated[float, Meta(gt=0, le=3600)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 Backend = Literal["auto", "cpu", "numpy", "gpu"]
+Placement = Literal["hybrid", "device"]
 # ZeroMQ endpoints the appliance binds: TCP or IPC (inproc is meaningless across processes).
 Endpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc)://.+")]
 OptionalEndpoint = Annotated[str, Meta(pattern=r"^((tcp|ipc)://.+)?$")]
@@ -136,6 +137,13 @@ class EngineConfig(_Section):
     # Where numba keeps the compiled CPU kernels ("" = numba's default: the package's
     # __pycache__ if writable, else the user's cache directory). Unwritable: compiled in memory.
     compile_cache_dir: str = ""
+    # With a GPU (backend "gpu", or "auto" when one loads): "hybrid" answers appends and single
+    # queries on the compiled CPU tree and large batches, bars and rolling statistics on a
+    # device mirror; "device" puts everything on the GPU (the plain CuPy engine).
+    placement: Placement = "hybrid"
+    # Hybrid: batches of at least this many queries go to the device, smaller ones to the host.
+    # 512 is a reasoned default, not a measured crossover (benches/bench_gpu.py measures it).
+    gpu_batch_min_queries: PositiveInt = 512
 
 
 SyncPolicy = Literal["always", "interval", "never"]

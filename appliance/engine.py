@@ -7,11 +7,17 @@ reference engine), and the rest of the appliance only sees the `engine_core.Engi
 - `cpu`:   the compiled (numba) segment-tree engine (`fallback.compiled.CompiledEngine`); its
            kernels are compiled, or loaded from numba's cache, here, before the server answers.
 - `numpy`: the pure numpy engine (`fallback.NumpyEngine`), the reference implementation.
-- `gpu`:   the CuPy engine from `gpu_kernels`.
+- `gpu`:   a GPU engine from `gpu_kernels`, placed by `[engine] placement`: `hybrid` (the
+           default; `gpu_kernels.hybrid.HybridEngine`, name "hybrid") answers appends and single
+           queries on the compiled CPU tree and batches of at least
+           `[engine] gpu_batch_min_queries` queries, bars and rolling statistics on a device
+           mirror, so it is never slower than `cpu` on a tick or a query; `device` is the
+           plain CuPy engine (name "cupy"), everything on the GPU. Hybrid needs the compiled
+           engine too: without it (numba missing) the GPU is placed as `device`, logged.
 An explicitly named engine that cannot be loaded is a startup error (`EngineUnavailableError`,
 exit status 2), never a silent fallback.
-- `auto`:  the GPU engine when it loads, else the compiled engine, else numpy; the choice and
-           the reason are logged.
+- `auto`:  the GPU engine (placed as for `gpu`) when it loads, else the compiled engine, else
+           numpy; the choice and the reason are logged.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from engine_core.contract import Engine
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "numpy", "gpu")
+PLACEMENTS = ("hybrid", "device")
 
 
 class EngineUnavailableError(RuntimeError):
@@ -71,20 +78,59 @@ def load_cpu_engine(compile_cache_dir: str = "") -> Engine:
     return CompiledEngine()
 
 
-def load_gpu_engine() -> Engine:
-    """The CuPy engine on the first CUDA device, or EngineUnavailableError saying why not:
-    CuPy missing, no usable driver, no device, or the kernels failing to compile."""
+@dataclass(frozen=True, slots=True)
+class GpuPlacement:
+    """`[engine] placement` and `gpu_batch_min_queries`: how a GPU engine is put together."""
+
+    placement: str = "hybrid"
+    batch_min_queries: int = 512  # config.EngineConfig's default (unmeasured: see there)
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise EngineUnavailableError(
+                f"engine.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}"
+            )
+
+
+def load_gpu_engine(placement: GpuPlacement | None = None, compile_cache_dir: str = "") -> Engine:
+    """A GPU engine on the first CUDA device (see `load_placed_gpu_engine`)."""
+    return load_placed_gpu_engine(placement or GpuPlacement(), compile_cache_dir)[0]
+
+
+def load_placed_gpu_engine(
+    placement: GpuPlacement, compile_cache_dir: str = ""
+) -> tuple[Engine, str]:
+    """(a GPU engine on the first CUDA device, how it is placed), or EngineUnavailableError
+    saying why there is none: CuPy missing, no usable driver, no device, or the kernels
+    failing to compile.
+
+    The hybrid placement also needs the compiled CPU engine; where that cannot load (numba
+    missing) the GPU is still used, placed as "device", and the returned text says why (it is
+    logged with the choice): a working GPU engine beats falling back to numpy."""
     import gpu_kernels
 
     try:
-        return gpu_kernels.CupyEngine()
+        device_engine = gpu_kernels.CupyEngine()
     except Exception as exc:  # GpuUnavailableError, CUDA runtime or NVRTC errors
         raise EngineUnavailableError(f"GPU engine not available: {exc}") from exc
+    if placement.placement == "device":
+        return device_engine, "engine.placement = 'device'"
+    try:
+        host = load_cpu_engine(compile_cache_dir)
+    except EngineUnavailableError as exc:
+        log.warning("hybrid placement unavailable, placing everything on the GPU: %s", exc)
+        return device_engine, f"engine.placement = 'hybrid' unavailable, using 'device': {exc}"
+    from gpu_kernels.hybrid import HybridEngine
+
+    engine = HybridEngine(host, device_engine, placement.batch_min_queries)  # type: ignore[arg-type]
+    return engine, "engine.placement = 'hybrid'"
 
 
-def select_engine(backend: str, compile_cache_dir: str = "") -> EngineChoice:
-    """Resolve `[engine] backend` to an engine instance and log the choice."""
-    choice = _select(backend, compile_cache_dir)
+def select_engine(
+    backend: str, compile_cache_dir: str = "", placement: GpuPlacement | None = None
+) -> EngineChoice:
+    """Resolve `[engine] backend` (and, for a GPU, `placement`) to an engine and log it."""
+    choice = _select(backend, compile_cache_dir, placement or GpuPlacement())
     extra = {
         "engine": getattr(choice.engine, "name", type(choice.engine).__name__),
         "reason": choice.reason,
@@ -92,23 +138,37 @@ def select_engine(backend: str, compile_cache_dir: str = "") -> EngineChoice:
     device = getattr(choice.engine, "device_name", None)
     if device is not None:
         extra["device"] = device
+    minimum = getattr(choice.engine, "batch_min_queries", None)
+    if minimum is not None:
+        extra["gpu_batch_min_queries"] = minimum
     log.info("engine selected", extra=extra)
     return choice
 
 
-def _select(backend: str, compile_cache_dir: str) -> EngineChoice:
+def select_configured_engine(config) -> EngineChoice:  # config: appliance.config.EngineConfig
+    """`select_engine` with every key of an `[engine]` section."""
+    return select_engine(
+        config.backend,
+        config.compile_cache_dir,
+        GpuPlacement(config.placement, config.gpu_batch_min_queries),
+    )
+
+
+def _select(backend: str, compile_cache_dir: str, placement: GpuPlacement) -> EngineChoice:
     if backend == "cpu":
         return EngineChoice(load_cpu_engine(compile_cache_dir), "engine.backend = 'cpu'")
     if backend == "numpy":
         return EngineChoice(load_numpy_engine(), "engine.backend = 'numpy'")
     if backend == "gpu":
-        return EngineChoice(load_gpu_engine(), "engine.backend = 'gpu'")
+        engine, where = load_placed_gpu_engine(placement, compile_cache_dir)
+        return EngineChoice(engine, f"engine.backend = 'gpu', {where}")
     if backend != "auto":
         raise EngineUnavailableError(
             f"engine.backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
         )
     try:
-        return EngineChoice(load_gpu_engine(), "engine.backend = 'auto' and a GPU engine loaded")
+        engine, where = load_placed_gpu_engine(placement, compile_cache_dir)
+        return EngineChoice(engine, f"engine.backend = 'auto' and a GPU engine loaded, {where}")
     except EngineUnavailableError as gpu_exc:
         try:
             engine = load_cpu_engine(compile_cache_dir)

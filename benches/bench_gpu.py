@@ -1,14 +1,24 @@
-"""GPU engine benchmark (issue 4): each figure next to the numpy engine on the same host, same run.
+"""GPU engines benchmark (issues 4 and 13): every row next to the compiled `cpu` engine, same run.
 
-1. build: the pyramid over N values already on the device (`resummarize`, kernels only), and
-   the whole append of N values from host memory (staging + copies + kernels); numpy: append.
-2. append of 10k values into an N-value series: median and p99, device work included.
-3. one window query per k at N values (`stats`, no store cache): median and p99.
-4. 10k (symbol, k) queries in one `stats_many`: end to end, and the kernel alone (CUDA events).
+Engines: `cpu` (fallback.compiled, the yardstick), `device` (the plain CuPy engine, placement
+"device") and `hybrid` (compiled host series + device mirrors, placement "hybrid"). Rows, each
+the successor of a row of issue 13's table:
+
+1. one `stats(10^k)` at N values: median and p99 per engine;
+2. `stats_table` of 10k queries over 100 series: per engine (the hybrid routes it to the device
+   since 10k >= its threshold), plus the hybrid's first call, which syncs the mirrors;
+3. append of N values from host memory, GB/s: the device engine (pageable source, staged
+   through its pinned buffers), the hybrid's mirror sync (straight from its pinned host
+   pages), the cpu engine's append;
+4. tree build over N values already on the device (`resummarize`, kernels only);
+5. append of 10k values into an N-value series: median and p99 per engine;
+6. crossover sweep: batch sizes 1..10k, the hybrid's host path (compiled `stats_table`) vs its
+   device path (mirrors), and the measured crossover (the smallest size from which the device
+   is faster at every larger size swept) to set `[engine] gpu_batch_min_queries`.
 
     .venv/bin/python benches/bench_gpu.py              # CUDA GPU + pip install '.[gpu]'; N = 1e8
     .venv/bin/python benches/bench_gpu.py --n 1000000  # smaller N
-    .venv/bin/python benches/bench_gpu.py --emulated --n 100000
+    .venv/bin/python benches/bench_gpu.py --emulated --n 200000
         # smoke test of this script on the CPU build of the kernels (needs g++):
         # the figures are NOT GPU figures and must not be reported as such
 """
@@ -21,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +41,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_engine import machine, pct
 
 from engine_core import RetentionPolicy
-from fallback import NumpyEngine
+from fallback.compiled import CompiledEngine, prepare_kernels
 from gpu_kernels import CupyEngine
+from gpu_kernels.hybrid import HybridEngine
 from gpu_kernels.series import query_rows
 
 BATCH = 10_000
 QUERIES = 10_000
 SYMBOLS = 100
+SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10_000)
 RETENTION = RetentionPolicy()  # the appliance default: 1.5e8 / 1e8
 
 
-def synced_times(engine, fn, repeats: int) -> list[float]:
-    """Microseconds per call of `fn`, each waiting for the device to finish its work."""
+def timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> list[float]:
+    """Microseconds per call of `fn`, each until `sync` says the device has finished."""
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter_ns()
         fn()
-        if engine is not None:  # None: the numpy engine, nothing runs after the call
-            engine.device.synchronize()
+        sync()
         out.append((time.perf_counter_ns() - t0) / 1000.0)
     return out
 
@@ -56,79 +68,138 @@ def summary(samples: list[float]) -> dict:
     return {"median_us": statistics.median(samples), "p99_us": pct(samples, 99)}
 
 
-def bench_build(gpu: CupyEngine, n: int, rng) -> tuple[dict, object, object]:
+def gb_per_s(values: int, us: float) -> float:
+    return values * 8 / (us * 1e-6) / 1e9
+
+
+class Engines:
+    """The three engines of one run; the hybrid and the device engine share one device."""
+
+    def __init__(self, gpu: CupyEngine) -> None:
+        self.gpu = gpu
+        self.cpu = CompiledEngine()
+        self.hybrid = HybridEngine(CompiledEngine(), gpu)
+        self.sync = gpu.device.synchronize
+
+    def none(self) -> None:
+        """The cpu engine's work is done when its call returns."""
+
+
+def bench_build(e: Engines, n: int, rng) -> tuple[dict, dict]:
     values = rng.uniform(100.0, 200.0, n)
-    series = gpu.new_series(RETENTION, 0)
-    t0 = time.perf_counter_ns()
-    series.append(values)
-    gpu.device.synchronize()
-    append_us = (time.perf_counter_ns() - t0) / 1000.0
-    rebuild = synced_times(gpu, series.resummarize, 5)
-    cpu_series = NumpyEngine().new_series(RETENTION, n)
-    t0 = time.perf_counter_ns()
-    for lo in range(0, n, 1_000_000):  # as the numpy bench fills: 1e6-value batches
-        cpu_series.append(values[lo : lo + 1_000_000])
-    cpu_us = (time.perf_counter_ns() - t0) / 1000.0
+    series = {
+        "device": e.gpu.new_series(RETENTION, 0),
+        "hybrid": e.hybrid.new_series(RETENTION, 0),
+        "cpu": e.cpu.new_series(RETENTION, n),
+    }
+    device_us = timed(lambda: series["device"].append(values), e.sync, 1)[0]
+    cpu_us = timed(lambda: series["cpu"].append(values), e.none, 1)[0]
+    hybrid_append_us = timed(lambda: series["hybrid"].append(values), e.none, 1)[0]
+    mirror_us = timed(series["hybrid"].synced_mirror, e.sync, 1)[0]
+    rebuild = timed(series["device"].resummarize, e.sync, 5)
     row = {
         "n": n,
-        "gpu_tree_build_us": statistics.median(rebuild),
-        "gpu_append_from_host_us": append_us,
-        "numpy_append_us": cpu_us,
+        "device_append_from_host_us": device_us,
+        "device_append_gb_per_s": gb_per_s(n, device_us),
+        "hybrid_host_append_us": hybrid_append_us,
+        "hybrid_mirror_sync_us": mirror_us,
+        "hybrid_mirror_sync_gb_per_s": gb_per_s(n, mirror_us),
+        "cpu_append_us": cpu_us,
+        "device_tree_build_us": statistics.median(rebuild),
     }
-    return row, series, cpu_series
+    return row, series
 
 
-def bench_append(gpu: CupyEngine, series, cpu_series, repeats: int, rng) -> dict:
+def bench_append(e: Engines, series: dict, repeats: int, rng) -> dict:
     batch = rng.uniform(100.0, 200.0, BATCH)
-    gpu_times = synced_times(gpu, lambda: series.append(batch), repeats)
-    cpu_times = synced_times(None, lambda: cpu_series.append(batch), repeats)
-    return {"gpu": summary(gpu_times), "numpy": summary(cpu_times)}
+    out = {}
+    for name, one in series.items():
+        sync = e.none if name == "cpu" else e.sync
+        out[name] = summary(timed(lambda s=one: s.append(batch), sync, repeats))
+    return out
 
 
-def bench_queries(gpu: CupyEngine, series, cpu_series, repeats: int) -> list[dict]:
+def bench_queries(e: Engines, series: dict, repeats: int) -> list[dict]:
     rows = []
     for k in range(0, 9):
         window = 10**k
-        if window > len(series) * 10:
+        if window > len(series["cpu"]) * 10:
             break
-        gpu_times = synced_times(gpu, lambda w=window: series.stats(w), repeats)
-        cpu_times = synced_times(None, lambda w=window: cpu_series.stats(w), repeats)
-        rows.append({"k": k, "gpu": summary(gpu_times), "numpy": summary(cpu_times)})
+        row: dict = {"k": k}
+        for name, one in series.items():
+            sync = e.none if name == "cpu" else e.sync
+            row[name] = summary(timed(lambda s=one, w=window: s.stats(w), sync, repeats))
+        rows.append(row)
     return rows
 
 
-def bench_batch(gpu: CupyEngine, values_per_symbol: int, repeats: int, rng) -> dict:
-    cpu = NumpyEngine()
-    gpu_series, cpu_series = [], []
+def fill_symbols(e: Engines, values_per_symbol: int, rng) -> dict:
+    series: dict[str, list] = {"device": [], "hybrid": [], "cpu": []}
     for _ in range(SYMBOLS):
         values = rng.uniform(100.0, 200.0, values_per_symbol)
-        gpu_series.append(gpu.new_series(RETENTION, 0))
-        gpu_series[-1].append(values)
-        cpu_series.append(cpu.new_series(RETENTION, values_per_symbol))
-        cpu_series[-1].append(values)
+        for name, engine in (("device", e.gpu), ("hybrid", e.hybrid), ("cpu", e.cpu)):
+            one = engine.new_series(RETENTION, 0)
+            one.append(values)
+            series[name].append(one)
+    return series
+
+
+def bench_table(e: Engines, series: dict, values_per_symbol: int, repeats: int, rng) -> dict:
     top = len(str(values_per_symbol)) - 1
-    picks = rng.integers(0, SYMBOLS, QUERIES)
-    ks = rng.integers(0, top + 1, QUERIES)
-    gpu_requests = [(gpu_series[s], 10 ** int(k)) for s, k in zip(picks, ks, strict=True)]
-    cpu_requests = [(cpu_series[s], 10 ** int(k)) for s, k in zip(picks, ks, strict=True)]
-    for got, want in zip(gpu.stats_many(gpu_requests), cpu.stats_many(cpu_requests), strict=True):
-        assert (got.count, got.min, got.max) == (want.count, want.min, want.max)
-    end_to_end = synced_times(gpu, lambda: gpu.stats_many(gpu_requests), repeats)
-    cpu_times = synced_times(None, lambda: cpu.stats_many(cpu_requests), max(3, repeats // 10))
-    row = {
+    which = rng.integers(0, SYMBOLS, QUERIES).astype(np.int64)
+    windows = (10 ** rng.integers(0, top + 1, QUERIES)).astype(np.int64)
+    engines = {"device": e.gpu, "hybrid": e.hybrid, "cpu": e.cpu}
+    first_hybrid_us = timed(
+        lambda: e.hybrid.stats_table(series["hybrid"], which, windows), e.sync, 1
+    )[0]
+    want = e.cpu.stats_table(series["cpu"], which, windows)
+    row: dict = {
         "queries": QUERIES,
         "symbols": SYMBOLS,
         "values_per_symbol": values_per_symbol,
-        "gpu_end_to_end": summary(end_to_end),
-        "numpy": summary(cpu_times),
+        "hybrid_first_call_with_mirror_sync_us": first_hybrid_us,
     }
-    kernel = kernel_only_us(gpu, gpu_requests, repeats)
+    for name, engine in engines.items():
+        got = engine.stats_table(series[name], which, windows)
+        np.testing.assert_array_equal(got[:, :4], want[:, :4])  # count, min, max, last
+        sync = e.none if name == "cpu" else e.sync
+        runs = repeats if name != "cpu" else max(3, repeats // 10)
+        call = lambda en=engine, s=series[name]: en.stats_table(s, which, windows)  # noqa: E731
+        row[name] = summary(timed(call, sync, runs))
+    kernel = kernel_only_us(e.gpu, series["device"], which, windows, repeats)
     if kernel is not None:
-        row["gpu_kernel"] = summary(kernel)
+        row["device_kernel_only"] = summary(kernel)
     return row
 
 
-def kernel_only_us(gpu: CupyEngine, requests, repeats: int) -> list[float] | None:
+def bench_crossover(e: Engines, series: list, values_per_symbol: int, repeats: int, rng) -> dict:
+    """The hybrid's two paths on the same batches (mirrors already synced)."""
+    top = len(str(values_per_symbol)) - 1
+    mirrors = [one.synced_mirror() for one in series]
+    hosts = [one.host for one in series]
+    sweep = []
+    for size in SWEEP:
+        which = rng.integers(0, SYMBOLS, size).astype(np.int64)
+        windows = (10 ** rng.integers(0, top + 1, size)).astype(np.int64)
+        runs = max(5, min(repeats, 20_000 // size))
+        host = timed(lambda w=which, k=windows: e.cpu.stats_table(hosts, w, k), e.none, runs)
+        device = timed(lambda w=which, k=windows: e.gpu.stats_table(mirrors, w, k), e.sync, runs)
+        sweep.append(
+            {
+                "batch": size,
+                "host_median_us": statistics.median(host),
+                "device_median_us": statistics.median(device),
+            }
+        )
+    crossover = None
+    for i in range(len(sweep) - 1, -1, -1):  # from the largest size down
+        if sweep[i]["device_median_us"] >= sweep[i]["host_median_us"]:
+            break
+        crossover = sweep[i]["batch"]
+    return {"sweep": sweep, "measured_crossover_batch": crossover}
+
+
+def kernel_only_us(gpu: CupyEngine, series: list, which, windows, repeats: int):
     """The `window_stats` launch alone, timed by CUDA events on the engine's stream."""
     stream = getattr(gpu.device, "_stream", None)  # CupyDevice only; a bench may look inside
     if stream is None:
@@ -136,6 +207,7 @@ def kernel_only_us(gpu: CupyEngine, requests, repeats: int) -> list[float] | Non
     import cupy
 
     device = gpu.device
+    requests = [(series[i], int(w)) for i, w in zip(which.tolist(), windows.tolist(), strict=True)]
     with gpu.lock:
         queries = device.new_int64(query_rows(device, requests).ravel())
         out = device.new_output(len(requests))
@@ -175,20 +247,32 @@ def main() -> None:
         gpu = CupyEngine(device=EmulatedDevice.build())
     else:
         gpu = CupyEngine()  # raises with the reason when there is no usable GPU
+    prepare_kernels()
+    engines = Engines(gpu)
     rng = np.random.default_rng(2026)
-    build, series, cpu_series = bench_build(gpu, args.n, rng)
+    build, series = bench_build(engines, args.n, rng)
     result = {
         "machine": machine(),
         "device": gpu_versions(gpu),
         "emulated": args.emulated,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(sys.argv),
+        "hybrid_batch_min_queries": engines.hybrid.batch_min_queries,
         "build": build,
-        "append": bench_append(gpu, series, cpu_series, args.repeats, rng),
-        "queries": bench_queries(gpu, series, cpu_series, args.repeats),
-        "batch": bench_batch(gpu, min(args.n // 100, 1_000_000), args.repeats, rng),
+        "append_10k": bench_append(engines, series, args.repeats, rng),
+        "queries": bench_queries(engines, series, args.repeats),
     }
+    del series  # the N-value series: free their memory before the 100 symbols
+    per_symbol = min(args.n // 100, 1_000_000)
+    symbols = fill_symbols(engines, per_symbol, rng)
+    result["stats_table"] = bench_table(engines, symbols, per_symbol, args.repeats, rng)
+    result["crossover"] = bench_crossover(engines, symbols["hybrid"], per_symbol, args.repeats, rng)
     print(json.dumps(result, indent=2))
+    note = " (EMULATED: not a GPU figure)" if args.emulated else ""
+    print(
+        f"measured crossover: {result['crossover']['measured_crossover_batch']} queries{note}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

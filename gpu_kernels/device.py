@@ -12,6 +12,7 @@ page (or replacing a series directory) safe without waiting for the GPU.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
@@ -67,6 +68,21 @@ class Device(Protocol):
         be reused on return."""
         ...
 
+    def new_pinned_values(self, count: int) -> np.ndarray:
+        """A host float64 array of `count` values in page-locked memory where the device has
+        such memory (plain numpy otherwise): `upload_direct` copies out of it at link speed.
+        Raises MemoryError (or the driver's error) when none can be had. The one method
+        called without the engine's lock (host appends allocate pages with it): it touches
+        no stream, and CuPy's pinned memory pool has its own lock."""
+        ...
+
+    def upload_direct(self, dst: Any, values: np.ndarray) -> None:
+        """Copy C-contiguous host float64 `values` into `dst` with one asynchronous copy and
+        no staging copy. The caller keeps `values` unchanged until its next `synchronize`
+        (the copy reads them until it completes). At DMA speed when `values` lie in memory
+        from `new_pinned_values`; correct, and no faster than `upload`, from any other."""
+        ...
+
     def download(self, src: Any) -> np.ndarray:
         """A host copy of the device array or view `src` once all work issued before it has
         finished."""
@@ -94,13 +110,30 @@ class _StagingBuffer:
 class CupyDevice:
     """A CUDA device through CuPy, with pinned staging buffers and one dedicated stream.
 
-    Host-to-device copies go through `staging_buffers` page-locked buffers of
-    `staging_values` float64 each, used in turn: the host fills one while the copy out of the
-    previous one runs, and waits on a buffer's event before refilling it (an async copy reads
-    its source until it completes).
+    Host-to-device copies from pageable memory go through `staging_buffers` page-locked
+    buffers of `staging_values` float64 each, used in turn: the host fills one while the
+    copies out of the others run, and waits on a buffer's event before refilling it (an async
+    copy reads its source until it completes). Why several buffers and several fill threads:
+    a single thread copying pageable memory into a pinned buffer moves about 6-8 GB/s, the
+    figure the engine reached on the H200 (issue 13); the link moves ~55 GB/s from pinned
+    memory. Pieces of at least `parallel_fill_values` values are filled by `fill_threads`
+    threads (numpy releases the GIL for a plain copy), so host copies run in parallel with
+    each other and with the DMA of the buffers filled before. Whether that reaches the
+    25 GB/s goal is unmeasured here (no GPU on the development machine).
+
+    Memory that is already pinned (`new_pinned_values`) needs no staging: `upload_direct`.
     """
 
-    def __init__(self, *, staging_values: int = 1 << 20, staging_buffers: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        staging_values: int = 1 << 21,
+        staging_buffers: int = 4,
+        fill_threads: int = 4,
+        parallel_fill_values: int = 1 << 18,
+    ) -> None:
+        if staging_values < 1 or staging_buffers < 1 or fill_threads < 1:
+            raise ValueError("staging_values, staging_buffers and fill_threads must be >= 1")
         self._cupy = _import_cupy()
         cupy = self._cupy
         try:
@@ -123,6 +156,27 @@ class CupyDevice:
             for _ in range(staging_buffers)
         ]
         self._next_staging = 0
+        self._fill_threads = fill_threads
+        self._parallel_fill_values = max(parallel_fill_values, fill_threads)
+        # Made on the first large copy (an idle device starts no threads); the device's own.
+        self._fill_pool: ThreadPoolExecutor | None = None
+
+    def new_pinned_values(self, count: int) -> np.ndarray:
+        return _empty_pinned(self._cupy, count)
+
+    def upload_direct(self, dst: Any, values: np.ndarray) -> None:
+        if values.dtype != np.float64 or not values.flags.c_contiguous:
+            raise TypeError("upload_direct takes C-contiguous float64 arrays")
+        if values.shape[0] == 0:
+            return
+        runtime = self._cupy.cuda.runtime
+        runtime.memcpyAsync(
+            dst.data.ptr,
+            values.ctypes.data,
+            values.nbytes,
+            runtime.memcpyHostToDevice,
+            self._stream.ptr,
+        )
 
     def new_values(self, count: int) -> Any:
         with self._stream:
@@ -164,7 +218,7 @@ class CupyDevice:
             if buffer.ready is not None:
                 buffer.ready.synchronize()  # the previous copy out of it has finished
             take = min(raw.shape[0] - done, buffer.host.shape[0])
-            buffer.host[:take] = raw[done : done + take]
+            self._fill(buffer.host[:take], raw[done : done + take])
             runtime.memcpyAsync(
                 address + done * 8,
                 buffer.host.ctypes.data,
@@ -174,6 +228,22 @@ class CupyDevice:
             )
             buffer.ready = self._stream.record()
             done += take
+
+    def _fill(self, target: np.ndarray, source: np.ndarray) -> None:
+        """`target[:] = source`, split over the fill threads when it is large."""
+        count = source.shape[0]
+        if count < self._parallel_fill_values or self._fill_threads == 1:
+            target[:] = source
+            return
+        if self._fill_pool is None:
+            self._fill_pool = ThreadPoolExecutor(self._fill_threads, "hft-gpu-fill")
+        step = -(-count // self._fill_threads)
+
+        def part(lo: int) -> None:
+            target[lo : lo + step] = source[lo : lo + step]
+
+        for finished in [self._fill_pool.submit(part, lo) for lo in range(0, count, step)]:
+            finished.result()  # every part done (and any error raised) before the copy
 
     def synchronize(self) -> None:
         self._stream.synchronize()

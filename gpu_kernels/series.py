@@ -101,13 +101,46 @@ class GpuSeries:
             self._current_directory()
             capacity = self._pending.shape[0]
             if evicted or kept_new > capacity:
-                self._sync(values)  # evicting pages needs everything before them uploaded
+                self._sync((values,))  # evicting pages needs everything before them uploaded
             else:
                 if stop - self._synced > capacity:
                     self._sync()
                 self._pending[start - self._synced : stop - self._synced] = values
                 self._end = stop
             self._last = float(values[-1])
+            if evicted:
+                self._drop_oldest(evicted)
+        return evicted
+
+    def append_parts(self, parts: Sequence[np.ndarray], *, stable_source: bool = False) -> int:
+        """`append` of the concatenation of `parts`, without concatenating them: one page
+        reservation, one directory, one copy per part (per page it spans) and one set of
+        launches for the whole. Why: the hybrid engine's mirror sync hands over the host's
+        value pages (1e8 values are ~100 pages); appending them one by one would rebuild the
+        directory and launch the summaries once per page. All or nothing like `append`.
+
+        `stable_source`: the caller keeps the parts unchanged until its next
+        `device.synchronize()`, so they are copied straight out of them
+        (`Device.upload_direct`: no staging copy; at link speed from pinned memory)."""
+        incoming = sum(part.shape[0] for part in parts)
+        if incoming == 0:
+            return 0
+        kept_old, kept_new = self.retention.retained_after(len(self), incoming)
+        evicted = len(self) - kept_old
+        skip = incoming - kept_new  # the oldest values of the batch that retention drops
+        kept: list[np.ndarray] = []
+        for part in parts:
+            if skip >= part.shape[0]:
+                skip -= part.shape[0]
+                continue
+            kept.append(part[skip:] if skip else part)
+            skip = 0
+        direct = stable_source and all(part.flags.c_contiguous for part in kept)
+        with self._lock:
+            self._reserve_pages(self._end, self._end + kept_new)
+            self._current_directory()
+            self._sync(kept, direct=direct)
+            self._last = float(kept[-1][-1])
             if evicted:
                 self._drop_oldest(evicted)
         return evicted
@@ -123,9 +156,10 @@ class GpuSeries:
                     self._directory = None
                     level.page(number)
 
-    def _sync(self, batch: np.ndarray | None = None) -> None:
-        """Upload the pending values (then `batch`, appended after them) and summarize every
-        block they complete, so the device holds values and summaries up to `_end`.
+    def _sync(self, batches: Sequence[np.ndarray] = (), direct: bool = False) -> None:
+        """Upload the pending values (then `batches`, appended after them in order) and
+        summarize every block they complete, so the device holds values and summaries up to
+        `_end`.
 
         Only the directory may allocate (when pages were dropped since it was built), and it
         is built before anything changes: a failure leaves pending values pending."""
@@ -134,17 +168,19 @@ class GpuSeries:
         if self._end > lo:
             self._upload(lo, self._pending[: self._end - lo])
         end = self._end
-        if batch is not None:
-            self._upload(end, batch)
+        for batch in batches:
+            self._upload(end, batch, direct)
             end += batch.shape[0]
         self._summarize(directory, lo, end)
         self._end = self._synced = end
 
-    def _upload(self, start: int, values: np.ndarray) -> None:
-        """Copy `values` to absolute positions from `start`, one copy per value page."""
+    def _upload(self, start: int, values: np.ndarray, direct: bool = False) -> None:
+        """Copy `values` to absolute positions from `start`, one copy per value page
+        (straight from `values` when `direct`: see `append_parts`' `stable_source`)."""
+        upload = self._device.upload_direct if direct else self._device.upload
         done = 0
         for run in self._values.runs(start, start + values.shape[0]):
-            self._device.upload(run, values[done : done + run.shape[0]])
+            upload(run, values[done : done + run.shape[0]])
             done += run.shape[0]
 
     def _summarize(self, directory: Any, lo: int, hi: int) -> None:

@@ -6,8 +6,10 @@ geometries (so a few hundred values cross blocks, pages and
 several pyramid levels), the CuPy engine's code on the CPU build of its kernels (the
 "gpu-emulated" parameters: every line of gpu_kernels except the CuPy calls, see
 emulated_device.py), the same with the real `CupyDevice` over a numpy stand-in for CuPy
-("gpu-fakecupy", fake_cupy.py), and the CuPy engine on a real GPU, which is skipped with the
-reason when there is none. A new engine joins by adding a parameter here.
+("gpu-fakecupy", fake_cupy.py), the hybrid engine (compiled host series with a mirror on the
+emulated device, "hybrid-*": one routes every batch to the device), and the CuPy engine on a
+real GPU, which is skipped with the reason when there is none. A new engine joins by adding a
+parameter here.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ _EMULATED = {
 
 # The same engine on a real GPU: default and tiny geometry (many pages, levels, directories).
 _REAL_GPU = {"cupy-default": (Geometry(), 4096), "cupy-b4f4c64": (TINY, 5)}
+# The hybrid engine over the real GPU (every batch to the device: the mirrors are what it adds).
+_REAL_GPU_HYBRID = {"hybrid-cupy-b4f4c64": (TINY, 5, 1)}
 
 _NUMPY_GEOMETRIES = {
     "numpy-default": Geometry(),
@@ -43,6 +47,13 @@ _NUMPY_GEOMETRIES = {
     "numpy-b4f8c32": Geometry(block=4, fanout=8, chunk=32),  # chunk is not block * fanout**j
 }
 
+
+# (geometry, coalesce_values, batch_min_queries): the default routes the suite's small batches
+# to the host; the tiny one sends every batch (even of one query) to the device mirrors.
+_HYBRID = {
+    "hybrid-default": (Geometry(), 4096, None),
+    "hybrid-b4f4c64": (TINY, 5, 1),
+}
 
 _COMPILED_GEOMETRIES = {
     name.replace("numpy", "cpu"): geometry for name, geometry in _NUMPY_GEOMETRIES.items()
@@ -79,7 +90,17 @@ def emulated_engine(library, geometry: Geometry, coalesce_values: int):
     return CupyEngine(geometry, EmulatedDevice(library), coalesce_values)
 
 
-def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
+def hybrid_engine(library, geometry: Geometry, coalesce_values: int, batch_min_queries=None):
+    """The hybrid engine over the compiled engine and the emulated device."""
+    from fallback.compiled import CompiledEngine
+    from gpu_kernels.hybrid import DEFAULT_BATCH_MIN_QUERIES, HybridEngine
+
+    device = emulated_engine(library, geometry, coalesce_values)
+    minimum = DEFAULT_BATCH_MIN_QUERIES if batch_min_queries is None else batch_min_queries
+    return HybridEngine(CompiledEngine(geometry=geometry), device, minimum)
+
+
+def fake_cupy_engine(library, geometry: Geometry, staging_values: int, **device_options):
     """(CupyEngine on a real CupyDevice whose CuPy is tests/engine/fake_cupy.py, the fake).
     CuPy is only imported while the device is built (it keeps the module it got)."""
     import sys
@@ -91,7 +112,8 @@ def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
     saved = {name: sys.modules.get(name) for name in ("cupy", "cupyx")}
     sys.modules.update(cupy=fake.module, cupyx=fake.cupyx)
     try:
-        device = CupyDevice(staging_values=staging_values, staging_buffers=2)
+        device_options.setdefault("staging_buffers", 2)
+        device = CupyDevice(staging_values=staging_values, **device_options)
     finally:
         for name, module in saved.items():
             if module is None:
@@ -107,15 +129,27 @@ def fake_cupy_engine(library, geometry: Geometry, staging_values: int):
         *_COMPILED_GEOMETRIES,
         *_EMULATED,
         "gpu-fakecupy-b4f4c64",  # CupyDevice's own code too, with 7-value staging buffers
+        *_HYBRID,
         *(pytest.param(name, marks=pytest.mark.gpu) for name in _REAL_GPU),
+        *(pytest.param(name, marks=pytest.mark.gpu) for name in _REAL_GPU_HYBRID),
     ]
 )
 def engine(request):
     if request.param in _REAL_GPU:
         return real_gpu_engine(*_REAL_GPU[request.param])
+    if request.param in _REAL_GPU_HYBRID:
+        from fallback.compiled import CompiledEngine
+        from gpu_kernels.hybrid import HybridEngine
+
+        geometry, coalesce_values, batch_min_queries = _REAL_GPU_HYBRID[request.param]
+        device = real_gpu_engine(geometry, coalesce_values)
+        return HybridEngine(CompiledEngine(geometry=geometry), device, batch_min_queries)
     if request.param in _EMULATED:
         library = request.getfixturevalue("emulated_device_library")
         return emulated_engine(library, *_EMULATED[request.param])
+    if request.param in _HYBRID:
+        library = request.getfixturevalue("emulated_device_library")
+        return hybrid_engine(library, *_HYBRID[request.param])
     if request.param == "gpu-fakecupy-b4f4c64":
         library = request.getfixturevalue("emulated_device_library")
         return fake_cupy_engine(library, TINY, staging_values=7)[0]

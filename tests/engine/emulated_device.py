@@ -98,16 +98,29 @@ class EmulatedDevice:
         self.launches: Counter[str] = Counter()
         self.uploads = 0
         self.uploaded_values = 0
+        self.direct_uploads = 0
+        # Tests set this to make the next device allocations fail as CuPy's pool does.
+        self.fail_allocations = False
 
     @classmethod
     def build(cls) -> EmulatedDevice:
         return cls(build_library(Path(tempfile.gettempdir())))
 
+    def _allocating(self) -> None:
+        if self.fail_allocations:
+            raise MemoryError("emulated device out of memory")
+
     def new_values(self, count: int) -> np.ndarray:
+        self._allocating()
         return np.full(count, np.nan)
 
     def new_rows(self, rows: int) -> np.ndarray:
+        self._allocating()
         return identity_rows(rows)
+
+    def new_pinned_values(self, count: int) -> np.ndarray:
+        """Host memory is all the emulation has: plain numpy (NaN, as fresh device pages)."""
+        return np.full(count, np.nan)
 
     def new_int64(self, host: np.ndarray) -> np.ndarray:
         return np.array(host, dtype=np.int64)
@@ -121,6 +134,12 @@ class EmulatedDevice:
     def upload(self, dst: np.ndarray, values: np.ndarray) -> None:
         dst[:] = values
         self.uploads += 1
+        self.uploaded_values += values.shape[0]
+
+    def upload_direct(self, dst: np.ndarray, values: np.ndarray) -> None:
+        assert values.dtype == np.float64 and values.flags.c_contiguous
+        dst[:] = values
+        self.direct_uploads += 1
         self.uploaded_values += values.shape[0]
 
     def synchronize(self) -> None:

@@ -1,6 +1,9 @@
 """Serve exactly as `hft-appliance serve` does, on the GPU engine over the CPU build of its
 kernels (tests/engine/emulated_device.py): the GPU engine's code behind a real socket on a
-machine without a GPU. Compiles the kernels into the working directory first."""
+machine without a GPU. Compiles the kernels into the working directory first.
+
+`--hybrid`: the hybrid engine over the compiled engine and that device, sending batches of 4
+queries or more to the device mirrors (single queries and appends stay on the host)."""
 
 from __future__ import annotations
 
@@ -13,4 +16,11 @@ from tests.engine.emulated_device import EmulatedDevice, build_library
 
 if __name__ == "__main__":
     device = EmulatedDevice(build_library(Path.cwd()))
-    sys.exit(serve(None, engine=CupyEngine(device=device, coalesce_values=64)))
+    engine = CupyEngine(device=device, coalesce_values=64)
+    if "--hybrid" in sys.argv[1:]:
+        from fallback.compiled import CompiledEngine, prepare_kernels
+        from gpu_kernels.hybrid import HybridEngine
+
+        prepare_kernels()
+        engine = HybridEngine(CompiledEngine(), engine, batch_min_queries=4)
+    sys.exit(serve(None, engine=engine))

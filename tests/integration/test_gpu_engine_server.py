@@ -1,5 +1,6 @@
 """The GPU engine's code behind the real server: REST and batch queries over a real socket,
-and the write-ahead log replayed into it after a restart (CPU build of the kernels)."""
+and the write-ahead log replayed into it after a restart (CPU build of the kernels); on the
+plain CuPy engine and on the hybrid engine (batches on device mirrors, the rest on the host)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from server_harness import REPO_ROOT, Server
 SERVE = [sys.executable, str(REPO_ROOT / "tests/integration/serve_emulated_gpu.py")]
 
 
-@pytest.fixture
-def gpu_server(tmp_path: Path):
+@pytest.fixture(params=["cupy", "hybrid"])
+def gpu_server(request, tmp_path: Path):
     if shutil.which("g++") is None:
         pytest.skip("gpu-emulated: g++ not found (apt install g++)")
-    server = Server(tmp_path, command=SERVE)
+    command = SERVE + (["--hybrid"] if request.param == "hybrid" else [])
+    server = Server(tmp_path, command=command)
+    server.engine_name = request.param
+    server.serve_command = command
     try:
         server.wait_ready(timeout_s=60)
         yield server
@@ -58,11 +62,13 @@ def test_rest_and_batch_queries_on_the_gpu_engine_survive_a_restart(gpu_server: 
             single = server.stats(symbol, k)
             assert single.status == 200 and single.json == answer
 
-    assert '"engine": "cupy"' in gpu_server.stdout()  # the start line names the engine
+    # the start line names the engine
+    assert f'"engine": "{gpu_server.engine_name}"' in gpu_server.stdout()
     check(gpu_server)
     assert batch_stats(gpu_server, [("NOPE", 1)])[0]["code"] == "unknown_symbol"
     gpu_server.stop()
-    restarted = Server(gpu_server.cwd, command=SERVE)  # same data directory: WAL replay
+    # same data directory: WAL replay
+    restarted = Server(gpu_server.cwd, command=gpu_server.serve_command)
     try:
         restarted.wait_ready(timeout_s=60)
         check(restarted)
