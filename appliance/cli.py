@@ -170,6 +170,13 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
         setup_logging(config.log)
     except OSError as exc:
         return _fail(f"config error: log.file: cannot open {config.log.file!r}: {exc.strerror}")
+    from appliance.heap import tune_heap
+
+    # Before anything large is allocated (the engine, the app): see appliance/heap.py.
+    heap = tune_heap(
+        config.server.heap_mmap_threshold_bytes, config.server.heap_trim_threshold_bytes
+    )
+    log.info("heap settings", extra={"heap": heap})
     try:  # before the engine (which may take seconds to load): a bad file fails at once
         tokens, tls, data_cipher = load_security(config)
     except StartRefused as exc:

@@ -75,6 +75,11 @@ class ServerConfig(_Section):
     # PEM CA bundle: when set, every client must present a certificate signed by one of these
     # CAs (mutual TLS); "" = any client may connect. Needs tls_cert_file and tls_key_file.
     tls_client_ca_file: str = ""
+    # glibc heap settings applied at start (appliance/heap.py: request-sized buffers stay in the
+    # heap, warm, instead of a fresh mmap per request); 0 = glibc's own setting. mallopt takes
+    # an int: at most 2**31 - 1.
+    heap_mmap_threshold_bytes: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 4 * 1024 * 1024
+    heap_trim_threshold_bytes: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
