@@ -96,7 +96,7 @@ def gpu_rows(engine, values: np.ndarray, window: int, step: int, repeats: int) -
             return out
 
         row, out = timed("gpu engine (3 kernels, data on device)", kernels_only, repeats)
-        var = device.download(out).reshape(-1, 4)[:, 3]
+        var = device.download(out).reshape(4, -1)[3]  # column-major: min, max, avg, var
     rows.append({**row, "var": var})
     return rows
 

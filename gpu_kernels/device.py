@@ -88,6 +88,12 @@ class Device(Protocol):
         finished."""
         ...
 
+    def download_into(self, src: Any, out: np.ndarray) -> None:
+        """Copy the device array `src` into the C-contiguous host array `out` (same size) once
+        all work issued before it has finished: at DMA speed when `out` comes from
+        `new_pinned_values`, where `download` lands in fresh pageable memory."""
+        ...
+
     def launch(self, kernel: str, threads: int, *args: Any) -> None:
         """Run `kernel` on `threads` threads; args are device arrays or Python ints (int64)."""
         ...
@@ -135,6 +141,9 @@ class CupyDevice:
         if staging_values < 1 or staging_buffers < 1 or fill_threads < 1:
             raise ValueError("staging_values, staging_buffers and fill_threads must be >= 1")
         self._cupy = _import_cupy()
+        import cupyx  # CuPy's companion package (page-locked host arrays); kept, like cupy
+
+        self._cupyx = cupyx
         cupy = self._cupy
         try:
             count = cupy.cuda.runtime.getDeviceCount()
@@ -152,7 +161,7 @@ class CupyDevice:
         with self._stream:  # everything on the one stream, this copy included
             self._identity = cupy.asarray(IDENTITY_ROW)
         self._staging = [
-            _StagingBuffer(_empty_pinned(cupy, staging_values), None)
+            _StagingBuffer(_empty_pinned(self._cupyx, staging_values), None)
             for _ in range(staging_buffers)
         ]
         self._next_staging = 0
@@ -162,7 +171,7 @@ class CupyDevice:
         self._fill_pool: ThreadPoolExecutor | None = None
 
     def new_pinned_values(self, count: int) -> np.ndarray:
-        return _empty_pinned(self._cupy, count)
+        return _empty_pinned(self._cupyx, count)
 
     def upload_direct(self, dst: Any, values: np.ndarray) -> None:
         if values.dtype != np.float64 or not values.flags.c_contiguous:
@@ -251,6 +260,9 @@ class CupyDevice:
     def download(self, src: Any) -> np.ndarray:
         return src.get(stream=self._stream)  # copies on the stream, then waits for it
 
+    def download_into(self, src: Any, out: np.ndarray) -> None:
+        src.get(stream=self._stream, out=out)  # blocking: waits for the copy
+
     def launch(self, kernel: str, threads: int, *args: Any) -> None:
         if threads <= 0:
             return
@@ -274,7 +286,5 @@ def _import_cupy() -> Any:
     return cupy
 
 
-def _empty_pinned(cupy: Any, count: int) -> np.ndarray:
-    import cupyx
-
+def _empty_pinned(cupyx: Any, count: int) -> np.ndarray:
     return cupyx.empty_pinned(count, dtype=np.float64)

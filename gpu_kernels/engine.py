@@ -90,8 +90,8 @@ class CupyEngine(Engine):
     def rolling(self, values: np.ndarray, window: int, step: int) -> Rolling:
         """Rolling statistics on the device: one upload of the values, three launches
         (`rolling_tiles`, `rolling_carries`, `rolling_outputs` in segment_tree.cu, which says
-        how they split the blocked algorithm of engine_core/rolling.py), one download of an
-        (outputs, 4) table.
+        how they split the blocked algorithm of engine_core/rolling.py), one download of a
+        (4, outputs) table into page-locked host memory.
 
         Device memory for n values and o outputs: the values (8n bytes), in-tile prefix and
         suffix summaries (64n), the tiles' carries (96 bytes per tile of `rolling_tile(window)`
@@ -108,15 +108,19 @@ class CupyEngine(Engine):
             on_device = device.new_values(n)
             device.upload(on_device, np.ascontiguousarray(values, dtype=np.float64))
             out = launch_rolling(device, on_device, n, window, step)
-            table = device.download(out).reshape(outputs, 4)
-        return Rolling(*(table[:, column].copy() for column in range(4)))
+            # Into page-locked memory (DMA speed: the table is 32 bytes per output, 307 MB
+            # for 9.6e6 outputs), column-major so each statistic is a contiguous row that
+            # is returned as it is, with no host copy after the transfer.
+            table = device.new_pinned_values(4 * outputs)
+            device.download_into(out, table)
+        return Rolling(*table.reshape(4, outputs))
 
 
 def launch_rolling(device: Device, on_device: Any, n: int, window: int, step: int) -> Any:
     """Issue the three rolling kernels over the `n` values at `on_device` (at least `window`
-    of them); the device array of the (outputs, 4) table, flat. Separate from
-    `CupyEngine.rolling` so that benches/bench_rolling.py can time the kernels without the
-    host transfers. Call with the engine's lock held."""
+    of them); the device array of the (4, outputs) table (the columns min, max, avg, var),
+    flat. Separate from `CupyEngine.rolling` so that benches/bench_rolling.py can time the
+    kernels without the host transfers. Call with the engine's lock held."""
     outputs = rolling_count(n, window, step)
     tile = rolling_tile(window)
     per_block = -(-window // tile)

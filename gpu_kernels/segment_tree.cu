@@ -423,7 +423,7 @@ extern "C" __global__ void rolling_carries(const double* values, const double* p
     }
 }
 
-// out: (outputs, 4) rows of min, max, avg, var.
+// out: (4, outputs): the columns min, max, avg, var.
 extern "C" __global__ void rolling_outputs(const double* values, const double* pre,
                                            const double* suf, const double* carries,
                                            double* out, i64 window, i64 tile, i64 step,
@@ -449,9 +449,9 @@ extern "C" __global__ void rolling_outputs(const double* values, const double* p
                                part_row(carries + 12 * (bs * per_block + ts) + 6));
         part = part_merge(head, part);
     }
-    double* o = out + 4 * m;
-    o[0] = part.lo;
-    o[1] = part.hi;
-    o[2] = part.ref + part.mean;
-    o[3] = part.m2 / (double)window;
+    // column-major: each statistic's column is contiguous, so the host uses it as it lands
+    out[m] = part.lo;
+    out[outputs + m] = part.hi;
+    out[2 * outputs + m] = part.ref + part.mean;
+    out[3 * outputs + m] = part.m2 / (double)window;
 }

@@ -102,9 +102,14 @@ class _Array:
     def __setitem__(self, key: Any, value: Any) -> None:
         self.host[key] = value.host if isinstance(value, _Array) else value
 
-    def get(self, stream: Any = None) -> np.ndarray:
+    def get(self, stream: Any = None, out: np.ndarray | None = None) -> np.ndarray:
         assert stream is not None, "copies back must run on the engine's stream"
-        return self.host.copy()
+        if out is None:
+            return self.host.copy()
+        # CuPy's rule: `out` must match in shape and be contiguous
+        assert out.shape == self.host.shape and out.flags.c_contiguous
+        out[...] = self.host
+        return out
 
 
 class _Kernel:
