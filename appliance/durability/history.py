@@ -26,6 +26,7 @@ from appliance.durability.warm_segment import SealedSegment
 from engine_core.summary import combine
 
 _INT = re.compile(r"-?[0-9]+")
+INT64_MAX = 2**63 - 1
 
 
 class HistoryError(Exception):
@@ -61,7 +62,7 @@ def parse_index(name: str, text: str) -> int:
     if not _INT.fullmatch(text):
         raise HistoryError("invalid_range", f"{name} must be a series index (an integer)")
     # Past 19 digits no index fits in int64; checked before int(), which refuses > 4300 digits.
-    if len(text.lstrip("-").lstrip("0")) > 19:
+    if len(text.lstrip("-").lstrip("0")) > 19 or int(text) > INT64_MAX:
         raise HistoryError("invalid_range", f"{name} must be an index from 0 to 2**63 - 1")
     value = int(text)
     if value < 0:

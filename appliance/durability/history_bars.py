@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from appliance.durability.history import (
+    INT64_MAX,
     HistoryError,
     _end,
     _first,
@@ -34,7 +35,6 @@ from appliance.durability.warm_segment import SealedSegment
 from engine_core.bars import Bars, bar_starts, count_bars
 from engine_core.contract import Engine
 
-INT64_MAX = 2**63 - 1
 _UNITS = {
     "ns": 1,
     "us": 1_000,

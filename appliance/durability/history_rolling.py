@@ -18,7 +18,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from appliance.durability.history import HistoryError, _end, _first, _pieces, _view, parse_index
+from appliance.durability.history import (
+    INT64_MAX,
+    HistoryError,
+    _end,
+    _first,
+    _pieces,
+    _view,
+    parse_index,
+)
 from appliance.durability.history_bars import _json_floats
 from appliance.durability.warm import MemoryPiece, WarmTier
 from appliance.durability.warm_segment import SealedSegment
@@ -65,7 +73,13 @@ def parse_positive(name: str, text: str | None, *, code: str) -> int:
     digits = text.lstrip("0")
     # Past 19 digits no count fits in int64 (nor in any held history); checked before int(),
     # which refuses more than 4300 digits.
-    if not text.isascii() or not text.isdigit() or len(digits) > 19 or not digits:
+    if (
+        not text.isascii()
+        or not text.isdigit()
+        or len(digits) > 19
+        or not digits
+        or int(digits) > INT64_MAX
+    ):
         shown = repr(text if len(text) <= 40 else text[:40] + "...")
         raise HistoryError(code, f"{name} must be an integer from 1 to 2**63 - 1, got {shown}")
     return int(digits)

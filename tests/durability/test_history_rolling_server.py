@@ -108,6 +108,7 @@ def _assert_answer(body: dict, x: np.ndarray, window: int, start: int, end: int,
         (1, 700, 740, 1),  # memory only: each value is its own window
         (600, 140, 740, 1),  # one window of 600, just at the values limit
         (5, 95, 105, 1000),  # across one segment boundary, one output
+        (5, 95, 105, 2**63 - 1),  # the largest step: one output, no int64 overflow
     ],
 )
 def test_rolling_over_sealed_and_memory_matches_the_reference(
@@ -151,6 +152,9 @@ def test_every_refusal_is_a_4xx_and_changes_nothing(fed: Fed) -> None:
         ({"window": "9" * 3000}, 400, "invalid_window"),
         ({"step": "0"}, 400, "invalid_window"),
         ({"step": "2x"}, 400, "invalid_window"),
+        ({"step": str(2**63)}, 400, "invalid_window"),  # 19 digits, past int64
+        ({"step": "9" * 19}, 400, "invalid_window"),
+        ({"start": str(2**63)}, 400, "invalid_range"),
         ({"start": "x"}, 400, "invalid_range"),
         ({"end": "1e3"}, 400, "invalid_range"),
         ({"start": "-1"}, 400, "invalid_range"),
