@@ -691,20 +691,8 @@ def _add_history_routes(data_get: Callable[[str], Callable[[Handler], Handler]],
 
     @data_get("/history/stats")
     async def history_stats(request: Request) -> HTTPResponse:
-        params = parse_query_string(request.query_string)
-        symbol = params.get("symbol")
-        if symbol is None:
-            raise ApiError("missing_parameter", "the symbol query parameter is required")
-        validate_symbol(symbol)
-        principal = principal_of(request)
-        if principal is not None:
-            request.app.ctx.access.check_symbol(principal, symbol, "GET /history/stats")
+        params, symbol = _history_request(request, "GET /history/stats")
         warm = request.app.ctx.warm
-        if warm is None:
-            raise ApiError(
-                "history_disabled",
-                "history needs the warm tier: set [durability] enabled = true and restart",
-            )
         from appliance.durability.history import HistoryError, run_query
 
         try:
@@ -738,6 +726,26 @@ def _add_history_routes(data_get: Callable[[str], Callable[[Handler], Handler]],
         return json_response({"symbols": rows})
 
 
+def _history_request(request: Request, route: str) -> tuple[dict[str, str], str]:
+    """(query parameters, symbol) of a GET /history/* request, after the checks every history
+    route makes in the same order: `symbol` present and valid, the token allowed to read it,
+    the warm tier on."""
+    params = parse_query_string(request.query_string)
+    symbol = params.get("symbol")
+    if symbol is None:
+        raise ApiError("missing_parameter", "the symbol query parameter is required")
+    validate_symbol(symbol)
+    principal = principal_of(request)
+    if principal is not None:
+        request.app.ctx.access.check_symbol(principal, symbol, route)
+    if request.app.ctx.warm is None:
+        raise ApiError(
+            "history_disabled",
+            "history needs the warm tier: set [durability] enabled = true and restart",
+        )
+    return params, symbol
+
+
 def _add_history_bars_route(
     data_get: Callable[[str], Callable[[Handler], Handler]], store: Store
 ) -> None:
@@ -746,20 +754,8 @@ def _add_history_bars_route(
 
     @data_get("/history/bars")
     async def history_bars(request: Request) -> HTTPResponse:
-        params = parse_query_string(request.query_string)
-        symbol = params.get("symbol")
-        if symbol is None:
-            raise ApiError("missing_parameter", "the symbol query parameter is required")
-        validate_symbol(symbol)
+        params, symbol = _history_request(request, "GET /history/bars")
         ctx = request.app.ctx
-        principal = principal_of(request)
-        if principal is not None:
-            ctx.access.check_symbol(principal, symbol, "GET /history/bars")
-        if ctx.warm is None:
-            raise ApiError(
-                "history_disabled",
-                "history needs the warm tier: set [durability] enabled = true and restart",
-            )
         from appliance.durability.history import HistoryError
         from appliance.durability.history_bars import run_bars_query
 
@@ -788,20 +784,8 @@ def _add_history_rolling_route(
 
     @data_get("/history/rolling")
     async def history_rolling(request: Request) -> HTTPResponse:
-        params = parse_query_string(request.query_string)
-        symbol = params.get("symbol")
-        if symbol is None:
-            raise ApiError("missing_parameter", "the symbol query parameter is required")
-        validate_symbol(symbol)
+        params, symbol = _history_request(request, "GET /history/rolling")
         ctx = request.app.ctx
-        principal = principal_of(request)
-        if principal is not None:
-            ctx.access.check_symbol(principal, symbol, "GET /history/rolling")
-        if ctx.warm is None:
-            raise ApiError(
-                "history_disabled",
-                "history needs the warm tier: set [durability] enabled = true and restart",
-            )
         from appliance.durability.history import HistoryError
         from appliance.durability.history_rolling import run_rolling_query
 
