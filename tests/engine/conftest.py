@@ -170,3 +170,30 @@ def make_series(engine) -> SeriesFactory:
     geometry = getattr(engine, "geometry", None)
     make.multi_page_batch = int(2.5 * geometry.chunk) if geometry else 2_500_000
     return make
+
+
+@pytest.fixture(
+    params=[
+        "numpy",
+        "cpu",
+        "gpu-emulated",
+        "gpu-fakecupy",
+        pytest.param("cupy", marks=pytest.mark.gpu),
+    ]
+)
+def history_engine(request):
+    """An engine of each kind for history analytics (`Engine.bars`, `Engine.rolling`), which
+    take plain arrays rather than series: the numpy reference, the compiled engine, the GPU
+    engine on the CPU build of its kernels, on the fake CuPy, and on a real GPU."""
+    if request.param == "numpy":
+        return NumpyEngine()
+    if request.param == "cpu":
+        from fallback.compiled import CompiledEngine
+
+        return CompiledEngine()
+    if request.param == "cupy":
+        return real_gpu_engine(TINY, 5)
+    library = request.getfixturevalue("emulated_device_library")
+    if request.param == "gpu-emulated":
+        return emulated_engine(library, TINY, 5)
+    return fake_cupy_engine(library, TINY, staging_values=7)[0]

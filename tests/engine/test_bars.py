@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine_core.bars import Bars, bar_starts, count_bars
-from fallback import NumpyEngine
-from tests.engine.conftest import TINY, emulated_engine, fake_cupy_engine, real_gpu_engine
+from tests.engine.conftest import TINY, emulated_engine
 
 RTOL = 1e-9
 
@@ -39,28 +38,10 @@ def assert_bars_match(got: Bars, values: np.ndarray, offsets: np.ndarray) -> Non
     np.testing.assert_allclose(got.var, [w[6] for w in want], rtol=RTOL, atol=1e-300)
 
 
-@pytest.fixture(
-    params=[
-        "numpy",
-        "cpu",
-        "gpu-emulated",
-        "gpu-fakecupy",
-        pytest.param("cupy", marks=pytest.mark.gpu),
-    ]
-)
-def engine(request):
-    if request.param == "numpy":
-        return NumpyEngine()
-    if request.param == "cpu":
-        from fallback.compiled import CompiledEngine
-
-        return CompiledEngine()
-    if request.param == "cupy":
-        return real_gpu_engine(TINY, 5)
-    library = request.getfixturevalue("emulated_device_library")
-    if request.param == "gpu-emulated":
-        return emulated_engine(library, TINY, 5)
-    return fake_cupy_engine(library, TINY, staging_values=7)[0]
+@pytest.fixture
+def engine(history_engine):
+    """Every engine that answers history analytics (tests/engine/conftest.py)."""
+    return history_engine
 
 
 @st.composite

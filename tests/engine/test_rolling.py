@@ -28,34 +28,16 @@ from engine_core.rolling import (
     rolling_summaries,
 )
 from fallback import NumpyEngine
-from tests.engine.conftest import TINY, emulated_engine, fake_cupy_engine, real_gpu_engine
+from tests.engine.conftest import TINY, emulated_engine
 
 RTOL = 1e-9
 VAR_FLOOR = 1e-300  # absolute floor: only a var == 0 window needs it (the engines give 0.0 there)
 
 
-@pytest.fixture(
-    params=[
-        "numpy",
-        "cpu",
-        "gpu-emulated",
-        "gpu-fakecupy",
-        pytest.param("cupy", marks=pytest.mark.gpu),
-    ]
-)
-def engine(request):
-    if request.param == "numpy":
-        return NumpyEngine()
-    if request.param == "cpu":
-        from fallback.compiled import CompiledEngine
-
-        return CompiledEngine()
-    if request.param == "cupy":
-        return real_gpu_engine(TINY, 5)
-    library = request.getfixturevalue("emulated_device_library")
-    if request.param == "gpu-emulated":
-        return emulated_engine(library, TINY, 5)
-    return fake_cupy_engine(library, TINY, staging_values=7)[0]
+@pytest.fixture
+def engine(history_engine):
+    """Every engine that answers history analytics (tests/engine/conftest.py)."""
+    return history_engine
 
 
 def assert_rolling_matches(got: Rolling, values: np.ndarray, window: int, step: int) -> None:
