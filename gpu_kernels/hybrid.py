@@ -52,9 +52,12 @@ and `starting_capacity` pages, stay plain and go through the staged `upload` (pa
 staging; a direct copy from pageable memory is serialized by the driver). So a series that
 never meets a large batch never pins, and a tick never pays a page-locked allocation before
 the first sync. After each sync one pinned page is made ahead (when the series has no spare
-page to recycle) so that the next page boundary an append crosses finds it ready: the
-cudaHostAlloc lands in the sync, on the batch path, not in the tick. Retired pages are
-recycled (CompiledSeries), so the cost is paid once per page of a series' peak.
+page to recycle) so that the next page boundary an append crosses finds it ready: that
+cudaHostAlloc lands in the sync, on the batch path, not in the tick. Where the cost still
+lands in an append: a second page boundary crossed before the next sync (more than one page,
+1M values at the default geometry, of ticks between two device batches) allocates its page
+pinned inside the append. Retired pages are recycled (CompiledSeries), so either way the cost
+is paid once per page of a series' peak, never again in steady state.
 `pinned_host_pages=False` turns pinning off.
 
 First sync cost (a known cost, not redesigned): the first device-routed batch over a series
