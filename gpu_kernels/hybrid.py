@@ -101,10 +101,12 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_MIN_QUERIES = 512
 
 # Documented default of `[engine] gpu_history_min_values`: bars and rolling statistics over
-# fewer values are computed on the host. Reasoned, NOT measured (no GPU here): the compiled
-# engine covers ~1e8 values/s per core for bars and rolling, so 1e6 values are ~10 ms on the
-# host; the device needs the values copied in (8 MB at ~6-8 GB/s staged, ~1 ms) plus launches
-# and the copy back, and wins only once the host's time clearly exceeds that fixed cost.
+# fewer values are computed on the host. Reasoned, NOT measured on a GPU (none here): the
+# compiled engine's bars read 1e7 values in 13.7 ms (benches/RESULTS.md, issue 17), so 1e6
+# values cost the host ~1.4 ms; the device must first get the values (8 MB through the pinned
+# staging at the ~6-8 GB/s one fill thread reaches: ~1-1.3 ms) plus launches and the copy
+# back, so below ~1e6 values it cannot win, and above it the host's time grows while the
+# device's fixed costs do not. benches/bench_gpu.py does not sweep this yet.
 DEFAULT_HISTORY_MIN_VALUES = 1_000_000
 
 # After a mirror sync runs out of device memory its series is answered on the host for this
