@@ -143,12 +143,19 @@ class EngineConfig(_Section):
     # __pycache__ if writable, else the user's cache directory). Unwritable: compiled in memory.
     compile_cache_dir: str = ""
     # With a GPU (backend "gpu", or "auto" when one loads): "hybrid" answers appends and single
-    # queries on the compiled CPU tree and large batches, bars and rolling statistics on a
-    # device mirror; "device" puts everything on the GPU (the plain CuPy engine).
+    # queries on the compiled CPU tree, large query batches on a device mirror, and bars and
+    # rolling statistics over long histories on the device (on the values read for them);
+    # "device" puts everything on the GPU (the plain CuPy engine).
     placement: Placement = "hybrid"
-    # Hybrid: batches of at least this many queries go to the device, smaller ones to the host.
-    # 512 is a reasoned default, not a measured crossover (benches/bench_gpu.py measures it).
+    # Hybrid: a batch goes to the device when the engine receives at least this many DISTINCT
+    # queries, smaller ones go to the host. What the engine receives is the store's distinct
+    # cache misses, (symbol, window) pairs, at most 8 count windows per symbol: not the number
+    # of queries in the request. 512 is a reasoned default, not a measured crossover
+    # (benches/bench_gpu.py measures it, over distinct pairs).
     gpu_batch_min_queries: PositiveInt = 512
+    # Hybrid: bars and rolling statistics over at least this many values go to the device,
+    # shorter histories to the host. 1e6 is reasoned, not measured (gpu_kernels.hybrid).
+    gpu_history_min_values: PositiveInt = 1_000_000
 
 
 SyncPolicy = Literal["always", "interval", "never"]

@@ -9,9 +9,10 @@ reference engine), and the rest of the appliance only sees the `engine_core.Engi
 - `numpy`: the pure numpy engine (`fallback.NumpyEngine`), the reference implementation.
 - `gpu`:   a GPU engine from `gpu_kernels`, placed by `[engine] placement`: `hybrid` (the
            default; `gpu_kernels.hybrid.HybridEngine`, name "hybrid") answers appends and single
-           queries on the compiled CPU tree and batches of at least
-           `[engine] gpu_batch_min_queries` queries, bars and rolling statistics on a device
-           mirror, so it is never slower than `cpu` on a tick or a query; `device` is the
+           queries on the compiled CPU tree, batches of at least
+           `[engine] gpu_batch_min_queries` distinct queries on device mirrors, and bars and
+           rolling statistics over at least `gpu_history_min_values` values on the device,
+           so it is never slower than `cpu` on a tick or a query; `device` is the
            plain CuPy engine (name "cupy"), everything on the GPU. Hybrid needs the compiled
            engine too: without it (numba missing) the GPU is placed as `device`, logged.
 An explicitly named engine that cannot be loaded is a startup error (`EngineUnavailableError`,
@@ -80,10 +81,12 @@ def load_cpu_engine(compile_cache_dir: str = "") -> Engine:
 
 @dataclass(frozen=True, slots=True)
 class GpuPlacement:
-    """`[engine] placement` and `gpu_batch_min_queries`: how a GPU engine is put together."""
+    """`[engine] placement`, `gpu_batch_min_queries` and `gpu_history_min_values`: how a GPU
+    engine is put together."""
 
     placement: str = "hybrid"
     batch_min_queries: int = 512  # config.EngineConfig's default (unmeasured: see there)
+    history_min_values: int = 1_000_000  # config.EngineConfig's default (unmeasured)
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -122,7 +125,12 @@ def load_placed_gpu_engine(
         return device_engine, f"engine.placement = 'hybrid' unavailable, using 'device': {exc}"
     from gpu_kernels.hybrid import HybridEngine
 
-    engine = HybridEngine(host, device_engine, placement.batch_min_queries)  # type: ignore[arg-type]
+    engine = HybridEngine(
+        host,  # type: ignore[arg-type]
+        device_engine,
+        placement.batch_min_queries,
+        history_min_values=placement.history_min_values,
+    )
     return engine, "engine.placement = 'hybrid'"
 
 
@@ -141,6 +149,7 @@ def select_engine(
     minimum = getattr(choice.engine, "batch_min_queries", None)
     if minimum is not None:
         extra["gpu_batch_min_queries"] = minimum
+        extra["gpu_history_min_values"] = choice.engine.history_min_values
     log.info("engine selected", extra=extra)
     return choice
 
@@ -150,7 +159,7 @@ def select_configured_engine(config) -> EngineChoice:  # config: appliance.confi
     return select_engine(
         config.backend,
         config.compile_cache_dir,
-        GpuPlacement(config.placement, config.gpu_batch_min_queries),
+        GpuPlacement(config.placement, config.gpu_batch_min_queries, config.gpu_history_min_values),
     )
 
 

@@ -12,9 +12,12 @@ the successor of a row of issue 13's table:
    pages), the cpu engine's append;
 4. tree build over N values already on the device (`resummarize`, kernels only);
 5. append of 10k values into an N-value series: median and p99 per engine;
-6. crossover sweep: batch sizes 1..10k, the hybrid's host path (compiled `stats_table`) vs its
-   device path (mirrors), and the measured crossover (the smallest size from which the device
-   is faster at every larger size swept) to set `[engine] gpu_batch_min_queries`.
+6. crossover sweep: batches of 1..10k DISTINCT (series, window) pairs (what the hybrid's
+   threshold counts: the store hands the engine its distinct misses), the hybrid's host path
+   (compiled `stats_table`) vs its device path (mirrors); a few ticks are appended to every
+   series before each timed batch, so the device time includes the mirror sync a batch pays
+   after new ticks. The measured crossover (the smallest size from which the device is faster
+   at every larger size swept) is what to set `[engine] gpu_batch_min_queries` to.
 
     .venv/bin/python benches/bench_gpu.py              # CUDA GPU + pip install '.[gpu]'; N = 1e8
     .venv/bin/python benches/bench_gpu.py --n 1000000  # smaller N
@@ -50,13 +53,22 @@ BATCH = 10_000
 QUERIES = 10_000
 SYMBOLS = 100
 SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10_000)
+TICKS_BEFORE_BATCH = 4  # new values per series before each timed crossover batch
 RETENTION = RetentionPolicy()  # the appliance default: 1.5e8 / 1e8
 
 
-def timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> list[float]:
-    """Microseconds per call of `fn`, each until `sync` says the device has finished."""
+def timed(
+    fn: Callable[[], object],
+    sync: Callable[[], None],
+    repeats: int,
+    before: Callable[[], None] | None = None,
+) -> list[float]:
+    """Microseconds per call of `fn`, each until `sync` says the device has finished;
+    `before` (untimed) runs before each call."""
     out = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter_ns()
         fn()
         sync()
@@ -172,31 +184,66 @@ def bench_table(e: Engines, series: dict, values_per_symbol: int, repeats: int, 
     return row
 
 
+def distinct_pairs(size: int, values_per_symbol: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """`size` DISTINCT (series, window) pairs as (which, windows): what the hybrid's
+    threshold is compared with (the store hands the engine its distinct misses)."""
+    flat = rng.choice(SYMBOLS * values_per_symbol, size, replace=False)
+    which, windows = np.divmod(flat, values_per_symbol)
+    return which.astype(np.int64), (windows + 1).astype(np.int64)
+
+
 def bench_crossover(e: Engines, series: list, values_per_symbol: int, repeats: int, rng) -> dict:
-    """The hybrid's two paths on the same batches (mirrors already synced)."""
-    top = len(str(values_per_symbol)) - 1
-    mirrors = [one.synced_mirror() for one in series]
+    """The hybrid's two paths on the same batches of distinct (series, window) pairs. Before
+    each timed call TICKS_BEFORE_BATCH new values are appended to every series (untimed), so
+    the device time includes the mirror sync a batch pays after new ticks, as in service."""
+    device_path = HybridEngine(e.hybrid.host, e.gpu, batch_min_queries=1)
+    for one in series:  # the first sync (whole history) is bench_table's, not the sweep's
+        one.synced_mirror()
     hosts = [one.host for one in series]
+    ticks = rng.uniform(100.0, 200.0, TICKS_BEFORE_BATCH)
+
+    def new_ticks() -> None:
+        for one in series:
+            one.append(ticks)
+
     sweep = []
     for size in SWEEP:
-        which = rng.integers(0, SYMBOLS, size).astype(np.int64)
-        windows = (10 ** rng.integers(0, top + 1, size)).astype(np.int64)
+        which, windows = distinct_pairs(size, values_per_symbol, rng)
+        # As the store calls it: only the series the batch touches (each synced once).
+        used, which = np.unique(which, return_inverse=True)
+        which = which.astype(np.int64)
+        touched, touched_hosts = [series[i] for i in used], [hosts[i] for i in used]
         runs = max(5, min(repeats, 20_000 // size))
-        host = timed(lambda w=which, k=windows: e.cpu.stats_table(hosts, w, k), e.none, runs)
-        device = timed(lambda w=which, k=windows: e.gpu.stats_table(mirrors, w, k), e.sync, runs)
+        host = timed(
+            lambda h=touched_hosts, w=which, k=windows: e.cpu.stats_table(h, w, k),
+            e.none,
+            runs,
+            new_ticks,
+        )
+        device = timed(
+            lambda t=touched, w=which, k=windows: device_path.stats_table(t, w, k),
+            e.sync,
+            runs,
+            new_ticks,
+        )
         sweep.append(
             {
-                "batch": size,
+                "distinct_pairs": size,
+                "series_touched": len(used),
                 "host_median_us": statistics.median(host),
-                "device_median_us": statistics.median(device),
+                "device_with_sync_median_us": statistics.median(device),
             }
         )
     crossover = None
     for i in range(len(sweep) - 1, -1, -1):  # from the largest size down
-        if sweep[i]["device_median_us"] >= sweep[i]["host_median_us"]:
+        if sweep[i]["device_with_sync_median_us"] >= sweep[i]["host_median_us"]:
             break
-        crossover = sweep[i]["batch"]
-    return {"sweep": sweep, "measured_crossover_batch": crossover}
+        crossover = sweep[i]["distinct_pairs"]
+    return {
+        "sweep": sweep,
+        "ticks_appended_per_series_before_each_batch": TICKS_BEFORE_BATCH,
+        "measured_crossover_distinct_pairs": crossover,
+    }
 
 
 def kernel_only_us(gpu: CupyEngine, series: list, which, windows, repeats: int):
@@ -270,7 +317,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     note = " (EMULATED: not a GPU figure)" if args.emulated else ""
     print(
-        f"measured crossover: {result['crossover']['measured_crossover_batch']} queries{note}",
+        f"measured crossover: {result['crossover']['measured_crossover_distinct_pairs']} "
+        f"distinct queries{note}",
         file=sys.stderr,
     )
 

@@ -141,9 +141,6 @@ class CupyDevice:
         if staging_values < 1 or staging_buffers < 1 or fill_threads < 1:
             raise ValueError("staging_values, staging_buffers and fill_threads must be >= 1")
         self._cupy = _import_cupy()
-        import cupyx  # CuPy's companion package (page-locked host arrays); kept, like cupy
-
-        self._cupyx = cupyx
         cupy = self._cupy
         try:
             count = cupy.cuda.runtime.getDeviceCount()
@@ -151,6 +148,10 @@ class CupyDevice:
             raise GpuUnavailableError(f"CUDA finds no usable driver or device: {exc}") from exc
         if count < 1:
             raise GpuUnavailableError("the CUDA driver reports no GPU")
+        # After the driver checks, so that a missing driver or device is what is reported.
+        import cupyx  # CuPy's companion package (page-locked host arrays); kept, like cupy
+
+        self._cupyx = cupyx
         self._device = cupy.cuda.Device(0)
         self._device.use()
         props = cupy.cuda.runtime.getDeviceProperties(0)

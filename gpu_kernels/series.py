@@ -112,7 +112,13 @@ class GpuSeries:
                 self._drop_oldest(evicted)
         return evicted
 
-    def append_parts(self, parts: Sequence[np.ndarray], *, stable_source: bool = False) -> int:
+    def append_parts(
+        self,
+        parts: Sequence[np.ndarray],
+        *,
+        stable_source: bool = False,
+        pinned: Sequence[bool] | None = None,
+    ) -> int:
         """`append` of the concatenation of `parts`, without concatenating them: one page
         reservation, one directory, one copy per part (per page it spans) and one set of
         launches for the whole. Why: the hybrid engine's mirror sync hands over the host's
@@ -121,21 +127,28 @@ class GpuSeries:
 
         `stable_source`: the caller keeps the parts unchanged until its next
         `device.synchronize()`, so they are copied straight out of them
-        (`Device.upload_direct`: no staging copy; at link speed from pinned memory)."""
+        (`Device.upload_direct`: no staging copy; at link speed from pinned memory).
+        `pinned` (one flag per part): only the flagged parts are copied directly; the others
+        go through the staged `upload`. Why: a direct copy from pageable memory is serialized
+        by the driver through its own small bounce buffer (one thread, ~6-8 GB/s), while the
+        staged path fills several pinned buffers in parallel; a part that is not page-locked
+        gains nothing from skipping the staging (device.py)."""
         incoming = sum(part.shape[0] for part in parts)
         if incoming == 0:
             return 0
         kept_old, kept_new = self.retention.retained_after(len(self), incoming)
         evicted = len(self) - kept_old
         skip = incoming - kept_new  # the oldest values of the batch that retention drops
+        flags = [True] * len(parts) if pinned is None else list(pinned)
         kept: list[np.ndarray] = []
-        for part in parts:
+        direct: list[bool] = []
+        for part, flag in zip(parts, flags, strict=True):
             if skip >= part.shape[0]:
                 skip -= part.shape[0]
                 continue
             kept.append(part[skip:] if skip else part)
+            direct.append(stable_source and flag and part.flags.c_contiguous)
             skip = 0
-        direct = stable_source and all(part.flags.c_contiguous for part in kept)
         with self._lock:
             self._reserve_pages(self._end, self._end + kept_new)
             self._current_directory()
@@ -156,8 +169,9 @@ class GpuSeries:
                     self._directory = None
                     level.page(number)
 
-    def _sync(self, batches: Sequence[np.ndarray] = (), direct: bool = False) -> None:
-        """Upload the pending values (then `batches`, appended after them in order) and
+    def _sync(self, batches: Sequence[np.ndarray] = (), direct: Sequence[bool] = ()) -> None:
+        """Upload the pending values (then `batches`, appended after them in order; batch i
+        copied directly when `direct[i]`, staged otherwise or when `direct` is shorter) and
         summarize every block they complete, so the device holds values and summaries up to
         `_end`.
 
@@ -168,8 +182,8 @@ class GpuSeries:
         if self._end > lo:
             self._upload(lo, self._pending[: self._end - lo])
         end = self._end
-        for batch in batches:
-            self._upload(end, batch, direct)
+        for i, batch in enumerate(batches):
+            self._upload(end, batch, i < len(direct) and direct[i])
             end += batch.shape[0]
         self._summarize(directory, lo, end)
         self._end = self._synced = end
@@ -288,14 +302,29 @@ def window_stats(device: Device, requests: Sequence[tuple[GpuSeries, int]]) -> l
     rows = len(requests)
     out = device.new_output(rows)
     device.launch("window_stats", rows, device.new_int64(queries.ravel()), out, rows)
-    results = device.download(out)
-    answers = []
-    for (series, _), (count, mean, m2, lo, hi) in zip(requests, results.tolist(), strict=True):
-        n = int(count)
-        answers.append(
-            WindowStats(count=n, min=lo, max=hi, last=series._last, avg=mean, var=m2 / n)
-        )
-    return answers
+    lasts = np.fromiter((series._last for series, _ in requests), np.float64, rows)
+    table = _results_table(device.download(out).reshape(rows, 5), lasts)
+    return [
+        WindowStats(count=int(count), min=lo, max=hi, last=last, avg=avg, var=var)
+        for count, lo, hi, last, avg, var in table.tolist()
+    ]
+
+
+def _results_table(results: np.ndarray, lasts: np.ndarray) -> np.ndarray:
+    """The `Engine.stats_table` table from `window_stats`' (rows, 5) output (count, mean,
+    M2, min, max per row) and each row's `last`: the one unpacking both query paths share.
+
+    var = M2 / count as a float64 division: the count is an integer below 2**53, so it is
+    exact as a float and the quotient is the one an int division by it gives."""
+    rows = results.shape[0]
+    table = np.empty((rows, STATS_COLUMNS))
+    table[:, STATS_COUNT] = results[:, 0]
+    table[:, STATS_AVG] = results[:, 1]
+    table[:, STATS_MIN] = results[:, 3]
+    table[:, STATS_MAX] = results[:, 4]
+    table[:, STATS_LAST] = lasts
+    np.divide(results[:, 2], results[:, 0], out=table[:, STATS_VAR])
+    return table
 
 
 def stats_table(
@@ -316,9 +345,8 @@ def stats_table(
     consistent with every append.
     """
     rows = which.shape[0]
-    table = np.empty((rows, STATS_COLUMNS))
     if rows == 0:
-        return table
+        return np.empty((0, STATS_COLUMNS))
     directories = np.empty(len(series), dtype=np.int64)
     ends = np.empty(len(series), dtype=np.int64)
     lengths = np.empty(len(series), dtype=np.int64)
@@ -337,12 +365,4 @@ def stats_table(
     # As in `window_stats`: the download waits for the launch, and every directory stays
     # referenced by its series (held still by the caller) until then.
     device.launch("window_stats", rows, device.new_int64(queries.ravel()), out, rows)
-    results = device.download(out).reshape(rows, 5)
-    table[:, STATS_COUNT] = results[:, 0]
-    table[:, STATS_AVG] = results[:, 1]
-    table[:, STATS_MIN] = results[:, 3]
-    table[:, STATS_MAX] = results[:, 4]
-    table[:, STATS_LAST] = lasts[which]
-    # M2 / count as `window_stats` (a float64 count divides as the int does: exact below 2**53)
-    np.divide(results[:, 2], results[:, 0], out=table[:, STATS_VAR])
-    return table
+    return _results_table(device.download(out).reshape(rows, 5), lasts[which])

@@ -155,6 +155,7 @@ def test_unrelated_app_variables_are_ignored() -> None:
         ({}, {"APP_LOG__LEVEL": "LOUD"}, "log.level"),
         ({}, {"APP_LOG__ACCESS_LOG": "yes"}, "log.access_log"),
         ({}, {"APP_ENGINE__BACKEND": "tpu"}, "engine.backend"),
+        ({}, {"APP_ENGINE__GPU_HISTORY_MIN_VALUES": "0"}, "engine.gpu_history_min_values"),
         ({}, {"APP_STORE__TYPO": "1"}, "store.typo"),
         ({}, {"APP_NOSECTION__KEY": "1"}, "nosection"),
         ({}, {"APP_STORE__CLEANUP_KEEP_COUNT": "200000000"}, "store.cleanup_keep_count"),

@@ -90,14 +90,35 @@ def emulated_engine(library, geometry: Geometry, coalesce_values: int):
     return CupyEngine(geometry, EmulatedDevice(library), coalesce_values)
 
 
-def hybrid_engine(library, geometry: Geometry, coalesce_values: int, batch_min_queries=None):
-    """The hybrid engine over the compiled engine and the emulated device."""
+def hybrid_engine(
+    library,
+    geometry: Geometry,
+    coalesce_values: int,
+    batch_min_queries=None,
+    history_min_values=None,
+):
+    """The hybrid engine over the compiled engine and the emulated device. The history
+    threshold defaults to the batch one given (1: every bars/rolling call on the device too),
+    else to the engine's default."""
     from fallback.compiled import CompiledEngine
-    from gpu_kernels.hybrid import DEFAULT_BATCH_MIN_QUERIES, HybridEngine
+    from gpu_kernels.hybrid import (
+        DEFAULT_BATCH_MIN_QUERIES,
+        DEFAULT_HISTORY_MIN_VALUES,
+        HybridEngine,
+    )
 
     device = emulated_engine(library, geometry, coalesce_values)
     minimum = DEFAULT_BATCH_MIN_QUERIES if batch_min_queries is None else batch_min_queries
-    return HybridEngine(CompiledEngine(geometry=geometry), device, minimum)
+    if history_min_values is None:
+        history_min_values = (
+            DEFAULT_HISTORY_MIN_VALUES if batch_min_queries is None else batch_min_queries
+        )
+    return HybridEngine(
+        CompiledEngine(geometry=geometry),
+        device,
+        minimum,
+        history_min_values=history_min_values,
+    )
 
 
 def fake_cupy_engine(library, geometry: Geometry, staging_values: int, **device_options):
@@ -143,7 +164,12 @@ def engine(request):
 
         geometry, coalesce_values, batch_min_queries = _REAL_GPU_HYBRID[request.param]
         device = real_gpu_engine(geometry, coalesce_values)
-        return HybridEngine(CompiledEngine(geometry=geometry), device, batch_min_queries)
+        return HybridEngine(
+            CompiledEngine(geometry=geometry),
+            device,
+            batch_min_queries,
+            history_min_values=batch_min_queries,
+        )
     if request.param in _EMULATED:
         library = request.getfixturevalue("emulated_device_library")
         return emulated_engine(library, *_EMULATED[request.param])

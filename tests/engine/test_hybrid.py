@@ -19,7 +19,13 @@ from appliance.engine import GpuPlacement, select_engine
 from engine_core import Geometry, RetentionPolicy
 from engine_core.contract import STATS_COUNT, STATS_LAST, STATS_MAX, STATS_MIN
 from fallback.compiled import CompiledEngine
-from gpu_kernels.hybrid import HybridEngine, sliding_policy
+from gpu_kernels.hybrid import (
+    DEFAULT_HISTORY_MIN_VALUES,
+    HOST_ONLY_BATCHES,
+    WARN_INTERVAL_S,
+    HybridEngine,
+    sliding_policy,
+)
 from tests.engine.conftest import TINY, emulated_engine, fake_cupy_engine, hybrid_engine
 
 EXACT = [STATS_COUNT, STATS_MIN, STATS_MAX, STATS_LAST]
@@ -64,7 +70,9 @@ def test_small_batches_stay_on_the_host_and_large_ones_go_to_the_device(library)
     engine.stats_table(series, large, np.full(8, 50, dtype=np.int64))
     assert device.launches["window_stats"] >= 1
     launched = device.launches["window_stats"]
-    engine.stats_many([(series[1], 4)] * 8)
+    engine.stats_many([(series[1], 4)] * 8)  # 8 queries, 1 distinct: the host
+    assert device.launches["window_stats"] == launched
+    engine.stats_many([(series[1], window) for window in range(1, 9)])  # 8 distinct
     assert device.launches["window_stats"] > launched
 
 
@@ -179,9 +187,14 @@ def test_device_memory_failure_answers_on_the_host_and_changes_nothing(library) 
     assert len(series) == 300
     series.append(rng.uniform(0.0, 1.0, 30))  # the host still takes appends
     device.fail_allocations = False
+    # Host only for HOST_ONLY_BATCHES device-routed batches: no sync is tried meanwhile.
+    for _ in range(HOST_ONLY_BATCHES):
+        table = engine.stats_table([series], which, windows)
+        np.testing.assert_array_equal(table, engine.host.stats_table([series.host], which, windows))
+    assert device.launches["window_stats"] == 0 and engine.host_fallbacks == 1
     table = engine.stats_table([series], which, windows)
     _assert_matches_compiled(table, engine.host.stats_table([series.host], which, windows))
-    assert device.launches["window_stats"] >= 1
+    assert device.launches["window_stats"] == 1
 
 
 def test_a_sync_that_runs_out_of_memory_leaves_the_mirror_as_it_was(library) -> None:
@@ -211,13 +224,49 @@ def test_a_sync_that_runs_out_of_memory_leaves_the_mirror_as_it_was(library) -> 
     np.testing.assert_array_equal(mirror.tail(700), series.tail(700))
 
 
-def test_mirror_syncs_copy_host_pages_directly(library) -> None:
+def test_plain_pages_are_staged_and_pages_pinned_after_the_first_sync_copied_directly(
+    library,
+) -> None:
+    """Review findings 4 and 6: pages made before the mirror existed are plain (np.empty) and
+    go through the staged upload; from the first sync on, new pages are pinned and copied
+    straight from the page."""
     engine = hybrid_engine(library, TINY, 5, 1)
     device = engine.device.device
-    series = _filled(engine, RetentionPolicy(10_000, 5_000), [1000], np.random.default_rng(8))
+    pinned: list[int] = []
+    real = device.new_pinned_values
+
+    def counted(count):
+        pinned.append(count)
+        return real(count)
+
+    device.new_pinned_values = counted
+    rng = np.random.default_rng(8)
+    series = _filled(engine, RetentionPolicy(10_000, 5_000), [1000], rng)
+    assert pinned == []  # no mirror yet: a tick never pays a page-locked allocation
     series.synced_mirror()
-    assert device.direct_uploads == -(-1000 // TINY.chunk)  # one copy per host page, no staging
+    pages = -(-1000 // TINY.chunk)
+    assert (device.uploads, device.direct_uploads) == (pages, 0)  # plain pages: staged
+    assert pinned == [TINY.chunk]  # the next page, made ahead by the sync
+    series.append(rng.uniform(1.0, 2.0, 200))  # fills page 15, then pages 16, 17, 18
+    assert pinned == [TINY.chunk] * 3  # page 16 was the one made ahead
+    mirror = series.synced_mirror()
+    assert device.uploads == pages + 1  # the rest of the plain page 15
+    assert device.direct_uploads == 3  # the pinned pages 16-18
+    np.testing.assert_array_equal(mirror.tail(1200), series.tail(1200))
     assert series.nbytes > series.host.nbytes  # the mirror is counted
+
+
+def test_without_pinned_host_pages_every_page_is_staged(library) -> None:
+    engine = hybrid_engine(library, TINY, 5, 1)
+    engine = HybridEngine(engine.host, engine.device, 1, pinned_host_pages=False)
+    device = engine.device.device
+    device.new_pinned_values = None  # never called
+    series = _filled(engine, RetentionPolicy(10_000, 5_000), [300], np.random.default_rng(8))
+    series.synced_mirror()
+    series.append(np.arange(300.0))
+    mirror = series.synced_mirror()
+    assert device.direct_uploads == 0
+    np.testing.assert_array_equal(mirror.tail(600), series.tail(600))
 
 
 def test_host_pages_come_from_the_device_and_fall_back_to_plain_memory(library) -> None:
@@ -233,9 +282,15 @@ def test_host_pages_come_from_the_device_and_fall_back_to_plain_memory(library) 
 
     device.new_pinned_values = pinned_values
     series = engine.new_series(RetentionPolicy(1000, 500), 0)
-    series.append(np.arange(200.0))  # several pages: the first pinned, the rest plain
+    series.append(np.arange(10.0))
+    series.synced_mirror()  # from now on new pages are pinned: the first is made ahead
     assert pinned == [TINY.chunk]
-    np.testing.assert_array_equal(series.tail(200), np.arange(200.0))
+    series.append(np.arange(10.0, 300.0))  # several pages: the first pinned, the rest plain
+    assert pinned == [TINY.chunk]
+    np.testing.assert_array_equal(series.tail(300), np.arange(300.0))
+    mirror = series.synced_mirror()
+    np.testing.assert_array_equal(mirror.tail(300), np.arange(300.0))
+    assert device.direct_uploads == 1  # only the pinned page
 
 
 def test_cupy_device_direct_and_parallel_staged_copies(library) -> None:
@@ -265,10 +320,17 @@ def test_cupy_device_direct_and_parallel_staged_copies(library) -> None:
         setattr(device, name, counted)
     fake.copies.clear()
     mirror = h.synced_mirror()
-    # Every value page copied straight from the host page (the directories still staged).
-    assert calls == {"upload": 0, "upload_direct": -(-1000 // TINY.chunk)}
-    assert sum(size == TINY.chunk * 8 for _, size, _ in fake.copies) == 1000 // TINY.chunk
+    # Pages made before the mirror existed are plain: staged, in parallel.
+    assert calls == {"upload": -(-1000 // TINY.chunk), "upload_direct": 0}
+    assert max(size for _, size, _ in fake.copies) <= 50 * 8
     np.testing.assert_array_equal(mirror.tail(1000), values)
+    h.append(values)  # the rest of page 15 (plain), then pages 16-31, pinned
+    fake.copies.clear()
+    mirror = h.synced_mirror()
+    assert calls == {"upload": -(-1000 // TINY.chunk) + 1, "upload_direct": 16}
+    # Every pinned page copied straight from the host page, whole where it is full.
+    assert sum(size == TINY.chunk * 8 for _, size, _ in fake.copies) == 15
+    np.testing.assert_array_equal(mirror.tail(2000), np.concatenate([values, values]))
 
 
 def test_bars_and_rolling_go_to_the_device(library) -> None:
@@ -307,11 +369,13 @@ def test_a_loading_gpu_gives_the_hybrid_engine_or_the_device_engine(
     device_engine = emulated_engine(library, Geometry(), 64)  # before CupyEngine is patched
     monkeypatch.setattr(gpu_kernels, "CupyEngine", lambda: device_engine)
     caplog.set_level("INFO")
-    choice = select_engine(backend, placement=GpuPlacement("hybrid", 77))
+    choice = select_engine(backend, placement=GpuPlacement("hybrid", 77, 5000))
     assert choice.engine.name == "hybrid" and choice.engine.batch_min_queries == 77
+    assert choice.engine.history_min_values == 5000
     assert "placement = 'hybrid'" in choice.reason
     record = next(r for r in caplog.records if r.message == "engine selected")
     assert record.engine == "hybrid" and record.gpu_batch_min_queries == 77
+    assert record.gpu_history_min_values == 5000
     assert record.device == choice.engine.device_name
     assert select_engine(backend, placement=GpuPlacement("device")).engine.name == "cupy"
 
@@ -327,7 +391,7 @@ def test_any_other_device_error_during_a_sync_is_raised_and_the_mirror_rebuilt(l
     engine = hybrid_engine(library, TINY, 5, 1)
     device = engine.device.device
     series = _filled(engine, RetentionPolicy(1000, 500), [300], np.random.default_rng(11))
-    real = device.upload_direct
+    real = device.upload  # the first sync's pages are plain: staged
     calls = []
 
     def broken(dst, values):
@@ -336,10 +400,10 @@ def test_any_other_device_error_during_a_sync_is_raised_and_the_mirror_rebuilt(l
             raise RuntimeError("cudaErrorLaunchFailure")
         real(dst, values)
 
-    device.upload_direct = broken
+    device.upload = broken
     with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
         series.synced_mirror()
-    device.upload_direct = real
+    device.upload = real
     mirror = series.synced_mirror()
     assert len(mirror) == 300  # rebuilt whole, not resumed (which would repeat values)
     np.testing.assert_array_equal(mirror.tail(1000), series.tail(1000))
@@ -396,3 +460,103 @@ def test_bars_fall_back_to_the_host_when_the_device_is_out_of_memory(library) ->
     want = engine.host.bars(values, offsets)
     np.testing.assert_array_equal(bars.high, want.high)
     np.testing.assert_array_equal(bars.low, want.low)
+
+
+# -- review findings (issue 13): out of memory in the batch call, backoff, history routing -----
+
+
+def test_a_batch_call_out_of_device_memory_is_answered_on_the_host(library) -> None:
+    """Finding 2: the device's own batch allocations (`new_output` here) run out of memory
+    after the mirrors synced: the host answers, nothing changes, the next batch can use the
+    device again."""
+    engine = hybrid_engine(library, TINY, 5, 1)
+    device = engine.device.device
+    rng = np.random.default_rng(13)
+    series = [_filled(engine, RetentionPolicy(400, 100), [150, 90], rng) for _ in range(2)]
+    which = np.array([0, 1, 1, 0], dtype=np.int64)
+    windows = np.array([1, 5, 60, 999], dtype=np.int64)
+    reference = engine.host.stats_table([s.host for s in series], which, windows)
+    real = device.new_output
+
+    def exhausted(rows):
+        raise MemoryError("emulated: out of device memory")
+
+    device.new_output = exhausted
+    np.testing.assert_array_equal(engine.stats_table(series, which, windows), reference)
+    requests = [(series[i], int(w)) for i, w in zip(which, windows, strict=True)]
+    want = engine.host.stats_many([(s.host, w) for s, w in requests])
+    assert engine.stats_many(requests) == want
+    assert engine.host_fallbacks == 2 and device.launches["window_stats"] == 0
+    assert [len(s) for s in series] == [240, 240]
+    device.new_output = real
+    _assert_matches_compiled(engine.stats_table(series, which, windows), reference)
+    assert device.launches["window_stats"] == 1
+
+
+def test_an_out_of_memory_sync_makes_the_series_host_only_and_logs_once_a_minute(
+    library, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 5: no retry (and no log line) on every batch; the warning at most once per
+    series per minute, the state on the engine object."""
+    engine = hybrid_engine(library, TINY, 5, 1)
+    other_engine = hybrid_engine(library, TINY, 5, 1)
+    now = [1000.0]
+    engine.backoff.clock = lambda: now[0]
+    device = engine.device.device
+    rng = np.random.default_rng(14)
+    a, b = (_filled(engine, RetentionPolicy(400, 100), [150], rng) for _ in range(2))
+    which, windows = np.zeros(2, dtype=np.int64), np.array([3, 70], dtype=np.int64)
+    caplog.set_level("WARNING")
+
+    def warnings() -> int:
+        return sum("device memory exhausted" in r.getMessage() for r in caplog.records)
+
+    device.fail_allocations = True
+    for _ in range(5):
+        engine.stats_table([a], which, windows)
+    assert warnings() == 1 and engine.host_fallbacks == 1  # tried once, host only since
+    engine.stats_table([b], which, windows)  # another series: its own warning
+    assert warnings() == 2
+    assert other_engine.host_fallbacks == 0  # no state shared between engines
+    for _ in range(HOST_ONLY_BATCHES):  # a's host-only period ends; its retry fails again
+        engine.stats_table([a], which, windows)
+    assert engine.host_fallbacks == 3 and warnings() == 2  # within the minute: not logged
+    now[0] += WARN_INTERVAL_S
+    for _ in range(HOST_ONLY_BATCHES + 1):
+        engine.stats_table([a], which, windows)
+    assert engine.host_fallbacks == 4 and warnings() == 3
+    device.fail_allocations = False
+    tries = 0
+    while not device.launches["window_stats"] and tries <= HOST_ONLY_BATCHES:
+        table = engine.stats_table([a], which, windows)  # the device once the period ends
+        tries += 1
+    assert tries > 1 and device.launches["window_stats"] == 1
+    _assert_matches_compiled(table, engine.host.stats_table([a.host], which, windows))
+
+
+def test_bars_and_rolling_over_short_histories_stay_on_the_host(library) -> None:
+    """Finding 7: below `history_min_values` values the host engine answers."""
+    engine = hybrid_engine(library, TINY, 5, 1, history_min_values=100)
+    device = engine.device.device
+    values = np.random.default_rng(15).uniform(0.0, 1.0, 100)
+    offsets = np.array([0, 10, 55], dtype=np.int64)
+    engine.bars(values[:99], offsets)
+    engine.rolling(values[:99], 5, 3)
+    assert device.launches["bar_summaries"] == 0 and sum(device.launches.values()) == 0
+    want = engine.host.rolling(values, 5, 3)
+    got = engine.rolling(values, 5, 3)  # 100 values: the device
+    assert sum(device.launches.values()) >= 1
+    np.testing.assert_array_equal(got.max, want.max)
+    engine.bars(values, offsets)
+    assert device.launches["bar_summaries"] == 1
+    assert engine.host_fallbacks == 0
+    with pytest.raises(ValueError, match="history_min_values"):
+        HybridEngine(engine.host, engine.device, 1, history_min_values=0)
+
+
+def test_the_default_history_threshold_keeps_small_histories_on_the_host(library) -> None:
+    engine = hybrid_engine(library, TINY, 5)
+    assert engine.history_min_values == DEFAULT_HISTORY_MIN_VALUES
+    values = np.random.default_rng(16).uniform(0.0, 1.0, 1000)
+    engine.rolling(values, 10, 1)
+    assert sum(engine.device.device.launches.values()) == 0

@@ -3,7 +3,8 @@ kernels (tests/engine/emulated_device.py): the GPU engine's code behind a real s
 machine without a GPU. Compiles the kernels into the working directory first.
 
 `--hybrid`: the hybrid engine over the compiled engine and that device, sending batches of 4
-queries or more to the device mirrors (single queries and appends stay on the host)."""
+distinct queries or more to the device mirrors, and bars and rolling statistics over 4 values
+or more to the device (single queries and appends stay on the host)."""
 
 from __future__ import annotations
 
@@ -22,5 +23,5 @@ if __name__ == "__main__":
         from gpu_kernels.hybrid import HybridEngine
 
         prepare_kernels()
-        engine = HybridEngine(CompiledEngine(), engine, batch_min_queries=4)
+        engine = HybridEngine(CompiledEngine(), engine, batch_min_queries=4, history_min_values=4)
     sys.exit(serve(None, engine=engine))
