@@ -143,12 +143,17 @@ class ClusterNode:
     async def start(self) -> None:
         """Connect, make sure the buckets and streams exist, join, start the ownership loop."""
         cfg = self.config
-        self.nc = await nats.connect(
-            servers=list(cfg.nats_urls),
-            name=f"hft-appliance-{self.node_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.2,
-            connect_timeout=cfg.request_timeout_s,
+        # Reconnects never give up once joined, so the first connect is bounded here: an
+        # unreachable cluster at start is an error to report, not a wait forever.
+        self.nc = await asyncio.wait_for(
+            nats.connect(
+                servers=list(cfg.nats_urls),
+                name=f"hft-appliance-{self.node_id}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                connect_timeout=cfg.request_timeout_s,
+            ),
+            timeout=max(5.0, 3 * cfg.request_timeout_s),
         )
         self.js = self.nc.jetstream(timeout=cfg.request_timeout_s)
         self._nodes = await self._bucket(NODES_BUCKET, cfg.lease_s)
