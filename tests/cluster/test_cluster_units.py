@@ -155,7 +155,7 @@ def test_cluster_config_defaults_and_env() -> None:
                 "APP_CLUSTER__NODE_ID": "a",
             },
             "cluster.nats_urls",
-        ),  # fmt: skip
+        ),
         ({"APP_CLUSTER__REQUEST_TIMEOUT_S": "0"}, "cluster.request_timeout_s"),
     ],
 )
