@@ -48,6 +48,9 @@ T0_NS = 1_700_000_000_000_000_000
 # The stated failover bound (docs/cluster.md): lease expiry + one renew tick + restore and
 # replay of at most checkpoint_interval_s of batches; the margin covers the 2-core CI box.
 FAILOVER_BOUND_S = LEASE_S + LEASE_S / 3 + 5.0
+# How long ingest may stall after a NATS node dies: its raft groups' election timeout (up to
+# 9 s in nats-server) plus a request timeout and a takeover, with room for the 2-core box.
+STALL_LIMIT_S = 30.0
 
 
 @contextlib.contextmanager
@@ -314,24 +317,23 @@ def test_kill_a_nats_node_under_load_and_it_catches_up(tmp_path: Path) -> None:
         time.sleep(1.5)
         nats.kill(0)
         killed_at = time.monotonic()
-        time.sleep(4.0)
+        # Streams (and the KV buckets) whose raft leader was on n1 elect a new one after
+        # nats-server's election timeout (4-9 s): writes to them stall that long, and leases
+        # shorter than that expire, so partitions may move; acks must resume after it.
+        while sum(1 for t in writer.ack_times if t > killed_at) < 50:
+            assert time.monotonic() - killed_at < STALL_LIMIT_S, "acks never resumed"
+            assert writer.is_alive(), writer.error
+            time.sleep(0.05)
+        first_ack = min(t for t in writer.ack_times if t > killed_at)
         acked_after_kill = sum(1 for t in writer.ack_times if t > killed_at)
-        stall = max(
-            (
-                b - a
-                for a, b in zip(writer.ack_times, writer.ack_times[1:], strict=False)
-                if b > killed_at
-            ),
-            default=0.0,
-        )
         nats.restart(0)
-        time.sleep(1.0)
+        time.sleep(1.5)
         writer.finish()
         print(
-            f"\nNATS node n1 killed under load: {acked_after_kill} batches acked in the 4 s "
-            f"after, longest gap between acks {stall:.2f} s"
+            f"\nNATS node n1 killed under load: first ack {first_ack - killed_at:.2f} s after "
+            f"the kill, {acked_after_kill} acked before n1 was restarted; "
+            f"{len(writer.acked)} in all, {writer.retries} retries"
         )
-        assert acked_after_kill > 0
         assert_exactly_once(servers, writer)
         # The restarted node's replicas catch up: same last sequence, current, no lag.
         deadline = time.monotonic() + 30
