@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import threading
 import time
@@ -40,7 +41,7 @@ from tests.cluster.cluster_harness import (
     start_node,
     wait_stable,
 )
-from tests.integration.server_harness import Server
+from tests.integration.server_harness import Server, run_cli
 from transport.zmq.publisher import ZmqPublisher
 
 NODE_IDS = ("a", "b", "c")
@@ -181,6 +182,7 @@ def test_every_node_answers_like_one_appliance_and_a_full_restart_keeps_everythi
         deleted = servers[1].request("DELETE", "/symbols/IDEM")
         assert deleted.status == 200, deleted
         assert servers[0].stats("IDEM", 1).json["code"] == "unknown_symbol"
+        check_metrics_and_status(servers, nats.urls, tmp_path)
         time.sleep(CHECKPOINT_S * 1.5)  # some partitions checkpoint; later writes only replay
         extra = rng.uniform(0, 10, 40)
         post_timed(servers[0], timed[0], extra, T0_NS + 10 * 10**9 + np.arange(40) * 1000)
@@ -197,6 +199,52 @@ def test_every_node_answers_like_one_appliance_and_a_full_restart_keeps_everythi
         wait_stable(restarted)
         compare_everything(restarted, ref, timed, untimed)
         assert restarted[0].stats("IDEM", 1).json["code"] == "unknown_symbol"  # stays deleted
+
+
+def metrics_text(server: Server) -> str:
+    """GET /metrics (text, so not `Server.request`, which checks for JSON)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200
+        return response.read().decode()
+    finally:
+        conn.close()
+
+
+def check_metrics_and_status(servers: list[Server], urls: list[str], cwd: Path) -> None:
+    """GET /metrics: the nodes own every partition once between them, and forwarded reads;
+    `hft-appliance cluster status --json`: every partition owned by its desired node, no lag
+    (the status is put every renew tick, so it is polled until it settles)."""
+    owned = 0
+    forwarded = 0.0
+    for server in servers:
+        text = metrics_text(server)
+        for line in text.splitlines():
+            if line.startswith("hft_cluster_partitions_owned "):
+                owned += int(float(line.split()[1]))
+            if line.startswith("hft_cluster_forwarded_requests_total{"):
+                forwarded += float(line.split()[1])
+        assert "hft_cluster_failovers_total" in text
+    assert owned == PARTITIONS
+    assert forwarded > 0
+    env = {"APP_CLUSTER__NATS_URLS": json.dumps(urls), "APP_CLUSTER__PARTITIONS": str(PARTITIONS)}
+    deadline = time.monotonic() + 20
+    while True:
+        result = run_cli(cwd, "cluster", "status", "--json", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        state = json.loads(result.stdout)
+        rows = state["partitions"]
+        settled = all(r["owner"] == r["desired"] and r["lag"] == 0 for r in rows)
+        if settled:
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.5)
+    assert state["members"] == list(NODE_IDS)
+    assert sum(r["last_seq"] for r in rows) > 0
+    human = run_cli(cwd, "cluster", "status", env=env)
+    assert human.returncode == 0 and "members: a, b, c" in human.stdout, human.stdout
 
 
 class Writer(threading.Thread):
