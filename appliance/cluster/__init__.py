@@ -4,12 +4,14 @@ Off by default (`[cluster] enabled = false`): nothing here is imported then, and
 needed. One job per module (see docs/cluster.md for the model):
 
 - partitions: symbol -> partition number (crc32 % partitions) and the rendezvous-hash desired owner.
-- membership: this node's heartbeat in KV `hft_nodes` and the live member list.
-- ownership: partition leases in KV `hft_owners` (create / update(last=revision) / release).
-- log: per-partition JetStream stream `HFT_P<N>`: encode, fenced publish, decode, replay.
-- checkpoints: partition state at a stream sequence in the object store `hft_checkpoints`.
-- forwarding: NATS request/reply to a partition's owner (`hft.req.p.<N>`), 503 when none answers.
-- node: ties them together in a running appliance (takeover = restore + replay, then serve).
-- status: `hft-appliance cluster status` (owners, applied sequence, lag) and the cluster metrics.
+- messages: the wire formats (a stream message = one batch or a deletion; node-to-node
+  requests and replies; a partition checkpoint), msgspec MessagePack.
+- node: membership (KV `hft_nodes`), partition leases (KV `hft_owners`: create /
+  update(last=revision) / delete), the fenced, deduplicated partition log (stream `HFT_P<N>`),
+  checkpoints (object store `hft_checkpoints`), takeover = restore + replay, then serve.
+- router: the REST handlers' cluster path: answer here when this node serves the partition,
+  else NATS request/reply to its owner (`hft.req.p.<N>`), 503 partition_unavailable when none.
+- sink: ZeroMQ (and shared-memory) ingest routed to the owner, acked after the owner's ack.
+- status: `hft-appliance cluster status` (owners, applied sequence, lag).
 - local: a NATS cluster of nats-server processes on loopback for tests, the demo and benches.
 """
