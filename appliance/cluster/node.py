@@ -76,6 +76,7 @@ DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
 REPLAY_FETCH = 1024
 RESTORE_CHUNK = 1 << 20
+SETUP_TIMEOUT_S = 30.0
 
 
 def unavailable(partition: int, why: str = "is moving to another node") -> ApiError:
@@ -156,6 +157,29 @@ class ClusterNode:
             timeout=max(5.0, 3 * cfg.request_timeout_s),
         )
         self.js = self.nc.jetstream(timeout=cfg.request_timeout_s)
+        # A JetStream cluster that has just started (or lost a node) may answer its API late
+        # while it forms the raft groups of new streams: retry the setup up to a bound.
+        deadline = time.monotonic() + max(SETUP_TIMEOUT_S, 4 * cfg.request_timeout_s)
+        while True:
+            try:
+                await self._setup()
+                break
+            except (TimeoutError, nats.errors.Error) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("cluster setup not answered yet; retrying",
+                         extra={"reason": repr(exc)})  # fmt: skip
+                await asyncio.sleep(0.5)
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        log.info(
+            "cluster node started",
+            extra={"node_id": self.node_id, "partitions": cfg.partitions, "urls": cfg.nats_urls},
+        )
+
+    async def _setup(self) -> None:
+        """The buckets, the object store and every partition's stream (each made by the first
+        node that misses it; identical configs make a concurrent create a no-op), then join."""
+        cfg = self.config
         self._nodes = await self._bucket(NODES_BUCKET, cfg.lease_s)
         self._owners = await self._bucket(OWNERS_BUCKET, cfg.lease_s)
         self._status = await self._bucket(STATUS_BUCKET, cfg.lease_s * 3)
@@ -168,11 +192,6 @@ class ClusterNode:
         for p in range(cfg.partitions):
             await self._ensure_stream(p)
         await self._join()
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        log.info(
-            "cluster node started",
-            extra={"node_id": self.node_id, "partitions": cfg.partitions, "urls": cfg.nats_urls},
-        )
 
     async def _bucket(self, name: str, ttl_s: float) -> Any:
         try:
