@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 HOST = "127.0.0.1"
 STATE_FILE = "nats-cluster.json"
@@ -170,12 +171,18 @@ class NatsCluster:
         return self
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Return when every running node answers /healthz 200 (JetStream with a meta leader)."""
+        """Return when every running node is healthy AND the JetStream meta group is whole.
+
+        /healthz alone is not enough: it answers 200 once a node has heard from a meta leader,
+        but until the leader counts every peer as current a replicas=N stream fails with
+        "no suitable peers for placement". So, after /healthz, wait until all running nodes
+        name the same meta leader and that leader reports every other running node current.
+        """
         deadline = time.monotonic() + timeout_s
-        pending = [i for i, p in enumerate(self._procs) if p is not None]
         last_error = ""
-        while pending:
-            for i in list(pending):
+        while True:
+            running = [i for i, p in enumerate(self._procs) if p is not None]
+            for i in running:
                 proc = self._procs[i]
                 assert proc is not None
                 if proc.poll() is not None:
@@ -183,17 +190,49 @@ class NatsCluster:
                         f"{self.specs[i].name} exited with {proc.returncode} at start: "
                         f"{self.log_tail(i)}"
                     )
-                ok, last_error = self._healthy(i)
-                if ok:
-                    pending.remove(i)
-            if not pending:
+            ok, last_error = self._all_ready(running)
+            if ok:
                 return
             if time.monotonic() > deadline:
-                names = ", ".join(self.specs[i].name for i in pending)
-                raise NatsLauncherError(
-                    f"not ready after {timeout_s} s: {names} (last: {last_error})"
-                )
+                raise NatsLauncherError(f"not ready after {timeout_s} s: {last_error}")
             time.sleep(0.05)
+
+    def _all_ready(self, running: list[int]) -> tuple[bool, str]:
+        for i in running:
+            ok, why = self._healthy(i)
+            if not ok:
+                return False, f"{self.specs[i].name} /healthz: {why}"
+        if not self.jetstream or len(self.specs) == 1:
+            return True, ""
+        metas = {}
+        for i in running:
+            jsz = self._monitor_json(i, "/jsz")
+            metas[self.specs[i].name] = (jsz or {}).get("meta_cluster") or {}
+        leaders = {m.get("leader") for m in metas.values()}
+        if len(leaders) != 1 or None in leaders or "" in leaders:
+            return False, f"meta leader not agreed: {sorted(map(str, leaders))}"
+        leader = leaders.pop()
+        if leader not in metas:
+            return False, f"meta leader {leader} is not a running node"
+        current = {
+            r.get("name")
+            for r in metas[leader].get("replicas") or []
+            if r.get("current") and not r.get("offline")
+        }
+        missing = [self.specs[i].name for i in running if self.specs[i].name not in current]
+        missing = [m for m in missing if m != leader]
+        if missing:
+            return False, f"meta leader {leader} does not see {missing} current yet"
+        return True, ""
+
+    def _monitor_json(self, i: int, path: str) -> dict[str, Any] | None:
+        url = f"http://{HOST}:{self.specs[i].monitor_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as resp:
+                loaded: dict[str, Any] = json.loads(resp.read())
+                return loaded
+        except (OSError, ValueError):
+            return None
 
     def _healthy(self, i: int) -> tuple[bool, str]:
         url = f"http://{HOST}:{self.specs[i].monitor_port}/healthz"
@@ -215,22 +254,11 @@ class NatsCluster:
         self._procs[i] = None
 
     def restart(self, i: int, timeout_s: float = 30.0) -> None:
-        """Start node i again with the same name, ports and store dir; wait until healthy."""
+        """Start node i again with the same name, ports and store dir; wait_ready() again."""
         if self._procs[i] is not None:
             self.kill(i)
         self._spawn(i)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            proc = self._procs[i]
-            assert proc is not None
-            if proc.poll() is not None:
-                raise NatsLauncherError(f"{self.specs[i].name} exited: {self.log_tail(i)}")
-            ok, last = self._healthy(i)
-            if ok:
-                return
-            if time.monotonic() > deadline:
-                raise NatsLauncherError(f"{self.specs[i].name} not ready: {last}")
-            time.sleep(0.05)
+        self.wait_ready(timeout_s=timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every node (clean shutdown), SIGKILL any still alive after timeout_s."""

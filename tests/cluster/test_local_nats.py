@@ -16,7 +16,9 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.errors import NoRespondersError
 from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NoStreamResponseError
 
 from appliance.cluster.local import NatsCluster, NatsLauncherError
 
@@ -27,13 +29,29 @@ STREAM = "T_LAUNCHER"
 SUBJECT = "t.launcher"
 
 
-async def _publish(urls: list[str], payloads: list[bytes]) -> list[int]:
+async def _publish(urls: list[str], payloads: list[bytes], retry_s: float = 20.0) -> list[int]:
+    """Publish each payload with a message id, retrying until acked, as a cluster client must.
+
+    Right after a node is killed the streams it led have no leader for a moment (an election:
+    "no responders" / timeout). A retry with the same Nats-Msg-Id is a duplicate within the
+    stream's duplicate window, never a second append, so the sequences below must be contiguous.
+    """
     nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=20)
     try:
-        js = nc.jetstream(timeout=10)
+        js = nc.jetstream(timeout=2)
         seqs = []
         for p in payloads:
-            ack = await js.publish(SUBJECT, p, stream=STREAM)
+            deadline = time.monotonic() + retry_s
+            while True:
+                try:
+                    ack = await js.publish(
+                        SUBJECT, p, stream=STREAM, headers={"Nats-Msg-Id": p.hex()}
+                    )
+                    break
+                except (NoRespondersError, nats.errors.TimeoutError, NoStreamResponseError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
             seqs.append(ack.seq)
         return seqs
     finally:
