@@ -8,17 +8,23 @@ same store dir rejoins and its replica catches up to the stream's last sequence.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import nats
 import pytest
+from nats.errors import NoRespondersError
 from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NoStreamResponseError
 
-from appliance.cluster.local import NatsCluster, NatsLauncherError
+from appliance.cluster.local import NatsCluster, NatsLauncherError, ports_in_use
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,13 +33,29 @@ STREAM = "T_LAUNCHER"
 SUBJECT = "t.launcher"
 
 
-async def _publish(urls: list[str], payloads: list[bytes]) -> list[int]:
+async def _publish(urls: list[str], payloads: list[bytes], retry_s: float = 20.0) -> list[int]:
+    """Publish each payload with a message id, retrying until acked, as a cluster client must.
+
+    Right after a node is killed the streams it led have no leader for a moment (an election:
+    "no responders" / timeout). A retry with the same Nats-Msg-Id is a duplicate within the
+    stream's duplicate window, never a second append, so the sequences below must be contiguous.
+    """
     nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=20)
     try:
-        js = nc.jetstream(timeout=10)
+        js = nc.jetstream(timeout=2)
         seqs = []
         for p in payloads:
-            ack = await js.publish(SUBJECT, p, stream=STREAM)
+            deadline = time.monotonic() + retry_s
+            while True:
+                try:
+                    ack = await js.publish(
+                        SUBJECT, p, stream=STREAM, headers={"Nats-Msg-Id": p.hex()}
+                    )
+                    break
+                except (NoRespondersError, nats.errors.TimeoutError, NoStreamResponseError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
             seqs.append(ack.seq)
         return seqs
     finally:
@@ -137,7 +159,8 @@ def test_up_status_down_command_line(tmp_path: Path) -> None:
     up = _cli("up", "--nodes", "3", "--dir", state)
     assert up.returncode == 0, up.stderr
     try:
-        urls = up.stdout.strip().split(",")
+        (line,) = [x for x in up.stdout.splitlines() if x.startswith("NATS: ")]
+        urls = line.removeprefix("NATS: ").split(",")
         assert len(urls) == 3 and all(u.startswith("nats://127.0.0.1:") for u in urls)
         again = _cli("up", "--dir", state)
         assert again.returncode == 1 and "already up" in again.stderr
@@ -147,7 +170,7 @@ def test_up_status_down_command_line(tmp_path: Path) -> None:
         assert asyncio.run(_ping(urls)) is True
     finally:
         down = _cli("down", "--dir", state)
-    assert down.returncode == 0 and "stopped 3" in down.stdout
+    assert down.returncode == 0 and "3 nats-server" in down.stdout
     after = _cli("status", "--dir", state)
     assert after.returncode == 1, "state file removed by down"
 
@@ -159,3 +182,57 @@ async def _ping(urls: list[str]) -> bool:
         return nc.is_connected
     finally:
         await nc.close()
+
+
+def _free_block(width: int) -> int:
+    """A first port p with p .. p + width - 1 all free on loopback (random, rechecked)."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20_000, 32_000)  # below the ephemeral range (32768+)
+        if not ports_in_use(list(range(first, first + width))):
+            return first
+    raise AssertionError("no free block of ports")
+
+
+def _http(method: str, url: str, body: dict[str, object] | None = None) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_demo_up_starts_appliance_nodes_that_answer_for_each_other(tmp_path: Path) -> None:
+    """The README's demo: `up --appliances 2`, a batch to node1, its statistics from node2."""
+    state = str(tmp_path / "demo")
+    rest, zmq = _free_block(2), _free_block(13)
+    up = _cli(
+        "up", "--appliances", "2", "--first-port", str(rest), "--zmq-first-port", str(zmq),
+        "--dir", state, "--timeout-s", "60",
+    )  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        assert f"node2: http://127.0.0.1:{rest + 1}" in up.stdout
+        values = [1.5, 2.5, 3.5, 4.5]
+        for i in range(6):  # six symbols: partitions owned by both nodes
+            status, body = _http(
+                "POST", f"http://127.0.0.1:{rest}/add_batch/", {"symbol": f"D{i}", "values": values}
+            )
+            assert status == 200, body
+        for i in range(6):
+            status, stats = _http(
+                "GET", f"http://127.0.0.1:{rest + 1}/stats/?symbol=D{i}&exponent=1"
+            )
+            assert status == 200, stats
+            assert stats == {"min": 1.5, "max": 4.5, "last": 4.5, "avg": 3.0, "var": 1.25}
+        status_out = _cli("status", "--dir", state)
+        assert status_out.returncode == 0, status_out.stdout
+        assert status_out.stdout.count("/health 200") == 2
+    finally:
+        down = _cli("down", "--dir", state)
+    assert down.returncode == 0
+    assert "stopped 2 appliance node(s) and 3 nats-server" in down.stdout
+    assert ports_in_use([rest, rest + 1]) == [], "the nodes are gone"
