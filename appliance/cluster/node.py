@@ -138,6 +138,7 @@ class ClusterNode:
         self.started_ns = time.time_ns()
         self.failovers = 0  # partitions taken over (restore + replay)
         self.forwarded: dict[str, int] = {}  # op -> requests forwarded to another node
+        self._replies: set[asyncio.Task] = set()  # forwarded requests being answered
         self.joined = asyncio.Event()  # every partition this node desires is serving here
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -432,9 +433,18 @@ class ClusterNode:
         if part.subscription is None and self.handle_request is not None:
             handler = self.handle_request
 
-            async def reply(msg: Any) -> None:
-                if msg.reply:
+            async def respond(msg: Any) -> None:
+                with contextlib.suppress(Exception):  # the asker gave up or NATS went away
                     await msg.respond(await handler(msg.data))
+
+            async def reply(msg: Any) -> None:
+                # nats-py runs one subscription's callbacks one after another: a task per
+                # request, so a read is not queued behind a write awaiting its JetStream ack
+                # (writes still go one at a time through the partition's lock).
+                if msg.reply:
+                    task = asyncio.get_running_loop().create_task(respond(msg))
+                    self._replies.add(task)
+                    task.add_done_callback(self._replies.discard)
 
             part.subscription = await self.nc.subscribe(request_subject(part.number), cb=reply)
 
