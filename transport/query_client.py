@@ -75,6 +75,7 @@ __all__ = [
     "NotFoundError",
     "NotReadyError",
     "OutOfOrderError",
+    "PartitionUnavailableError",
     "Probe",
     "QueryClient",
     "RateLimitedError",
