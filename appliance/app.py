@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from time import perf_counter
@@ -297,6 +299,12 @@ def create_app(
     # Who may do what (appliance.access); None with auth.mode = "off": no check at all.
     app.ctx.audit = audit if audit is not None else NullAudit()
     app.ctx.access = None
+    # Cluster mode's router (appliance.cluster.router.ClusterRouter), set by the
+    # after_server_start hook once the node joined NATS; None: this node answers from its own
+    # store (single-node mode, or before the cluster started).
+    app.ctx.cluster = None
+    app.ctx.cluster_ingest = None  # ClusterIngestSlot: the transports' target in cluster mode
+    app.ctx.cluster_ready_task = None
     if config.auth.mode == "token":
         if tokens is None:
             tokens = Tokens.from_file(config.auth.tokens_file)
@@ -542,6 +550,8 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         if principal is not None:
             ctx.access.check_symbol(principal, batch.symbol, "POST /add_batch/")
             ctx.access.spend(principal, "POST /add_batch/", int(batch.values.shape[0]))
+        if ctx.cluster is not None:
+            return await _cluster_add_batch(request, batch)
         try:
             added, first_index = await _ingest(ctx, batch.symbol, batch.values, batch.timestamps)
         except (SymbolLimitError, StorageUnavailableError, OutOfOrderError) as exc:
@@ -559,6 +569,10 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
         principal = principal_of(request)
         if principal is not None:
             request.app.ctx.access.check_symbol(principal, query.symbol, "GET /stats/")
+        cluster = request.app.ctx.cluster
+        if cluster is not None:
+            key = query.exponent or -query.window_ns  # type: ignore[union-attr]
+            return relay(*await cluster.stats(query.symbol, key))
         try:
             if query.exponent:
                 result = store.stats(query.symbol, query.exponent)
@@ -570,19 +584,7 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
             raise unknown_symbol(query.symbol) from None
         return json_response(stats_body(result))
 
-    @query_post("/stats/batch")
-    async def stats_batch(request: Request) -> HTTPResponse:
-        # Whole-body errors (400/413/415) before the store is touched; per-item errors are
-        # items of the 200 answer. On the event loop like GET /stats/: 10k queries cost a few
-        # ms of decoding and encoding (benches/RESULTS.md).
-        check_json_content_type(request.headers.get("content-type"))
-        principal = principal_of(request)
-        if principal is None or principal.symbols is None:  # no per-symbol restriction
-            columns = batch_decoder.decode_columns(request.body)
-            return HTTPResponse(answer_columns(store, columns), content_type=JSON)
-        items = restrict_queries(principal, batch_decoder.decode(request.body))
-        return HTTPResponse(answer(store, items), content_type=JSON)
-
+    _add_stats_batch_route(query_post, store, batch_decoder)
     _add_history_routes(data_get, store)
     _add_history_bars_route(data_get, store)
     _add_history_rolling_route(data_get, store)
@@ -591,6 +593,65 @@ def _add_routes(app: Sanic, decoder: BatchDecoder, openapi: dict[str, Any]) -> N
     @admin_delete("/symbols/<symbol:path>")
     async def delete_symbol(request: Request, symbol: str) -> HTTPResponse:
         return await _delete_symbol(request, unquote(symbol))
+
+
+def _add_stats_batch_route(
+    query_post: Callable[[str], Callable[[Handler], Handler]],
+    store: Store,
+    batch_decoder: StatsBatchDecoder,
+) -> None:
+    """POST /stats/batch: many queries in one request (in cluster mode, one per partition)."""
+
+    @query_post("/stats/batch")
+    async def stats_batch(request: Request) -> HTTPResponse:
+        # Whole-body errors (400/413/415) before the store is touched; per-item errors are
+        # items of the 200 answer. On the event loop like GET /stats/: 10k queries cost a few
+        # ms of decoding and encoding (benches/RESULTS.md).
+        check_json_content_type(request.headers.get("content-type"))
+        principal = principal_of(request)
+        cluster = request.app.ctx.cluster
+        if cluster is not None:
+            items = batch_decoder.decode(request.body)
+            if principal is not None:
+                items = restrict_queries(principal, items)
+            return HTTPResponse(await cluster.stats_batch(items), content_type=JSON)
+        if principal is None or principal.symbols is None:  # no per-symbol restriction
+            columns = batch_decoder.decode_columns(request.body)
+            return HTTPResponse(answer_columns(store, columns), content_type=JSON)
+        items = restrict_queries(principal, batch_decoder.decode(request.body))
+        return HTTPResponse(answer(store, items), content_type=JSON)
+
+
+IDEMPOTENCY_KEY_MAX = 200
+
+
+def relay(status: int, body: bytes) -> HTTPResponse:
+    """A cluster answer (this node's or the owner's status and JSON body) as the response;
+    a 503 carries Retry-After like the error table's partition_unavailable."""
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return HTTPResponse(body, status=status, headers=headers, content_type=JSON)
+
+
+async def _cluster_add_batch(request: Request, batch: Any) -> HTTPResponse:
+    """POST /add_batch/ in cluster mode: logged in the partition's stream (by this node or the
+    owner), then applied, then answered. The JetStream message id is the client's
+    `Idempotency-Key` (a retry of the same key is applied once), else a fresh uuid4."""
+    ctx = request.app.ctx
+    msg_id = request.headers.get("idempotency-key") or uuid.uuid4().hex
+    if len(msg_id) > IDEMPOTENCY_KEY_MAX:
+        raise ApiError(
+            "bad_request", f"Idempotency-Key is longer than {IDEMPOTENCY_KEY_MAX} characters"
+        )
+    status, body = await ctx.cluster.add_batch(
+        batch.symbol, batch.values, batch.timestamps, msg_id, time.time_ns()
+    )
+    if status == 200:
+        added = int(batch.values.shape[0])
+        ctx.rest_ingest.batches += 1
+        ctx.rest_ingest.values += added
+        principal = principal_of(request)
+        ctx.audit.rest_write(principal and principal.name, batch.symbol, added, -1)
+    return relay(status, body)
 
 
 def _time_window_stats(store: Store, query: TimeWindowQuery) -> HTTPResponse:
@@ -609,6 +670,12 @@ async def _delete_symbol(request: Request, symbol: str) -> HTTPResponse:
     principal = principal_of(request)
     if principal is not None:
         ctx.access.check_symbol(principal, symbol, "DELETE /symbols/")
+    if ctx.cluster is not None:  # logged in the partition's stream by its owner
+        status, body = await ctx.cluster.delete(symbol, uuid.uuid4().hex)
+        if status == 200:
+            who = principal.name if principal is not None else "(auth off)"
+            ctx.audit.admin(who, "delete_symbol", {"symbol": symbol})
+        return relay(status, body)
     try:
         if ctx.durable is not None:  # durable first (a tombstone), off the event loop
             dropped, tombstone = await asyncio.to_thread(ctx.durable.delete_symbol, symbol)
@@ -714,6 +781,17 @@ def _add_history_routes(data_get: Callable[[str], Callable[[Handler], Handler]],
         warm = request.app.ctx.warm
         totals = warm.symbols() if warm is not None else {}
         principal = principal_of(request)
+        cluster = request.app.ctx.cluster
+        if cluster is not None:  # every partition's rows, from each owner
+            status, found = await cluster.symbols()
+            if status != 200:
+                return relay(status, found)  # type: ignore[arg-type]
+            allowed = [
+                row
+                for row in found  # type: ignore[union-attr]
+                if principal is None or principal.may_access(row["symbol"])
+            ]
+            return json_response({"symbols": allowed})
         rows = []
         for name in sorted(set(store.symbols()) | set(totals)):
             if principal is not None and not principal.may_access(name):
@@ -833,9 +911,18 @@ def _add_lifecycle(app: Sanic) -> None:
     async def mark_ready(app: Sanic) -> None:
         if app.ctx.recover_on_start and not await _recover(app):
             return
+        if app.ctx.config.cluster.enabled and not await _start_cluster(app):
+            return
         # Transports start before `ready`: a client that waits for /ready can publish at once.
         if app.ctx.transports is not None:
             app.ctx.transports.start(resume=app.ctx.publisher_sequences.snapshot())
+        if app.ctx.cluster is not None:
+            # Ready once the node joined and every partition it should own is restored and
+            # replayed (other nodes may first have to release theirs): a background wait.
+            app.ctx.cluster_ready_task = asyncio.get_running_loop().create_task(
+                _ready_when_joined(app)
+            )
+            return
         app.ctx.readiness.mark_ready()  # wakes the requests that waited for the replay
         log.info("appliance ready", extra={"symbols": len(app.ctx.store)})
 
@@ -846,7 +933,83 @@ def _add_lifecycle(app: Sanic) -> None:
         if app.ctx.transports is not None:
             # Ingest stops first (bounded wait, off the loop so REST keeps draining meanwhile).
             await asyncio.to_thread(app.ctx.transports.stop, TRANSPORT_STOP_TIMEOUT_S)
+        if app.ctx.cluster is not None:
+            # After the transports (their in-flight frames still reach the owners), before the
+            # store goes: release every partition with a checkpoint, leave, close NATS.
+            router, app.ctx.cluster = app.ctx.cluster, None
+            await router.node.stop()
 
     @app.after_server_stop
     async def stopped(app: Sanic) -> None:
         log.info("appliance stopped", extra={"symbols": len(app.ctx.store)})
+
+
+async def _start_cluster(app: Sanic) -> bool:
+    """Join the cluster (connect to NATS, make the buckets and streams, start the ownership
+    loop) and route requests through it; the transports then ingest through the owners. A
+    cluster that cannot be reached stops the server like a corrupt log: one line, exit 2."""
+    from appliance.cluster.node import ClusterNode
+    from appliance.cluster.router import ClusterRouter
+    from appliance.cluster.sink import ClusterIngest
+
+    ctx = app.ctx
+    node = ClusterNode(ctx.config.cluster, ctx.store)
+    router = ClusterRouter(node)
+    try:
+        await node.start()
+    except Exception as exc:
+        ctx.start_error = (
+            f"cannot join the cluster at {list(ctx.config.cluster.nats_urls)}: {exc!r}"
+        )
+        ctx.readiness.mark_failed()
+        log.error("cannot join the cluster", extra={"reason": ctx.start_error})
+        with contextlib.suppress(Exception):
+            await node.stop()
+        ctx.stop_task = asyncio.get_running_loop().create_task(_stop_soon(app))
+        return False
+    ctx.cluster = router
+    if ctx.cluster_ingest is not None:  # the transports' sink target (set by the CLI)
+        ctx.cluster_ingest.attach(ClusterIngest(router, asyncio.get_running_loop()))
+    return True
+
+
+async def _ready_when_joined(app: Sanic) -> None:
+    router = app.ctx.cluster
+    if router is None:
+        return
+    await router.node.joined.wait()
+    if app.ctx.readiness.accepting or app.ctx.readiness.draining:
+        return
+    app.ctx.readiness.mark_ready()
+    log.info("appliance ready (cluster)", extra={"node_id": router.node.node_id,
+                                                 "symbols": len(app.ctx.store)})  # fmt: skip
+
+
+class ClusterIngestSlot:
+    """The transports' sink target in cluster mode, bound before the cluster exists (the
+    transports bind before the server starts): refuses with partition_unavailable until the
+    after_server_start hook attaches the real `ClusterIngest`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._target: Any = None
+
+    def attach(self, target: Any) -> None:
+        self._target = target
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self._store
+
+    def _current(self) -> Any:
+        if self._target is None:
+            raise ApiError(
+                "partition_unavailable", "the node has not joined the cluster yet; retry"
+            )
+        return self._target
+
+    def ingest(self, symbol: str, values: Any, publisher_id: int = 0, sequence: int = 0,
+               timestamps: Any = None) -> int:  # fmt: skip
+        return self._current().ingest(symbol, values, publisher_id, sequence, timestamps)
+
+    def submit_group(self, items: Any, done: Any) -> None:
+        self._current().submit_group(items, done)

@@ -200,7 +200,6 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     from appliance.audit_chain import AuditError
     from appliance.audit_log import open_audit
     from appliance.http_protocol import AppHttpProtocol
-    from appliance.transports import Transports
     from transport.errors import TransportStartError
 
     try:  # before any producer: it writes the `start` record, and a damaged chain stops here
@@ -212,16 +211,7 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     # The audit trail also records REST writes, admin actions and denials (app.ctx.audit).
     app = create_app(config, engine, tokens=tokens, audit=audit)
     app.ctx.data_cipher = data_cipher  # encryption at rest: read by attach_durability
-    if config.durability.enabled:
-        # Recovery runs in the app's after_server_start hook: the server already answers, with
-        # /ready 503 until the replay ends; a corrupt log stops it and `serve` exits 2.
-        from appliance.app import LogIngest
-
-        app.ctx.recover_on_start = True
-        # Transports ingest through the log's writer (same contract as the store).
-        transports = Transports(config, LogIngest(app), tokens=tokens, audit=audit)  # type: ignore[arg-type]
-    else:
-        transports = Transports(config, app.ctx.store, tokens=tokens, audit=audit)
+    transports = _make_transports(config, app, tokens, audit)
     try:
         transports.bind()
         app.ctx.live.bind_pub()  # transport.zmq.stats_pub_endpoint (live statistics)
@@ -270,6 +260,30 @@ def serve(config_path: str | None, engine: Engine | None = None) -> int:
     return EXIT_OK
 
 
+def _make_transports(config: AppConfig, app: Any, tokens: Any, audit: Any) -> Any:
+    """The binary transports, ingesting into the store, the write-ahead log's writer, or (in
+    cluster mode) the partitions' owners."""
+    from appliance.transports import Transports
+
+    if config.durability.enabled:
+        # Recovery runs in the app's after_server_start hook: the server already answers, with
+        # /ready 503 until the replay ends; a corrupt log stops it and `serve` exits 2.
+        from appliance.app import LogIngest
+
+        app.ctx.recover_on_start = True
+        # Transports ingest through the log's writer (same contract as the store).
+        transports = Transports(config, LogIngest(app), tokens=tokens, audit=audit)  # type: ignore[arg-type]
+    elif config.cluster.enabled:
+        # Each batch goes to its partition's owner through the cluster, once it has joined.
+        from appliance.app import ClusterIngestSlot
+
+        app.ctx.cluster_ingest = ClusterIngestSlot(app.ctx.store)
+        transports = Transports(config, app.ctx.cluster_ingest, tokens=tokens, audit=audit)  # type: ignore[arg-type]
+    else:
+        transports = Transports(config, app.ctx.store, tokens=tokens, audit=audit)
+    return transports
+
+
 class StartRefused(Exception):
     """The appliance must not start as configured; the message is the one line to print."""
 
@@ -281,6 +295,12 @@ def load_security(config: AppConfig) -> tuple[Any, Any, Any]:
     from appliance.auth import Tokens, TokensFileError
     from appliance.durability.encryption import KeyFileError, load_cipher
 
+    if config.cluster.enabled and config.durability.enabled:
+        raise StartRefused(
+            "config error: cluster.enabled and durability.enabled are both true: in cluster "
+            "mode the replicated log is NATS JetStream, not the local write-ahead log; set "
+            "durability.enabled = false (APP_DURABILITY__ENABLED=false)"
+        )
     exposed = unauthenticated_exposure(config)
     if exposed:
         raise StartRefused(exposed)
@@ -465,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore_parser.add_argument("--config", metavar="PATH", help="TOML config file")
     _add_audit_parser(commands)
+    cluster_parser = commands.add_parser("cluster", help="cluster mode on NATS (docs/cluster.md)")
+    cluster_commands = cluster_parser.add_subparsers(dest="cluster_command", required=True)
+    status_parser = cluster_commands.add_parser(
+        "status", help="members, each partition's owner, applied sequence and lag"
+    )
+    status_parser.add_argument("--config", metavar="PATH", help="TOML config file ([cluster])")
+    status_parser.add_argument("--json", action="store_true", help="print one JSON object")
     from appliance.publish_commands import add_commands
 
     add_commands(commands)
@@ -483,6 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _archive_command(args)
     if args.command == "audit":
         return _audit_command(args)
+    if args.command == "cluster":
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(f"config error: {exc}")
+        from appliance.cluster.status import run_status
+
+        return run_status(config.cluster, as_json=args.json)
     if args.command in ("publish", "replay"):
         try:
             config = load_config(args.config)

@@ -387,6 +387,39 @@ class TransportConfig(_Section):
                 )
 
 
+NodeId = Annotated[str, Meta(pattern=r"^([A-Za-z0-9_-]{1,64})?$")]
+NatsUrl = Annotated[str, Meta(pattern=r"^(nats|tls|ws|wss)://.+")]
+
+
+class ClusterConfig(_Section):
+    """[cluster]: symbol-partitioned cluster mode on NATS JetStream (docs/cluster.md).
+
+    Off by default: nothing imports nats. On, the replicated log is JetStream, not the local
+    write-ahead log, so `[durability] enabled` must be false (the CLI refuses both, exit 2).
+    """
+
+    enabled: bool = False
+    # This node's name in the cluster (KV keys, owners); required when enabled.
+    node_id: NodeId = ""
+    nats_urls: tuple[NatsUrl, ...] = ("nats://127.0.0.1:4222",)
+    # Symbols -> zlib.crc32(symbol) % partitions; FIXED for a cluster's life (streams HFT_P<N>).
+    partitions: Annotated[int, Meta(ge=1, le=4096)] = 16
+    # JetStream replicas of every stream and bucket (3 in a 3-node NATS cluster).
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    # Ownership and membership lease: a dead node's partitions move after about this long.
+    lease_s: Annotated[float, Meta(ge=0.5, le=60)] = 3.0
+    # Each owned partition's state goes to the object store this often (bounds replay).
+    checkpoint_interval_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
+    # A request forwarded to another node's partition, and a JetStream publish, wait this long.
+    request_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.node_id:
+            raise ValueError("cluster.node_id: required when cluster.enabled is true")
+        if self.enabled and not self.nats_urls:
+            raise ValueError("cluster.nats_urls: at least one URL when cluster.enabled is true")
+
+
 class AppConfig(_Section):
     """The whole configuration tree, one attribute per TOML section."""
 
@@ -402,6 +435,7 @@ class AppConfig(_Section):
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     stream: StreamConfig = msgspec.field(default_factory=StreamConfig)
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     @property
     def max_body_bytes(self) -> int:

@@ -176,6 +176,15 @@ _ROWS = (
         wire_reason=Reason.UNAVAILABLE,
     ),
     ErrorCode(
+        "partition_unavailable",
+        503,
+        "Cluster mode: the symbol's partition has no serving owner right now (it is moving to "
+        "another node after a failure or a rebalance, or its owner did not answer within "
+        "`cluster.request_timeout_s`); `Retry-After` says when to retry. A write with the same "
+        "`Idempotency-Key` is applied at most once.",
+        wire_reason=Reason.UNAVAILABLE,
+    ),
+    ErrorCode(
         "storage_unavailable",
         503,
         "The write-ahead log cannot be written (disk full, file too large, I/O error): nothing "

@@ -126,6 +126,9 @@ class ApplianceCollector(Collector):
         yield from self._wal_families()
         yield from self._warm_families()
         yield from live_families(getattr(ctx, "live", None))
+        cluster = getattr(ctx, "cluster", None)
+        if cluster is not None:
+            yield from cluster_families(cluster.node.snapshot())
 
     def _rest_families(self) -> Iterator[Metric]:
         app_name = self._app.name
@@ -261,6 +264,38 @@ class ApplianceCollector(Collector):
         for name, totals in sorted(warm.symbols().items()):
             unsealed.add_metric([name], totals.total - totals.sealed_end)
         yield unsealed
+
+
+def cluster_families(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
+    """Cluster mode (appliance.cluster.node.ClusterNode.snapshot): what this node serves, how
+    far each owned partition's apply is behind its stream (as of the last renew tick), what
+    it forwarded, and how many partitions it took over."""
+    yield GaugeMetricFamily(
+        "hft_cluster_partitions_owned",
+        "Partitions this node owns and serves (restored and replayed)",
+        value=len(snapshot["owned"]),
+    )
+    lag = GaugeMetricFamily(
+        "hft_cluster_apply_lag_messages",
+        "Stream messages of an owned partition not yet applied here (last sequence - applied)",
+        labels=["partition"],
+    )
+    for partition, behind in sorted(snapshot["lag"].items()):
+        lag.add_metric([str(partition)], behind)
+    yield lag
+    forwarded = CounterMetricFamily(
+        "hft_cluster_forwarded_requests",
+        "Requests this node forwarded to another node's partition, by operation",
+        labels=["op"],
+    )
+    for op, count in sorted(snapshot["forwarded"].items()):
+        forwarded.add_metric([op], count)
+    yield forwarded
+    yield CounterMetricFamily(
+        "hft_cluster_failovers",
+        "Partitions this node took over (restore from the checkpoint + replay, then serve)",
+        value=snapshot["failovers"],
+    )
 
 
 def live_families(hub: Any) -> Iterator[Metric]:

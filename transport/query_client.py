@@ -75,6 +75,7 @@ __all__ = [
     "NotFoundError",
     "NotReadyError",
     "OutOfOrderError",
+    "PartitionUnavailableError",
     "Probe",
     "QueryClient",
     "RateLimitedError",
@@ -292,6 +293,11 @@ class StorageUnavailableError(UnavailableError):
     """`storage_unavailable`: the write-ahead log cannot be written; nothing was applied."""
 
 
+class PartitionUnavailableError(UnavailableError):
+    """`partition_unavailable` (cluster mode): the symbol's partition is moving to another
+    node; retry (a write with the same Idempotency-Key is applied once)."""
+
+
 # Every code of appliance.errors.ERROR_CODES (tests/transport/test_query_client_errors.py checks
 # the two agree, statuses included). Spelled out, not imported: the client stays readable on its
 # own and a newer server's code still maps by status (`_FAMILY_BY_STATUS`).
@@ -323,6 +329,7 @@ ERROR_CLASSES: Mapping[str, type[ApplianceError]] = {
     "internal_error": InternalServerError,
     "not_ready": NotReadyError,
     "storage_unavailable": StorageUnavailableError,
+    "partition_unavailable": PartitionUnavailableError,
 }
 
 _FAMILY_BY_STATUS: Mapping[int, type[ApplianceError]] = {

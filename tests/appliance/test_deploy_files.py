@@ -294,3 +294,152 @@ def test_the_ignore_file_lets_every_copied_path_through() -> None:
     for source in copied:
         assert any(source == a or source.startswith(a + "/") for a in allowed), source
         assert (REPO / source).exists(), source
+
+
+# --- cluster mode: deploy/k8s/cluster (NATS StatefulSet + appliance StatefulSet) -----------
+
+CLUSTER = K8S / "cluster"
+
+
+def _cluster_manifests() -> list[tuple[str, dict[str, Any]]]:
+    kustomization = yaml.safe_load((CLUSTER / "kustomization.yaml").read_text())
+    found = []
+    for name in kustomization["resources"]:
+        found.extend((name, doc) for doc in yaml.safe_load_all((CLUSTER / name).read_text()) if doc)
+    return found
+
+
+def _cluster_objects(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in _cluster_manifests() if d["kind"] == kind}
+
+
+def _nats_conf() -> str:
+    return _cluster_objects("ConfigMap")["hft-nats-config"]["data"]["nats.conf"]
+
+
+def _env_of(container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """A container's env as the pod named `pod_name` sees it (fieldRef metadata.name resolved)."""
+    env = {}
+    for var in container.get("env", ()):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", var
+            env[var["name"]] = pod_name
+    return env
+
+
+def _cluster_pod_config(ordinal: int = 0) -> AppConfig:
+    """The appliance node's config: built-in defaults plus its APP_* env (no config file)."""
+    sts = _cluster_objects("StatefulSet")["hft-appliance-cluster"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert "--config" not in container["args"], "env only: no ConfigMap to keep in step"
+    return build_config({}, _env_of(container, f"hft-appliance-cluster-{ordinal}"))
+
+
+def test_cluster_kustomization_lists_every_manifest() -> None:
+    listed = yaml.safe_load((CLUSTER / "kustomization.yaml").read_text())["resources"]
+    on_disk = {p.name for p in CLUSTER.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(listed) == sorted(on_disk)
+    assert set(_cluster_objects("StatefulSet")) == {"hft-nats", "hft-appliance-cluster"}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_cluster_manifests_validate_against_the_kubernetes_schemas(version: str) -> None:
+    for name, doc in _cluster_manifests():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(part) for part in exc.absolute_path)
+            pytest.fail(f"cluster/{name}: {doc['kind']} {where}: {exc.message} ({version})")
+
+
+def test_nats_three_servers_route_to_each_other_by_headless_dns_with_jetstream_on_a_claim() -> None:
+    sts = _cluster_objects("StatefulSet")["hft-nats"]
+    spec = sts["spec"]
+    assert spec["replicas"] == 3
+    assert spec["podManagementPolicy"] == "Parallel", "OrderedReady deadlocks the meta election"
+    headless = _cluster_objects("Service")[spec["serviceName"]]["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    conf = _nats_conf()
+    cluster_port = int(re.search(r"cluster \{[^}]*listen: 0\.0\.0\.0:(\d+)", conf).group(1))
+    routes = re.findall(r"nats://(\S+):(\d+)", conf.split("routes:", 1)[1])
+    want = {(f"hft-nats-{i}.{spec['serviceName']}", str(cluster_port)) for i in range(3)}
+    assert set(routes) == want
+    assert "server_name: $POD_NAME" in conf
+    (container,) = spec["template"]["spec"]["containers"]
+    assert _env_of(container, "hft-nats-1")["POD_NAME"] == "hft-nats-1"
+    store_dir = re.search(r"store_dir: (\S+)", conf).group(1)
+    mount = max(
+        (m for m in container["volumeMounts"] if store_dir.startswith(m["mountPath"])),
+        key=lambda m: len(m["mountPath"]),
+    )
+    claims = {c["metadata"]["name"]: c for c in spec["volumeClaimTemplates"]}
+    assert mount["name"] in claims, "the JetStream store is on the volume claim"
+    max_file = _quantity(re.search(r"max_file_store: (\S+)", conf).group(1))
+    assert max_file < _quantity(claims[mount["name"]]["spec"]["resources"]["requests"]["storage"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["cluster"] == cluster_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"].startswith("/healthz")
+        assert container[probe]["httpGet"]["port"] == "monitor"
+
+
+def test_cluster_appliance_env_is_a_valid_cluster_config_pointing_at_every_nats_server() -> None:
+    nats_sts = _cluster_objects("StatefulSet")["hft-nats"]["spec"]
+    (nats_container,) = nats_sts["template"]["spec"]["containers"]
+    client_port = {p["name"]: p["containerPort"] for p in nats_container["ports"]}["client"]
+    config = _cluster_pod_config(ordinal=2)  # raises on a bad or unknown APP_* variable
+    cluster = config.cluster
+    assert cluster.enabled
+    assert cluster.node_id == "hft-appliance-cluster-2", "node_id is the pod name"
+    assert not config.durability.enabled, "the replicated log is JetStream's"
+    assert cluster.replicas == nats_sts["replicas"] == 3
+    want = {
+        f"nats://hft-nats-{i}.{nats_sts['serviceName']}:{client_port}"
+        for i in range(nats_sts["replicas"])
+    }
+    assert set(cluster.nats_urls) == want
+    assert _cluster_pod_config(0).cluster.node_id != cluster.node_id
+
+
+def test_cluster_appliance_three_nodes_behind_services_with_probes_and_memory() -> None:
+    sts = _cluster_objects("StatefulSet")["hft-appliance-cluster"]
+    spec = sts["spec"]
+    assert spec["replicas"] == 3
+    assert not spec.get("volumeClaimTemplates"), "no local log: the data is in NATS"
+    pod_labels = spec["template"]["metadata"]["labels"]
+    (container,) = spec["template"]["spec"]["containers"]
+    port_names = {p["name"] for p in container["ports"]}
+    services = {
+        n: s
+        for n, s in _cluster_objects("Service").items()
+        if s["spec"]["selector"].items() <= pod_labels.items()
+    }
+    assert services[spec["serviceName"]]["spec"]["clusterIP"] == "None"
+    assert any(s["spec"].get("clusterIP") != "None" for s in services.values())
+    for service in services.values():
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    config = _cluster_pod_config()
+    paths = {p: container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe")}
+    assert set(paths.values()) == {"/health"}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/live"
+    by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert by_name["http"] == config.server.port
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"], "Guaranteed QoS"
+    raw_values = 8 * config.store.max_symbols * config.store.max_data_retention
+    assert _quantity(resources["limits"]["memory"]) >= raw_values
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= config.server.graceful_shutdown_s + config.cluster.request_timeout_s
+
+
+def test_nats_is_reachable_only_from_the_appliance_and_itself() -> None:
+    (policy,) = _cluster_objects("NetworkPolicy").values()
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "hft-nats"}
+    sources = {
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        for rule in policy["spec"]["ingress"]
+        for peer in rule["from"]
+    }
+    assert sources == {"hft-nats", "hft-appliance-cluster"}
