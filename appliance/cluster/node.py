@@ -18,6 +18,11 @@ Everything here runs on the Sanic event loop (nats-py is asyncio). The moving pa
   owner's publish fails), await JetStream's ack (the batch is replicated), apply to the Store,
   return. A publish that fails or times out leaves the stream's state unknown here, so the
   partition stops serving and re-syncs by replay before it serves again.
+- nats-server checks the expected last sequence BEFORE the message id (checked on 2.15: a
+  stale expected sequence with a duplicate id is error 10071, not a duplicate ack), so a
+  deposed owner can never be told "duplicate, fine" for a batch; the serving owner, whose
+  applied sequence is the stream's last, gets the duplicate ack for a retried id and then
+  answers without applying it again (it was applied when first logged, or by the replay).
 - An owner only writes while its lease is surely its own: after `lease_s` without a successful
   renew it stops serving (another node may take the key once it expires).
 - Checkpoints: every checkpoint_interval_s (and on a clean release) the partition's symbols

@@ -278,7 +278,10 @@ class Writer(threading.Thread):
                         response = post(server, symbol, values, key=f"{self.tag}-{n}")
                         if response.status == 200:
                             break
+                        # During a move: a clear 503, never stale or partial data.
                         assert response.status == 503, response
+                        assert response.json["code"] == "partition_unavailable", response
+                        assert response.headers.get("retry-after") == "1", response
                     except OSError:
                         pass
                     self.retries += 1
