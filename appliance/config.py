@@ -412,6 +412,11 @@ class ClusterConfig(_Section):
     checkpoint_interval_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
     # A request forwarded to another node's partition, and a JetStream publish, wait this long.
     request_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
+    # JetStream's duplicate window of the partition streams: a retried batch (same
+    # Idempotency-Key or publisher sequence) within it is not applied twice. Set when a stream
+    # is created. A stream's messages are purged once a checkpoint covers them and they are
+    # older than this window (docs/cluster.md).
+    duplicate_window_s: Annotated[float, Meta(ge=1, le=86400)] = 120.0
 
     def __post_init__(self) -> None:
         if self.enabled and not self.node_id:

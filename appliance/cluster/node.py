@@ -37,6 +37,7 @@ and replays at most checkpoint_interval_s of batches.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -77,7 +78,6 @@ NODES_BUCKET = "hft_nodes"
 OWNERS_BUCKET = "hft_owners"
 STATUS_BUCKET = "hft_status"
 CHECKPOINT_BUCKET = "hft_checkpoints"
-DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
 REPLAY_FETCH = 1024
 RESTORE_CHUNK = 1 << 20
@@ -108,6 +108,9 @@ class Partition:
     task: asyncio.Task | None = None  # the takeover / release / resync in flight
     subscription: Any = None
     stream_last_seq: int = 0  # from the last status tick (lag metric)
+    # (monotonic time, stream sequence) of this node's checkpoints not yet purged behind
+    checkpoints: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    purged_seq: int = 0  # messages up to this sequence were purged by this node
 
 
 class ClusterNode:
@@ -213,7 +216,7 @@ class ClusterNode:
             subjects=[stream_subject(p)],
             num_replicas=self.config.replicas,
             storage=api.StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW_S,
+            duplicate_window=self.config.duplicate_window_s,
         )
         try:
             await self.js.stream_info(stream_name(p))
@@ -506,7 +509,37 @@ class ClusterNode:
             return
         data = await asyncio.to_thread(self._snapshot, part)
         await self._objects.put(partition_key(part.number), data)
-        part.last_checkpoint = time.monotonic()
+        part.last_checkpoint = now = time.monotonic()
+        part.checkpoints.append((now, part.applied_seq))
+        await self._purge_covered(part, now)
+
+    async def _purge_covered(self, part: Partition, now: float) -> None:
+        """Purge the stream up to the newest of this node's checkpoints written more than a
+        duplicate window ago, so a partition's stream holds about one window plus one
+        checkpoint interval of batches instead of growing forever.
+
+        Why that checkpoint and not the one just written: (1) every later checkpoint, which
+        is what a takeover restores (the object holds the newest), covers at least as much, so
+        nothing a restore replays is purged, even if the newest put failed half-way; (2)
+        JetStream deduplicates by the message ids it still holds within the window (it
+        rebuilds them from stored messages after a restart), so purging only messages older
+        than the window keeps every retry inside it a duplicate. A failed purge is retried
+        with the next checkpoint."""
+        cutoff = now - self.config.duplicate_window_s
+        covered = 0
+        while part.checkpoints and part.checkpoints[0][0] <= cutoff:
+            covered = part.checkpoints.popleft()[1]
+        if covered <= part.purged_seq:
+            return
+        try:
+            # `seq`: purge every message below it, i.e. up to and including `covered`
+            await self.js.purge_stream(stream_name(part.number), seq=covered + 1)
+        except Exception as exc:  # NATS unreachable, leader election: next checkpoint retries
+            part.checkpoints.appendleft((cutoff, covered))
+            log.warning("stream purge failed", extra={"partition": part.number,
+                                                      "reason": repr(exc)})  # fmt: skip
+            return
+        part.purged_seq = covered
 
     async def _checkpoint(self, part: Partition) -> None:
         try:
