@@ -635,13 +635,23 @@ def relay(status: int, body: bytes) -> HTTPResponse:
 async def _cluster_add_batch(request: Request, batch: Any) -> HTTPResponse:
     """POST /add_batch/ in cluster mode: logged in the partition's stream (by this node or the
     owner), then applied, then answered. The JetStream message id is the client's
-    `Idempotency-Key` (a retry of the same key is applied once), else a fresh uuid4."""
+    `Idempotency-Key` namespaced by principal and symbol (a retry of the same key is applied
+    once), else a fresh uuid4."""
+    from appliance.cluster.messages import rest_msg_id
+
     ctx = request.app.ctx
-    msg_id = request.headers.get("idempotency-key") or uuid.uuid4().hex
-    if len(msg_id) > IDEMPOTENCY_KEY_MAX:
-        raise ApiError(
-            "bad_request", f"Idempotency-Key is longer than {IDEMPOTENCY_KEY_MAX} characters"
-        )
+    principal = principal_of(request)
+    key = request.headers.get("idempotency-key")
+    if key:
+        if len(key) > IDEMPOTENCY_KEY_MAX:
+            raise ApiError(
+                "bad_request", f"Idempotency-Key is longer than {IDEMPOTENCY_KEY_MAX} characters"
+            )
+        # Namespaced per principal and symbol: never equal to a transport frame's id or to
+        # another tenant's key (messages.rest_msg_id).
+        msg_id = rest_msg_id(principal and principal.name, batch.symbol, key)
+    else:
+        msg_id = uuid.uuid4().hex  # no ':' in it: cannot equal a namespaced id
     status, body = await ctx.cluster.add_batch(
         batch.symbol, batch.values, batch.timestamps, msg_id, time.time_ns()
     )
@@ -649,7 +659,6 @@ async def _cluster_add_batch(request: Request, batch: Any) -> HTTPResponse:
         added = int(batch.values.shape[0])
         ctx.rest_ingest.batches += 1
         ctx.rest_ingest.values += added
-        principal = principal_of(request)
         ctx.audit.rest_write(principal and principal.name, batch.symbol, added, -1)
     return relay(status, body)
 
@@ -988,24 +997,37 @@ async def _ready_when_joined(app: Sanic) -> None:
 class ClusterIngestSlot:
     """The transports' sink target in cluster mode, bound before the cluster exists (the
     transports bind before the server starts): refuses with partition_unavailable until the
-    after_server_start hook attaches the real `ClusterIngest`."""
+    after_server_start hook attaches the real `ClusterIngest`. `for_transport` gives each
+    transport's sink its own view, so its frames' message ids carry the transport's name."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, transport: str = "zmq", shared: dict[str, Any] | None = None
+    ) -> None:
         self._store = store
-        self._target: Any = None
+        self._transport = transport
+        # The attached ClusterIngest under "", and one per transport name made from it.
+        self._shared: dict[str, Any] = shared if shared is not None else {}
 
     def attach(self, target: Any) -> None:
-        self._target = target
+        self._shared.clear()
+        self._shared[""] = target
+
+    def for_transport(self, transport: str) -> ClusterIngestSlot:
+        return ClusterIngestSlot(self._store, transport, self._shared)
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self._store
 
     def _current(self) -> Any:
-        if self._target is None:
-            raise ApiError(
-                "partition_unavailable", "the node has not joined the cluster yet; retry"
-            )
-        return self._target
+        target = self._shared.get(self._transport)
+        if target is None:
+            base = self._shared.get("")
+            if base is None:
+                raise ApiError(
+                    "partition_unavailable", "the node has not joined the cluster yet; retry"
+                )
+            target = self._shared[self._transport] = base.for_transport(self._transport)
+        return target
 
     def ingest(self, symbol: str, values: Any, publisher_id: int = 0, sequence: int = 0,
                timestamps: Any = None) -> int:  # fmt: skip

@@ -251,5 +251,10 @@ def make_sink(
     store: Ingestor, max_batch_size: int, audit: Audit | None = None, transport: str = ""
 ) -> StoreSink:
     """The sink for one transport (see `StoreSink`); the log (when `store` is the
-    `DurableWriter`) records each batch's identity, `audit` each applied frame."""
+    `DurableWriter`) records each batch's identity, `audit` each applied frame. A target
+    with `for_transport` (cluster mode's ingest) gets the transport's name: its message ids
+    are namespaced by it."""
+    named = getattr(store, "for_transport", None)
+    if transport and named is not None:
+        store = named(transport)
     return StoreSink(store, max_batch_size, audit, transport)

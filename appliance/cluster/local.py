@@ -92,6 +92,13 @@ class NodeSpec:
         return f"nats://{HOST}:{self.cluster_port}"
 
 
+# The largest NATS message (server `max_payload`, default 1 MiB). 8 MiB carries a batch of the
+# default store.max_batch_size (1,000,000 float64 values = 8 MB) without timestamps; with
+# timestamps (16 bytes a value) about 520,000 values. A larger batch is refused 413
+# batch_too_large before it is published or forwarded (router.py).
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+
+
 class NatsCluster:
     """`nodes` nats-server processes named n1..nN in cluster `cluster_name`, JetStream on.
 
@@ -107,6 +114,7 @@ class NatsCluster:
         cluster_name: str = "hft",
         binary: str | None = None,
         detach: bool = False,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError(f"nodes must be 1..9, got {nodes}")
@@ -116,6 +124,7 @@ class NatsCluster:
         self.binary = binary or find_nats_server()
         # detach: own session, so `up` can exit and leave the servers running for `down`.
         self.detach = detach
+        self.max_payload_bytes = max_payload_bytes
         ports = free_ports(3 * nodes)
         self.specs = [
             NodeSpec(
@@ -150,6 +159,12 @@ class NatsCluster:
             ]  # fmt: skip
         if self.jetstream:
             argv += ["--jetstream", "--store_dir", spec.store_dir]
+        # max_payload has no command-line flag: a one-line config file per node (flags above
+        # override it). The appliance refuses a batch or answer above it with 413 (router.py).
+        config = Path(spec.store_dir).parent / "nats.conf"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(f"max_payload: {self.max_payload_bytes}\n")
+        argv += ["--config", str(config)]
         return argv
 
     def _spawn(self, i: int) -> None:

@@ -83,6 +83,31 @@ class SymbolState(msgspec.Struct, frozen=True):
     mark_ns: bytes  # int64 LE
 
 
+def _field(text: str) -> str:
+    """A message-id field that cannot contain the separator: '%' and ':' percent-escaped."""
+    return text.replace("%", "%25").replace(":", "%3A")
+
+
+def rest_msg_id(principal: str | None, symbol: str, key: str) -> str:
+    """The JetStream message id (Nats-Msg-Id) of a REST write with an Idempotency-Key.
+
+    Message ids deduplicate within the partition's stream, so each source gets its own
+    namespace: a REST key never equals a transport frame's id, and two principals (tenants)
+    sending the same key for the same symbol are two writes, not one suppressed as a
+    duplicate. The key is last and kept verbatim; the fields before it are escaped, so the
+    id names exactly one (principal, symbol, key). principal None: auth off ("-").
+    """
+    who = "-" if principal is None else _field(principal)
+    return f"rest:{who}:{_field(symbol)}:{key}"
+
+
+def transport_msg_id(transport: str, publisher_id: int, sequence: int) -> str:
+    """The message id of a transport frame ("zmq", "shm", "rdma"): a frame resent after a
+    lost ack (to this node or another) is a duplicate, not a second append; the transport
+    name keeps publisher ids of different transports apart."""
+    return f"{_field(transport)}:{publisher_id}:{sequence}"
+
+
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(BatchMessage)
 _request_decoder = msgspec.msgpack.Decoder(Request)

@@ -655,6 +655,12 @@ class ClusterNode:
                     stream_subject(p), encode(message), timeout=self.config.request_timeout_s,
                     headers=headers,
                 )  # fmt: skip
+            except nats.errors.MaxPayloadError:
+                # Our message, not the partition, is at fault (the router refuses these before
+                # publishing; this is the backstop): nothing was sent, keep serving.
+                raise ApiError(
+                    "batch_too_large", "the batch is larger than the cluster's NATS max_payload"
+                ) from None
             except js_errors.APIError as exc:
                 self.step_down(part)
                 if exc.err_code in WRONG_LAST_SEQUENCE:

@@ -14,6 +14,7 @@ answer the owner would give.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,11 @@ from appliance.store import SymbolLimitError, UnknownSymbolError
 from appliance.timestamps import OutOfOrderError
 
 _json = msgspec.json.Encoder().encode
+log = logging.getLogger(__name__)
+
+# Room for the NATS headers of a partition-stream publish (Nats-Msg-Id, which carries the
+# message id, and Nats-Expected-Last-Sequence), counted against max_payload with the payload.
+HEADER_ALLOWANCE_BYTES = 256
 
 
 class _Results(msgspec.Struct):
@@ -51,6 +57,21 @@ Answer = tuple[int, bytes]  # HTTP status, JSON body
 
 def error_answer(error: ApiError) -> Answer:
     return error.status, _json(error.to_body())
+
+
+def too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        "batch_too_large",
+        f"the cluster message would be {size} bytes, above NATS max_payload ({limit} bytes); "
+        "send fewer values",
+    )
+
+
+def _code(body: bytes) -> str:
+    try:
+        return _error_decoder.decode(body).code
+    except msgspec.DecodeError:
+        return ""
 
 
 def as_error(status: int, body: bytes) -> ApiError:
@@ -75,17 +96,37 @@ class ClusterRouter:
     # -- the owner side --------------------------------------------------------------------
 
     async def handle(self, data: bytes) -> bytes:
-        """`hft.req.p.<N>`'s handler: run the request here, reply status + body."""
+        """`hft.req.p.<N>`'s handler: run the request here, reply status + body. Never raises:
+        a malformed request is 400, an unexpected fault 500 internal_error (logged), and an
+        answer larger than NATS max_payload 413 batch_too_large (the asker splits a
+        stats_batch group on it), so the asker never waits out its timeout for nothing."""
         try:
             request = decode_request(data)
         except msgspec.DecodeError:
             status, body = error_answer(ApiError("bad_request", "unreadable cluster request"))
         else:
-            status, body = await self._local_safe(request)
-        return encode_msgpack(Reply(status=status, body=body))
+            try:
+                status, body = await self._local_safe(request)
+            except Exception:
+                log.exception("cluster request failed", extra={"op": request.op})
+                status, body = error_answer(
+                    ApiError("internal_error", "the partition's owner failed to answer")
+                )
+        reply = encode_msgpack(Reply(status=status, body=body))
+        if len(reply) > self.max_payload():
+            status, body = error_answer(
+                ApiError("batch_too_large", "the answer is larger than the cluster's max_payload")
+            )
+            reply = encode_msgpack(Reply(status=status, body=body))
+        return reply
+
+    def max_payload(self) -> int:
+        """The largest NATS message in bytes (the server's `max_payload`, learnt on connect)."""
+        return int(self.node.nc.max_payload)
 
     async def _local_safe(self, request: Request) -> Answer:
         try:
+            self._validate(request)
             return await self._local(request)
         except ApiError as exc:
             return error_answer(exc)
@@ -93,6 +134,26 @@ class ClusterRouter:
             error = as_api_error(exc)
             assert error is not None
             return error_answer(error)
+
+    def _validate(self, request: Request) -> None:
+        """The owner trusts no request: the partition must exist and every symbol in it must
+        hash to it (else a confused or hostile sender could write a symbol into the wrong
+        partition's stream, where no reader would ever look). Raises 400 bad_request."""
+        p = request.partition
+        if not 0 <= p < self.node.config.partitions:
+            raise ApiError("bad_request", f"no partition {p} in this cluster")
+        symbols: list[str] = []
+        if request.op in ("stats", "delete"):
+            symbols.append(request.symbol)
+        elif request.op == "add_batch":
+            if request.batch is None:
+                raise ApiError("bad_request", "add_batch without a batch")
+            symbols.append(request.batch.symbol)
+        elif request.op == "stats_batch":
+            symbols.extend(query[0] for query in request.queries)
+        for symbol in symbols:
+            if self.node.partition_of(symbol) != p:
+                raise ApiError("bad_request", f"symbol {symbol!r} is not in partition {p}")
 
     async def _local(self, request: Request) -> Answer:
         p = request.partition
@@ -112,7 +173,7 @@ class ClusterRouter:
         if op == "stats_batch":
             return 200, answer(store, [tuple(q) for q in request.queries])
         if op == "add_batch":
-            assert request.batch is not None
+            assert request.batch is not None  # _validate
             added = await self.node.log_and_apply(request.batch, request.msg_id)
             body = {"status": "ok", "symbol": request.batch.symbol, "added": added}
             return 200, _json(body)
@@ -145,12 +206,13 @@ class ClusterRouter:
         p = request.partition
         if self.node.owned_serving(p):
             return await self._local_safe(request)
+        data = encode_msgpack(request)
+        if len(data) > self.max_payload():
+            return error_answer(too_large(len(data), self.max_payload()))
         forwarded = self.node.forwarded
         forwarded[request.op] = forwarded.get(request.op, 0) + 1
         try:
-            msg = await self.node.nc.request(
-                request_subject(p), encode_msgpack(request), timeout=self.timeout_s
-            )
+            msg = await self.node.nc.request(request_subject(p), data, timeout=self.timeout_s)
         except nats.errors.NoRespondersError:
             return error_answer(unavailable(p))
         except (TimeoutError, nats.errors.TimeoutError):
@@ -160,6 +222,8 @@ class ClusterRouter:
         try:
             reply = decode_reply(msg.data)
         except msgspec.DecodeError:
+            return error_answer(unavailable(p, "answered unreadably"))
+        if not 200 <= reply.status <= 599:
             return error_answer(unavailable(p, "answered unreadably"))
         return reply.status, reply.body
 
@@ -173,6 +237,12 @@ class ClusterRouter:
     ) -> Answer:
         p = self.node.partition_of(symbol)
         message = BatchMessage.of(symbol, values, timestamps, received_ns)
+        request = Request(op="add_batch", partition=p, msg_id=msg_id, batch=message)
+        # Decided here, on the forwarded form (the larger), whichever node owns the partition:
+        # the same batch gets the same answer at every node, and it is never published.
+        size = len(encode_msgpack(request)) + HEADER_ALLOWANCE_BYTES + len(msg_id)
+        if size > self.max_payload():
+            return error_answer(too_large(size, self.max_payload()))
         if self.node.owned_serving(p):
             try:
                 added = await self.node.log_and_apply(message, msg_id, values)
@@ -183,7 +253,7 @@ class ClusterRouter:
                 assert error is not None
                 return error_answer(error)
             return 200, _json({"status": "ok", "symbol": symbol, "added": added})
-        return await self.call(Request(op="add_batch", partition=p, msg_id=msg_id, batch=message))
+        return await self.call(request)
 
     async def stats(self, symbol: str, key: int) -> Answer:
         """key: the exponent (1..8) or -window_ns for a time window."""
@@ -208,12 +278,24 @@ class ClusterRouter:
         async def one(p: int, indexes: list[int]) -> None:
             queries = [items[i] for i in indexes]
             status, body = await self.call(Request(op="stats_batch", partition=p, queries=queries))
+            if status == 413 and len(indexes) > 1 and _code(body) == "batch_too_large":
+                # The group's answer (or request) does not fit in one NATS message: halves.
+                half = len(indexes) // 2
+                await asyncio.gather(one(p, indexes[:half]), one(p, indexes[half:]))
+                return
             if status == 200:
-                for index, raw in zip(indexes, _results_decoder.decode(body).results, strict=True):
-                    results[index] = bytes(raw)
-            else:
-                for index in indexes:
-                    results[index] = body
+                try:
+                    answers = _results_decoder.decode(body).results
+                    if len(answers) != len(indexes):
+                        raise ValueError("wrong number of results")
+                except (msgspec.DecodeError, ValueError):
+                    body = error_answer(unavailable(p, "answered unreadably"))[1]
+                else:
+                    for index, raw in zip(indexes, answers, strict=True):
+                        results[index] = bytes(raw)
+                    return
+            for index in indexes:
+                results[index] = body
 
         await asyncio.gather(*(one(p, indexes) for p, indexes in groups.items()))
         return b'{"results":[' + b",".join(r or b"null" for r in results) + b"]}"
