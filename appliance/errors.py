@@ -146,7 +146,8 @@ _ROWS = (
         413,
         "More values than `store.max_batch_size`, more queries than `server.max_stats_queries` "
         "(POST /stats/batch), or a body larger than `server.max_body_bytes`; GET /history/bars "
-        "and GET /history/rolling: an answer or range above its `[history]` limit.",
+        "and GET /history/rolling: an answer or range above its `[history]` limit; cluster "
+        "mode: a batch (or an owner's answer) larger than the NATS server's `max_payload`.",
         wire_reason=Reason.BATCH_TOO_LARGE,
     ),
     ErrorCode(
