@@ -49,7 +49,12 @@ class _ErrorBody(msgspec.Struct):
     code: str = "internal_error"
 
 
+class _Symbols(msgspec.Struct):
+    symbols: list[dict[str, Any]]
+
+
 _results_decoder = msgspec.json.Decoder(_Results)
+_symbols_decoder = msgspec.json.Decoder(_Symbols)
 _error_decoder = msgspec.json.Decoder(_ErrorBody)
 
 Answer = tuple[int, bytes]  # HTTP status, JSON body
@@ -63,7 +68,7 @@ def too_large(size: int, limit: int) -> ApiError:
     return ApiError(
         "batch_too_large",
         f"the cluster message would be {size} bytes, above NATS max_payload ({limit} bytes); "
-        "send fewer values",
+        "send fewer values (or queries)",
     )
 
 
@@ -310,9 +315,12 @@ class ClusterRouter:
             )
         )
         rows: list[dict[str, Any]] = []
-        for status, body in answers:
+        for p, (status, body) in enumerate(answers):
             if status != 200:
                 return status, body
-            rows.extend(msgspec.json.decode(body)["symbols"])
+            try:
+                rows.extend(_symbols_decoder.decode(body).symbols)
+            except msgspec.DecodeError:
+                return error_answer(unavailable(p, "answered unreadably"))
         rows.sort(key=lambda row: row["symbol"])
         return 200, rows

@@ -305,6 +305,9 @@ async def _a_malformed_owner_answer_is_503_at_the_entry_node(
         if bad[0] != 200:
             status, raw = await b.stats(symbol, 1)
             assert status == 503 and msgspec.json.decode(raw)["code"] == "partition_unavailable"
+        status, raw = await b.symbols()  # every partition asked, a's among them
+        assert status == 503, (bad, raw)
+        assert isinstance(raw, bytes) and json.loads(raw)["code"] == "partition_unavailable"
 
 
 # -- the tests: each scenario against a freshly started pair -------------------------------
