@@ -937,6 +937,9 @@ def _add_lifecycle(app: Sanic) -> None:
             # After the transports (their in-flight frames still reach the owners), before the
             # store goes: release every partition with a checkpoint, leave, close NATS.
             router, app.ctx.cluster = app.ctx.cluster, None
+            ready_task, app.ctx.cluster_ready_task = app.ctx.cluster_ready_task, None
+            if ready_task is not None:
+                ready_task.cancel()
             await router.node.stop()
 
     @app.after_server_stop

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -207,6 +208,8 @@ class ClusterNode:
         self._status = await self._bucket(STATUS_BUCKET, cfg.lease_s * 3)
         try:
             self._objects = await self.js.object_store(CHECKPOINT_BUCKET)
+            info = await self.js.stream_info(f"OBJ_{CHECKPOINT_BUCKET}")
+            await self._reconcile(info.config, num_replicas=cfg.replicas)
         except js_errors.NotFoundError:
             self._objects = await self.js.create_object_store(
                 CHECKPOINT_BUCKET, config=api.ObjectStoreConfig(replicas=cfg.replicas)
@@ -217,11 +220,41 @@ class ClusterNode:
 
     async def _bucket(self, name: str, ttl_s: float) -> Any:
         try:
-            return await self.js.key_value(name)
+            kv = await self.js.key_value(name)
         except js_errors.NotFoundError:
             return await self.js.create_key_value(
                 bucket=name, ttl=ttl_s, history=1, replicas=self.config.replicas
             )
+        # An existing bucket keeps the ttl it was made with: a raised lease_s on a bucket
+        # with the old ttl would let keys expire between renews.
+        status = await kv.status()
+        await self._reconcile(
+            status.stream_info.config,
+            max_age=ttl_s,
+            duplicate_window=min(120.0, ttl_s),  # as nats-py makes it; must stay <= max_age
+            num_replicas=self.config.replicas,
+        )
+        return kv
+
+    async def _reconcile(self, current: api.StreamConfig, **want: Any) -> None:
+        """Make an existing stream's settings match [cluster] (update it), or refuse to start
+        (ConfigMismatchError: the CLI exits 2) when NATS will not change them."""
+        differs = {
+            key: (getattr(current, key), value)
+            for key, value in want.items()
+            if not _same_setting(getattr(current, key), value)
+        }
+        if not differs:
+            return
+        log.warning("existing stream differs from [cluster]; updating it",
+                    extra={"stream": current.name, "differs": repr(differs)})  # fmt: skip
+        try:
+            await self.js.update_stream(dataclasses.replace(current, **want))
+        except js_errors.APIError as exc:
+            raise ConfigMismatchError(
+                f"stream {current.name} has {differs} (existing, wanted) and cannot be "
+                f"updated: {exc.description}"
+            ) from None
 
     async def _ensure_stream(self, p: int) -> None:
         config = api.StreamConfig(
@@ -232,10 +265,16 @@ class ClusterNode:
             duplicate_window=self.config.duplicate_window_s,
         )
         try:
-            await self.js.stream_info(stream_name(p))
+            info = await self.js.stream_info(stream_name(p))
         except js_errors.NotFoundError:
             with contextlib.suppress(js_errors.BadRequestError):  # another node created it
                 await self.js.add_stream(config)
+            return
+        await self._reconcile(
+            info.config,
+            duplicate_window=self.config.duplicate_window_s,
+            num_replicas=self.config.replicas,
+        )
 
     async def stop(self) -> None:
         """Clean leave: release every owned partition (checkpoint first), leave, close."""
@@ -832,6 +871,13 @@ class ClusterNode:
             "replay_gaps": self.replay_gaps,
             "forwarded": dict(self.forwarded),
         }
+
+
+def _same_setting(current: Any, wanted: Any) -> bool:
+    """Durations come back from NATS as float seconds converted from ns."""
+    if isinstance(wanted, float) or isinstance(current, float):
+        return current is not None and abs(float(current) - float(wanted)) < 1e-3
+    return current == wanted
 
 
 def checkpoint_seq_of(info: Any) -> int:

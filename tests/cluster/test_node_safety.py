@@ -403,3 +403,20 @@ def test_checkpoint_seq_of_reads_the_description() -> None:
     assert node_mod.checkpoint_seq_of(SimpleNamespace(description="seq=42")) == 42
     assert node_mod.checkpoint_seq_of(SimpleNamespace(description=None)) == 0
     assert node_mod.checkpoint_seq_of(SimpleNamespace(description="seq=x")) == 0
+
+
+@run_async
+async def test_a_stream_nats_will_not_update_refuses_the_start() -> None:
+    """Finding 6: settings that differ and cannot be updated stop the start (the CLI exits 2)."""
+    from nats.js import api
+
+    node = make_node()
+
+    async def refuse(config: Any) -> None:
+        raise js_errors.APIError(code=500, description="replicas change not supported")
+
+    node.js.update_stream = refuse
+    current = api.StreamConfig(name="HFT_P0", duplicate_window=120.0, num_replicas=1)
+    await node._reconcile(current, duplicate_window=120.0, num_replicas=1)  # same: no update
+    with pytest.raises(node_mod.ConfigMismatchError, match="HFT_P0"):
+        await node._reconcile(current, duplicate_window=120.0, num_replicas=3)
