@@ -164,6 +164,11 @@ class ClusterNode:
     def tick_s(self) -> float:
         return self.config.lease_s / 3
 
+    @property
+    def connected(self) -> bool:
+        """False while the NATS connection is down (reconnecting) or closed: /ready says so."""
+        return self.nc is not None and bool(self.nc.is_connected)
+
     async def start(self) -> None:
         """Connect, make sure the buckets and streams exist, join, start the ownership loop."""
         cfg = self.config

@@ -420,3 +420,25 @@ async def test_a_stream_nats_will_not_update_refuses_the_start() -> None:
     await node._reconcile(current, duplicate_window=120.0, num_replicas=1)  # same: no update
     with pytest.raises(node_mod.ConfigMismatchError, match="HFT_P0"):
         await node._reconcile(current, duplicate_window=120.0, num_replicas=3)
+
+
+def test_ready_is_503_while_nats_is_disconnected() -> None:
+    """Finding 1: a node cut off from NATS says so on /ready (the balancer routes around it)."""
+    import json as _json
+    import uuid
+
+    from appliance.app import create_app
+    from appliance.config import build_config
+
+    app = create_app(build_config({}), name=f"test_{uuid.uuid4().hex[:12]}")
+    app.ctx.readiness.mark_ready()
+    handler = next(r.handler for r in app.router.routes if r.path.strip("/") == "ready")
+    request = SimpleNamespace(app=app, stream=None, headers={}, body=b"", query_string="")
+    node = make_node()
+    app.ctx.cluster = SimpleNamespace(node=node)
+    node.nc = SimpleNamespace(is_connected=True)
+    assert asyncio.run(handler(request)).status == 200
+    node.nc = SimpleNamespace(is_connected=False)
+    response = asyncio.run(handler(request))
+    assert response.status == 503
+    assert _json.loads(response.body)["code"] == "not_ready"
