@@ -9,10 +9,12 @@ Everything here runs on the Sanic event loop (nats-py is asyncio). The moving pa
   The desired owner is the rendezvous winner over the live members (appliance.cluster.
   partitions): a node releases what it owns but is not the desired owner of (checkpoint, stop
   applying, delete the key) and takes what it desires and nobody holds.
-- Takeover = drop any stale local symbols of the partition, restore the object store's
-  checkpoint `p<N>`, replay the stream HFT_P<N> from the checkpoint's sequence + 1 to its last
-  sequence, subscribe `hft.req.p.<N>`, THEN serve. Until then the partition answers 503
-  partition_unavailable.
+- Takeover = drop any stale local symbols of the partition (and the sequence they stood for),
+  restore the object store's checkpoint `p<N>`, replay the stream HFT_P<N> from the
+  checkpoint's sequence + 1 to its last sequence (refused if the stream was purged past it:
+  ReplayGapError), append a no-op fence marker expecting that last sequence, subscribe
+  `hft.req.p.<N>`, THEN serve. Until then the partition answers 503 partition_unavailable.
+  Restore and replay ignore store.max_symbols: they rebuild acknowledged data.
 - The write path (`ingest`): under the partition's lock, publish with Nats-Msg-Id (a retry is a
   duplicate) and Nats-Expected-Last-Sequence = the last sequence applied here (fencing: a deposed
   owner's publish fails), await JetStream's ack (the batch is replicated), apply to the Store,
@@ -23,10 +25,14 @@ Everything here runs on the Sanic event loop (nats-py is asyncio). The moving pa
   deposed owner can never be told "duplicate, fine" for a batch; the serving owner, whose
   applied sequence is the stream's last, gets the duplicate ack for a retried id and then
   answers without applying it again (it was applied when first logged, or by the replay).
-- An owner only writes while its lease is surely its own: after `lease_s` without a successful
-  renew it stops serving (another node may take the key once it expires).
-- Checkpoints: every checkpoint_interval_s (and on a clean release) the partition's symbols
-  (values + time marks) at applied sequence S go to object `p<N>` of `hft_checkpoints`.
+- An owner only reads and writes while its lease is surely its own (`owned_serving`, and a
+  publish timeout capped by the lease left): after `lease_s` without a successful renew it
+  stops serving (another node may take the key once it expires). A write cancelled mid-publish
+  steps down like a failed one.
+- Checkpoints: every checkpoint_interval_s (and on a clean release of a serving partition) the
+  partition's symbols (values + time marks) at applied sequence S are copied under the lock
+  and uploaded outside it to object `p<N>` of `hft_checkpoints` (description "seq=S"); never
+  over a stored checkpoint with a higher S, never with no lease left.
 - Status: each owner puts {"applied_seq", "owner", "symbols"} into KV `hft_status` every tick.
 
 Failover bound for a kill -9: the key expires within lease_s of the dead owner's last renew
