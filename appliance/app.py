@@ -755,6 +755,13 @@ def _add_probes(probe: Callable[[str], Callable[[Handler], Handler]]) -> None:
         readiness = request.app.ctx.readiness
         if not readiness.ready:
             return error_response(readiness.not_ready_error())
+        cluster = request.app.ctx.cluster
+        if cluster is not None and not cluster.node.connected:
+            # Cut off from NATS this node can neither write nor forward (its reads stop at its
+            # leases' end): the balancer should send traffic to the others meanwhile.
+            return error_response(
+                ApiError("not_ready", "the node is disconnected from NATS (reconnecting)")
+            )
         return json_response({"status": "ready"})
 
 
@@ -946,6 +953,9 @@ def _add_lifecycle(app: Sanic) -> None:
             # After the transports (their in-flight frames still reach the owners), before the
             # store goes: release every partition with a checkpoint, leave, close NATS.
             router, app.ctx.cluster = app.ctx.cluster, None
+            ready_task, app.ctx.cluster_ready_task = app.ctx.cluster_ready_task, None
+            if ready_task is not None:
+                ready_task.cancel()
             await router.node.stop()
 
     @app.after_server_stop

@@ -411,7 +411,8 @@ class ClusterConfig(_Section):
     # Each owned partition's state goes to the object store this often (bounds replay).
     checkpoint_interval_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
     # A request forwarded to another node's partition, and a JetStream publish, wait this long.
-    request_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
+    # Must be below lease_s when enabled: a publish must end while the lease is surely ours.
+    request_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 2.0
     # JetStream's duplicate window of the partition streams: a retried batch (same
     # Idempotency-Key or publisher sequence) within it is not applied twice. Set when a stream
     # is created. A stream's messages are purged once a checkpoint covers them and they are
@@ -423,6 +424,12 @@ class ClusterConfig(_Section):
             raise ValueError("cluster.node_id: required when cluster.enabled is true")
         if self.enabled and not self.nats_urls:
             raise ValueError("cluster.nats_urls: at least one URL when cluster.enabled is true")
+        if self.enabled and self.request_timeout_s >= self.lease_s:
+            raise ValueError(
+                "cluster.request_timeout_s: must be below cluster.lease_s "
+                f"({self.request_timeout_s} >= {self.lease_s}): a write's publish must end "
+                "while its owner's lease surely lasts"
+            )
 
 
 class AppConfig(_Section):

@@ -296,6 +296,11 @@ def cluster_families(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
         "Partitions this node took over (restore from the checkpoint + replay, then serve)",
         value=snapshot["failovers"],
     )
+    yield CounterMetricFamily(
+        "hft_cluster_replay_gaps",
+        "Takeovers refused because the stream was purged past the checkpoint (data missing)",
+        value=snapshot.get("replay_gaps", 0),
+    )
 
 
 def live_families(hub: Any) -> Iterator[Metric]:

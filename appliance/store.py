@@ -220,8 +220,14 @@ class Store:
         sequence: int = 0,
         timestamps: np.ndarray | None = None,
         received_ns: int = 0,
+        *,
+        enforce_limit: bool = True,
     ) -> int:
         """Append a validated batch (1-D float64, finite, >= 0, non-empty); return its length.
+
+        `enforce_limit=False` lets a NEW symbol past `max_symbols`: only for re-building state
+        that was already acknowledged (a cluster takeover's restore and replay), where
+        refusing would silently drop acknowledged data. New client writes keep the limit.
 
         `publisher_id` / `sequence` say where a transport batch came from; the store keeps no
         origin (the write-ahead log records it), they are accepted so that the store and the
@@ -240,7 +246,10 @@ class Store:
         while True:
             entry = self._entries.get(symbol)
             if entry is None:
-                if self._create_with(symbol, values, timestamps, received_ns) is not None:
+                created = self._create_with(
+                    symbol, values, timestamps, received_ns, enforce_limit=enforce_limit
+                )
+                if created is not None:
                     return int(values.shape[0])
                 continue  # another thread created it first (or deleted it again)
             with entry.lock:
@@ -253,13 +262,19 @@ class Store:
             return int(values.shape[0])
 
     def _create_with(
-        self, symbol: str, values: np.ndarray, timestamps: np.ndarray | None, received_ns: int
+        self,
+        symbol: str,
+        values: np.ndarray,
+        timestamps: np.ndarray | None,
+        received_ns: int,
+        *,
+        enforce_limit: bool = True,
     ) -> _Entry | None:
         """Create `symbol` holding `values`; None if another thread created it first."""
         with self._registry_lock:
             if symbol in self._entries:
                 return None
-            if len(self._entries) >= self.max_symbols:
+            if enforce_limit and len(self._entries) >= self.max_symbols:
                 raise SymbolLimitError.at(len(self._entries), self.max_symbols)
             resolved = resolve(timestamps, received_ns, None, self.clamp_out_of_order)
             series = self.engine.new_series(self.retention, self.starting_capacity)

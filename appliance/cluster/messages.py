@@ -23,6 +23,8 @@ class BatchMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     timestamps: bytes | None = None  # int64 little-endian ns, one per value; None: received_ns
     received_ns: int = 0
     delete: bool = False
+    # A new owner's no-op marker after its replay (fences a deposed owner's in-flight publish)
+    fence: bool = False
 
     @classmethod
     def of(

@@ -9,10 +9,12 @@ Everything here runs on the Sanic event loop (nats-py is asyncio). The moving pa
   The desired owner is the rendezvous winner over the live members (appliance.cluster.
   partitions): a node releases what it owns but is not the desired owner of (checkpoint, stop
   applying, delete the key) and takes what it desires and nobody holds.
-- Takeover = drop any stale local symbols of the partition, restore the object store's
-  checkpoint `p<N>`, replay the stream HFT_P<N> from the checkpoint's sequence + 1 to its last
-  sequence, subscribe `hft.req.p.<N>`, THEN serve. Until then the partition answers 503
-  partition_unavailable.
+- Takeover = drop any stale local symbols of the partition (and the sequence they stood for),
+  restore the object store's checkpoint `p<N>`, replay the stream HFT_P<N> from the
+  checkpoint's sequence + 1 to its last sequence (refused if the stream was purged past it:
+  ReplayGapError), append a no-op fence marker expecting that last sequence, subscribe
+  `hft.req.p.<N>`, THEN serve. Until then the partition answers 503 partition_unavailable.
+  Restore and replay ignore store.max_symbols: they rebuild acknowledged data.
 - The write path (`ingest`): under the partition's lock, publish with Nats-Msg-Id (a retry is a
   duplicate) and Nats-Expected-Last-Sequence = the last sequence applied here (fencing: a deposed
   owner's publish fails), await JetStream's ack (the batch is replicated), apply to the Store,
@@ -23,10 +25,14 @@ Everything here runs on the Sanic event loop (nats-py is asyncio). The moving pa
   deposed owner can never be told "duplicate, fine" for a batch; the serving owner, whose
   applied sequence is the stream's last, gets the duplicate ack for a retried id and then
   answers without applying it again (it was applied when first logged, or by the replay).
-- An owner only writes while its lease is surely its own: after `lease_s` without a successful
-  renew it stops serving (another node may take the key once it expires).
-- Checkpoints: every checkpoint_interval_s (and on a clean release) the partition's symbols
-  (values + time marks) at applied sequence S go to object `p<N>` of `hft_checkpoints`.
+- An owner only reads and writes while its lease is surely its own (`owned_serving`, and a
+  publish timeout capped by the lease left): after `lease_s` without a successful renew it
+  stops serving (another node may take the key once it expires). A write cancelled mid-publish
+  steps down like a failed one.
+- Checkpoints: every checkpoint_interval_s (and on a clean release of a serving partition) the
+  partition's symbols (values + time marks) at applied sequence S are copied under the lock
+  and uploaded outside it to object `p<N>` of `hft_checkpoints` (description "seq=S"); never
+  over a stored checkpoint with a higher S, never with no lease left.
 - Status: each owner puts {"applied_seq", "owner", "symbols"} into KV `hft_status` every tick.
 
 Failover bound for a kill -9: the key expires within lease_s of the dead owner's last renew
@@ -39,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -82,6 +89,18 @@ WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
 REPLAY_FETCH = 1024
 RESTORE_CHUNK = 1 << 20
 SETUP_TIMEOUT_S = 30.0
+MIN_PUBLISH_S = 0.05  # less lease than this left: refuse the write rather than risk it
+FENCE_ATTEMPTS = 3  # replay + fence marker rounds before a takeover gives up (retried next tick)
+
+
+class ReplayGapError(Exception):
+    """The stream no longer holds the messages after the restored checkpoint (purged): serving
+    would silently lose acknowledged batches, so the takeover fails loudly instead."""
+
+
+class ConfigMismatchError(Exception):
+    """An existing bucket or stream has settings that differ from [cluster] and could not be
+    updated (the CLI exits 2)."""
 
 
 def unavailable(partition: int, why: str = "is moving to another node") -> ApiError:
@@ -140,6 +159,7 @@ class ClusterNode:
         self._stopping = False
         self.started_ns = time.time_ns()
         self.failovers = 0  # partitions taken over (restore + replay)
+        self.replay_gaps = 0  # takeovers refused: the stream was purged past the checkpoint
         self.forwarded: dict[str, int] = {}  # op -> requests forwarded to another node
         self._replies: set[asyncio.Task] = set()  # forwarded requests being answered
         self.joined = asyncio.Event()  # every partition this node desires is serving here
@@ -149,6 +169,11 @@ class ClusterNode:
     @property
     def tick_s(self) -> float:
         return self.config.lease_s / 3
+
+    @property
+    def connected(self) -> bool:
+        """False while the NATS connection is down (reconnecting) or closed: /ready says so."""
+        return self.nc is not None and bool(self.nc.is_connected)
 
     async def start(self) -> None:
         """Connect, make sure the buckets and streams exist, join, start the ownership loop."""
@@ -194,6 +219,8 @@ class ClusterNode:
         self._status = await self._bucket(STATUS_BUCKET, cfg.lease_s * 3)
         try:
             self._objects = await self.js.object_store(CHECKPOINT_BUCKET)
+            info = await self.js.stream_info(f"OBJ_{CHECKPOINT_BUCKET}")
+            await self._reconcile(info.config, num_replicas=cfg.replicas)
         except js_errors.NotFoundError:
             self._objects = await self.js.create_object_store(
                 CHECKPOINT_BUCKET, config=api.ObjectStoreConfig(replicas=cfg.replicas)
@@ -204,11 +231,41 @@ class ClusterNode:
 
     async def _bucket(self, name: str, ttl_s: float) -> Any:
         try:
-            return await self.js.key_value(name)
+            kv = await self.js.key_value(name)
         except js_errors.NotFoundError:
             return await self.js.create_key_value(
                 bucket=name, ttl=ttl_s, history=1, replicas=self.config.replicas
             )
+        # An existing bucket keeps the ttl it was made with: a raised lease_s on a bucket
+        # with the old ttl would let keys expire between renews.
+        status = await kv.status()
+        await self._reconcile(
+            status.stream_info.config,
+            max_age=ttl_s,
+            duplicate_window=min(120.0, ttl_s),  # as nats-py makes it; must stay <= max_age
+            num_replicas=self.config.replicas,
+        )
+        return kv
+
+    async def _reconcile(self, current: api.StreamConfig, **want: Any) -> None:
+        """Make an existing stream's settings match [cluster] (update it), or refuse to start
+        (ConfigMismatchError: the CLI exits 2) when NATS will not change them."""
+        differs = {
+            key: (getattr(current, key), value)
+            for key, value in want.items()
+            if not _same_setting(getattr(current, key), value)
+        }
+        if not differs:
+            return
+        log.warning("existing stream differs from [cluster]; updating it",
+                    extra={"stream": current.name, "differs": repr(differs)})  # fmt: skip
+        try:
+            await self.js.update_stream(dataclasses.replace(current, **want))
+        except js_errors.APIError as exc:
+            raise ConfigMismatchError(
+                f"stream {current.name} has {differs} (existing, wanted) and cannot be "
+                f"updated: {exc.description}"
+            ) from None
 
     async def _ensure_stream(self, p: int) -> None:
         config = api.StreamConfig(
@@ -219,10 +276,16 @@ class ClusterNode:
             duplicate_window=self.config.duplicate_window_s,
         )
         try:
-            await self.js.stream_info(stream_name(p))
+            info = await self.js.stream_info(stream_name(p))
         except js_errors.NotFoundError:
             with contextlib.suppress(js_errors.BadRequestError):  # another node created it
                 await self.js.add_stream(config)
+            return
+        await self._reconcile(
+            info.config,
+            duplicate_window=self.config.duplicate_window_s,
+            num_replicas=self.config.replicas,
+        )
 
     async def stop(self) -> None:
         """Clean leave: release every owned partition (checkpoint first), leave, close."""
@@ -271,7 +334,12 @@ class ClusterNode:
 
     async def tick(self) -> None:
         """One round: heartbeat, renew leases, rebalance, status, checkpoints."""
-        await self._join()
+        try:
+            await self._join()
+        except Exception as exc:  # the renewals below must run (or lapse serving) regardless
+            log.warning("cluster heartbeat failed", extra={"reason": repr(exc)})
+            await self._renew_all()
+            raise
         await self._renew_all()
         try:
             members = sorted(set(await self._nodes.keys()) | {self.node_id})
@@ -288,7 +356,13 @@ class ClusterNode:
             if part.owned and not want:
                 part.task = self._spawn(self._release(part))
             elif not part.owned and want:
-                if await self._try_take(part):
+                try:
+                    taken = await self._try_take(part)
+                except Exception as exc:  # one partition's failure must not stop the tick
+                    log.warning("partition take failed", extra={"partition": part.number,
+                                                                 "reason": repr(exc)})  # fmt: skip
+                    continue
+                if taken:
                     part.task = self._spawn(self._take_over(part))
             elif (
                 part.owned
@@ -310,12 +384,8 @@ class ClusterNode:
         for part, result in zip(owned, results, strict=True):
             if isinstance(result, js_errors.KeyWrongLastSequenceError | js_errors.NotFoundError):
                 log.warning("partition lease lost", extra={"partition": part.number})
-                await self._drop(part)
-            elif (
-                isinstance(result, BaseException)
-                and time.monotonic() >= part.lease_deadline
-                and part.serving
-            ):
+                self._drop(part)
+            elif time.monotonic() >= part.lease_deadline and part.serving:
                 # NATS slow or unreachable: keep the key, but stop serving once the lease may
                 # have expired (another node may hold the partition by then).
                 log.warning("partition lease not renewed", extra={"partition": part.number})
@@ -324,8 +394,13 @@ class ClusterNode:
 
     async def _renew(self, part: Partition) -> None:
         asked = time.monotonic()
-        part.revision = await self._owners.update(
-            partition_key(part.number), self.node_id.encode(), last=part.revision
+        # Bounded below one tick: a renew hanging request_timeout_s must not hold up the
+        # tick that would notice the lease running out.
+        part.revision = await asyncio.wait_for(
+            self._owners.update(
+                partition_key(part.number), self.node_id.encode(), last=part.revision
+            ),
+            timeout=self.tick_s * 0.9,
         )
         part.lease_deadline = asked + self.config.lease_s
         if part.owned and not part.serving and (part.task is None or part.task.done()):
@@ -350,8 +425,13 @@ class ClusterNode:
         n = self.config.partitions
         return [s for s in self.store.symbols() if partition_of(s, n) == p]
 
-    def _drop_local(self, p: int) -> None:
-        for symbol in self._partition_symbols(p):
+    def _drop_local(self, part: Partition) -> None:
+        """Forget the local copy AND the sequence it stood for: a later checkpoint must never
+        claim an old applied_seq for an emptied (or half-restored) partition."""
+        part.applied_seq = 0
+        part.checkpoints.clear()
+        part.purged_seq = 0
+        for symbol in self._partition_symbols(part.number):
             with contextlib.suppress(UnknownSymbolError):
                 self.store.delete(symbol)
 
@@ -359,14 +439,20 @@ class ClusterNode:
         started = time.monotonic()
         try:
             async with part.lock:
-                self._drop_local(part.number)
+                self._drop_local(part)
                 part.applied_seq = await self._restore(part.number)
-                await self._replay(part)
+                await self._replay_and_fence(part)
                 await self._subscribe(part)
                 part.serving = True
                 part.last_checkpoint = time.monotonic()
         except asyncio.CancelledError:
             raise
+        except ReplayGapError as exc:
+            self.replay_gaps += 1
+            log.error("partition takeover refused: stream purged past the checkpoint",
+                      extra={"partition": part.number, "reason": str(exc)})  # fmt: skip
+            await self._give_up(part)
+            return
         except Exception as exc:
             log.warning(
                 "partition takeover failed; retrying",
@@ -388,7 +474,7 @@ class ClusterNode:
         """Catch up from the last applied sequence (after a publish whose fate is unknown)."""
         try:
             async with part.lock:
-                await self._replay(part)
+                await self._replay_and_fence(part)
                 await self._subscribe(part)
                 part.serving = True
         except asyncio.CancelledError:
@@ -398,16 +484,27 @@ class ClusterNode:
                                                           "reason": repr(exc)})  # fmt: skip
 
     async def _release(self, part: Partition) -> None:
-        """Hand a partition over cleanly: stop serving, checkpoint, delete the key, forget."""
+        """Hand a partition over cleanly: stop serving, checkpoint, delete the key, forget.
+
+        Only a serving partition's state is checkpointed: a takeover or re-sync in flight
+        (cancelled by stop) holds an empty or partial copy that must never become the
+        checkpoint the next owner restores."""
+        was_serving = part.serving
         part.serving = False
         self._unsubscribe(part)
+        snap = None
         async with part.lock:
+            if was_serving:
+                with contextlib.suppress(Exception):
+                    snap = await self._take_snapshot(part)
+        if snap is not None:
             with contextlib.suppress(Exception):
-                await self._write_checkpoint(part)
+                await self._put_checkpoint(part, *snap)
+        async with part.lock:
             with contextlib.suppress(Exception):
                 await self._owners.delete(partition_key(part.number), last=part.revision)
             part.owned = False
-            self._drop_local(part.number)
+            self._drop_local(part)
         log.info("partition released", extra={"partition": part.number})
 
     async def _give_up(self, part: Partition) -> None:
@@ -416,15 +513,23 @@ class ClusterNode:
         with contextlib.suppress(Exception):
             await self._owners.delete(partition_key(part.number), last=part.revision)
         part.owned = False
+        async with part.lock:
+            self._drop_local(part)
 
-    async def _drop(self, part: Partition) -> None:
-        """The lease is someone else's now: stop at once and forget the local copy."""
+    def _drop(self, part: Partition) -> None:
+        """The lease is someone else's now: stop at once; forget the local copy under the lock
+        (a write in flight finishes first, so it cannot re-create a dropped symbol)."""
         part.serving = False
         part.owned = False
         self._unsubscribe(part)
         if part.task is not None and not part.task.done():
             part.task.cancel()
-        self._drop_local(part.number)
+        part.task = self._spawn(self._forget(part))
+
+    async def _forget(self, part: Partition) -> None:
+        async with part.lock:
+            if not part.owned:  # not re-taken meanwhile
+                self._drop_local(part)
 
     def step_down(self, part: Partition) -> None:
         """A publish failed or was fenced: stop serving; the next tick re-syncs (replay) if
@@ -471,21 +576,19 @@ class ClusterNode:
             values = np.frombuffer(state.values, dtype="<f8").astype(np.float64)
             if values.shape[0] == 0:
                 continue
-            try:
-                for start in range(0, values.shape[0], RESTORE_CHUNK):
-                    chunk = np.ascontiguousarray(values[start : start + RESTORE_CHUNK])
-                    self.store.ingest(state.symbol, chunk)
-            except SymbolLimitError:
-                log.warning("checkpoint symbol not restored: over store.max_symbols",
-                            extra={"symbol": state.symbol})  # fmt: skip
-                continue
+            # Acknowledged state: never refused for store.max_symbols (the limit is enforced
+            # when a write admits a NEW symbol, `precheck`), or the next checkpoint and purge
+            # would make the loss permanent.
+            for start in range(0, values.shape[0], RESTORE_CHUNK):
+                chunk = np.ascontiguousarray(values[start : start + RESTORE_CHUNK])
+                self.store.ingest(state.symbol, chunk, enforce_limit=False)
             index = np.frombuffer(state.mark_index, dtype="<i8").astype(np.int64)
             ns = np.frombuffer(state.mark_ns, dtype="<i8").astype(np.int64)
             if index.shape[0]:
                 self.store.restore_time_marks(state.symbol, index, ns)
         return checkpoint.seq
 
-    def _snapshot(self, part: Partition) -> bytes:
+    def _snapshot(self, part: Partition, seq: int) -> bytes:
         states = []
         for symbol in self._partition_symbols(part.number):
             try:
@@ -501,17 +604,45 @@ class ClusterNode:
                     mark_ns=np.ascontiguousarray(ns, dtype="<i8").tobytes(),
                 )
             )
-        return encode(PartitionCheckpoint(seq=part.applied_seq, symbols=states))
+        return encode(PartitionCheckpoint(seq=seq, symbols=states))
 
-    async def _write_checkpoint(self, part: Partition) -> None:
-        """Caller holds part.lock: no batch is applied between the snapshot and its seq."""
+    async def _take_snapshot(self, part: Partition) -> tuple[int, bytes] | None:
+        """Caller holds part.lock: no batch is applied between the copy and its seq. Only
+        the copy happens under the lock; the upload (`_put_checkpoint`) does not."""
         if part.applied_seq == 0:
-            return
-        data = await asyncio.to_thread(self._snapshot, part)
-        await self._objects.put(partition_key(part.number), data)
+            return None
+        seq = part.applied_seq
+        return seq, await asyncio.to_thread(self._snapshot, part, seq)
+
+    async def _put_checkpoint(self, part: Partition, seq: int, data: bytes) -> bool:
+        """Upload a checkpoint taken at `seq`, unless it would replace a newer one (a deposed
+        owner racing the new owner) or our lease may end before the upload does. The object's
+        description carries its seq so the check needs no download. Returns True if written."""
+        key = partition_key(part.number)
+        remaining = part.lease_deadline - time.monotonic()
+        if remaining <= MIN_PUBLISH_S:
+            log.warning("checkpoint skipped: lease ending", extra={"partition": part.number})
+            return False
+        try:
+            info = await asyncio.wait_for(self._objects.get_info(key), timeout=remaining)
+            current = checkpoint_seq_of(info)
+        except js_errors.NotFoundError:
+            current = 0
+        if current > seq:
+            log.warning("checkpoint refused: the stored one is newer",
+                        extra={"partition": part.number, "stored_seq": current,
+                               "seq": seq})  # fmt: skip
+            return False
+        remaining = part.lease_deadline - time.monotonic()
+        if remaining <= MIN_PUBLISH_S:
+            log.warning("checkpoint skipped: lease ending", extra={"partition": part.number})
+            return False
+        meta = api.ObjectMeta(name=key, description=f"seq={seq}")
+        await asyncio.wait_for(self._objects.put(key, data, meta=meta), timeout=remaining)
         part.last_checkpoint = now = time.monotonic()
-        part.checkpoints.append((now, part.applied_seq))
+        part.checkpoints.append((now, seq))
         await self._purge_covered(part, now)
+        return True
 
     async def _purge_covered(self, part: Partition, now: float) -> None:
         """Purge the stream up to the newest of this node's checkpoints written more than a
@@ -543,9 +674,12 @@ class ClusterNode:
 
     async def _checkpoint(self, part: Partition) -> None:
         try:
+            snap = None
             async with part.lock:
                 if part.serving:
-                    await self._write_checkpoint(part)
+                    snap = await self._take_snapshot(part)
+            if snap is not None:
+                await self._put_checkpoint(part, *snap)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -561,6 +695,13 @@ class ClusterNode:
         part.stream_last_seq = last
         if last <= part.applied_seq:
             return
+        if info.state.first_seq > part.applied_seq + 1:
+            # Messages applied_seq+1 .. first_seq-1 are gone (purged): replaying the rest
+            # would serve a partition without acknowledged batches.
+            raise ReplayGapError(
+                f"partition {part.number}: stream starts at {info.state.first_seq}, "
+                f"checkpoint covers up to {part.applied_seq}"
+            )
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=part.applied_seq + 1,
@@ -589,9 +730,38 @@ class ClusterNode:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def _replay_and_fence(self, part: Partition) -> None:
+        """Replay, then append a no-op marker expecting the last sequence replayed (caller
+        holds the lock). A deposed owner's publish still in flight (its client timed out,
+        the server had not yet appended it) expects an older last sequence, so once the
+        marker is in, it is refused; if it got in first, the marker is refused and we
+        replay it too."""
+        for _ in range(FENCE_ATTEMPTS):
+            await self._replay(part)
+            headers = {"Nats-Expected-Last-Sequence": str(part.applied_seq)}
+            try:
+                ack = await self.js.publish(
+                    stream_subject(part.number), encode(BatchMessage(symbol="", fence=True)),
+                    timeout=self.config.request_timeout_s, headers=headers,
+                )  # fmt: skip
+            except js_errors.APIError as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    continue  # someone appended after our replay: catch up and fence again
+                raise
+            if ack.seq == part.applied_seq + 1:
+                part.applied_seq = ack.seq
+                part.stream_last_seq = ack.seq
+                return
+        raise RuntimeError(f"partition {part.number}: stream kept moving; not fenced")
+
     def _apply(self, message: BatchMessage) -> int:
-        """Apply one logged message; a refusal is deterministic (the same store state gave it
-        when it was first applied), so it is skipped the same way on replay."""
+        """Apply one logged message; a time-order refusal is deterministic (the same store
+        state gave it when it was first applied), so it is skipped the same way on replay.
+        The symbol limit is not applied here: `precheck` enforced it before the batch was
+        logged, and a logged batch is acknowledged data (other partitions share the store,
+        so the count at replay time differs from the count at write time)."""
+        if message.fence:
+            return 0
         if message.delete:
             with contextlib.suppress(UnknownSymbolError):
                 self.store.delete(message.symbol)
@@ -602,12 +772,16 @@ class ClusterNode:
                 message.value_array(),
                 timestamps=message.timestamp_array(),
                 received_ns=message.received_ns,
+                enforce_limit=False,
             )
-        except (OutOfOrderError, SymbolLimitError):
+        except OutOfOrderError:
             return 0
 
     def owned_serving(self, p: int) -> bool:
-        return self.parts[p].serving
+        """Serving here AND the lease surely still ours: a node whose renewals stall (NATS
+        slow or gone) stops answering reads at the lease's end, not at the next tick."""
+        part = self.parts[p]
+        return part.serving and time.monotonic() < part.lease_deadline
 
     def partition_of(self, symbol: str) -> int:
         return partition_of(symbol, self.config.partitions)
@@ -640,7 +814,10 @@ class ClusterNode:
         if not part.serving:
             raise unavailable(p)
         async with part.lock:
-            if not part.serving or time.monotonic() >= part.lease_deadline:
+            # The publish must end (acked or given up) while the lease is surely ours; the
+            # new owner's fence marker refuses whatever of ours the server appends later.
+            timeout = min(self.config.request_timeout_s, part.lease_deadline - time.monotonic())
+            if not part.serving or timeout <= MIN_PUBLISH_S:
                 raise unavailable(p)
             if not message.delete:
                 array = values if values is not None else message.value_array()
@@ -652,8 +829,7 @@ class ClusterNode:
             }
             try:
                 ack = await self.js.publish(
-                    stream_subject(p), encode(message), timeout=self.config.request_timeout_s,
-                    headers=headers,
+                    stream_subject(p), encode(message), timeout=timeout, headers=headers,
                 )  # fmt: skip
             except nats.errors.MaxPayloadError:
                 # Our message, not the partition, is at fault (the router refuses these before
@@ -669,6 +845,9 @@ class ClusterNode:
             except (TimeoutError, nats.errors.Error) as exc:
                 self.step_down(part)
                 raise unavailable(p, f"could not be written ({type(exc).__name__})") from None
+            except BaseException:  # cancelled (client gone, sink timeout): the fate is unknown
+                self.step_down(part)
+                raise
             if ack.duplicate:
                 # Already logged under this id (a retry): applied once, by us or by the replay.
                 return 0 if message.delete else len(message.values) // 8
@@ -706,8 +885,26 @@ class ClusterNode:
                 p.number: max(0, p.stream_last_seq - p.applied_seq) for p in self.parts if p.owned
             },
             "failovers": self.failovers,
+            "replay_gaps": self.replay_gaps,
             "forwarded": dict(self.forwarded),
         }
+
+
+def _same_setting(current: Any, wanted: Any) -> bool:
+    """Durations come back from NATS as float seconds converted from ns."""
+    if isinstance(wanted, float) or isinstance(current, float):
+        return current is not None and abs(float(current) - float(wanted)) < 1e-3
+    return current == wanted
+
+
+def checkpoint_seq_of(info: Any) -> int:
+    """The seq a checkpoint object's description records ("seq=<n>"); 0 when absent (an
+    object written before descriptions carried it: not known to be newer)."""
+    description = getattr(info, "description", None) or ""
+    if description.startswith("seq="):
+        with contextlib.suppress(ValueError):
+            return int(description[4:])
+    return 0
 
 
 async def _quietly(coro: Any) -> None:

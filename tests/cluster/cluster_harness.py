@@ -29,7 +29,7 @@ def node_env(node_id: str, urls: list[str], **extra: str) -> dict[str, str]:
         "APP_CLUSTER__REPLICAS": "3",
         "APP_CLUSTER__LEASE_S": str(LEASE_S),
         "APP_CLUSTER__CHECKPOINT_INTERVAL_S": str(CHECKPOINT_S),
-        "APP_CLUSTER__REQUEST_TIMEOUT_S": "3.0",
+        "APP_CLUSTER__REQUEST_TIMEOUT_S": "1.2",  # below LEASE_S (config requires it)
         "APP_DURABILITY__ENABLED": "false",
         "APP_STORE__MAX_SYMBOLS": "1000",
         "APP_STORE__STARTING_CAPACITY": "1024",

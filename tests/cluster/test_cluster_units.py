@@ -126,12 +126,15 @@ def test_cluster_config_defaults_and_env() -> None:
     config = build_config({}, {})
     assert config.cluster.enabled is False
     assert config.cluster.partitions == 16 and config.cluster.replicas == 1
+    # a publish must end while the owner's lease surely lasts (issue 16, finding 8)
+    assert config.cluster.request_timeout_s < config.cluster.lease_s
     env = {
         "APP_CLUSTER__ENABLED": "true",
         "APP_CLUSTER__NODE_ID": "node-1",
         "APP_CLUSTER__NATS_URLS": '["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]',
         "APP_CLUSTER__PARTITIONS": "64",
         "APP_CLUSTER__LEASE_S": "1.5",
+        "APP_CLUSTER__REQUEST_TIMEOUT_S": "1.0",
     }
     cluster = build_config({}, env).cluster
     assert cluster.nats_urls == ("nats://10.0.0.1:4222", "nats://10.0.0.2:4222")
@@ -157,6 +160,15 @@ def test_cluster_config_defaults_and_env() -> None:
             "cluster.nats_urls",
         ),
         ({"APP_CLUSTER__REQUEST_TIMEOUT_S": "0"}, "cluster.request_timeout_s"),
+        (
+            {
+                "APP_CLUSTER__ENABLED": "true",
+                "APP_CLUSTER__NODE_ID": "a",
+                "APP_CLUSTER__LEASE_S": "3",
+                "APP_CLUSTER__REQUEST_TIMEOUT_S": "3",
+            },
+            "cluster.request_timeout_s",
+        ),
     ],
 )
 def test_cluster_config_errors_name_the_key(env: dict[str, str], needle: str) -> None:
