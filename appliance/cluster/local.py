@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,22 +55,29 @@ def find_nats_server() -> str:
     )
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports free right now (held together so none repeats).
+# Listening ports are drawn from below Linux's ephemeral range (32768-60999 by default), which
+# the kernel hands to outgoing connections: a cluster test opens hundreds of them (NATS routes and
+# clients), and a port chosen "free" from that range was sometimes taken by one before the server
+# bound it (EADDRINUSE at start). Outside it only another launcher can collide, which the bind
+# check below and the random draw make rare.
+_LISTEN_PORTS = range(20_000, 32_000)
 
-    The OS may hand a port out again before nats-server binds it; that race is rare on loopback
-    and shows as a node exiting at start, which start() reports with the node's log.
-    """
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports, bindable right now, outside the ephemeral range."""
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.choice(_LISTEN_PORTS)
+        if port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 @dataclass(frozen=True)
@@ -300,16 +308,7 @@ class NatsCluster:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every node (clean shutdown), SIGKILL any still alive after timeout_s."""
-        live = [p for p in self._procs if p is not None and p.poll() is None]
-        for proc in live:
-            proc.terminate()
-        deadline = time.monotonic() + timeout_s
-        for proc in live:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_processes([p for p in self._procs if p is not None], timeout_s)
         self._procs = [None] * len(self.specs)
 
     # -- facts ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from appliance.cluster.local import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 30.0
@@ -37,9 +38,9 @@ ENDPOINT_VARS = {
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port for a server to listen on, outside the ephemeral range that outgoing
+    connections take ports from (appliance.cluster.local.free_ports says why)."""
+    return free_ports(1)[0]
 
 
 def transport_env(cwd: Path) -> dict[str, str]:
