@@ -69,8 +69,14 @@ async def _create_and_roundtrip(urls: list[str]) -> tuple[list[int], bytes, int]
         info = await js.add_stream(
             StreamConfig(name=STREAM, subjects=[SUBJECT], num_replicas=3, storage=StorageType.FILE)
         )
-        seqs = [(await js.publish(SUBJECT, f"m{i}".encode())).seq for i in range(5)]
-        msg = await js.get_msg(STREAM, 3)
+    finally:
+        await nc.close()
+    # A new R3 stream answers once its leader is elected and its subject's interest has reached
+    # every server: until then a publish may meet "no responders" (seen in CI), so retry it.
+    seqs = await _publish(urls, [f"m{i}".encode() for i in range(5)])
+    nc = await nats.connect(servers=urls, connect_timeout=2)
+    try:
+        msg = await nc.jetstream(timeout=10).get_msg(STREAM, 3)
         return seqs, msg.data or b"", len(info.cluster.replicas or []) + 1
     finally:
         await nc.close()
