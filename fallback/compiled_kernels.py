@@ -103,17 +103,26 @@ def shape_vector(
     return shape
 
 
-@intrinsic
-def _f64_pointer(typingctx, address):
-    """The int64 `address` as a float64 pointer (an LLVM inttoptr; no check, no cost)."""
-    if not isinstance(address, types.Integer):
-        return None
-    sig = types.CPointer(types.float64)(address)
+def _pointer_intrinsic(dtype):
+    """An intrinsic turning an int64 address into a `dtype` pointer (an LLVM inttoptr; no
+    check, no cost): the kernels read pages and control blocks through raw addresses."""
 
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    def pointer(typingctx, address):
+        if not isinstance(address, types.Integer):
+            return None
+        sig = types.CPointer(dtype)(address)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    pointer.__name__ = f"_{dtype}_pointer"
+    return intrinsic(pointer)
+
+
+_f64_pointer = _pointer_intrinsic(types.float64)
+_i64_pointer = _pointer_intrinsic(types.int64)
 
 
 @njit(nogil=True, inline="always")
@@ -665,19 +674,6 @@ def rolling_rows(values, window, step, out, scratch):
 
 
 # -- stats_table: a whole batch of window queries in one call -------------------------------
-
-
-@intrinsic
-def _i64_pointer(typingctx, address):
-    """The int64 `address` as an int64 pointer (an LLVM inttoptr; no check, no cost)."""
-    if not isinstance(address, types.Integer):
-        return None
-    sig = types.CPointer(types.int64)(address)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
 
 
 @njit(nogil=True)
